@@ -1,0 +1,392 @@
+//! The Rust client: TLS connect, Connect/ConnAck, request/reply matched by request id, and a
+//! bounded stream of pushed events. Used by the integration tests, `presencectl` and the
+//! benchmarks. A background task owns the read half and routes each frame either to the waiting
+//! request or to the event queue; when the event queue is full it stops reading, so a client that
+//! does not consume events looks like a slow consumer to the server, as a real one would.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::codec::{CodecError, DelimitedCodec};
+use crate::pb;
+use crate::pb::client_frame::Body as ClientBody;
+use crate::pb::server_frame::Body as ServerBody;
+use crate::tls;
+
+/// The client codec: decodes server frames, encodes client frames.
+pub type ClientCodec = DelimitedCodec<pb::ServerFrame, pb::ClientFrame>;
+
+/// Largest server frame the client accepts.
+const MAX_SERVER_FRAME: usize = 1024 * 1024;
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Socket failure.
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// Certificates or server name.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The server sent something unreadable.
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The server answered the request with an error frame.
+    #[error("server error {code:?} in {operation}: {reason}", code = pb::ErrorCode::try_from(.0.code).unwrap_or_default(), operation = .0.operation, reason = .0.reason)]
+    Server(pb::Error),
+    /// The connection closed; the close frame when one came.
+    #[error("connection closed: {0:?}")]
+    Closed(Option<pb::Close>),
+    /// The reply was not of the expected kind.
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// How to connect.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Broker address.
+    pub addr: SocketAddr,
+    /// Name checked against the server certificate ("localhost" for the dev certificate).
+    pub server_name: String,
+    /// TLS configuration (trust roots, ALPN).
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Signed token.
+    pub token: String,
+    /// Device id ("" = "default" or the token's `did`).
+    pub device_id: String,
+    /// Platform name.
+    pub platform: String,
+    /// Keepalive wish in seconds (0 = server default).
+    pub keepalive_secs: u32,
+    /// Presence to publish with Connect.
+    pub initial_presence: Option<pb::SetPresence>,
+    /// Profile data.
+    pub user_data: std::collections::BTreeMap<String, String>,
+    /// Events buffered before the client stops reading its socket.
+    pub event_capacity: usize,
+}
+
+impl ClientOptions {
+    /// Options for `addr` with the dev CA and the given token.
+    pub fn new(addr: SocketAddr, token: impl Into<String>) -> ClientOptions {
+        ClientOptions {
+            addr,
+            server_name: "localhost".into(),
+            tls: tls::dev_client_config(),
+            token: token.into(),
+            device_id: String::new(),
+            platform: "rust".into(),
+            keepalive_secs: 0,
+            initial_presence: None,
+            user_data: Default::default(),
+            event_capacity: 1024,
+        }
+    }
+
+    /// Sets the device id.
+    pub fn device(mut self, device_id: impl Into<String>) -> ClientOptions {
+        self.device_id = device_id.into();
+        self
+    }
+}
+
+/// Opens a TLS connection (no protocol traffic yet).
+pub async fn tls_connect(
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = tls::server_name(server_name)?;
+    Ok(TlsConnector::from(config).connect(name, tcp).await?)
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::ServerFrame>>>>;
+type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, ClientCodec>;
+
+/// A connected, authenticated session.
+#[derive(Debug)]
+pub struct Client {
+    writer: tokio::sync::Mutex<Writer>,
+    pending: Pending,
+    events: mpsc::Receiver<pb::ServerFrame>,
+    next_id: AtomicU64,
+    /// The server's ConnAck.
+    pub conn_ack: pb::ConnAck,
+}
+
+impl Client {
+    /// Connects, authenticates and waits for ConnAck. A refused Connect is
+    /// `ClientError::Server` with the server's error.
+    pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
+        let stream = tls_connect(options.addr, &options.server_name, options.tls.clone()).await?;
+        let (read_half, write_half) = tokio::io::split(stream);
+        let mut writer = FramedWrite::new(write_half, ClientCodec::new(MAX_SERVER_FRAME));
+        let mut reader = FramedRead::new(read_half, ClientCodec::new(MAX_SERVER_FRAME));
+        writer
+            .send(pb::ClientFrame {
+                request_id: 1,
+                body: Some(ClientBody::Connect(pb::Connect {
+                    token: options.token.clone(),
+                    device_id: options.device_id.clone(),
+                    platform: options.platform.clone(),
+                    keepalive_seconds: options.keepalive_secs,
+                    initial_presence: options.initial_presence.clone(),
+                    user_data: options.user_data.clone(),
+                })),
+            })
+            .await?;
+        let conn_ack = match reader.next().await {
+            Some(Ok(pb::ServerFrame {
+                body: Some(ServerBody::ConnAck(ack)),
+                ..
+            })) => ack,
+            Some(Ok(pb::ServerFrame {
+                body: Some(ServerBody::Error(e)),
+                ..
+            })) => return Err(ClientError::Server(e)),
+            Some(Ok(other)) => return Err(ClientError::Unexpected(format!("{other:?}"))),
+            Some(Err(e)) => return Err(e.into()),
+            None => return Err(ClientError::Closed(None)),
+        };
+        let pending: Pending = Arc::default();
+        let (events_tx, events) = mpsc::channel(options.event_capacity.max(1));
+        tokio::spawn(route_frames(reader, pending.clone(), events_tx));
+        Ok(Client {
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            events,
+            next_id: AtomicU64::new(2),
+            conn_ack,
+        })
+    }
+
+    /// Sends a request and waits for its reply body; an error frame becomes
+    /// `ClientError::Server`.
+    pub async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, tx);
+        self.send_raw(pb::ClientFrame {
+            request_id: id,
+            body: Some(body),
+        })
+        .await?;
+        match rx.await {
+            Ok(pb::ServerFrame {
+                body: Some(ServerBody::Error(e)),
+                ..
+            }) => Err(ClientError::Server(e)),
+            Ok(pb::ServerFrame {
+                body: Some(body), ..
+            }) => Ok(body),
+            Ok(other) => Err(ClientError::Unexpected(format!("{other:?}"))),
+            Err(_) => Err(ClientError::Closed(None)),
+        }
+    }
+
+    /// Sends a frame as is, without waiting for anything (for tests of odd requests).
+    pub async fn send_raw(&self, frame: pb::ClientFrame) -> Result<(), ClientError> {
+        self.writer.lock().await.send(frame).await?;
+        Ok(())
+    }
+
+    /// The next pushed frame (an event, a reply nobody waited for, or the Close frame), or
+    /// `None` once the connection has closed and everything was consumed.
+    pub async fn next_event(&mut self) -> Option<pb::ServerFrame> {
+        self.events.recv().await
+    }
+
+    /// The next presence event; `Err` with the close frame if the connection closes first.
+    pub async fn next_presence_event(&mut self) -> Result<pb::PresenceEvent, ClientError> {
+        loop {
+            match self.events.recv().await {
+                Some(pb::ServerFrame {
+                    body: Some(ServerBody::PresenceEvent(e)),
+                    ..
+                }) => return Ok(e),
+                Some(pb::ServerFrame {
+                    body: Some(ServerBody::Close(c)),
+                    ..
+                }) => return Err(ClientError::Closed(Some(c))),
+                Some(_) => continue,
+                None => return Err(ClientError::Closed(None)),
+            }
+        }
+    }
+
+    /// Waits for the server's Close frame, skipping events.
+    pub async fn closed(&mut self) -> Option<pb::Close> {
+        loop {
+            match self.events.recv().await {
+                Some(pb::ServerFrame {
+                    body: Some(ServerBody::Close(c)),
+                    ..
+                }) => return Some(c),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    }
+
+    /// Publishes presence.
+    pub async fn set_presence(&self, change: pb::SetPresence) -> Result<pb::Presence, ClientError> {
+        match self.request(ClientBody::SetPresence(change)).await? {
+            ServerBody::SetPresenceResult(r) => Ok(r.presence.unwrap_or_default()),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Subscribes with the default expiry.
+    pub async fn subscribe(&self, user_ids: &[&str]) -> Result<pb::SubscribeResult, ClientError> {
+        self.subscribe_for(user_ids, 0).await
+    }
+
+    /// Subscribes with an expiry in seconds (0 = default).
+    pub async fn subscribe_for(
+        &self,
+        user_ids: &[&str],
+        expiry_seconds: u64,
+    ) -> Result<pb::SubscribeResult, ClientError> {
+        let body = ClientBody::Subscribe(pb::Subscribe {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+            expiry_seconds,
+        });
+        match self.request(body).await? {
+            ServerBody::SubscribeResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Unsubscribes.
+    pub async fn unsubscribe(
+        &self,
+        user_ids: &[&str],
+    ) -> Result<pb::UnsubscribeResult, ClientError> {
+        let body = ClientBody::Unsubscribe(pb::Unsubscribe {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+        });
+        match self.request(body).await? {
+            ServerBody::UnsubscribeResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// One page of subscriptions.
+    pub async fn list_subscriptions(
+        &self,
+        cursor: &str,
+        page_size: u32,
+    ) -> Result<pb::ListSubscriptionsResult, ClientError> {
+        let body = ClientBody::ListSubscriptions(pb::ListSubscriptions {
+            cursor: cursor.to_string(),
+            page_size,
+        });
+        match self.request(body).await? {
+            ServerBody::ListSubscriptionsResult(r) => Ok(r),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Every subscription, following cursors.
+    pub async fn all_subscriptions(&self) -> Result<Vec<pb::Subscription>, ClientError> {
+        let mut out = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let page = self.list_subscriptions(&cursor, 0).await?;
+            out.extend(page.subscriptions);
+            if page.next_cursor.is_empty() {
+                return Ok(out);
+            }
+            cursor = page.next_cursor;
+        }
+    }
+
+    /// Queries presence without subscribing.
+    pub async fn get_presence(&self, user_ids: &[&str]) -> Result<Vec<pb::Presence>, ClientError> {
+        let body = ClientBody::GetPresence(pb::GetPresence {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+        });
+        match self.request(body).await? {
+            ServerBody::GetPresenceResult(r) => Ok(r.presences),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends a directed presence; returns the recipients that were online.
+    pub async fn direct(
+        &self,
+        user_ids: &[&str],
+        presence: pb::SetPresence,
+    ) -> Result<Vec<String>, ClientError> {
+        let body = ClientBody::DirectedPresence(pb::DirectedPresence {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+            presence: Some(presence),
+        });
+        match self.request(body).await? {
+            ServerBody::DirectedPresenceResult(r) => Ok(r.delivered_user_ids),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Ping; returns the server time.
+    pub async fn ping(&self) -> Result<u64, ClientError> {
+        match self.request(ClientBody::Ping(pb::Ping {})).await? {
+            ServerBody::Pong(p) => Ok(p.server_time_ms),
+            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Says goodbye and waits for the server's Close.
+    pub async fn disconnect(mut self) -> Result<Option<pb::Close>, ClientError> {
+        self.send_raw(pb::ClientFrame {
+            request_id: 0,
+            body: Some(ClientBody::Disconnect(pb::Disconnect::default())),
+        })
+        .await?;
+        Ok(self.closed().await)
+    }
+}
+
+async fn route_frames(
+    mut reader: FramedRead<ReadHalf<TlsStream<TcpStream>>, ClientCodec>,
+    pending: Pending,
+    events: mpsc::Sender<pb::ServerFrame>,
+) {
+    while let Some(Ok(frame)) = reader.next().await {
+        let waiter = if frame.request_id != 0 {
+            pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&frame.request_id)
+        } else {
+            None
+        };
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(frame);
+            }
+            None => {
+                if events.send(frame).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+}

@@ -1,0 +1,634 @@
+//! A `ClientFrame` becomes a validated domain command here, and only here; the command is then
+//! applied to the registry and store and answered with a reply body or a structured error
+//! `{code, operation, reason}`. Every limit of SPEC §1/§3 is checked before anything changes, so
+//! a refused request changes nothing. Synchronous: no sockets, no `.await`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+
+use crate::auth::{AuthError, Verifier};
+use crate::config::{Config, LimitsConfig};
+use crate::model::{check_user_id, PresenceChange};
+use crate::outbound::Outbound;
+use crate::pb;
+use crate::pb::client_frame::Body as ClientBody;
+use crate::pb::server_frame::Body as ServerBody;
+use crate::registry::{Attach, Registry, RegistryError};
+use crate::wire;
+
+/// A refused request, as the client will see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestError {
+    /// Machine-readable code.
+    pub code: pb::ErrorCode,
+    /// Human-readable detail naming the field or limit.
+    pub reason: String,
+    /// For RATE_LIMITED and BANNED.
+    pub retry_after_ms: u64,
+}
+
+impl RequestError {
+    /// An error with a code and a reason.
+    pub fn new(code: pb::ErrorCode, reason: impl Into<String>) -> RequestError {
+        RequestError {
+            code,
+            reason: reason.into(),
+            retry_after_ms: 0,
+        }
+    }
+
+    /// The error frame for `operation`.
+    pub fn to_body(&self, operation: &str) -> ServerBody {
+        ServerBody::Error(pb::Error {
+            code: self.code as i32,
+            operation: operation.to_string(),
+            reason: self.reason.clone(),
+            retry_after_ms: self.retry_after_ms,
+        })
+    }
+}
+
+fn bad(reason: impl Into<String>) -> RequestError {
+    RequestError::new(pb::ErrorCode::BadRequest, reason)
+}
+
+fn limit(reason: impl Into<String>) -> RequestError {
+    RequestError::new(pb::ErrorCode::LimitExceeded, reason)
+}
+
+impl From<RegistryError> for RequestError {
+    fn from(e: RegistryError) -> RequestError {
+        match e {
+            RegistryError::NotAttached => {
+                RequestError::new(pb::ErrorCode::Internal, "session is no longer active")
+            }
+            RegistryError::Limit(reason) => limit(reason),
+        }
+    }
+}
+
+impl From<crate::store::StoreError> for RequestError {
+    fn from(e: crate::store::StoreError) -> RequestError {
+        RequestError::new(pb::ErrorCode::Internal, e.to_string())
+    }
+}
+
+/// A token bucket: `rate` per second, up to `burst` at once.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate_per_sec: u32, burst: u32, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate: f64::from(rate_per_sec),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: now,
+        }
+    }
+
+    /// Takes one token, or says how long until one is available.
+    pub fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+}
+
+fn rate_limited(operation: &str, wait: Duration) -> RequestError {
+    RequestError {
+        code: pb::ErrorCode::RateLimited,
+        reason: format!("{operation} rate limit reached"),
+        retry_after_ms: (wait.as_millis() as u64).max(1),
+    }
+}
+
+/// An authenticated session's identity and per-session limits.
+#[derive(Debug)]
+pub struct Session {
+    /// From the token.
+    pub user_id: String,
+    /// From the token's `did` or Connect.
+    pub device_id: String,
+    /// The connection.
+    pub conn_id: u64,
+    /// Keepalive applied, seconds.
+    pub keepalive_secs: u32,
+    publish_bucket: TokenBucket,
+}
+
+/// A validated Connect.
+#[derive(Debug)]
+pub struct ConnectRequest {
+    token: String,
+    device_id: String,
+    platform: String,
+    keepalive_secs: u32,
+    initial: Option<PresenceChange>,
+    user_data: BTreeMap<String, String>,
+}
+
+/// What a request asks for, validated.
+#[derive(Debug)]
+pub enum Command {
+    /// Open the session.
+    Connect(ConnectRequest),
+    /// Keepalive probe.
+    Ping,
+    /// Clean goodbye.
+    Disconnect,
+    /// Publish own presence.
+    SetPresence(PresenceChange),
+    /// Watch users.
+    Subscribe {
+        /// Distinct targets.
+        targets: Vec<String>,
+        /// Seconds.
+        expiry_secs: u64,
+    },
+    /// Stop watching users.
+    Unsubscribe {
+        /// Distinct targets.
+        targets: Vec<String>,
+    },
+    /// Page through subscriptions.
+    ListSubscriptions {
+        /// Targets strictly after this id.
+        after: Option<String>,
+        /// Page size.
+        page_size: usize,
+    },
+    /// Query presence.
+    GetPresence {
+        /// Users, in request order (duplicates kept).
+        targets: Vec<String>,
+    },
+    /// Ephemeral presence to some users.
+    DirectedPresence {
+        /// Distinct recipients.
+        targets: Vec<String>,
+        /// The presence to show.
+        change: PresenceChange,
+    },
+}
+
+impl Command {
+    /// Validates a frame's body. `operation` for error frames comes from
+    /// [`wire::client_body_kind`].
+    pub fn from_frame(
+        body: Option<ClientBody>,
+        limits: &LimitsConfig,
+    ) -> Result<Command, RequestError> {
+        let Some(body) = body else {
+            return Err(bad("frame carries no request"));
+        };
+        Ok(match body {
+            ClientBody::Connect(c) => Command::Connect(parse_connect(c, limits)?),
+            ClientBody::Ping(_) => Command::Ping,
+            ClientBody::Disconnect(_) => Command::Disconnect,
+            ClientBody::SetPresence(p) => Command::SetPresence(parse_change(&p, limits)?),
+            ClientBody::Subscribe(s) => {
+                let targets = parse_ids(s.user_ids, limits)?;
+                if targets.is_empty() {
+                    return Err(bad("user_ids is empty"));
+                }
+                let expiry_secs = match s.expiry_seconds {
+                    0 => limits.default_expiry_secs,
+                    e if e > limits.max_expiry_secs => {
+                        return Err(limit(format!(
+                            "expiry_seconds {e} exceeds the limit of {}",
+                            limits.max_expiry_secs
+                        )))
+                    }
+                    e => e,
+                };
+                Command::Subscribe {
+                    targets,
+                    expiry_secs,
+                }
+            }
+            ClientBody::Unsubscribe(u) => Command::Unsubscribe {
+                targets: parse_ids(u.user_ids, limits)?,
+            },
+            ClientBody::ListSubscriptions(l) => {
+                let page_size = match l.page_size {
+                    0 => limits.max_page_size,
+                    n if n > limits.max_page_size => {
+                        return Err(limit(format!(
+                            "page_size {n} exceeds the limit of {}",
+                            limits.max_page_size
+                        )))
+                    }
+                    n => n,
+                } as usize;
+                Command::ListSubscriptions {
+                    after: decode_cursor(&l.cursor)?,
+                    page_size,
+                }
+            }
+            ClientBody::GetPresence(g) => {
+                check_id_count(g.user_ids.len(), limits)?;
+                for id in &g.user_ids {
+                    check_user_id(id).map_err(invalid_id)?;
+                }
+                Command::GetPresence {
+                    targets: g.user_ids,
+                }
+            }
+            ClientBody::DirectedPresence(d) => {
+                let targets = parse_ids(d.user_ids, limits)?;
+                if targets.is_empty() {
+                    return Err(bad("user_ids is empty"));
+                }
+                let change = match &d.presence {
+                    Some(p) => parse_change(p, limits)?,
+                    None => PresenceChange::default(),
+                };
+                Command::DirectedPresence { targets, change }
+            }
+        })
+    }
+}
+
+fn invalid_id(reason: String) -> RequestError {
+    RequestError::new(pb::ErrorCode::InvalidUserId, reason)
+}
+
+fn check_id_count(n: usize, limits: &LimitsConfig) -> Result<(), RequestError> {
+    if n > limits.max_ids_per_request as usize {
+        return Err(RequestError::new(
+            pb::ErrorCode::TooManyIds,
+            format!(
+                "{n} user ids; at most {} per request",
+                limits.max_ids_per_request
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks count and form, and folds duplicates keeping first occurrences.
+fn parse_ids(ids: Vec<String>, limits: &LimitsConfig) -> Result<Vec<String>, RequestError> {
+    check_id_count(ids.len(), limits)?;
+    let mut out: Vec<String> = Vec::with_capacity(ids.len());
+    for id in ids {
+        check_user_id(&id).map_err(invalid_id)?;
+        if !out.contains(&id) {
+            out.push(id);
+        }
+    }
+    Ok(out)
+}
+
+fn check_len(what: &str, value: &str, max: u32) -> Result<(), RequestError> {
+    if value.len() > max as usize {
+        return Err(limit(format!(
+            "{what} is {} bytes; the limit is {max}",
+            value.len()
+        )));
+    }
+    Ok(())
+}
+
+fn parse_change(p: &pb::SetPresence, limits: &LimitsConfig) -> Result<PresenceChange, RequestError> {
+    let availability = wire::availability_from_pb(p.availability)
+        .map_err(|v| bad(format!("unknown availability {v}")))?;
+    let show = match p.show {
+        Some(s) if s > u32::from(u16::MAX) => {
+            return Err(bad(format!("show {s} does not fit in 16 bits")))
+        }
+        Some(s) => Some(s as u16),
+        None => None,
+    };
+    if let Some(status) = &p.status {
+        check_len("status", status, limits.max_status_bytes)?;
+    }
+    if let Some(description) = &p.description {
+        check_len("description", description, limits.max_description_bytes)?;
+    }
+    if p.state.len() > limits.max_state_pairs as usize {
+        return Err(limit(format!(
+            "state has {} pairs; the limit is {}",
+            p.state.len(),
+            limits.max_state_pairs
+        )));
+    }
+    for (k, v) in &p.state {
+        if k.is_empty() {
+            return Err(bad("state key is empty"));
+        }
+        check_len("state key", k, limits.max_state_key_bytes)?;
+        check_len(&format!("state value of {k:?}"), v, limits.max_state_value_bytes)?;
+    }
+    Ok(PresenceChange {
+        availability,
+        show,
+        status: p.status.clone(),
+        description: p.description.clone(),
+        state: p.state.clone(),
+        replace_state: p.replace_state,
+    })
+}
+
+fn parse_connect(c: pb::Connect, limits: &LimitsConfig) -> Result<ConnectRequest, RequestError> {
+    if c.platform.len() > 32 {
+        return Err(limit(format!(
+            "platform is {} bytes; the limit is 32",
+            c.platform.len()
+        )));
+    }
+    let user_data_bytes: usize = c.user_data.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if user_data_bytes > limits.max_user_data_bytes as usize {
+        return Err(limit(format!(
+            "user_data is {user_data_bytes} bytes; the limit is {}",
+            limits.max_user_data_bytes
+        )));
+    }
+    let initial = c
+        .initial_presence
+        .as_ref()
+        .map(|p| parse_change(p, limits))
+        .transpose()?;
+    Ok(ConnectRequest {
+        token: c.token,
+        device_id: c.device_id,
+        platform: c.platform,
+        keepalive_secs: c.keepalive_seconds,
+        initial,
+        user_data: c.user_data,
+    })
+}
+
+const CURSOR_PREFIX: &str = "s1:";
+
+fn encode_cursor(after: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{after}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
+    if cursor.is_empty() {
+        return Ok(None);
+    }
+    let bad_cursor = || RequestError::new(pb::ErrorCode::BadCursor, "cursor was not issued by this server");
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad_cursor())?;
+    let text = String::from_utf8(raw).map_err(|_| bad_cursor())?;
+    let after = text.strip_prefix(CURSOR_PREFIX).ok_or_else(bad_cursor)?;
+    check_user_id(after).map_err(|_| bad_cursor())?;
+    Ok(Some(after.to_string()))
+}
+
+/// Authenticates a Connect and registers the session. On success returns the session and the
+/// ConnAck body; on failure the error to send before closing.
+pub fn connect(
+    request: ConnectRequest,
+    verifier: &Verifier,
+    registry: &Registry,
+    config: &Config,
+    outbound: &Outbound,
+    received_at: Instant,
+) -> Result<(Session, ServerBody), RequestError> {
+    let claims = verifier
+        .verify(&request.token, crate::now_ms() / 1000)
+        .map_err(|e| {
+            metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => e.metric_label())
+                .increment(1);
+            let code = match e {
+                AuthError::Malformed(_) => pb::ErrorCode::Unauthenticated,
+                AuthError::BadSignature(_) => pb::ErrorCode::BadSignature,
+                AuthError::Expired { .. } => pb::ErrorCode::TokenExpired,
+            };
+            RequestError::new(code, e.to_string())
+        })?;
+    check_user_id(&claims.sub).map_err(|r| {
+        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "bad_subject").increment(1);
+        RequestError::new(pb::ErrorCode::Unauthenticated, format!("token subject: {r}"))
+    })?;
+    let device_id = match claims.did {
+        Some(did) => did,
+        None if request.device_id.is_empty() => "default".to_string(),
+        None => request.device_id,
+    };
+    if device_id.is_empty() || device_id.len() > 128 || device_id.chars().any(char::is_control) {
+        return Err(bad("device id must be 1-128 bytes without control characters"));
+    }
+    let keepalive_secs = config.session.clamp_keepalive(request.keepalive_secs);
+    let attached = registry.attach(Attach {
+        user_id: claims.sub.clone(),
+        device_id: device_id.clone(),
+        platform: request.platform,
+        outbound: outbound.clone(),
+        initial: request.initial,
+        user_data: request.user_data,
+        received_at,
+    })?;
+    let l = &config.limits;
+    let ack = pb::ConnAck {
+        user_id: claims.sub.clone(),
+        device_id: device_id.clone(),
+        keepalive_seconds: keepalive_secs,
+        server_time_ms: crate::now_ms(),
+        limits: Some(pb::Limits {
+            max_frame_bytes: l.max_frame_bytes,
+            max_ids_per_request: l.max_ids_per_request,
+            max_subscriptions: l.max_subscriptions,
+            max_subscription_expiry_seconds: l.max_expiry_secs,
+            max_state_pairs: l.max_state_pairs,
+            max_state_key_bytes: l.max_state_key_bytes,
+            max_state_value_bytes: l.max_state_value_bytes,
+            max_status_bytes: l.max_status_bytes,
+            max_page_size: l.max_page_size,
+            publish_rate_per_second: l.publish_rate_per_sec,
+            publish_burst: l.publish_burst,
+        }),
+        session_taken_over: attached.taken_over,
+        presence: Some(wire::presence_to_pb(&attached.presence)),
+    };
+    let session = Session {
+        user_id: claims.sub,
+        device_id,
+        conn_id: outbound.id(),
+        keepalive_secs,
+        publish_bucket: TokenBucket::new(l.publish_rate_per_sec, l.publish_burst, received_at),
+    };
+    Ok((session, ServerBody::ConnAck(ack)))
+}
+
+/// Applies a session-level command (anything but Connect, Ping and Disconnect, which the
+/// connection handles) and returns the reply body.
+pub fn execute(
+    command: Command,
+    session: &mut Session,
+    registry: &Registry,
+    limits: &LimitsConfig,
+    received_at: Instant,
+) -> Result<ServerBody, RequestError> {
+    let now_ms = crate::now_ms();
+    match command {
+        Command::Connect(_) => Err(RequestError::new(
+            pb::ErrorCode::AlreadyConnected,
+            "this connection is already authenticated",
+        )),
+        Command::Ping => Ok(ServerBody::Pong(pb::Pong {
+            server_time_ms: now_ms,
+        })),
+        Command::Disconnect => Err(bad("disconnect is handled by the connection")),
+        Command::SetPresence(change) => {
+            session
+                .publish_bucket
+                .take(received_at)
+                .map_err(|wait| rate_limited("set_presence", wait))?;
+            let presence = registry.publish(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &change,
+                received_at,
+            )?;
+            Ok(ServerBody::SetPresenceResult(pb::SetPresenceResult {
+                presence: Some(wire::presence_to_pb(&presence)),
+            }))
+        }
+        Command::Subscribe {
+            targets,
+            expiry_secs,
+        } => {
+            if targets.contains(&session.user_id) {
+                return Err(RequestError::new(
+                    pb::ErrorCode::SelfSubscription,
+                    "you cannot subscribe to yourself",
+                ));
+            }
+            let expires_at_ms = now_ms.saturating_add(expiry_secs.saturating_mul(1000));
+            let outcome = registry.store().subscribe(
+                &session.user_id,
+                &targets,
+                expires_at_ms,
+                now_ms,
+                limits.max_subscriptions as usize,
+            )?;
+            let presences = registry.snapshots(&targets);
+            Ok(ServerBody::SubscribeResult(pb::SubscribeResult {
+                presences: presences.iter().map(wire::presence_to_pb).collect(),
+                expires_at_ms,
+                evicted_user_ids: outcome.evicted,
+                subscription_count: outcome.count as u32,
+            }))
+        }
+        Command::Unsubscribe { targets } => {
+            let (removed, count) =
+                registry
+                    .store()
+                    .unsubscribe(&session.user_id, &targets, now_ms)?;
+            Ok(ServerBody::UnsubscribeResult(pb::UnsubscribeResult {
+                removed: removed as u32,
+                subscription_count: count as u32,
+            }))
+        }
+        Command::ListSubscriptions { after, page_size } => {
+            let page =
+                registry
+                    .store()
+                    .list(&session.user_id, after.as_deref(), page_size, now_ms)?;
+            let next_cursor = match (page.has_more, page.entries.last()) {
+                (true, Some((last, _))) => encode_cursor(last),
+                _ => String::new(),
+            };
+            Ok(ServerBody::ListSubscriptionsResult(
+                pb::ListSubscriptionsResult {
+                    subscriptions: page
+                        .entries
+                        .into_iter()
+                        .map(|(user_id, expires_at_ms)| pb::Subscription {
+                            user_id,
+                            expires_at_ms,
+                        })
+                        .collect(),
+                    next_cursor,
+                    total: page.total as u32,
+                },
+            ))
+        }
+        Command::GetPresence { targets } => {
+            let presences = registry.snapshots(&targets);
+            Ok(ServerBody::GetPresenceResult(pb::GetPresenceResult {
+                presences: presences.iter().map(wire::presence_to_pb).collect(),
+            }))
+        }
+        Command::DirectedPresence { targets, change } => {
+            session
+                .publish_bucket
+                .take(received_at)
+                .map_err(|wait| rate_limited("directed_presence", wait))?;
+            let delivered = registry.direct(
+                &session.user_id,
+                &session.device_id,
+                &targets,
+                &change,
+                received_at,
+            )?;
+            Ok(ServerBody::DirectedPresenceResult(
+                pb::DirectedPresenceResult {
+                    delivered_user_ids: delivered,
+                },
+            ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_burst_then_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10, 20, t0);
+        for _ in 0..20 {
+            b.take(t0).unwrap();
+        }
+        let wait = b.take(t0).unwrap_err();
+        assert!(wait <= Duration::from_millis(100) && wait > Duration::ZERO);
+        b.take(t0 + Duration::from_millis(100)).unwrap();
+    }
+
+    #[test]
+    fn cursor_round_trip_and_rejects_foreign() {
+        let c = encode_cursor("bob");
+        assert_eq!(decode_cursor(&c).unwrap().as_deref(), Some("bob"));
+        assert_eq!(decode_cursor("").unwrap(), None);
+        for bad in ["???", "Ym9i", &URL_SAFE_NO_PAD.encode("s1:")] {
+            assert_eq!(decode_cursor(bad).unwrap_err().code, pb::ErrorCode::BadCursor);
+        }
+    }
+
+    #[test]
+    fn ids_are_counted_checked_and_deduplicated() {
+        let limits = LimitsConfig::default();
+        let ids = vec!["a".to_string(), "b".into(), "a".into()];
+        assert_eq!(parse_ids(ids, &limits).unwrap(), ["a", "b"]);
+        let many: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
+        assert_eq!(
+            parse_ids(many, &limits).unwrap_err().code,
+            pb::ErrorCode::TooManyIds
+        );
+        assert_eq!(
+            parse_ids(vec!["".into()], &limits).unwrap_err().code,
+            pb::ErrorCode::InvalidUserId
+        );
+    }
+}

@@ -1,0 +1,443 @@
+//! The broker's configuration: every limit and deadline of the spec as a default that an
+//! operator can override from a TOML file or flags. `Config::default()` is the embedded
+//! configuration `presenced` runs on with no arguments. This module only describes and checks
+//! values; it never opens sockets or files other than the config file itself.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The token secret used when the operator configures none. Public: for development only.
+pub const DEV_SECRET: &str = "presenced-dev-secret-change-me";
+/// The key id of [`DEV_SECRET`].
+pub const DEV_KID: &str = "dev";
+
+/// Why a configuration was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O failure.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// Everything the broker can be told. Field groups mirror the TOML sections.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// TLS listener address.
+    pub listen: SocketAddr,
+    /// Optional plain-TCP listener for trusted networks and benchmarks; off by default.
+    pub plain_listen: Option<SocketAddr>,
+    /// Folder for persistent data (subscriptions, last-seen).
+    pub data_dir: PathBuf,
+    /// Certificates.
+    pub tls: TlsConfig,
+    /// Prometheus endpoint.
+    pub metrics: MetricsConfig,
+    /// Token verification keys.
+    pub auth: AuthConfig,
+    /// Session deadlines and behaviour.
+    pub session: SessionConfig,
+    /// Request and resource limits.
+    pub limits: LimitsConfig,
+    /// Outbound queues and slow consumers.
+    pub fanout: FanoutConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7883)),
+            plain_listen: None,
+            data_dir: PathBuf::from("presenced-data"),
+            tls: TlsConfig::default(),
+            metrics: MetricsConfig::default(),
+            auth: AuthConfig::default(),
+            session: SessionConfig::default(),
+            limits: LimitsConfig::default(),
+            fanout: FanoutConfig::default(),
+        }
+    }
+}
+
+/// Server certificate and key. When both are unset the embedded development certificate for
+/// `localhost`/`127.0.0.1` (the one in `certs-dev/`) is used, with a warning.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, server certificate first.
+    pub cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, SEC1 or PKCS#1).
+    pub key: Option<PathBuf>,
+}
+
+/// The Prometheus metrics endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` at all.
+    pub enabled: bool,
+    /// Where to serve it.
+    pub listen: SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+        }
+    }
+}
+
+/// HMAC keys for tokens, by key id (`kid`), so keys can rotate: add the new key, issue tokens
+/// with its `kid`, remove the old one when its tokens have expired.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Key id → shared secret.
+    pub secrets: BTreeMap<String, String>,
+    /// Key used for tokens without a `kid` header.
+    pub default_kid: String,
+    /// Allowed clock skew when checking `exp`, in seconds.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            secrets: BTreeMap::from([(DEV_KID.to_string(), DEV_SECRET.to_string())]),
+            default_kid: DEV_KID.to_string(),
+            leeway_secs: 0,
+        }
+    }
+}
+
+impl AuthConfig {
+    /// True when the public development secret is among the keys.
+    pub fn uses_dev_secret(&self) -> bool {
+        self.secrets.values().any(|s| s == DEV_SECRET)
+    }
+}
+
+/// Session deadlines (SPEC §2).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// TLS handshake deadline.
+    pub handshake_timeout_ms: u64,
+    /// Deadline for the first frame (Connect) after the handshake.
+    pub connect_timeout_ms: u64,
+    /// Deadline to finish a frame once its first byte arrived.
+    pub partial_frame_timeout_ms: u64,
+    /// Keepalive used when the client asks for 0.
+    pub keepalive_default_secs: u32,
+    /// Lowest keepalive a client may get.
+    pub keepalive_min_secs: u32,
+    /// Highest keepalive a client may get.
+    pub keepalive_max_secs: u32,
+    /// How long a lost connection's device stays visible before watchers are told (0–300 s).
+    pub grace_period_ms: u64,
+    /// Broadcast OFFLINE events to watchers at all (tim's `presence.offline.block` = false).
+    pub offline_broadcast: bool,
+    /// How long shutdown waits for connections to drain.
+    pub shutdown_timeout_ms: u64,
+    /// Reconnect hint sent to clients at shutdown.
+    pub shutdown_reconnect_hint_ms: u64,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            handshake_timeout_ms: 10_000,
+            connect_timeout_ms: 5_000,
+            partial_frame_timeout_ms: 10_000,
+            keepalive_default_secs: 60,
+            keepalive_min_secs: 10,
+            keepalive_max_secs: 300,
+            grace_period_ms: 5_000,
+            offline_broadcast: true,
+            shutdown_timeout_ms: 5_000,
+            shutdown_reconnect_hint_ms: 1_000,
+        }
+    }
+}
+
+impl SessionConfig {
+    /// The keepalive applied for a client's wish.
+    pub fn clamp_keepalive(&self, wished_secs: u32) -> u32 {
+        let wished = if wished_secs == 0 {
+            self.keepalive_default_secs
+        } else {
+            wished_secs
+        };
+        wished.clamp(self.keepalive_min_secs, self.keepalive_max_secs)
+    }
+}
+
+/// Request and resource limits (SPEC §1, §3, §8).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Frame cap before Connect succeeds, bytes.
+    pub max_frame_bytes_pre_auth: u32,
+    /// Frame cap after Connect, bytes.
+    pub max_frame_bytes: u32,
+    /// Ids per subscribe/unsubscribe/query/directed request.
+    pub max_ids_per_request: u32,
+    /// Subscriptions a user may hold; beyond it the shortest-lived is evicted.
+    pub max_subscriptions: u32,
+    /// Subscription expiry when the request gives none, seconds.
+    pub default_expiry_secs: u64,
+    /// Longest subscription expiry, seconds.
+    pub max_expiry_secs: u64,
+    /// Custom state pairs per user.
+    pub max_state_pairs: u32,
+    /// State key length, bytes.
+    pub max_state_key_bytes: u32,
+    /// State value length, bytes.
+    pub max_state_value_bytes: u32,
+    /// Status text length, bytes.
+    pub max_status_bytes: u32,
+    /// Description length, bytes.
+    pub max_description_bytes: u32,
+    /// Connect-time user data, total bytes of keys and values.
+    pub max_user_data_bytes: u32,
+    /// Page size for listings.
+    pub max_page_size: u32,
+    /// Presence publishes (and directed presences) per second per connection.
+    pub publish_rate_per_sec: u32,
+    /// Publish burst.
+    pub publish_burst: u32,
+    /// Requests of any kind per second per connection.
+    pub request_rate_per_sec: u32,
+    /// Request burst.
+    pub request_burst: u32,
+    /// Connections the broker holds at once.
+    pub max_connections: u32,
+    /// TLS handshakes in flight at once.
+    pub max_handshakes_in_flight: u32,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes_pre_auth: 4 * 1024,
+            max_frame_bytes: 64 * 1024,
+            max_ids_per_request: 100,
+            max_subscriptions: 3_000,
+            default_expiry_secs: 7 * 24 * 3600,
+            max_expiry_secs: 30 * 24 * 3600,
+            max_state_pairs: 32,
+            max_state_key_bytes: 64,
+            max_state_value_bytes: 256,
+            max_status_bytes: 256,
+            max_description_bytes: 256,
+            max_user_data_bytes: 1024,
+            max_page_size: 100,
+            publish_rate_per_sec: 10,
+            publish_burst: 20,
+            request_rate_per_sec: 100,
+            request_burst: 200,
+            max_connections: 100_000,
+            max_handshakes_in_flight: 256,
+        }
+    }
+}
+
+/// Outbound queues (SPEC §6).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct FanoutConfig {
+    /// Frames queued per connection before events are coalesced.
+    pub queue_capacity: u32,
+    /// A connection whose socket accepts nothing for this long is disconnected.
+    pub slow_consumer_timeout_ms: u64,
+}
+
+impl Default for FanoutConfig {
+    fn default() -> Self {
+        FanoutConfig {
+            queue_capacity: 256,
+            slow_consumer_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file; fields it leaves out keep their defaults.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Parses TOML text.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    /// The effective configuration as TOML (for `--print-config`).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+
+    /// Checks every value; the broker refuses to start on an error.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        let s = &self.session;
+        let l = &self.limits;
+        if self.auth.secrets.is_empty() {
+            return bad("auth.secrets must hold at least one key".into());
+        }
+        if let Some((kid, _)) = self.auth.secrets.iter().find(|(_, v)| v.len() < 16) {
+            return bad(format!("auth.secrets.{kid} must be at least 16 bytes"));
+        }
+        if !self.auth.secrets.contains_key(&self.auth.default_kid) {
+            return bad(format!(
+                "auth.default_kid {:?} is not among auth.secrets",
+                self.auth.default_kid
+            ));
+        }
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key must be set together".into());
+        }
+        if s.keepalive_min_secs == 0 || s.keepalive_min_secs > s.keepalive_max_secs {
+            return bad("session.keepalive_min_secs must be in 1..=keepalive_max_secs".into());
+        }
+        if s.grace_period_ms > 300_000 {
+            return bad("session.grace_period_ms must be at most 300000".into());
+        }
+        for (name, v) in [
+            ("session.handshake_timeout_ms", s.handshake_timeout_ms),
+            ("session.connect_timeout_ms", s.connect_timeout_ms),
+            ("session.partial_frame_timeout_ms", s.partial_frame_timeout_ms),
+            ("fanout.slow_consumer_timeout_ms", self.fanout.slow_consumer_timeout_ms),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if l.max_frame_bytes_pre_auth < 64 || l.max_frame_bytes < l.max_frame_bytes_pre_auth {
+            return bad(
+                "limits.max_frame_bytes_pre_auth must be >= 64 and <= max_frame_bytes".into(),
+            );
+        }
+        if l.max_frame_bytes > 16 * 1024 * 1024 {
+            return bad("limits.max_frame_bytes must be at most 16 MiB".into());
+        }
+        for (name, v) in [
+            ("limits.max_ids_per_request", l.max_ids_per_request),
+            ("limits.max_subscriptions", l.max_subscriptions),
+            ("limits.max_page_size", l.max_page_size),
+            ("limits.publish_rate_per_sec", l.publish_rate_per_sec),
+            ("limits.publish_burst", l.publish_burst),
+            ("limits.request_rate_per_sec", l.request_rate_per_sec),
+            ("limits.request_burst", l.request_burst),
+            ("limits.max_connections", l.max_connections),
+            ("limits.max_handshakes_in_flight", l.max_handshakes_in_flight),
+            ("fanout.queue_capacity", self.fanout.queue_capacity),
+        ] {
+            if v == 0 {
+                return bad(format!("{name} must be positive"));
+            }
+        }
+        if l.default_expiry_secs == 0 || l.default_expiry_secs > l.max_expiry_secs {
+            return bad("limits.default_expiry_secs must be in 1..=max_expiry_secs".into());
+        }
+        Ok(())
+    }
+
+    /// Deadline helpers.
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.handshake_timeout_ms)
+    }
+    /// See [`SessionConfig::connect_timeout_ms`].
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.connect_timeout_ms)
+    }
+    /// See [`SessionConfig::partial_frame_timeout_ms`].
+    pub fn partial_frame_timeout(&self) -> Duration {
+        Duration::from_millis(self.session.partial_frame_timeout_ms)
+    }
+    /// See [`SessionConfig::grace_period_ms`].
+    pub fn grace_period(&self) -> Duration {
+        Duration::from_millis(self.session.grace_period_ms)
+    }
+    /// See [`FanoutConfig::slow_consumer_timeout_ms`].
+    pub fn slow_consumer_timeout(&self) -> Duration {
+        Duration::from_millis(self.fanout.slow_consumer_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_round_trip_through_toml() {
+        let config = Config::default();
+        config.validate().unwrap();
+        let again = Config::from_toml(&config.to_toml()).unwrap();
+        assert_eq!(config, again);
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::from_toml("[session]\nkeepalive = 3\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let config = Config::from_toml("[session]\ngrace_period_ms = 0\n").unwrap();
+        assert_eq!(config.session.grace_period_ms, 0);
+        assert_eq!(config.session.keepalive_default_secs, 60);
+    }
+
+    #[test]
+    fn keepalive_is_clamped() {
+        let s = SessionConfig::default();
+        assert_eq!(s.clamp_keepalive(0), 60);
+        assert_eq!(s.clamp_keepalive(1), 10);
+        assert_eq!(s.clamp_keepalive(100_000), 300);
+        assert_eq!(s.clamp_keepalive(45), 45);
+    }
+
+    #[test]
+    fn out_of_range_values_are_errors_not_panics() {
+        let mut c = Config::default();
+        c.session.grace_period_ms = 301_000;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.auth.default_kid = "nope".into();
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.limits.max_frame_bytes = 10;
+        assert!(c.validate().is_err());
+    }
+}

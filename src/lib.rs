@@ -1,0 +1,56 @@
+//! presenced: a presence broker. Mobile and web clients connect over TLS TCP, speak
+//! length-delimited protobuf (`proto/presence/v1/presence.proto`), publish their presence and
+//! learn other users' presence within milliseconds.
+//!
+//! # Layout
+//! The crate is a synchronous core inside an async shell:
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`codec`] | bytes ⇄ frames: the varint-delimited protobuf codec and its frame caps |
+//! | [`wire`] | domain values ⇄ protobuf messages; encodes server frames once |
+//! | [`command`] | a `ClientFrame` → a validated domain command → a reply |
+//! | [`model`] | domain values: availability, presence snapshots, changes, reasons |
+//! | [`registry`] | live presence, sessions and fanout to watchers (no `.await`) |
+//! | [`outbound`] | each connection's bounded outbound queue with coalescing |
+//! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
+//! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
+//! | [`tls`] | certificates → `rustls` configs |
+//! | [`connection`] | one task per client: handshake, session, reader loop, writer task |
+//! | [`server`] | listener, connection permits, shutdown |
+//! | [`metrics`] | metric names, the Prometheus exporter and its HTTP endpoint |
+//! | [`config`] | `Config` with embedded defaults, TOML loading and validation |
+//! | [`client`] | the Rust client used by the tests, `presencectl` and benchmarks |
+
+pub mod auth;
+pub mod client;
+pub mod codec;
+pub mod command;
+pub mod config;
+pub mod connection;
+pub mod metrics;
+pub mod model;
+pub mod outbound;
+pub mod registry;
+pub mod server;
+pub mod store;
+pub mod tls;
+pub mod wire;
+
+/// Protobuf types generated from `proto/presence/v1/presence.proto` (see that file for the
+/// meaning of every field).
+#[allow(missing_docs, clippy::all, unreachable_pub, unused_qualifications)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/presence.v1.rs"));
+}
+
+pub use config::Config;
+pub use server::Server;
+
+/// Milliseconds since the Unix epoch, the time unit of the wire protocol.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,144 @@
+//! `presenced`: flags and an optional TOML file → `Config` → tracing → metrics → serve until
+//! SIGTERM or Ctrl-C. With no arguments it runs on the embedded defaults (dev certificates, dev
+//! token secret, data in `./presenced-data`, metrics on 127.0.0.1:9464).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use presenced::{Config, Server};
+use tokio_util::sync::CancellationToken;
+
+/// A presence broker: TLS TCP, delimited protobuf, subscriptions persisted.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Flags {
+    /// TOML config file; flags override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// TLS listener address.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Plain TCP listener for trusted networks and benchmarks.
+    #[arg(long)]
+    plain_listen: Option<SocketAddr>,
+    /// Metrics endpoint address.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Turn the metrics endpoint off.
+    #[arg(long)]
+    no_metrics: bool,
+    /// Data folder.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// PEM certificate chain (with --tls-key).
+    #[arg(long)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key (with --tls-cert).
+    #[arg(long)]
+    tls_key: Option<PathBuf>,
+    /// Grace period for lost connections, milliseconds.
+    #[arg(long)]
+    grace_period_ms: Option<u64>,
+    /// Print the effective configuration as TOML and exit.
+    #[arg(long)]
+    print_config: bool,
+}
+
+fn effective_config(flags: &Flags) -> anyhow::Result<Config> {
+    let mut config = match &flags.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = flags.listen {
+        config.listen = v;
+    }
+    if let Some(v) = flags.plain_listen {
+        config.plain_listen = Some(v);
+    }
+    if let Some(v) = flags.metrics_listen {
+        config.metrics.listen = v;
+    }
+    if flags.no_metrics {
+        config.metrics.enabled = false;
+    }
+    if let Some(v) = &flags.data_dir {
+        config.data_dir = v.clone();
+    }
+    if let Some(v) = &flags.tls_cert {
+        config.tls.cert = Some(v.clone());
+    }
+    if let Some(v) = &flags.tls_key {
+        config.tls.key = Some(v.clone());
+    }
+    if let Some(v) = flags.grace_period_ms {
+        config.session.grace_period_ms = v;
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let flags = Flags::parse();
+    let config = effective_config(&flags)?;
+    if flags.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "presenced=info".into()),
+        )
+        .init();
+    if config.auth.uses_dev_secret() {
+        tracing::warn!(
+            "!!! USING THE PUBLIC DEV TOKEN SECRET: anyone can sign in as anyone. Set [auth] secrets for production. !!!"
+        );
+    }
+    if presenced::tls::uses_dev_certificate(&config.tls) {
+        tracing::warn!("using the embedded development TLS certificate (localhost only)");
+    }
+    let server = Server::bind(config.clone())
+        .await
+        .context("cannot start presenced")?;
+    tracing::info!(
+        listen = %server.local_addr(),
+        plain = ?server.plain_addr(),
+        metrics = ?server.metrics_addr().map(|a| format!("http://{a}/metrics")),
+        data_dir = %config.data_dir.display(),
+        "presenced is accepting clients"
+    );
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        trigger.cancel();
+    });
+    server.run(shutdown).await?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = match signal(SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

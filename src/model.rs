@@ -1,0 +1,315 @@
+//! Domain values of presence, free of protobuf and sockets: availability, a user's presence
+//! snapshot, a requested change, event kinds and the reasons sessions end. The registry works on
+//! these; `wire` converts them to and from protobuf.
+
+use std::collections::BTreeMap;
+
+/// How available a user or device is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Availability {
+    /// Present and reachable.
+    Online,
+    /// Away from the device.
+    Away,
+    /// Extended away.
+    ExtendedAway,
+    /// Do not disturb.
+    DoNotDisturb,
+    /// No device connected.
+    Offline,
+}
+
+impl Availability {
+    /// Rank for the aggregate: the most available device wins (ONLINE > DND > AWAY > XA).
+    pub fn rank(self) -> u8 {
+        match self {
+            Availability::Online => 4,
+            Availability::DoNotDisturb => 3,
+            Availability::Away => 2,
+            Availability::ExtendedAway => 1,
+            Availability::Offline => 0,
+        }
+    }
+
+    /// Lower-case name, as `presencectl` prints and parses it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Availability::Online => "online",
+            Availability::Away => "away",
+            Availability::ExtendedAway => "xa",
+            Availability::DoNotDisturb => "dnd",
+            Availability::Offline => "offline",
+        }
+    }
+
+    /// Parses a [`Availability::name`].
+    pub fn parse(name: &str) -> Option<Availability> {
+        [
+            Availability::Online,
+            Availability::Away,
+            Availability::ExtendedAway,
+            Availability::DoNotDisturb,
+            Availability::Offline,
+        ]
+        .into_iter()
+        .find(|a| a.name().eq_ignore_ascii_case(name))
+    }
+}
+
+/// One connected device as watchers see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceSnapshot {
+    /// Device id.
+    pub device_id: String,
+    /// Platform name from Connect.
+    pub platform: String,
+    /// This device's availability.
+    pub availability: Availability,
+    /// Session start, ms since epoch.
+    pub connected_since_ms: u64,
+}
+
+/// A user's presence at one version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceSnapshot {
+    /// The user.
+    pub user_id: String,
+    /// Aggregate availability.
+    pub availability: Availability,
+    /// Application code.
+    pub show: u16,
+    /// Status text.
+    pub status: String,
+    /// Description.
+    pub description: String,
+    /// Custom state.
+    pub state: BTreeMap<String, String>,
+    /// Connected devices, by id.
+    pub devices: Vec<DeviceSnapshot>,
+    /// Last online, ms since epoch; 0 when never seen or online now.
+    pub last_seen_ms: u64,
+    /// Increases with every change.
+    pub version: u64,
+    /// Connect-time profile data.
+    pub user_data: BTreeMap<String, String>,
+}
+
+impl PresenceSnapshot {
+    /// The presence of a user with no device connected.
+    pub fn offline(user_id: &str, last_seen_ms: u64) -> PresenceSnapshot {
+        PresenceSnapshot {
+            user_id: user_id.to_string(),
+            availability: Availability::Offline,
+            show: 0,
+            status: String::new(),
+            description: String::new(),
+            state: BTreeMap::new(),
+            devices: Vec::new(),
+            last_seen_ms,
+            version: 0,
+            user_data: BTreeMap::new(),
+        }
+    }
+}
+
+/// A requested change of one's own presence; `None` fields stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The publishing device's availability.
+    pub availability: Option<Availability>,
+    /// New application code.
+    pub show: Option<u16>,
+    /// New status text.
+    pub status: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// Merged by key; an empty value removes the key.
+    pub state: BTreeMap<String, String>,
+    /// Clear the state before merging.
+    pub replace_state: bool,
+}
+
+impl PresenceChange {
+    /// Applies the user-level fields to `target`, refusing (and changing nothing) when the merged
+    /// state would exceed `max_state_pairs`.
+    pub fn apply_to(
+        &self,
+        target: &mut PresenceSnapshot,
+        max_state_pairs: usize,
+    ) -> Result<(), String> {
+        let mut state = if self.replace_state {
+            BTreeMap::new()
+        } else {
+            target.state.clone()
+        };
+        for (k, v) in &self.state {
+            if v.is_empty() {
+                state.remove(k);
+            } else {
+                state.insert(k.clone(), v.clone());
+            }
+        }
+        if state.len() > max_state_pairs {
+            return Err(format!(
+                "state would hold {} pairs; the limit is {max_state_pairs}",
+                state.len()
+            ));
+        }
+        target.state = state;
+        if let Some(show) = self.show {
+            target.show = show;
+        }
+        if let Some(status) = &self.status {
+            target.status = status.clone();
+        }
+        if let Some(description) = &self.description {
+            target.description = description.clone();
+        }
+        Ok(())
+    }
+}
+
+/// What happened to a user's presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// The first device connected.
+    Online,
+    /// A change while online.
+    Update,
+    /// The last device went away.
+    Offline,
+    /// An ephemeral presence addressed to the recipient.
+    Directed,
+}
+
+/// Why a device or session went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OfflineReason {
+    /// The client said Disconnect.
+    Disconnect,
+    /// Keepalive silence.
+    Timeout,
+    /// The socket closed or failed.
+    ConnectionLost,
+    /// Another connection of the same device took over.
+    TakenOver,
+    /// Removed by the server (slow consumer, protocol violation).
+    Kicked,
+    /// The server is shutting down.
+    ServerShutdown,
+}
+
+/// A presence event about to be encoded once and fanned out.
+#[derive(Debug, Clone, Copy)]
+pub struct EventView<'a> {
+    /// What happened.
+    pub kind: EventKind,
+    /// The presence after it happened.
+    pub presence: &'a PresenceSnapshot,
+    /// Why, for departures.
+    pub reason: Option<OfflineReason>,
+    /// The device whose change caused it.
+    pub device_id: &'a str,
+}
+
+/// Why the server closes a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseKind {
+    /// Answer to Disconnect.
+    Normal,
+    /// Connect refused.
+    AuthFailed,
+    /// Protocol broken.
+    ProtocolViolation,
+    /// Length prefix over the cap.
+    FrameTooLarge,
+    /// First frame or partial frame too late.
+    DeadlineExceeded,
+    /// Keepalive silence.
+    KeepaliveTimeout,
+    /// Another connection took the session.
+    TakenOver,
+    /// Not reading events.
+    SlowConsumer,
+    /// Shutdown.
+    ServerShutdown,
+    /// Too many connections or requests.
+    Overloaded,
+}
+
+impl CloseKind {
+    /// Label for the closes metric.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            CloseKind::Normal => "normal",
+            CloseKind::AuthFailed => "auth_failed",
+            CloseKind::ProtocolViolation => "protocol_violation",
+            CloseKind::FrameTooLarge => "frame_too_large",
+            CloseKind::DeadlineExceeded => "deadline_exceeded",
+            CloseKind::KeepaliveTimeout => "keepalive_timeout",
+            CloseKind::TakenOver => "taken_over",
+            CloseKind::SlowConsumer => "slow_consumer",
+            CloseKind::ServerShutdown => "server_shutdown",
+            CloseKind::Overloaded => "overloaded",
+        }
+    }
+}
+
+/// Checks a user id: 1–128 bytes of UTF-8 without control characters.
+pub fn check_user_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("user id is empty".into());
+    }
+    if id.len() > 128 {
+        return Err(format!("user id is {} bytes; the limit is 128", id.len()));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("user id contains a control character".into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_merge_removes_on_empty_and_enforces_the_cap_atomically() {
+        let mut p = PresenceSnapshot::offline("u", 0);
+        let change = PresenceChange {
+            state: BTreeMap::from([("a".into(), "1".into()), ("b".into(), "2".into())]),
+            ..Default::default()
+        };
+        change.apply_to(&mut p, 2).unwrap();
+        let change = PresenceChange {
+            status: Some("busy".into()),
+            state: BTreeMap::from([("c".into(), "3".into())]),
+            ..Default::default()
+        };
+        assert!(change.apply_to(&mut p, 2).is_err());
+        assert_eq!(p.status, "", "a refused change applies nothing");
+        let change = PresenceChange {
+            state: BTreeMap::from([("a".into(), "".into()), ("c".into(), "3".into())]),
+            ..Default::default()
+        };
+        change.apply_to(&mut p, 2).unwrap();
+        assert_eq!(p.state.keys().collect::<Vec<_>>(), ["b", "c"]);
+    }
+
+    #[test]
+    fn user_ids() {
+        assert!(check_user_id("alice").is_ok());
+        assert!(check_user_id("😀").is_ok());
+        assert!(check_user_id("").is_err());
+        assert!(check_user_id("a\nb").is_err());
+        assert!(check_user_id(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn availability_names_round_trip() {
+        for a in ["online", "away", "xa", "dnd", "offline"] {
+            assert_eq!(Availability::parse(a).unwrap().name(), a);
+        }
+        assert!(Availability::parse("busy").is_none());
+    }
+}

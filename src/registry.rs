@@ -1,0 +1,599 @@
+//! Live presence: which devices of which users are connected, each user's presence, and the
+//! fanout of every change to the user's watchers and other devices. Synchronous: one mutex over
+//! the session table, held for microseconds and never across an `.await`; a change is encoded
+//! once under that lock and offered to each recipient's outbound queue with a non-blocking push,
+//! so per-user order is the order of the lock and the publisher never waits for a watcher.
+//! Subscriptions come from the `SubscriptionStore`; bytes come from a `WireEncoder`; the registry
+//! sees neither protobuf nor sockets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::model::{
+    Availability, CloseKind, DeviceSnapshot, EventKind, EventView, OfflineReason, PresenceChange,
+    PresenceSnapshot,
+};
+use crate::outbound::{Item, Outbound, Pushed};
+use crate::store::SubscriptionStore;
+
+/// Turns domain events into frames. Implemented by `wire`, so the registry stays free of
+/// protobuf.
+pub trait WireEncoder: Send + Sync + fmt::Debug {
+    /// One presence event frame, with its length prefix.
+    fn presence_event(&self, event: &EventView<'_>) -> Bytes;
+    /// One close frame, with its length prefix.
+    fn close(&self, kind: CloseKind, reason: &str, reconnect_after_ms: u64) -> Bytes;
+}
+
+/// Why the registry refused a change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The session is no longer registered (taken over or closed meanwhile).
+    #[error("session is no longer active")]
+    NotAttached,
+    /// The change exceeds a limit; nothing was applied.
+    #[error("{0}")]
+    Limit(String),
+}
+
+/// Registry behaviour fixed at start.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// Most custom state pairs per user.
+    pub max_state_pairs: usize,
+    /// Broadcast OFFLINE events to watchers.
+    pub offline_broadcast: bool,
+}
+
+/// One device's session.
+#[derive(Debug)]
+struct DeviceEntry {
+    /// The connection that owns it; a later connection of the same device replaces it.
+    conn_id: u64,
+    platform: String,
+    availability: Availability,
+    connected_since_ms: u64,
+    /// `None` while lingering in the grace period after a lost connection.
+    outbound: Option<Outbound>,
+    /// Why it is lingering, reported if the grace period runs out.
+    lingering: Option<OfflineReason>,
+}
+
+/// A user with at least one device (live or lingering).
+#[derive(Debug)]
+struct UserEntry {
+    devices: BTreeMap<String, DeviceEntry>,
+    /// User-level fields; `availability` and `devices` are derived on snapshot.
+    presence: PresenceSnapshot,
+}
+
+impl UserEntry {
+    fn snapshot(&self) -> PresenceSnapshot {
+        let mut p = self.presence.clone();
+        p.devices = self
+            .devices
+            .iter()
+            .map(|(id, d)| DeviceSnapshot {
+                device_id: id.clone(),
+                platform: d.platform.clone(),
+                availability: d.availability,
+                connected_since_ms: d.connected_since_ms,
+            })
+            .collect();
+        p.availability = self
+            .devices
+            .values()
+            .map(|d| d.availability)
+            .max_by_key(|a| a.rank())
+            .unwrap_or(Availability::Offline);
+        p.last_seen_ms = 0;
+        p
+    }
+
+    /// Versions increase per change and stay above any earlier session's (they start from the
+    /// clock in microseconds), so clients can drop stale events across reconnects.
+    fn bump_version(&mut self) {
+        self.presence.version = (self.presence.version + 1).max(now_micros());
+    }
+}
+
+fn now_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Default)]
+struct State {
+    users: HashMap<String, UserEntry>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    store: Arc<dyn SubscriptionStore>,
+    encoder: Arc<dyn WireEncoder>,
+    options: RegistryOptions,
+}
+
+/// Handle to the live presence table; a cheap clone of an `Arc`.
+#[derive(Debug, Clone)]
+pub struct Registry {
+    shared: Arc<Shared>,
+}
+
+/// A new session to register.
+#[derive(Debug)]
+pub struct Attach {
+    /// Authenticated user.
+    pub user_id: String,
+    /// Device id.
+    pub device_id: String,
+    /// Platform name.
+    pub platform: String,
+    /// The connection's queue.
+    pub outbound: Outbound,
+    /// Presence to apply before watchers are told.
+    pub initial: Option<PresenceChange>,
+    /// Profile data; replaces the user's when non-empty.
+    pub user_data: BTreeMap<String, String>,
+    /// When the Connect arrived.
+    pub received_at: Instant,
+}
+
+/// Result of registering a session.
+#[derive(Debug)]
+pub struct Attached {
+    /// A live session of the same device was closed in favour of this one.
+    pub taken_over: bool,
+    /// The user's presence now.
+    pub presence: PresenceSnapshot,
+}
+
+/// Per-fanout counts, recorded once per fanout rather than per delivery.
+#[derive(Debug, Default)]
+struct FanoutTally {
+    delivered: u64,
+    coalesced: u64,
+    overflowed: Vec<Outbound>,
+}
+
+impl FanoutTally {
+    fn offer(&mut self, outbound: &Outbound, key: &str, item: &Item) {
+        match outbound.push_event(key, item.clone()) {
+            Pushed::Queued => self.delivered += 1,
+            Pushed::Coalesced => {
+                self.delivered += 1;
+                self.coalesced += 1;
+            }
+            Pushed::Closed => {}
+            Pushed::Overflow => self.overflowed.push(outbound.clone()),
+        }
+    }
+}
+
+impl Registry {
+    /// An empty registry over `store`.
+    pub fn new(
+        store: Arc<dyn SubscriptionStore>,
+        encoder: Arc<dyn WireEncoder>,
+        options: RegistryOptions,
+    ) -> Registry {
+        Registry {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                store,
+                encoder,
+                options,
+            }),
+        }
+    }
+
+    /// The subscription store behind this registry.
+    pub fn store(&self) -> &Arc<dyn SubscriptionStore> {
+        &self.shared.store
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every critical section leaves the table consistent before anything that could panic;
+        // recover the guard rather than take the whole broker down with a poisoned lock.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session. A live session of the same (user, device) is closed with
+    /// TAKEN_OVER; a lingering one is resumed. Watchers see ONLINE for the first device, UPDATE
+    /// for another device or when `initial` changes something, and nothing for a resumed or
+    /// taken-over device.
+    pub fn attach(&self, attach: Attach) -> Result<Attached, RegistryError> {
+        let now_ms = crate::now_ms();
+        let mut state = self.state();
+        let entry_exists = state.users.contains_key(&attach.user_id);
+        let mut entry = state
+            .users
+            .remove(&attach.user_id)
+            .unwrap_or_else(|| UserEntry {
+                devices: BTreeMap::new(),
+                presence: PresenceSnapshot::offline(&attach.user_id, 0),
+            });
+        // Apply the initial presence to a copy first so a refused one changes nothing.
+        let mut presence = entry.presence.clone();
+        if let Some(initial) = &attach.initial {
+            if let Err(reason) = initial.apply_to(&mut presence, self.shared.options.max_state_pairs)
+            {
+                if entry_exists {
+                    state.users.insert(attach.user_id.clone(), entry);
+                }
+                return Err(RegistryError::Limit(reason));
+            }
+        }
+        let changed_fields = presence != entry.presence;
+        entry.presence = presence;
+        if !attach.user_data.is_empty() {
+            entry.presence.user_data = attach.user_data.clone();
+        }
+        let availability = attach
+            .initial
+            .as_ref()
+            .and_then(|c| c.availability)
+            .unwrap_or(Availability::Online);
+        let mut taken_over = false;
+        let kind = match entry.devices.get_mut(&attach.device_id) {
+            Some(existing) => {
+                if let Some(old) = existing.outbound.take() {
+                    taken_over = true;
+                    let close = self.shared.encoder.close(
+                        CloseKind::TakenOver,
+                        "another connection of this device took the session over",
+                        0,
+                    );
+                    old.close(Some(Item::reply(close, "close")));
+                }
+                let availability_changed = attach
+                    .initial
+                    .as_ref()
+                    .and_then(|c| c.availability)
+                    .is_some_and(|a| a != existing.availability);
+                existing.conn_id = attach.outbound.id();
+                existing.platform = attach.platform.clone();
+                if availability_changed {
+                    existing.availability = availability;
+                }
+                existing.outbound = Some(attach.outbound.clone());
+                existing.lingering = None;
+                (changed_fields || availability_changed).then_some(EventKind::Update)
+            }
+            None => {
+                let first = entry.devices.is_empty();
+                entry.devices.insert(
+                    attach.device_id.clone(),
+                    DeviceEntry {
+                        conn_id: attach.outbound.id(),
+                        platform: attach.platform.clone(),
+                        availability,
+                        connected_since_ms: now_ms,
+                        outbound: Some(attach.outbound.clone()),
+                        lingering: None,
+                    },
+                );
+                Some(if first {
+                    EventKind::Online
+                } else {
+                    EventKind::Update
+                })
+            }
+        };
+        if kind.is_some() {
+            entry.bump_version();
+        }
+        let snapshot = entry.snapshot();
+        state.users.insert(attach.user_id.clone(), entry);
+        if let Some(kind) = kind {
+            let event = EventView {
+                kind,
+                presence: &snapshot,
+                reason: None,
+                device_id: &attach.device_id,
+            };
+            self.fanout(&state, &event, Some(attach.outbound.id()), attach.received_at);
+        }
+        publish_online_gauge(&state);
+        Ok(Attached {
+            taken_over,
+            presence: snapshot,
+        })
+    }
+
+    /// Applies a change published by (user, device) on connection `conn_id` and fans it out to
+    /// watchers and the user's other devices. Returns the new presence.
+    pub fn publish(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        change: &PresenceChange,
+        received_at: Instant,
+    ) -> Result<PresenceSnapshot, RegistryError> {
+        let mut state = self.state();
+        let entry = state
+            .users
+            .get_mut(user_id)
+            .ok_or(RegistryError::NotAttached)?;
+        let device = entry
+            .devices
+            .get_mut(device_id)
+            .filter(|d| d.conn_id == conn_id)
+            .ok_or(RegistryError::NotAttached)?;
+        change
+            .apply_to(&mut entry.presence, self.shared.options.max_state_pairs)
+            .map_err(RegistryError::Limit)?;
+        if let Some(a) = change.availability {
+            device.availability = a;
+        }
+        entry.bump_version();
+        let snapshot = entry.snapshot();
+        let event = EventView {
+            kind: EventKind::Update,
+            presence: &snapshot,
+            reason: None,
+            device_id,
+        };
+        self.fanout(&state, &event, Some(conn_id), received_at);
+        Ok(snapshot)
+    }
+
+    /// Removes (user, device) owned by `conn_id` at once and tells watchers why. A no-op when
+    /// another connection owns the device now.
+    pub fn detach(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        reason: OfflineReason,
+        received_at: Instant,
+    ) {
+        let mut state = self.state();
+        self.remove_device(&mut state, user_id, device_id, conn_id, reason, received_at, false);
+    }
+
+    /// Marks (user, device) owned by `conn_id` as lingering after its connection was lost: it
+    /// stays visible until [`Registry::expire_lingering`], unless the device reconnects first.
+    /// Returns false when another connection owns the device now (nothing to expire).
+    pub fn linger(&self, user_id: &str, device_id: &str, conn_id: u64, reason: OfflineReason) -> bool {
+        let mut state = self.state();
+        let Some(device) = state
+            .users
+            .get_mut(user_id)
+            .and_then(|e| e.devices.get_mut(device_id))
+            .filter(|d| d.conn_id == conn_id)
+        else {
+            return false;
+        };
+        device.outbound = None;
+        device.lingering = Some(reason);
+        true
+    }
+
+    /// Ends the grace period of a lingering device: removes it and tells watchers, unless the
+    /// device reconnected meanwhile.
+    pub fn expire_lingering(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        received_at: Instant,
+    ) {
+        let mut state = self.state();
+        let reason = state
+            .users
+            .get(user_id)
+            .and_then(|e| e.devices.get(device_id))
+            .filter(|d| d.conn_id == conn_id)
+            .and_then(|d| d.lingering);
+        if let Some(reason) = reason {
+            self.remove_device(&mut state, user_id, device_id, conn_id, reason, received_at, true);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remove_device(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        reason: OfflineReason,
+        received_at: Instant,
+        only_lingering: bool,
+    ) {
+        let Some(entry) = state.users.get_mut(user_id) else {
+            return;
+        };
+        match entry.devices.get(device_id) {
+            Some(d) if d.conn_id == conn_id && (!only_lingering || d.lingering.is_some()) => {}
+            _ => return,
+        }
+        entry.devices.remove(device_id);
+        entry.bump_version();
+        let now_ms = crate::now_ms();
+        let mut snapshot = entry.snapshot();
+        let last_device = entry.devices.is_empty();
+        if last_device {
+            snapshot.last_seen_ms = now_ms;
+            if let Err(e) = self.shared.store.record_last_seen(user_id, now_ms) {
+                tracing::warn!(user = user_id, "cannot record last-seen: {e}");
+            }
+            state.users.remove(user_id);
+        }
+        let kind = if last_device {
+            EventKind::Offline
+        } else {
+            EventKind::Update
+        };
+        let broadcast = reason != OfflineReason::ServerShutdown
+            && (kind != EventKind::Offline || self.shared.options.offline_broadcast);
+        if broadcast {
+            let event = EventView {
+                kind,
+                presence: &snapshot,
+                reason: Some(reason),
+                device_id,
+            };
+            self.fanout(state, &event, Some(conn_id), received_at);
+        }
+        publish_online_gauge(state);
+    }
+
+    /// The current presence of `user_id`; an offline user carries its last-seen time.
+    pub fn snapshot(&self, user_id: &str) -> PresenceSnapshot {
+        let state = self.state();
+        self.snapshot_locked(&state, user_id)
+    }
+
+    fn snapshot_locked(&self, state: &State, user_id: &str) -> PresenceSnapshot {
+        match state.users.get(user_id) {
+            Some(entry) => entry.snapshot(),
+            None => PresenceSnapshot::offline(
+                user_id,
+                self.shared.store.last_seen(user_id).unwrap_or(0),
+            ),
+        }
+    }
+
+    /// Current presence of each user, in order.
+    pub fn snapshots(&self, user_ids: &[String]) -> Vec<PresenceSnapshot> {
+        let state = self.state();
+        user_ids
+            .iter()
+            .map(|u| self.snapshot_locked(&state, u))
+            .collect()
+    }
+
+    /// Sends an ephemeral presence of `sender` (its current presence with `change` applied) to
+    /// every live device of each recipient. Nothing is stored. Returns the recipients that had
+    /// at least one live device.
+    pub fn direct(
+        &self,
+        sender: &str,
+        device_id: &str,
+        recipients: &[String],
+        change: &PresenceChange,
+        received_at: Instant,
+    ) -> Result<Vec<String>, RegistryError> {
+        let state = self.state();
+        let mut presence = self.snapshot_locked(&state, sender);
+        change
+            .apply_to(&mut presence, self.shared.options.max_state_pairs)
+            .map_err(RegistryError::Limit)?;
+        if let Some(a) = change.availability {
+            presence.availability = a;
+        }
+        let event = EventView {
+            kind: EventKind::Directed,
+            presence: &presence,
+            reason: None,
+            device_id,
+        };
+        let item = Item::event(
+            self.shared.encoder.presence_event(&event),
+            received_at,
+            "presence_event",
+        );
+        // Directed events park under their own key so they never replace the sender's stored
+        // presence in a slow recipient's queue.
+        let key = format!("\u{1}directed:{sender}");
+        let mut tally = FanoutTally::default();
+        let mut delivered = Vec::new();
+        for recipient in recipients {
+            let Some(entry) = state.users.get(recipient) else {
+                continue;
+            };
+            let mut reached = false;
+            for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
+                tally.offer(outbound, &key, &item);
+                reached = true;
+            }
+            if reached {
+                delivered.push(recipient.clone());
+            }
+        }
+        self.finish_fanout(tally);
+        Ok(delivered)
+    }
+
+    /// Users with at least one device, live or lingering.
+    pub fn online_users(&self) -> usize {
+        self.state().users.len()
+    }
+
+    /// Encodes `event` once and offers it to the user's other devices and to every live device
+    /// of every watcher. Called with the state lock held so that per-user order is lock order.
+    fn fanout(
+        &self,
+        state: &State,
+        event: &EventView<'_>,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        let user_id = event.presence.user_id.as_str();
+        let item = Item::event(
+            self.shared.encoder.presence_event(event),
+            received_at,
+            "presence_event",
+        );
+        let mut tally = FanoutTally::default();
+        if let Some(entry) = state.users.get(user_id) {
+            for device in entry.devices.values() {
+                if Some(device.conn_id) == exclude_conn {
+                    continue;
+                }
+                if let Some(outbound) = &device.outbound {
+                    tally.offer(outbound, user_id, &item);
+                }
+            }
+        }
+        self.shared
+            .store
+            .for_each_watcher(user_id, crate::now_ms(), &mut |watcher| {
+                if watcher == user_id {
+                    return;
+                }
+                if let Some(entry) = state.users.get(watcher) {
+                    for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
+                        tally.offer(outbound, user_id, &item);
+                    }
+                }
+            });
+        self.finish_fanout(tally);
+    }
+
+    fn finish_fanout(&self, tally: FanoutTally) {
+        if tally.delivered > 0 {
+            metrics::counter!(crate::metrics::DELIVERIES).increment(tally.delivered);
+        }
+        if tally.coalesced > 0 {
+            metrics::counter!(crate::metrics::COALESCED).increment(tally.coalesced);
+        }
+        for outbound in tally.overflowed {
+            let close = self.shared.encoder.close(
+                CloseKind::SlowConsumer,
+                "too many undelivered events: read your socket",
+                0,
+            );
+            if outbound.close(Some(Item::reply(close, "close"))) {
+                metrics::counter!(crate::metrics::SLOW_CONSUMER_DISCONNECTS).increment(1);
+            }
+        }
+    }
+}
+
+fn publish_online_gauge(state: &State) {
+    metrics::gauge!(crate::metrics::ONLINE_USERS).set(state.users.len() as f64);
+}

@@ -1,0 +1,239 @@
+//! The listener side: binds the TLS (and optional plain) listener and the metrics endpoint,
+//! accepts connections under the global connection limit, spawns one task per connection (the
+//! TLS handshake runs in that task, never in the accept loop), sweeps expired subscriptions, and
+//! shuts down in order: stop accepting, tell clients, wait for connections with a deadline,
+//! flush the store.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::config::{Config, ConfigError};
+use crate::connection::{self, ConnectionContext};
+use crate::metrics as m;
+use crate::registry::{Registry, RegistryOptions};
+use crate::store::{MemoryStore, StoreError, SubscriptionStore};
+use crate::tls::{self, TlsError};
+use crate::wire::ProtoEncoder;
+
+/// Why the server could not start or stop cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The subscription store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet running broker.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    plain_listener: Option<TcpListener>,
+    metrics_listener: Option<TcpListener>,
+    tls_config: Arc<rustls::ServerConfig>,
+    ctx: Arc<ConnectionContext>,
+    connection_permits: Arc<Semaphore>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServerError::Bind { addr, source })
+}
+
+impl Server {
+    /// Validates `config`, loads certificates and the store, and binds every listener. Nothing
+    /// is accepted until [`Server::run`].
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        config.validate()?;
+        let tls_config = tls::server_config(&config.tls)?;
+        let store: Arc<dyn SubscriptionStore> = Arc::new(MemoryStore::new());
+        let registry = Registry::new(
+            store,
+            Arc::new(ProtoEncoder),
+            RegistryOptions {
+                max_state_pairs: config.limits.max_state_pairs as usize,
+                offline_broadcast: config.session.offline_broadcast,
+            },
+        );
+        let listener = bind(config.listen).await?;
+        let plain_listener = match config.plain_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let metrics_listener = if config.metrics.enabled {
+            m::install();
+            Some(bind(config.metrics.listen).await?)
+        } else {
+            None
+        };
+        let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections as usize));
+        let ctx = Arc::new(ConnectionContext {
+            verifier: Verifier::new(&config.auth),
+            handshake_permits: Arc::new(Semaphore::new(
+                config.limits.max_handshakes_in_flight as usize,
+            )),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn_id: AtomicU64::new(1),
+            registry,
+            config: Arc::new(config),
+        });
+        Ok(Server {
+            listener,
+            plain_listener,
+            metrics_listener,
+            tls_config,
+            ctx,
+            connection_permits,
+        })
+    }
+
+    /// The TLS listener's address (useful when binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.ctx.config.listen)
+    }
+
+    /// The plain listener's address, when enabled.
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The metrics endpoint's address, when enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The live registry (for embedding programs and tests).
+    pub fn registry(&self) -> Registry {
+        self.ctx.registry.clone()
+    }
+
+    /// Serves until `shutdown` is cancelled, then closes every connection with a reconnect hint,
+    /// waits for them up to the configured deadline and flushes the store.
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), ServerError> {
+        let ctx = self.ctx.clone();
+        let background = TaskTracker::new();
+        if let Some(listener) = self.metrics_listener {
+            background.spawn(m::serve(listener, m::install(), ctx.shutdown.clone()));
+        }
+        background.spawn(sweep_expired(ctx.clone()));
+        if let Some(listener) = self.plain_listener {
+            let ctx = ctx.clone();
+            let permits = self.connection_permits.clone();
+            background.spawn(accept_loop(listener, None, ctx, permits));
+        }
+        background.spawn(accept_loop(
+            self.listener,
+            Some(TlsAcceptor::from(self.tls_config)),
+            ctx.clone(),
+            self.connection_permits.clone(),
+        ));
+        background.close();
+
+        shutdown.cancelled().await;
+        tracing::info!("shutting down: closing connections");
+        ctx.shutdown.cancel();
+        background.wait().await;
+        ctx.tracker.close();
+        let deadline = Duration::from_millis(ctx.config.session.shutdown_timeout_ms);
+        if tokio::time::timeout(deadline, ctx.tracker.wait()).await.is_err() {
+            tracing::warn!("connections did not drain within {deadline:?}");
+        }
+        ctx.registry.store().flush()?;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: Option<TlsAcceptor>,
+    ctx: Arc<ConnectionContext>,
+    permits: Arc<Semaphore>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (socket, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
+            drop(socket);
+            continue;
+        };
+        let _ = socket.set_nodelay(true);
+        spawn_connection(socket, peer, acceptor.clone(), ctx.clone(), permit);
+    }
+}
+
+fn spawn_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    acceptor: Option<TlsAcceptor>,
+    ctx: Arc<ConnectionContext>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    let tracker = ctx.tracker.clone();
+    match acceptor {
+        Some(acceptor) => {
+            tracker.spawn(connection::run_tls(socket, peer, acceptor, ctx, permit));
+        }
+        None => {
+            tracker.spawn(connection::run_session(socket, peer, ctx, permit));
+        }
+    }
+}
+
+/// Removes expired subscriptions once a minute.
+async fn sweep_expired(ctx: Arc<ConnectionContext>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        match ctx.registry.store().sweep_expired(crate::now_ms()) {
+            Ok(0) => {}
+            Ok(n) => metrics::counter!(m::SUBSCRIPTIONS_EXPIRED).increment(n as u64),
+            Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! The `SubscriptionStore` interface: "subscriber watches target until expiry" in both
+//! directions, plus each user's last-seen time; and `MemoryStore`, its in-memory implementation.
+//! The store knows nothing of sessions, sockets or protobuf, and never calls into the registry
+//! (lock order: registry, then store, then outbound queues). Every method is synchronous.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::sync::Mutex;
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backing storage failed; the change may not have been applied.
+    #[error("storage failure: {0}")]
+    Backend(String),
+}
+
+/// What a subscribe did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubscribeOutcome {
+    /// Targets dropped to stay under the cap, shortest remaining time first.
+    pub evicted: Vec<String>,
+    /// Live subscriptions the subscriber holds now.
+    pub count: usize,
+}
+
+/// One page of a subscriber's list, ordered by target id.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct SubscriptionPage {
+    /// (target, expires_at_ms).
+    pub entries: Vec<(String, u64)>,
+    /// True when targets after the last entry exist.
+    pub has_more: bool,
+    /// Live subscriptions in total.
+    pub total: usize,
+}
+
+/// Persistent subscription records. Implementations are internally synchronised and cheap to
+/// share behind an `Arc`.
+pub trait SubscriptionStore: Send + Sync + fmt::Debug {
+    /// Adds or renews `subscriber → target` for each target with the given expiry, then evicts
+    /// the subscriptions with the shortest remaining time (never one of `targets`) until at most
+    /// `cap` remain.
+    fn subscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        expires_at_ms: u64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<SubscribeOutcome, StoreError>;
+
+    /// Removes `subscriber → target` for each target; unknown targets are ignored. Returns how
+    /// many were removed and how many live subscriptions remain.
+    fn unsubscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        now_ms: u64,
+    ) -> Result<(usize, usize), StoreError>;
+
+    /// Up to `limit` live subscriptions of `subscriber` with target ids strictly after `after`.
+    fn list(
+        &self,
+        subscriber: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<SubscriptionPage, StoreError>;
+
+    /// Calls `visit` with every live (unexpired) subscriber of `target`.
+    fn for_each_watcher(&self, target: &str, now_ms: u64, visit: &mut dyn FnMut(&str));
+
+    /// Subscription edges stored, expired ones not yet swept included.
+    fn total(&self) -> usize;
+
+    /// Removes every subscription that expired at or before `now_ms`; returns how many.
+    fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError>;
+
+    /// Remembers when `user` was last online.
+    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
+
+    /// When `user` was last online, if ever recorded.
+    fn last_seen(&self, user: &str) -> Option<u64>;
+
+    /// Makes everything applied so far durable.
+    fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// A `SubscriptionStore` in memory: correct and fast, gone at exit.
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    inner: Mutex<Edges>,
+}
+
+/// Both directions of every subscription and the last-seen times. Shared with durable stores,
+/// which keep this as their in-memory image.
+#[derive(Debug, Default)]
+pub struct Edges {
+    /// subscriber → target → expires_at_ms, ordered for paging.
+    forward: HashMap<String, BTreeMap<String, u64>>,
+    /// target → subscriber → expires_at_ms, for fanout.
+    reverse: HashMap<String, HashMap<String, u64>>,
+    /// user → last seen, ms.
+    last_seen: HashMap<String, u64>,
+    /// Edges held.
+    edges: usize,
+}
+
+impl Edges {
+    /// Sets one edge; returns true when it is new.
+    pub fn insert(&mut self, subscriber: &str, target: &str, expires_at_ms: u64) -> bool {
+        let fresh = self
+            .forward
+            .entry(subscriber.to_string())
+            .or_default()
+            .insert(target.to_string(), expires_at_ms)
+            .is_none();
+        self.reverse
+            .entry(target.to_string())
+            .or_default()
+            .insert(subscriber.to_string(), expires_at_ms);
+        if fresh {
+            self.edges += 1;
+        }
+        fresh
+    }
+
+    /// Removes one edge; returns true when it existed.
+    pub fn remove(&mut self, subscriber: &str, target: &str) -> bool {
+        let Some(targets) = self.forward.get_mut(subscriber) else {
+            return false;
+        };
+        if targets.remove(target).is_none() {
+            return false;
+        }
+        if targets.is_empty() {
+            self.forward.remove(subscriber);
+        }
+        if let Some(watchers) = self.reverse.get_mut(target) {
+            watchers.remove(subscriber);
+            if watchers.is_empty() {
+                self.reverse.remove(target);
+            }
+        }
+        self.edges -= 1;
+        true
+    }
+
+    /// Live subscriptions of `subscriber` at `now_ms`.
+    pub fn live_count(&self, subscriber: &str, now_ms: u64) -> usize {
+        self.forward
+            .get(subscriber)
+            .map_or(0, |t| t.values().filter(|&&e| e > now_ms).count())
+    }
+
+    /// The targets to evict so that `subscriber` holds at most `cap`, sparing `keep`: expired
+    /// ones first, then the shortest remaining time.
+    pub fn eviction_candidates(
+        &self,
+        subscriber: &str,
+        keep: &[String],
+        cap: usize,
+    ) -> Vec<String> {
+        let Some(targets) = self.forward.get(subscriber) else {
+            return Vec::new();
+        };
+        if targets.len() <= cap {
+            return Vec::new();
+        }
+        let mut candidates: Vec<(u64, &String)> = targets
+            .iter()
+            .filter(|(t, _)| !keep.contains(t))
+            .map(|(t, &e)| (e, t))
+            .collect();
+        candidates.sort();
+        candidates
+            .into_iter()
+            .take(targets.len() - cap)
+            .map(|(_, t)| t.clone())
+            .collect()
+    }
+
+    /// See [`SubscriptionStore::list`].
+    pub fn page(
+        &self,
+        subscriber: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> SubscriptionPage {
+        let Some(targets) = self.forward.get(subscriber) else {
+            return SubscriptionPage::default();
+        };
+        let range = match after {
+            Some(after) => targets.range::<str, _>((
+                std::ops::Bound::Excluded(after),
+                std::ops::Bound::Unbounded,
+            )),
+            None => targets.range::<str, _>(..),
+        };
+        let mut live = range.filter(|(_, &e)| e > now_ms);
+        let entries: Vec<(String, u64)> =
+            live.by_ref().take(limit).map(|(t, &e)| (t.clone(), e)).collect();
+        let has_more = live.next().is_some();
+        SubscriptionPage {
+            entries,
+            has_more,
+            total: self.live_count(subscriber, now_ms),
+        }
+    }
+
+    /// See [`SubscriptionStore::for_each_watcher`].
+    pub fn for_each_watcher(&self, target: &str, now_ms: u64, visit: &mut dyn FnMut(&str)) {
+        if let Some(watchers) = self.reverse.get(target) {
+            for (w, &e) in watchers {
+                if e > now_ms {
+                    visit(w);
+                }
+            }
+        }
+    }
+
+    /// Every (subscriber, target) whose expiry is at or before `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> Vec<(String, String)> {
+        self.forward
+            .iter()
+            .flat_map(|(s, targets)| {
+                targets
+                    .iter()
+                    .filter(move |(_, &e)| e <= now_ms)
+                    .map(move |(t, _)| (s.clone(), t.clone()))
+            })
+            .collect()
+    }
+
+    /// Edges held.
+    pub fn len(&self) -> usize {
+        self.edges
+    }
+
+    /// True when no edge is held.
+    pub fn is_empty(&self) -> bool {
+        self.edges == 0
+    }
+
+    /// Sets a last-seen time (never moving it backwards).
+    pub fn set_last_seen(&mut self, user: &str, at_ms: u64) {
+        let slot = self.last_seen.entry(user.to_string()).or_insert(0);
+        *slot = (*slot).max(at_ms);
+    }
+
+    /// A last-seen time.
+    pub fn last_seen(&self, user: &str) -> Option<u64> {
+        self.last_seen.get(user).copied()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore::default()
+    }
+
+    fn edges(&self) -> std::sync::MutexGuard<'_, Edges> {
+        // A panic while holding this lock would be a bug in this file; the data stays consistent
+        // per edge, so carrying on beats poisoning every later request.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn publish_gauge(edges: &Edges) {
+    metrics::gauge!(crate::metrics::SUBSCRIPTIONS).set(edges.len() as f64);
+}
+
+impl SubscriptionStore for MemoryStore {
+    fn subscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        expires_at_ms: u64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<SubscribeOutcome, StoreError> {
+        let mut edges = self.edges();
+        for target in targets {
+            edges.insert(subscriber, target, expires_at_ms);
+        }
+        let evicted = edges.eviction_candidates(subscriber, targets, cap);
+        for target in &evicted {
+            edges.remove(subscriber, target);
+        }
+        publish_gauge(&edges);
+        Ok(SubscribeOutcome {
+            evicted,
+            count: edges.live_count(subscriber, now_ms),
+        })
+    }
+
+    fn unsubscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        now_ms: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut edges = self.edges();
+        let removed = targets
+            .iter()
+            .filter(|t| edges.remove(subscriber, t))
+            .count();
+        publish_gauge(&edges);
+        Ok((removed, edges.live_count(subscriber, now_ms)))
+    }
+
+    fn list(
+        &self,
+        subscriber: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<SubscriptionPage, StoreError> {
+        Ok(self.edges().page(subscriber, after, limit, now_ms))
+    }
+
+    fn for_each_watcher(&self, target: &str, now_ms: u64, visit: &mut dyn FnMut(&str)) {
+        self.edges().for_each_watcher(target, now_ms, visit)
+    }
+
+    fn total(&self) -> usize {
+        self.edges().len()
+    }
+
+    fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut edges = self.edges();
+        let expired = edges.expired(now_ms);
+        for (s, t) in &expired {
+            edges.remove(s, t);
+        }
+        publish_gauge(&edges);
+        Ok(expired.len())
+    }
+
+    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        self.edges().set_last_seen(user, at_ms);
+        Ok(())
+    }
+
+    fn last_seen(&self, user: &str) -> Option<u64> {
+        self.edges().last_seen(user)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn watchers(store: &MemoryStore, target: &str, now: u64) -> Vec<String> {
+        let mut out = Vec::new();
+        store.for_each_watcher(target, now, &mut |w| out.push(w.to_string()));
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn both_directions_and_expiry() {
+        let s = MemoryStore::new();
+        s.subscribe("a", &ids(&["x", "y"]), 100, 0, 10).unwrap();
+        s.subscribe("b", &ids(&["x"]), 50, 0, 10).unwrap();
+        assert_eq!(watchers(&s, "x", 10), ids(&["a", "b"]));
+        assert_eq!(watchers(&s, "x", 60), ids(&["a"]));
+        assert_eq!(s.sweep_expired(60).unwrap(), 1);
+        assert_eq!(s.total(), 2);
+        assert_eq!(s.unsubscribe("a", &ids(&["x", "zz"]), 0).unwrap(), (1, 1));
+        assert_eq!(watchers(&s, "x", 0), Vec::<String>::new());
+    }
+
+    #[test]
+    fn cap_evicts_shortest_remaining_but_never_the_new_ones() {
+        let s = MemoryStore::new();
+        s.subscribe("a", &ids(&["long"]), 1000, 0, 3).unwrap();
+        s.subscribe("a", &ids(&["short"]), 10, 0, 3).unwrap();
+        s.subscribe("a", &ids(&["mid"]), 500, 0, 3).unwrap();
+        let out = s.subscribe("a", &ids(&["new1", "new2"]), 5, 0, 3).unwrap();
+        assert_eq!(out.evicted, ids(&["short", "mid"]));
+        assert_eq!(out.count, 3);
+        let page = s.list("a", None, 10, 0).unwrap();
+        let names: Vec<_> = page.entries.iter().map(|(t, _)| t.as_str()).collect();
+        assert_eq!(names, ["long", "new1", "new2"]);
+    }
+
+    #[test]
+    fn paging_is_ordered_and_complete() {
+        let s = MemoryStore::new();
+        let targets: Vec<String> = (0..25).map(|i| format!("u{i:02}")).collect();
+        s.subscribe("a", &targets, 100, 0, 100).unwrap();
+        let mut seen = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = s.list("a", after.as_deref(), 10, 0).unwrap();
+            assert_eq!(page.total, 25);
+            seen.extend(page.entries.iter().map(|(t, _)| t.clone()));
+            if !page.has_more {
+                break;
+            }
+            after = page.entries.last().map(|(t, _)| t.clone());
+        }
+        assert_eq!(seen, targets);
+    }
+
+    #[test]
+    fn last_seen_never_moves_back() {
+        let s = MemoryStore::new();
+        s.record_last_seen("a", 10).unwrap();
+        s.record_last_seen("a", 5).unwrap();
+        assert_eq!(s.last_seen("a"), Some(10));
+        assert_eq!(s.last_seen("b"), None);
+    }
+}
