@@ -113,7 +113,14 @@ pub async fn tls_connect(
     Ok(TlsConnector::from(config).connect(name, tcp).await?)
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<pb::ServerFrame>>>>;
+/// Reply waiters by request id, and whether the router has stopped (then no reply will come).
+#[derive(Debug, Default)]
+struct PendingReplies {
+    waiters: HashMap<u64, oneshot::Sender<pb::ServerFrame>>,
+    closed: bool,
+}
+
+type Pending = Arc<Mutex<PendingReplies>>;
 type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, ClientCodec>;
 
 /// A connected, authenticated session.
@@ -123,8 +130,16 @@ pub struct Client {
     pending: Pending,
     events: mpsc::Receiver<pb::ServerFrame>,
     next_id: AtomicU64,
+    /// The task reading the socket; aborted on drop so the socket closes with the client.
+    router: tokio::task::JoinHandle<()>,
     /// The server's ConnAck.
     pub conn_ack: pb::ConnAck,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.router.abort();
+    }
 }
 
 impl Client {
@@ -163,8 +178,9 @@ impl Client {
         };
         let pending: Pending = Arc::default();
         let (events_tx, events) = mpsc::channel(options.event_capacity.max(1));
-        tokio::spawn(route_frames(reader, pending.clone(), events_tx));
+        let router = tokio::spawn(route_frames(reader, pending.clone(), events_tx));
         Ok(Client {
+            router,
             writer: tokio::sync::Mutex::new(writer),
             pending,
             events,
@@ -178,10 +194,13 @@ impl Client {
     pub async fn request(&self, body: ClientBody) -> Result<ServerBody, ClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, tx);
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            if pending.closed {
+                return Err(ClientError::Closed(None));
+            }
+            pending.waiters.insert(id, tx);
+        }
         self.send_raw(pb::ClientFrame {
             request_id: id,
             body: Some(body),
@@ -373,6 +392,7 @@ async fn route_frames(
             pending
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
+                .waiters
                 .remove(&frame.request_id)
         } else {
             None
@@ -388,5 +408,7 @@ async fn route_frames(
             }
         }
     }
-    pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
+    pending.closed = true;
+    pending.waiters.clear();
 }

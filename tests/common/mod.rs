@@ -1,0 +1,142 @@
+//! Shared harness for the integration tests: an in-process broker on 127.0.0.1:0 with the dev
+//! certificates and a temporary data folder, token minting, and bounded waits. Every wait is
+//! bounded by `within` so a missing event fails the test instead of hanging it.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use presenced::auth::{mint, Claims};
+use presenced::client::{Client, ClientOptions};
+use presenced::config::DEV_SECRET;
+use presenced::{Config, Server};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A running broker; shut down when dropped.
+pub struct Broker {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub plain_addr: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub task: Option<JoinHandle<()>>,
+    pub data_dir: tempfile::TempDir,
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Broker {
+    /// Cancels and waits for a clean shutdown.
+    pub async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(task) = self.task.take() {
+            within(task).await.expect("server task panicked");
+        }
+    }
+}
+
+/// The test configuration: loopback port 0, metrics off, a temp data folder.
+pub fn test_config(data_dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.metrics.enabled = false;
+    config.data_dir = data_dir.to_path_buf();
+    config
+}
+
+/// Starts a broker with the test configuration changed by `tweak`.
+pub async fn start(tweak: impl FnOnce(&mut Config)) -> Broker {
+    let data_dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(data_dir.path());
+    tweak(&mut config);
+    let server = Server::bind(config).await.expect("broker starts");
+    let addr = server.local_addr();
+    let metrics_addr = server.metrics_addr();
+    let plain_addr = server.plain_addr();
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    let task = tokio::spawn(async move {
+        server.run(token).await.expect("broker runs");
+    });
+    Broker {
+        addr,
+        metrics_addr,
+        plain_addr,
+        shutdown,
+        task: Some(task),
+        data_dir,
+    }
+}
+
+pub fn now_secs() -> u64 {
+    presenced::now_ms() / 1000
+}
+
+/// A valid dev token for `user`.
+pub fn token(user: &str) -> String {
+    mint(
+        DEV_SECRET.as_bytes(),
+        None,
+        &Claims {
+            sub: user.into(),
+            exp: now_secs() + 3600,
+            did: None,
+            iat: None,
+        },
+    )
+}
+
+pub fn options(broker: &Broker, user: &str, device: &str) -> ClientOptions {
+    ClientOptions::new(broker.addr, token(user)).device(device)
+}
+
+/// Connects `user` on device "phone".
+pub async fn connect(broker: &Broker, user: &str) -> Client {
+    connect_device(broker, user, "phone").await
+}
+
+pub async fn connect_device(broker: &Broker, user: &str, device: &str) -> Client {
+    within(Client::connect(options(broker, user, device)))
+        .await
+        .unwrap_or_else(|e| panic!("{user}/{device} connects: {e}"))
+}
+
+/// Awaits `f` for at most 10 s; a test that waits longer has failed.
+pub async fn within<F: Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(10), f)
+        .await
+        .expect("timed out after 10 s waiting for the broker")
+}
+
+/// The server error a client saw.
+pub fn server_error(result: Result<impl std::fmt::Debug, presenced::client::ClientError>) -> presenced::pb::Error {
+    match result {
+        Err(presenced::client::ClientError::Server(e)) => e,
+        other => panic!("expected a server error, got {other:?}"),
+    }
+}
+
+pub fn code(e: &presenced::pb::Error) -> presenced::pb::ErrorCode {
+    presenced::pb::ErrorCode::try_from(e.code).unwrap()
+}
+
+pub fn close_code(c: &presenced::pb::Close) -> presenced::pb::CloseCode {
+    presenced::pb::CloseCode::try_from(c.code).unwrap()
+}
+
+pub fn kind(e: &presenced::pb::PresenceEvent) -> presenced::pb::EventKind {
+    presenced::pb::EventKind::try_from(e.kind).unwrap()
+}
+
+pub fn availability(p: &presenced::pb::Presence) -> presenced::pb::Availability {
+    presenced::pb::Availability::try_from(p.availability).unwrap()
+}
+
+pub fn reason(e: &presenced::pb::PresenceEvent) -> presenced::pb::OfflineReason {
+    presenced::pb::OfflineReason::try_from(e.reason).unwrap()
+}
