@@ -235,13 +235,19 @@ mod tests {
             Err(AuthError::Expired { exp: 100, now: 101 })
         );
         for bad in ["", "a.b", "a.b.c.d", "!!!.###.$$$", &"x".repeat(5000)] {
-            assert!(matches!(v.verify(bad, 0), Err(AuthError::Malformed(_))), "{bad}");
+            assert!(
+                matches!(v.verify(bad, 0), Err(AuthError::Malformed(_))),
+                "{bad}"
+            );
         }
         let none_alg = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(br#"{"alg":"none"}"#),
             URL_SAFE_NO_PAD.encode(br#"{"sub":"a","exp":100}"#)
         );
-        assert!(matches!(v.verify(&none_alg, 0), Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            v.verify(&none_alg, 0),
+            Err(AuthError::Malformed(_))
+        ));
     }
 }

@@ -190,7 +190,13 @@ mod tests {
         put_length_prefix(&mut buf, 4097);
         let capacity_before = buf.capacity();
         let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(err, CodecError::FrameTooLarge { len: 4097, max: 4096 }));
+        assert!(matches!(
+            err,
+            CodecError::FrameTooLarge {
+                len: 4097,
+                max: 4096
+            }
+        ));
         assert_eq!(buf.capacity(), capacity_before);
     }
 

@@ -305,7 +305,10 @@ fn check_len(what: &str, value: &str, max: u32) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn parse_change(p: &pb::SetPresence, limits: &LimitsConfig) -> Result<PresenceChange, RequestError> {
+fn parse_change(
+    p: &pb::SetPresence,
+    limits: &LimitsConfig,
+) -> Result<PresenceChange, RequestError> {
     let availability = wire::availability_from_pb(p.availability)
         .map_err(|v| bad(format!("unknown availability {v}")))?;
     let show = match p.show {
@@ -333,7 +336,11 @@ fn parse_change(p: &pb::SetPresence, limits: &LimitsConfig) -> Result<PresenceCh
             return Err(bad("state key is empty"));
         }
         check_len("state key", k, limits.max_state_key_bytes)?;
-        check_len(&format!("state value of {k:?}"), v, limits.max_state_value_bytes)?;
+        check_len(
+            &format!("state value of {k:?}"),
+            v,
+            limits.max_state_value_bytes,
+        )?;
     }
     Ok(PresenceChange {
         availability,
@@ -384,7 +391,12 @@ fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
     if cursor.is_empty() {
         return Ok(None);
     }
-    let bad_cursor = || RequestError::new(pb::ErrorCode::BadCursor, "cursor was not issued by this server");
+    let bad_cursor = || {
+        RequestError::new(
+            pb::ErrorCode::BadCursor,
+            "cursor was not issued by this server",
+        )
+    };
     let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad_cursor())?;
     let text = String::from_utf8(raw).map_err(|_| bad_cursor())?;
     let after = text.strip_prefix(CURSOR_PREFIX).ok_or_else(bad_cursor)?;
@@ -416,7 +428,10 @@ pub fn connect(
         })?;
     check_user_id(&claims.sub).map_err(|r| {
         metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "bad_subject").increment(1);
-        RequestError::new(pb::ErrorCode::Unauthenticated, format!("token subject: {r}"))
+        RequestError::new(
+            pb::ErrorCode::Unauthenticated,
+            format!("token subject: {r}"),
+        )
     })?;
     let device_id = match claims.did {
         Some(did) => did,
@@ -424,7 +439,9 @@ pub fn connect(
         None => request.device_id,
     };
     if device_id.is_empty() || device_id.len() > 128 || device_id.chars().any(char::is_control) {
-        return Err(bad("device id must be 1-128 bytes without control characters"));
+        return Err(bad(
+            "device id must be 1-128 bytes without control characters",
+        ));
     }
     let keepalive_secs = config.session.clamp_keepalive(request.keepalive_secs);
     let attached = registry.attach(Attach {
@@ -612,7 +629,10 @@ mod tests {
         assert_eq!(decode_cursor(&c).unwrap().as_deref(), Some("bob"));
         assert_eq!(decode_cursor("").unwrap(), None);
         for bad in ["???", "Ym9i", &URL_SAFE_NO_PAD.encode("s1:")] {
-            assert_eq!(decode_cursor(bad).unwrap_err().code, pb::ErrorCode::BadCursor);
+            assert_eq!(
+                decode_cursor(bad).unwrap_err().code,
+                pb::ErrorCode::BadCursor
+            );
         }
     }
 

@@ -335,8 +335,14 @@ impl Config {
         for (name, v) in [
             ("session.handshake_timeout_ms", s.handshake_timeout_ms),
             ("session.connect_timeout_ms", s.connect_timeout_ms),
-            ("session.partial_frame_timeout_ms", s.partial_frame_timeout_ms),
-            ("fanout.slow_consumer_timeout_ms", self.fanout.slow_consumer_timeout_ms),
+            (
+                "session.partial_frame_timeout_ms",
+                s.partial_frame_timeout_ms,
+            ),
+            (
+                "fanout.slow_consumer_timeout_ms",
+                self.fanout.slow_consumer_timeout_ms,
+            ),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
@@ -359,7 +365,10 @@ impl Config {
             ("limits.request_rate_per_sec", l.request_rate_per_sec),
             ("limits.request_burst", l.request_burst),
             ("limits.max_connections", l.max_connections),
-            ("limits.max_handshakes_in_flight", l.max_handshakes_in_flight),
+            (
+                "limits.max_handshakes_in_flight",
+                l.max_handshakes_in_flight,
+            ),
             ("fanout.queue_capacity", self.fanout.queue_capacity),
         ] {
             if v == 0 {

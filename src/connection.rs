@@ -138,11 +138,7 @@ pub async fn run_session<S>(
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let parked_limit =
         config.limits.max_subscriptions as usize + config.limits.max_ids_per_request as usize;
-    let outbound = Outbound::new(
-        conn_id,
-        config.fanout.queue_capacity as usize,
-        parked_limit,
-    );
+    let outbound = Outbound::new(conn_id, config.fanout.queue_capacity as usize, parked_limit);
     let (read_half, write_half) = tokio::io::split(stream);
     let writer = ctx.tracker.spawn(write_loop(
         write_half,
@@ -183,16 +179,20 @@ pub async fn run_session<S>(
     }
     if let Some(s) = &session {
         let registry = &ctx.registry;
-        let offline = |reason| {
-            registry.detach(&s.user_id, &s.device_id, s.conn_id, reason, received_at)
-        };
+        let offline =
+            |reason| registry.detach(&s.user_id, &s.device_id, s.conn_id, reason, received_at);
         match &end {
             End::Disconnect => offline(OfflineReason::Disconnect),
             End::Shutdown => offline(OfflineReason::ServerShutdown),
             End::Close(CloseKind::KeepaliveTimeout, _) | End::Lost(OfflineReason::Timeout) => {
                 if config.grace_period().is_zero() {
                     offline(OfflineReason::Timeout)
-                } else if registry.linger(&s.user_id, &s.device_id, s.conn_id, OfflineReason::Timeout) {
+                } else if registry.linger(
+                    &s.user_id,
+                    &s.device_id,
+                    s.conn_id,
+                    OfflineReason::Timeout,
+                ) {
                     linger = Some((s.user_id.clone(), s.device_id.clone(), s.conn_id));
                 }
             }

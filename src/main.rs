@@ -2,6 +2,7 @@
 //! SIGTERM or Ctrl-C. With no arguments it runs on the embedded defaults (dev certificates, dev
 //! token secret, data in `./presenced-data`, metrics on 127.0.0.1:9464).
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -88,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "presenced=info".into()),

@@ -52,8 +52,8 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets from 50 µs to 10 s.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-    0.5, 1.0, 2.5, 5.0, 10.0,
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0,
 ];
 
 /// Installs the Prometheus recorder as the process-wide recorder (once; later calls return the
@@ -79,7 +79,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_gauge!(CONNECTIONS, "Open client connections after the TLS handshake");
+    describe_gauge!(
+        CONNECTIONS,
+        "Open client connections after the TLS handshake"
+    );
     describe_gauge!(ONLINE_USERS, "Users with at least one connected device");
     describe_gauge!(SUBSCRIPTIONS, "Stored subscription edges");
     describe_counter!(FRAMES_IN, "Frames received, by kind");
@@ -87,8 +90,15 @@ fn describe() {
     describe_counter!(ERRORS, "Error replies sent, by code");
     describe_counter!(AUTH_FAILURES, "Refused Connect attempts, by reason");
     describe_counter!(CLOSES, "Connections closed by the server, by close code");
-    describe_counter!(CONNECTIONS_REFUSED, "Connections refused before the handshake");
-    describe_histogram!(TLS_HANDSHAKE_SECONDS, Unit::Seconds, "TLS handshake duration");
+    describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections refused before the handshake"
+    );
+    describe_histogram!(
+        TLS_HANDSHAKE_SECONDS,
+        Unit::Seconds,
+        "TLS handshake duration"
+    );
     describe_gauge!(TLS_HANDSHAKES_IN_FLIGHT, "TLS handshakes in progress");
     describe_counter!(TLS_HANDSHAKE_FAILURES, "Failed TLS handshakes, by reason");
     describe_histogram!(
@@ -97,8 +107,14 @@ fn describe() {
         "From receiving a presence change to writing it into a watcher's socket"
     );
     describe_counter!(DELIVERIES, "Events handed to watchers' outbound queues");
-    describe_counter!(COALESCED, "Events folded into a later state for a slow watcher");
-    describe_counter!(SLOW_CONSUMER_DISCONNECTS, "Watchers disconnected for not reading");
+    describe_counter!(
+        COALESCED,
+        "Events folded into a later state for a slow watcher"
+    );
+    describe_counter!(
+        SLOW_CONSUMER_DISCONNECTS,
+        "Watchers disconnected for not reading"
+    );
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to client sockets");
     describe_counter!(SUBSCRIPTIONS_EXPIRED, "Expired subscriptions swept");
 }

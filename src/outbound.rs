@@ -128,10 +128,7 @@ impl Outbound {
 
     fn state(&self) -> MutexGuard<'_, QueueState> {
         // The critical sections below cannot panic midway; recover rather than poison.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Offers an event about `key` (a user id). Never waits.

@@ -202,10 +202,7 @@ impl Registry {
     fn state(&self) -> MutexGuard<'_, State> {
         // Every critical section leaves the table consistent before anything that could panic;
         // recover the guard rather than take the whole broker down with a poisoned lock.
-        self.shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Registers a session. A live session of the same (user, device) is closed with
@@ -226,7 +223,8 @@ impl Registry {
         // Apply the initial presence to a copy first so a refused one changes nothing.
         let mut presence = entry.presence.clone();
         if let Some(initial) = &attach.initial {
-            if let Err(reason) = initial.apply_to(&mut presence, self.shared.options.max_state_pairs)
+            if let Err(reason) =
+                initial.apply_to(&mut presence, self.shared.options.max_state_pairs)
             {
                 if entry_exists {
                     state.users.insert(attach.user_id.clone(), entry);
@@ -302,7 +300,12 @@ impl Registry {
                 reason: None,
                 device_id: &attach.device_id,
             };
-            self.fanout(&state, &event, Some(attach.outbound.id()), attach.received_at);
+            self.fanout(
+                &state,
+                &event,
+                Some(attach.outbound.id()),
+                attach.received_at,
+            );
         }
         publish_online_gauge(&state);
         Ok(Attached {
@@ -360,13 +363,27 @@ impl Registry {
         received_at: Instant,
     ) {
         let mut state = self.state();
-        self.remove_device(&mut state, user_id, device_id, conn_id, reason, received_at, false);
+        self.remove_device(
+            &mut state,
+            user_id,
+            device_id,
+            conn_id,
+            reason,
+            received_at,
+            false,
+        );
     }
 
     /// Marks (user, device) owned by `conn_id` as lingering after its connection was lost: it
     /// stays visible until [`Registry::expire_lingering`], unless the device reconnects first.
     /// Returns false when another connection owns the device now (nothing to expire).
-    pub fn linger(&self, user_id: &str, device_id: &str, conn_id: u64, reason: OfflineReason) -> bool {
+    pub fn linger(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        reason: OfflineReason,
+    ) -> bool {
         let mut state = self.state();
         let Some(device) = state
             .users
@@ -398,7 +415,15 @@ impl Registry {
             .filter(|d| d.conn_id == conn_id)
             .and_then(|d| d.lingering);
         if let Some(reason) = reason {
-            self.remove_device(&mut state, user_id, device_id, conn_id, reason, received_at, true);
+            self.remove_device(
+                &mut state,
+                user_id,
+                device_id,
+                conn_id,
+                reason,
+                received_at,
+                true,
+            );
         }
     }
 

@@ -165,7 +165,10 @@ impl Server {
         background.wait().await;
         ctx.tracker.close();
         let deadline = Duration::from_millis(ctx.config.session.shutdown_timeout_ms);
-        if tokio::time::timeout(deadline, ctx.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(deadline, ctx.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("connections did not drain within {deadline:?}");
         }
         ctx.registry.store().flush()?;

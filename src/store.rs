@@ -193,15 +193,16 @@ impl Edges {
             return SubscriptionPage::default();
         };
         let range = match after {
-            Some(after) => targets.range::<str, _>((
-                std::ops::Bound::Excluded(after),
-                std::ops::Bound::Unbounded,
-            )),
+            Some(after) => targets
+                .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
             None => targets.range::<str, _>(..),
         };
         let mut live = range.filter(|(_, &e)| e > now_ms);
-        let entries: Vec<(String, u64)> =
-            live.by_ref().take(limit).map(|(t, &e)| (t.clone(), e)).collect();
+        let entries: Vec<(String, u64)> = live
+            .by_ref()
+            .take(limit)
+            .map(|(t, &e)| (t.clone(), e))
+            .collect();
         let has_more = live.next().is_some();
         SubscriptionPage {
             entries,

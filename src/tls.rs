@@ -84,8 +84,8 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Tl
         ),
     };
     let certs = parse_certs(&cert_pem, &origin)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| load_err("private key", &origin, e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| load_err("private key", &origin, e))?;
     let mut server = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

@@ -77,7 +77,10 @@ async fn a_watcher_that_stops_reading_still_gets_the_latest_state_in_order() {
     let mut last_version = 0;
     loop {
         let e = within(bob.next_presence_event()).await.unwrap();
-        assert!(e.version > last_version, "per-user order holds under coalescing");
+        assert!(
+            e.version > last_version,
+            "per-user order holds under coalescing"
+        );
         last_version = e.version;
         received += 1;
         if e.presence.unwrap().status == "final" {
@@ -107,7 +110,10 @@ async fn a_watcher_whose_socket_stays_blocked_is_disconnected() {
     opts.event_capacity = 1;
     let bob = within(Client::connect(opts)).await.unwrap();
     within(bob.subscribe(&["alice"])).await.unwrap();
-    assert_eq!(kind(&within(carol.next_presence_event()).await.unwrap()), pb::EventKind::Online);
+    assert_eq!(
+        kind(&within(carol.next_presence_event()).await.unwrap()),
+        pb::EventKind::Online
+    );
     let alice = connect(&broker, "alice").await;
     // Publish until bob is gone; bounded by the count.
     let mut i = 0;
@@ -157,9 +163,11 @@ async fn metrics_endpoint_exports_what_an_operator_needs() {
             iat: None,
         },
     );
-    assert!(Client::connect(presenced::client::ClientOptions::new(broker.addr, bad))
-        .await
-        .is_err());
+    assert!(
+        Client::connect(presenced::client::ClientOptions::new(broker.addr, bad))
+            .await
+            .is_err()
+    );
 
     let text = scrape(metrics_addr, "/metrics").await;
     assert!(text.starts_with("HTTP/1.1 200 OK"), "{text}");
@@ -208,7 +216,14 @@ async fn coalesced_events_are_counted() {
     }))
     .await
     .unwrap();
-    while within(bob.next_presence_event()).await.unwrap().presence.unwrap().status != "final" {}
+    while within(bob.next_presence_event())
+        .await
+        .unwrap()
+        .presence
+        .unwrap()
+        .status
+        != "final"
+    {}
     let text = scrape(broker.metrics_addr.unwrap(), "/metrics").await;
     let coalesced = sample(&text, "presence_coalesced_events_total ").unwrap_or(0.0);
     assert!(coalesced >= 1.0, "coalesced = {coalesced}");

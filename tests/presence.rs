@@ -34,13 +34,22 @@ async fn publish_reaches_watchers_and_own_other_devices_not_the_publisher() {
     within(bob.subscribe(&["alice"])).await.unwrap();
     let mut alice_phone = connect_device(&broker, "alice", "phone").await;
     let mut alice_web = connect_device(&broker, "alice", "web").await;
-    assert_eq!(kind(&within(bob.next_presence_event()).await.unwrap()), pb::EventKind::Online);
+    assert_eq!(
+        kind(&within(bob.next_presence_event()).await.unwrap()),
+        pb::EventKind::Online
+    );
     let web_joined = within(bob.next_presence_event()).await.unwrap();
     assert_eq!(kind(&web_joined), pb::EventKind::Update);
     assert_eq!(web_joined.device_id, "web");
     assert_eq!(web_joined.presence.unwrap().devices.len(), 2);
     // The phone hears about the web device joining too.
-    assert_eq!(within(alice_phone.next_presence_event()).await.unwrap().device_id, "web");
+    assert_eq!(
+        within(alice_phone.next_presence_event())
+            .await
+            .unwrap()
+            .device_id,
+        "web"
+    );
 
     let published = within(alice_phone.set_presence(pb::SetPresence {
         availability: pb::Availability::Dnd as i32,
@@ -58,8 +67,15 @@ async fn publish_reaches_watchers_and_own_other_devices_not_the_publisher() {
         assert_eq!(event.user_id, "alice");
         assert_eq!(event.device_id, "phone");
         let p = event.presence.unwrap();
-        assert_eq!(p, published, "watchers see exactly what the publisher was told");
-        assert_eq!(availability(&p), pb::Availability::Online, "web is still ONLINE: most available wins");
+        assert_eq!(
+            p, published,
+            "watchers see exactly what the publisher was told"
+        );
+        assert_eq!(
+            availability(&p),
+            pb::Availability::Online,
+            "web is still ONLINE: most available wins"
+        );
         assert_eq!(p.show, 40_000);
         assert_eq!(p.status, "in a meeting 📅");
         assert_eq!(p.description, "back at 3");
@@ -71,11 +87,22 @@ async fn publish_reaches_watchers_and_own_other_devices_not_the_publisher() {
     // The publisher itself gets no event: its next frame is the reply to this ping.
     within(alice_phone.ping()).await.unwrap();
     within(alice_phone.set_presence(status("x"))).await.unwrap();
-    assert_eq!(within(bob.next_presence_event()).await.unwrap().presence.unwrap().status, "x");
+    assert_eq!(
+        within(bob.next_presence_event())
+            .await
+            .unwrap()
+            .presence
+            .unwrap()
+            .status,
+        "x"
+    );
     drop(alice_web);
     let left = within(bob.next_presence_event()).await.unwrap();
     assert_eq!(kind(&left), pb::EventKind::Update);
-    assert_eq!(availability(left.presence.as_ref().unwrap()), pb::Availability::Dnd);
+    assert_eq!(
+        availability(left.presence.as_ref().unwrap()),
+        pb::Availability::Dnd
+    );
 }
 
 #[tokio::test]
@@ -91,7 +118,9 @@ async fn versions_increase_and_order_is_kept_per_user() {
     let online = within(bob.next_presence_event()).await.unwrap();
     let mut last = online.version;
     for i in 0..50 {
-        within(alice.set_presence(status(&format!("s{i}")))).await.unwrap();
+        within(alice.set_presence(status(&format!("s{i}"))))
+            .await
+            .unwrap();
     }
     for i in 0..50 {
         let e = within(bob.next_presence_event()).await.unwrap();
@@ -105,9 +134,16 @@ async fn versions_increase_and_order_is_kept_per_user() {
 async fn state_merges_by_key_and_empty_values_remove() {
     let broker = start(|_| {}).await;
     let alice = connect(&broker, "alice").await;
-    within(alice.set_presence(state(&[("a", "1"), ("b", "2")]))).await.unwrap();
-    let p = within(alice.set_presence(state(&[("a", ""), ("c", "3")]))).await.unwrap();
-    assert_eq!(p.state, BTreeMap::from([("b".into(), "2".into()), ("c".into(), "3".into())]));
+    within(alice.set_presence(state(&[("a", "1"), ("b", "2")])))
+        .await
+        .unwrap();
+    let p = within(alice.set_presence(state(&[("a", ""), ("c", "3")])))
+        .await
+        .unwrap();
+    assert_eq!(
+        p.state,
+        BTreeMap::from([("b".into(), "2".into()), ("c".into(), "3".into())])
+    );
     let p = within(alice.set_presence(pb::SetPresence {
         replace_state: true,
         state: BTreeMap::from([("z".into(), "9".into())]),
@@ -191,7 +227,15 @@ async fn presence_over_its_limits_is_refused_and_changes_nothing() {
     let e = within(bob.next_presence_event()).await.unwrap();
     assert_eq!(e.presence.unwrap().state.len(), 32);
     within(alice.set_presence(status("ok"))).await.unwrap();
-    assert_eq!(within(bob.next_presence_event()).await.unwrap().presence.unwrap().status, "ok");
+    assert_eq!(
+        within(bob.next_presence_event())
+            .await
+            .unwrap()
+            .presence
+            .unwrap()
+            .status,
+        "ok"
+    );
 }
 
 #[tokio::test]
@@ -214,7 +258,9 @@ async fn publishing_is_rate_limited_with_a_retry_hint() {
     assert_eq!(code(&e), pb::ErrorCode::RateLimited);
     assert!(e.retry_after_ms > 0 && e.retry_after_ms <= 100);
     within(alice.ping()).await.unwrap();
-    within(bystander.set_presence(status("unaffected"))).await.unwrap();
+    within(bystander.set_presence(status("unaffected")))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -223,7 +269,9 @@ async fn subscribe_returns_current_presence_and_validates_its_input() {
     let bob = connect(&broker, "bob").await;
     let alice = connect(&broker, "alice").await;
     within(alice.set_presence(status("hello"))).await.unwrap();
-    let r = within(bob.subscribe(&["alice", "nobody", "alice"])).await.unwrap();
+    let r = within(bob.subscribe(&["alice", "nobody", "alice"]))
+        .await
+        .unwrap();
     assert_eq!(r.presences.len(), 2, "duplicates folded");
     assert_eq!(r.presences[0].status, "hello");
     assert_eq!(availability(&r.presences[0]), pb::Availability::Online);
@@ -289,7 +337,9 @@ async fn unsubscribe_stops_events_and_ignores_unknown_ids() {
     let dave = connect(&broker, "dave").await;
     within(bob.next_presence_event()).await.unwrap();
     within(bob.next_presence_event()).await.unwrap();
-    let r = within(bob.unsubscribe(&["alice", "never-subscribed"])).await.unwrap();
+    let r = within(bob.unsubscribe(&["alice", "never-subscribed"]))
+        .await
+        .unwrap();
     assert_eq!(r.removed, 1);
     assert_eq!(r.subscription_count, 1);
     within(alice.set_presence(status("unseen"))).await.unwrap();
@@ -347,7 +397,9 @@ async fn query_without_subscribing() {
     let gone = connect(&broker, "gone").await;
     within(gone.disconnect()).await.unwrap();
     // Disconnect is processed before the close is sent, so last-seen is recorded by now.
-    let r = within(bob.get_presence(&["alice", "gone", "never"])).await.unwrap();
+    let r = within(bob.get_presence(&["alice", "gone", "never"]))
+        .await
+        .unwrap();
     assert_eq!(r.len(), 3);
     assert_eq!(r[0].status, "here");
     assert_eq!(availability(&r[1]), pb::Availability::Offline);
@@ -398,7 +450,9 @@ async fn directed_presence_reaches_only_online_recipients_and_is_not_stored() {
     let ids: Vec<String> = (0..101).map(|i| format!("u{i}")).collect();
     let refs: Vec<&str> = ids.iter().map(String::as_str).collect();
     assert_eq!(
-        code(&server_error(within(alice.direct(&refs, pb::SetPresence::default())).await)),
+        code(&server_error(
+            within(alice.direct(&refs, pb::SetPresence::default())).await
+        )),
         pb::ErrorCode::TooManyIds
     );
 }
@@ -416,7 +470,11 @@ async fn offline_broadcast_can_be_switched_off() {
     assert_eq!(next.user_id, "dave", "no OFFLINE for alice was sent");
     assert_eq!(kind(&next), pb::EventKind::Online);
     let r = within(bob.get_presence(&["alice"])).await.unwrap();
-    assert_eq!(availability(&r[0]), pb::Availability::Offline, "queries still tell the truth");
+    assert_eq!(
+        availability(&r[0]),
+        pb::Availability::Offline,
+        "queries still tell the truth"
+    );
 }
 
 #[tokio::test]
@@ -432,7 +490,9 @@ async fn initial_presence_and_user_data_come_with_connect() {
         ..Default::default()
     });
     opts.user_data = BTreeMap::from([("name".into(), "Alice".into())]);
-    let alice = within(presenced::client::Client::connect(opts)).await.unwrap();
+    let alice = within(presenced::client::Client::connect(opts))
+        .await
+        .unwrap();
     let online = within(bob.next_presence_event()).await.unwrap();
     assert_eq!(kind(&online), pb::EventKind::Online);
     let p = online.presence.unwrap();
@@ -440,7 +500,10 @@ async fn initial_presence_and_user_data_come_with_connect() {
     assert_eq!(p.status, "commuting");
     assert_eq!(p.user_data["name"], "Alice");
     assert_eq!(p.devices[0].platform, "ios");
-    assert_eq!(alice.conn_ack.presence.as_ref().unwrap().status, "commuting");
+    assert_eq!(
+        alice.conn_ack.presence.as_ref().unwrap().status,
+        "commuting"
+    );
 
     let mut opts = options(&broker, "mallory", "phone");
     opts.user_data = BTreeMap::from([("blob".into(), "x".repeat(2000))]);

@@ -19,9 +19,13 @@ use tokio_util::codec::FramedRead;
 /// Writes `bytes` on a fresh TLS connection and collects every server frame until the server
 /// closes the connection.
 async fn exchange(broker: &Broker, bytes: &[u8]) -> Vec<pb::ServerFrame> {
-    let stream = within(tls_connect(broker.addr, "localhost", presenced::tls::dev_client_config()))
-        .await
-        .unwrap();
+    let stream = within(tls_connect(
+        broker.addr,
+        "localhost",
+        presenced::tls::dev_client_config(),
+    ))
+    .await
+    .unwrap();
     let (read, mut write) = tokio::io::split(stream);
     write.write_all(bytes).await.unwrap();
     let mut reader = FramedRead::new(read, ClientCodec::new(1 << 20));
@@ -77,7 +81,9 @@ fn claims(user: &str, exp: u64) -> Claims {
 }
 
 async fn assert_alive(client: &Client) {
-    within(client.ping()).await.expect("bystander session still works");
+    within(client.ping())
+        .await
+        .expect("bystander session still works");
 }
 
 #[tokio::test]
@@ -103,13 +109,20 @@ async fn connack_reports_identity_keepalive_limits_and_alpn() {
     let mut opts = options(&broker, "bob", "p");
     opts.keepalive_secs = 100_000;
     let client = within(Client::connect(opts)).await.unwrap();
-    assert_eq!(client.conn_ack.keepalive_seconds, 300, "clamped down to the maximum");
+    assert_eq!(
+        client.conn_ack.keepalive_seconds, 300,
+        "clamped down to the maximum"
+    );
     let client = connect(&broker, "carol").await;
     assert_eq!(client.conn_ack.keepalive_seconds, 60, "default");
 
-    let stream = within(tls_connect(broker.addr, "localhost", presenced::tls::dev_client_config()))
-        .await
-        .unwrap();
+    let stream = within(tls_connect(
+        broker.addr,
+        "localhost",
+        presenced::tls::dev_client_config(),
+    ))
+    .await
+    .unwrap();
     assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"presence/1"[..]));
 }
 
@@ -140,7 +153,11 @@ async fn bad_tokens_are_refused_with_a_reason_and_a_close() {
     let bystander = connect(&broker, "bystander").await;
     let cases = [
         (
-            mint(b"not-the-configured-secret", None, &claims("alice", now_secs() + 60)),
+            mint(
+                b"not-the-configured-secret",
+                None,
+                &claims("alice", now_secs() + 60),
+            ),
             pb::ErrorCode::BadSignature,
         ),
         (
@@ -153,7 +170,11 @@ async fn bad_tokens_are_refused_with_a_reason_and_a_close() {
         ),
         ("not-a-token".to_string(), pb::ErrorCode::Unauthenticated),
         (
-            mint(b"whatever", Some("unknown-kid"), &claims("alice", now_secs() + 60)),
+            mint(
+                b"whatever",
+                Some("unknown-kid"),
+                &claims("alice", now_secs() + 60),
+            ),
             pb::ErrorCode::BadSignature,
         ),
         (
@@ -205,7 +226,11 @@ async fn oversized_prefix_before_auth_closes_without_reading_the_body() {
         let mut bytes = BytesMut::new();
         put_length_prefix(&mut bytes, announced);
         let close = expect_close_only(&exchange(&broker, &bytes).await);
-        assert_eq!(close_code(&close), pb::CloseCode::FrameTooLarge, "{announced}");
+        assert_eq!(
+            close_code(&close),
+            pb::CloseCode::FrameTooLarge,
+            "{announced}"
+        );
         assert!(close.reason.contains("4096"), "{}", close.reason);
     }
     assert_alive(&bystander).await;
@@ -222,7 +247,11 @@ async fn garbage_bytes_close_the_connection_with_a_reason() {
         b"\x02\x08\x80",
     ] {
         let close = expect_close_only(&exchange(&broker, garbage).await);
-        assert_eq!(close_code(&close), pb::CloseCode::ProtocolViolation, "{garbage:?}");
+        assert_eq!(
+            close_code(&close),
+            pb::CloseCode::ProtocolViolation,
+            "{garbage:?}"
+        );
     }
     assert_alive(&bystander).await;
 }
@@ -335,7 +364,10 @@ async fn silence_past_one_and_a_half_keepalives_closes_and_pings_keep_alive() {
     opts.keepalive_secs = 1;
     let mut alice = within(Client::connect(opts)).await.unwrap();
     assert_eq!(alice.conn_ack.keepalive_seconds, 1);
-    assert_eq!(kind(&within(watcher.next_presence_event()).await.unwrap()), pb::EventKind::Online);
+    assert_eq!(
+        kind(&within(watcher.next_presence_event()).await.unwrap()),
+        pb::EventKind::Online
+    );
     // Pings every 0.5 s for 2 s (longer than 1.5 x keepalive) keep the session.
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
     for _ in 0..4 {
@@ -356,11 +388,16 @@ async fn takeover_closes_the_old_connection_without_a_flicker() {
     let mut bob = connect(&broker, "bob").await;
     within(bob.subscribe(&["alice"])).await.unwrap();
     let mut first = connect(&broker, "alice").await;
-    assert_eq!(kind(&within(bob.next_presence_event()).await.unwrap()), pb::EventKind::Online);
+    assert_eq!(
+        kind(&within(bob.next_presence_event()).await.unwrap()),
+        pb::EventKind::Online
+    );
 
     let second = connect(&broker, "alice").await;
     assert!(second.conn_ack.session_taken_over);
-    let close = within(first.closed()).await.expect("old connection is told");
+    let close = within(first.closed())
+        .await
+        .expect("old connection is told");
     assert_eq!(close_code(&close), pb::CloseCode::TakenOver);
 
     within(second.set_presence(pb::SetPresence {
@@ -382,7 +419,10 @@ async fn disconnect_is_offline_at_once_with_its_reason_and_last_seen() {
     within(bob.subscribe(&["alice"])).await.unwrap();
     let alice = connect(&broker, "alice").await;
     within(bob.next_presence_event()).await.unwrap();
-    let close = within(alice.disconnect()).await.unwrap().expect("close frame");
+    let close = within(alice.disconnect())
+        .await
+        .unwrap()
+        .expect("close frame");
     assert_eq!(close_code(&close), pb::CloseCode::Normal);
     let offline = within(bob.next_presence_event()).await.unwrap();
     assert_eq!(kind(&offline), pb::EventKind::Offline);
@@ -430,7 +470,11 @@ async fn reconnecting_within_the_grace_period_sends_nothing() {
     .await
     .unwrap();
     let next = within(bob.next_presence_event()).await.unwrap();
-    assert_eq!(kind(&next), pb::EventKind::Update, "no OFFLINE/ONLINE flap before it");
+    assert_eq!(
+        kind(&next),
+        pb::EventKind::Update,
+        "no OFFLINE/ONLINE flap before it"
+    );
     assert_eq!(next.presence.unwrap().status, "back");
 }
 

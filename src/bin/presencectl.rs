@@ -1,1 +1,362 @@
-fn main(){}
+//! `presencectl`: a developer's command line for presenced. Mints tokens from the configured
+//! secret (the dev secret by default), connects as any user over TLS, publishes presence,
+//! subscribes, queries, lists subscriptions and watches users, printing JSON lines. With no
+//! flags it talks to a default local broker (127.0.0.1:7883, the dev CA).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use presenced::auth::{mint, Claims};
+use presenced::client::{Client, ClientOptions};
+use presenced::config::DEV_SECRET;
+use presenced::pb;
+use serde_json::{json, Value};
+
+/// Talk to a presenced broker from the shell.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Broker address (host:port).
+    #[arg(long, global = true, default_value = "127.0.0.1:7883")]
+    server: String,
+    /// CA certificate (PEM) to trust; the embedded dev CA when the file does not exist.
+    #[arg(long, global = true, default_value = "certs-dev/ca.pem")]
+    ca: PathBuf,
+    /// Name to check in the server certificate.
+    #[arg(long, global = true, default_value = "localhost")]
+    server_name: String,
+    /// Token secret used to mint tokens.
+    #[arg(long, global = true, env = "PRESENCE_SECRET", default_value = DEV_SECRET, hide_default_value = true)]
+    secret: String,
+    /// Key id written into minted tokens (omit for the broker's default key).
+    #[arg(long, global = true)]
+    kid: Option<String>,
+    /// Use this token instead of minting one.
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// Device id for the session (default: cli-<pid>).
+    #[arg(long, global = true)]
+    device: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a signed token.
+    Token {
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Subscribe to users, print their presence, then one JSON line per event until Ctrl-C.
+    Watch {
+        #[arg(long)]
+        user: String,
+        /// Users to watch.
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Publish presence (the session then ends, unless --hold).
+    Set {
+        #[arg(long)]
+        user: String,
+        /// online, away, xa, dnd or offline.
+        #[arg(long)]
+        availability: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        description: Option<String>,
+        /// 16-bit application code.
+        #[arg(long)]
+        show: Option<u32>,
+        /// key=value; an empty value removes the key. Repeatable.
+        #[arg(long = "state")]
+        state: Vec<String>,
+        /// Stay connected (and online) until Ctrl-C.
+        #[arg(long)]
+        hold: bool,
+    },
+    /// Query presence without subscribing.
+    Get {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Subscribe to users.
+    Subscribe {
+        #[arg(long)]
+        user: String,
+        /// Expiry in seconds (default: the broker's, 7 days).
+        #[arg(long, default_value_t = 0)]
+        expiry: u64,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Unsubscribe from users.
+    Unsubscribe {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// List a user's subscriptions.
+    Subs {
+        #[arg(long)]
+        user: String,
+    },
+    /// Send a directed presence to some users.
+    Direct {
+        #[arg(long)]
+        user: String,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        availability: Option<String>,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+}
+
+fn availability_name(value: i32) -> &'static str {
+    match pb::Availability::try_from(value) {
+        Ok(pb::Availability::Online) => "online",
+        Ok(pb::Availability::Away) => "away",
+        Ok(pb::Availability::Xa) => "xa",
+        Ok(pb::Availability::Dnd) => "dnd",
+        Ok(pb::Availability::Offline) => "offline",
+        _ => "unspecified",
+    }
+}
+
+fn parse_availability(name: &str) -> anyhow::Result<i32> {
+    let a = presenced::model::Availability::parse(name).with_context(|| {
+        format!("unknown availability {name:?} (online, away, xa, dnd, offline)")
+    })?;
+    Ok(presenced::wire::availability_to_pb(a) as i32)
+}
+
+fn presence_json(p: &pb::Presence) -> Value {
+    json!({
+        "user": p.user_id,
+        "availability": availability_name(p.availability),
+        "show": p.show,
+        "status": p.status,
+        "description": p.description,
+        "state": p.state,
+        "devices": p.devices.iter().map(|d| json!({
+            "device": d.device_id,
+            "platform": d.platform,
+            "availability": availability_name(d.availability),
+            "connected_since_ms": d.connected_since_ms,
+        })).collect::<Vec<_>>(),
+        "last_seen_ms": p.last_seen_ms,
+        "version": p.version,
+        "user_data": p.user_data,
+    })
+}
+
+fn event_json(e: &pb::PresenceEvent) -> Value {
+    let kind = match pb::EventKind::try_from(e.kind) {
+        Ok(pb::EventKind::Online) => "online",
+        Ok(pb::EventKind::Update) => "update",
+        Ok(pb::EventKind::Offline) => "offline",
+        Ok(pb::EventKind::Directed) => "directed",
+        _ => "unspecified",
+    };
+    let reason = pb::OfflineReason::try_from(e.reason)
+        .ok()
+        .filter(|r| *r != pb::OfflineReason::Unspecified)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("OFFLINE_REASON_")
+                .to_lowercase()
+        });
+    json!({
+        "event": kind,
+        "user": e.user_id,
+        "device": e.device_id,
+        "reason": reason,
+        "version": e.version,
+        "presence": e.presence.as_ref().map(presence_json),
+    })
+}
+
+impl Cli {
+    fn token_for(&self, user: &str, ttl: u64) -> String {
+        if let Some(token) = &self.token {
+            return token.clone();
+        }
+        mint(
+            self.secret.as_bytes(),
+            self.kid.as_deref(),
+            &Claims {
+                sub: user.to_string(),
+                exp: presenced::now_ms() / 1000 + ttl,
+                did: None,
+                iat: Some(presenced::now_ms() / 1000),
+            },
+        )
+    }
+
+    fn addr(&self) -> anyhow::Result<SocketAddr> {
+        self.server
+            .to_socket_addrs()
+            .with_context(|| format!("cannot resolve {}", self.server))?
+            .next()
+            .with_context(|| format!("{} resolves to nothing", self.server))
+    }
+
+    fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        if self.ca.exists() {
+            Ok(presenced::tls::client_config_from_file(&self.ca)?)
+        } else {
+            Ok(presenced::tls::dev_client_config())
+        }
+    }
+
+    async fn connect(&self, user: &str) -> anyhow::Result<Client> {
+        let mut options = ClientOptions::new(self.addr()?, self.token_for(user, 3600));
+        options.server_name = self.server_name.clone();
+        options.tls = self.tls()?;
+        options.device_id = self
+            .device
+            .clone()
+            .unwrap_or_else(|| format!("cli-{}", std::process::id()));
+        options.platform = "presencectl".into();
+        Client::connect(options)
+            .await
+            .with_context(|| format!("cannot connect to {} as {user}", self.server))
+    }
+}
+
+fn print(value: Value) {
+    println!("{value}");
+}
+
+fn refs(targets: &[String]) -> Vec<&str> {
+    targets.iter().map(String::as_str).collect()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.command {
+        Command::Token { user, ttl } => println!("{}", cli.token_for(user, *ttl)),
+        Command::Watch { user, targets } => {
+            let mut client = cli.connect(user).await?;
+            let result = client.subscribe(&refs(targets)).await?;
+            for p in &result.presences {
+                print(
+                    json!({"event": "snapshot", "user": p.user_id, "presence": presence_json(p)}),
+                );
+            }
+            loop {
+                tokio::select! {
+                    event = client.next_presence_event() => match event {
+                        Ok(e) => print(event_json(&e)),
+                        Err(e) => bail!("{e}"),
+                    },
+                    _ = tokio::signal::ctrl_c() => {
+                        client.disconnect().await?;
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Command::Set {
+            user,
+            availability,
+            status,
+            description,
+            show,
+            state,
+            hold,
+        } => {
+            let mut change = pb::SetPresence {
+                status: status.clone(),
+                description: description.clone(),
+                show: *show,
+                ..Default::default()
+            };
+            if let Some(a) = availability {
+                change.availability = parse_availability(a)?;
+            }
+            for pair in state {
+                let (k, v) = pair
+                    .split_once('=')
+                    .with_context(|| format!("--state takes key=value, got {pair:?}"))?;
+                change.state.insert(k.to_string(), v.to_string());
+            }
+            let client = cli.connect(user).await?;
+            let presence = client.set_presence(change).await?;
+            print(presence_json(&presence));
+            if *hold {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+            client.disconnect().await?;
+        }
+        Command::Get { user, targets } => {
+            let client = cli.connect(user).await?;
+            for p in client.get_presence(&refs(targets)).await? {
+                print(presence_json(&p));
+            }
+            client.disconnect().await?;
+        }
+        Command::Subscribe {
+            user,
+            expiry,
+            targets,
+        } => {
+            let client = cli.connect(user).await?;
+            let r = client.subscribe_for(&refs(targets), *expiry).await?;
+            print(json!({
+                "subscribed": targets,
+                "expires_at_ms": r.expires_at_ms,
+                "evicted": r.evicted_user_ids,
+                "subscription_count": r.subscription_count,
+                "presences": r.presences.iter().map(presence_json).collect::<Vec<_>>(),
+            }));
+            client.disconnect().await?;
+        }
+        Command::Unsubscribe { user, targets } => {
+            let client = cli.connect(user).await?;
+            let r = client.unsubscribe(&refs(targets)).await?;
+            print(json!({"removed": r.removed, "subscription_count": r.subscription_count}));
+            client.disconnect().await?;
+        }
+        Command::Subs { user } => {
+            let client = cli.connect(user).await?;
+            for s in client.all_subscriptions().await? {
+                print(json!({"user": s.user_id, "expires_at_ms": s.expires_at_ms}));
+            }
+            client.disconnect().await?;
+        }
+        Command::Direct {
+            user,
+            status,
+            availability,
+            targets,
+        } => {
+            let mut change = pb::SetPresence {
+                status: status.clone(),
+                ..Default::default()
+            };
+            if let Some(a) = availability {
+                change.availability = parse_availability(a)?;
+            }
+            let client = cli.connect(user).await?;
+            let delivered = client.direct(&refs(targets), change).await?;
+            print(json!({"delivered": delivered}));
+            client.disconnect().await?;
+        }
+    }
+    Ok(())
+}

@@ -114,7 +114,9 @@ pub async fn within<F: Future>(f: F) -> F::Output {
 }
 
 /// The server error a client saw.
-pub fn server_error(result: Result<impl std::fmt::Debug, presenced::client::ClientError>) -> presenced::pb::Error {
+pub fn server_error(
+    result: Result<impl std::fmt::Debug, presenced::client::ClientError>,
+) -> presenced::pb::Error {
     match result {
         Err(presenced::client::ClientError::Server(e)) => e,
         other => panic!("expected a server error, got {other:?}"),

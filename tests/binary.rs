@@ -1,0 +1,100 @@
+//! The real `presenced` binary: `--print-config` shows the embedded defaults, a config file and
+//! flags override them, bad config is a clear error, and a running broker serves clients and
+//! shuts down cleanly on SIGTERM, telling its clients to reconnect.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use presenced::client::{Client, ClientOptions};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn presenced() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_presenced"));
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+#[tokio::test]
+async fn print_config_shows_embedded_defaults_and_overrides() {
+    let out = within(presenced().arg("--print-config").output())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let config = presenced::Config::from_toml(&text).unwrap();
+    assert_eq!(config, presenced::Config::default());
+    assert!(text.contains("listen = \"127.0.0.1:7883\""), "{text}");
+    assert!(text.contains("127.0.0.1:9464"));
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("presenced.toml");
+    std::fs::write(
+        &file,
+        "[session]\ngrace_period_ms = 1234\n[limits]\nmax_subscriptions = 10\n",
+    )
+    .unwrap();
+    let out = within(
+        presenced()
+            .arg("--config")
+            .arg(&file)
+            .args(["--grace-period-ms", "99", "--print-config"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let config = presenced::Config::from_toml(&String::from_utf8(out.stdout).unwrap()).unwrap();
+    assert_eq!(config.session.grace_period_ms, 99, "flags beat the file");
+    assert_eq!(
+        config.limits.max_subscriptions, 10,
+        "the file beats defaults"
+    );
+
+    std::fs::write(&file, "[session]\ngrace = 1\n").unwrap();
+    let out = within(presenced().arg("--config").arg(&file).output())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field"));
+    let out = within(presenced().args(["--grace-period-ms", "400000"]).output())
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("grace_period_ms"));
+}
+
+#[tokio::test]
+async fn the_binary_serves_and_shuts_down_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = presenced()
+        .current_dir(dir.path())
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut warned = false;
+    let addr = loop {
+        let line = within(lines.next_line()).await.unwrap().expect("log line");
+        warned |= line.contains("DEV TOKEN SECRET");
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    assert!(warned, "the dev secret warning comes first");
+    let mut alice = within(Client::connect(ClientOptions::new(addr, token("alice"))))
+        .await
+        .unwrap();
+    within(alice.ping()).await.unwrap();
+    let pid = child.id().unwrap().to_string();
+    let status = within(Command::new("kill").args(["-TERM", &pid]).status())
+        .await
+        .unwrap();
+    assert!(status.success());
+    let close = within(alice.closed()).await.expect("close frame");
+    assert_eq!(close_code(&close), presenced::pb::CloseCode::ServerShutdown);
+    let exit = within(child.wait()).await.unwrap();
+    assert!(exit.success(), "clean exit after SIGTERM: {exit:?}");
+}

@@ -1,0 +1,145 @@
+//! `presencectl` against an in-process broker, as a developer uses it: the two-terminal
+//! walkthrough of the README (`watch` in one, `set` in the other) and every other subcommand.
+
+mod common;
+
+use std::process::Stdio;
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+fn ctl(broker: &Broker) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_presencectl"));
+    cmd.arg("--server").arg(broker.addr.to_string());
+    cmd.kill_on_drop(true);
+    cmd
+}
+
+async fn run(broker: &Broker, args: &[&str]) -> Vec<Value> {
+    let out = within(ctl(broker).args(args).output()).await.unwrap();
+    assert!(
+        out.status.success(),
+        "presencectl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn watch_prints_a_change_made_with_set_in_another_terminal() {
+    let broker = start(|_| {}).await;
+    let mut watch = ctl(&broker)
+        .args(["watch", "--user", "bob", "alice"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let snapshot: Value =
+        serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(snapshot["event"], "snapshot");
+    assert_eq!(snapshot["presence"]["availability"], "offline");
+
+    let set = run(
+        &broker,
+        &[
+            "set",
+            "--user",
+            "alice",
+            "--availability",
+            "away",
+            "--status",
+            "lunch",
+            "--state",
+            "room=42",
+        ],
+    )
+    .await;
+    assert_eq!(set[0]["availability"], "away");
+
+    let mut seen = Vec::new();
+    loop {
+        let line = within(lines.next_line())
+            .await
+            .unwrap()
+            .expect("watch keeps running");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        seen.push(event["event"].as_str().unwrap().to_string());
+        if event["event"] == "update" {
+            assert_eq!(event["presence"]["availability"], "away");
+            assert_eq!(event["presence"]["status"], "lunch");
+            assert_eq!(event["presence"]["state"]["room"], "42");
+            break;
+        }
+    }
+    assert_eq!(seen, ["online", "update"]);
+    // `set` then disconnects: the watcher sees alice leave, with the reason.
+    let line = within(lines.next_line()).await.unwrap().unwrap();
+    let event: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["event"], "offline");
+    assert_eq!(event["reason"], "disconnect");
+    watch.kill().await.unwrap();
+}
+
+#[tokio::test]
+async fn token_get_subscribe_subs_unsubscribe_and_direct() {
+    let broker = start(|_| {}).await;
+    let out = within(
+        ctl(&broker)
+            .args(["token", "--user", "zed", "--ttl", "60"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    let token = String::from_utf8(out.stdout).unwrap();
+    let verifier = presenced::auth::Verifier::new(&presenced::config::AuthConfig::default());
+    let claims = verifier.verify(token.trim(), now_secs()).unwrap();
+    assert_eq!(claims.sub, "zed");
+    assert!(claims.exp <= now_secs() + 61);
+
+    let sub = run(&broker, &["subscribe", "--user", "bob", "alice", "carol"]).await;
+    assert_eq!(sub[0]["subscription_count"], 2);
+    let subs = run(&broker, &["subs", "--user", "bob"]).await;
+    let names: Vec<&str> = subs.iter().map(|s| s["user"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alice", "carol"]);
+    let un = run(&broker, &["unsubscribe", "--user", "bob", "alice"]).await;
+    assert_eq!(un[0]["removed"], 1);
+    assert_eq!(run(&broker, &["subs", "--user", "bob"]).await.len(), 1);
+
+    let alice = connect(&broker, "alice").await;
+    alice
+        .set_presence(presenced::pb::SetPresence {
+            status: Some("visible".into()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let got = run(&broker, &["get", "--user", "bob", "alice", "nobody"]).await;
+    assert_eq!(got[0]["status"], "visible");
+    assert_eq!(got[0]["availability"], "online");
+    assert_eq!(got[1]["availability"], "offline");
+
+    let direct = run(
+        &broker,
+        &[
+            "direct", "--user", "bob", "--status", "psst", "alice", "nobody",
+        ],
+    )
+    .await;
+    assert_eq!(direct[0]["delivered"], serde_json::json!(["alice"]));
+
+    let bad = within(
+        ctl(&broker)
+            .args(["set", "--user", "x", "--availability", "sleepy"])
+            .output(),
+    )
+    .await
+    .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown availability"));
+}
