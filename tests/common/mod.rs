@@ -42,10 +42,12 @@ impl Broker {
 
 /// The test configuration: loopback port 0, metrics off, a temp data folder.
 pub fn test_config(data_dir: &std::path::Path) -> Config {
-    let mut config = Config::default();
-    config.listen = "127.0.0.1:0".parse().unwrap();
+    let mut config = Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        ..Config::default()
+    };
     config.metrics.enabled = false;
-    config.data_dir = data_dir.to_path_buf();
     config
 }
 
