@@ -231,6 +231,11 @@ impl Client {
         self.events.recv().await
     }
 
+    /// A pushed frame that has already arrived, without waiting.
+    pub fn try_next_event(&mut self) -> Option<pb::ServerFrame> {
+        self.events.try_recv().ok()
+    }
+
     /// The next presence event; `Err` with the close frame if the connection closes first.
     pub async fn next_presence_event(&mut self) -> Result<pb::PresenceEvent, ClientError> {
         loop {

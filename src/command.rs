@@ -485,9 +485,34 @@ pub fn connect(
     Ok((session, ServerBody::ConnAck(ack)))
 }
 
-/// Applies a session-level command (anything but Connect, Ping and Disconnect, which the
-/// connection handles) and returns the reply body.
+/// A successful request's reply.
+#[derive(Debug)]
+pub struct Reply {
+    /// What to send.
+    pub body: ServerBody,
+    /// The request changed stored subscriptions: send the reply only once they are durable.
+    pub needs_commit: bool,
+}
+
+/// Applies a session-level command (anything but Connect and Disconnect, which the connection
+/// handles) and returns the reply.
 pub fn execute(
+    command: Command,
+    session: &mut Session,
+    registry: &Registry,
+    limits: &LimitsConfig,
+    received_at: Instant,
+) -> Result<Reply, RequestError> {
+    execute_body(command, session, registry, limits, received_at).map(|body| {
+        let needs_commit = matches!(
+            body,
+            ServerBody::SubscribeResult(_) | ServerBody::UnsubscribeResult(_)
+        );
+        Reply { body, needs_commit }
+    })
+}
+
+fn execute_body(
     command: Command,
     session: &mut Session,
     registry: &Registry,

@@ -31,6 +31,7 @@ use crate::outbound::{Item, Outbound};
 use crate::pb;
 use crate::pb::server_frame::Body as ServerBody;
 use crate::registry::Registry;
+use crate::store::Committer;
 use crate::wire;
 
 /// The server codec: decodes client frames, encodes nothing (replies are pre-encoded).
@@ -58,6 +59,8 @@ pub struct ConnectionContext {
     pub tracker: TaskTracker,
     /// Source of connection ids.
     pub next_conn_id: AtomicU64,
+    /// Group commit for subscription changes.
+    pub committer: Committer,
 }
 
 /// Decrements the connections gauge when the session ends, however it ends.
@@ -327,9 +330,23 @@ where
         } else {
             Some(now)
         };
-        if let Some(end) = handle_frame(frame, reader, session, outbound, ctx, &mut request_bucket)
-        {
-            return end;
+        match handle_frame(frame, reader, session, outbound, ctx, &mut request_bucket) {
+            Step::Continue => {}
+            Step::End(end) => return end,
+            Step::ReplyWhenDurable {
+                request_id,
+                operation,
+                body,
+            } => match ctx.committer.commit().await {
+                Ok(()) => push_reply(outbound, request_id, body),
+                Err(e) => {
+                    let error = RequestError::new(
+                        pb::ErrorCode::Internal,
+                        format!("the change may not be stored: {e}"),
+                    );
+                    push_error(outbound, request_id, operation, &error);
+                }
+            },
         }
     }
 }
@@ -361,6 +378,21 @@ impl Expiry {
     }
 }
 
+/// What the reader loop does after a frame.
+#[derive(Debug)]
+enum Step {
+    /// Read the next frame.
+    Continue,
+    /// End the session.
+    End(End),
+    /// Send `body` once the store has flushed: acknowledged means on disk.
+    ReplyWhenDurable {
+        request_id: u64,
+        operation: &'static str,
+        body: ServerBody,
+    },
+}
+
 fn handle_frame<R>(
     frame: pb::ClientFrame,
     reader: &mut FramedRead<R, ServerCodec>,
@@ -368,7 +400,7 @@ fn handle_frame<R>(
     outbound: &Outbound,
     ctx: &ConnectionContext,
     request_bucket: &mut TokenBucket,
-) -> Option<End> {
+) -> Step {
     let received_at = Instant::now();
     let request_id = frame.request_id;
     let operation = wire::client_body_kind(frame.body.as_ref());
@@ -392,11 +424,11 @@ fn handle_frame<R>(
                             .decoder_mut()
                             .set_max_frame_bytes(limits.max_frame_bytes as usize);
                         *session = Some(new_session);
-                        None
+                        Step::Continue
                     }
                     Err(e) => {
                         push_error(outbound, request_id, "connect", &e);
-                        Some(End::Close(CloseKind::AuthFailed, e.reason))
+                        Step::End(End::Close(CloseKind::AuthFailed, e.reason))
                     }
                 }
             }
@@ -406,11 +438,11 @@ fn handle_frame<R>(
                     "the first frame must be Connect",
                 );
                 push_error(outbound, request_id, operation, &e);
-                Some(End::Close(CloseKind::ProtocolViolation, e.reason))
+                Step::End(End::Close(CloseKind::ProtocolViolation, e.reason))
             }
             Err(e) => {
                 push_error(outbound, request_id, operation, &e);
-                Some(End::Close(CloseKind::ProtocolViolation, e.reason))
+                Step::End(End::Close(CloseKind::ProtocolViolation, e.reason))
             }
         };
     };
@@ -421,20 +453,27 @@ fn handle_frame<R>(
             retry_after_ms: (wait.as_millis() as u64).max(1),
         };
         push_error(outbound, request_id, operation, &e);
-        return None;
+        return Step::Continue;
     }
     match command {
-        Ok(Command::Disconnect) => Some(End::Disconnect),
+        Ok(Command::Disconnect) => Step::End(End::Disconnect),
         Ok(command) => {
             match command::execute(command, current, &ctx.registry, limits, received_at) {
-                Ok(body) => push_reply(outbound, request_id, body),
+                Ok(reply) if reply.needs_commit => {
+                    return Step::ReplyWhenDurable {
+                        request_id,
+                        operation,
+                        body: reply.body,
+                    }
+                }
+                Ok(reply) => push_reply(outbound, request_id, reply.body),
                 Err(e) => push_error(outbound, request_id, operation, &e),
             }
-            None
+            Step::Continue
         }
         Err(e) => {
             push_error(outbound, request_id, operation, &e);
-            None
+            Step::Continue
         }
     }
 }

@@ -45,6 +45,10 @@ pub const COALESCED: &str = "presence_coalesced_events_total";
 pub const SLOW_CONSUMER_DISCONNECTS: &str = "presence_slow_consumer_disconnects_total";
 /// Bytes written to client sockets.
 pub const BYTES_OUT: &str = "presence_bytes_out_total";
+/// Time of one durable flush of the subscription store.
+pub const STORE_COMMIT_SECONDS: &str = "presence_store_commit_duration_seconds";
+/// Time to open and load the subscription store at start.
+pub const STORE_RECOVERY_SECONDS: &str = "presence_store_recovery_duration_seconds";
 /// Expired subscriptions removed by the sweeper.
 pub const SUBSCRIPTIONS_EXPIRED: &str = "presence_subscriptions_expired_total";
 
@@ -117,6 +121,16 @@ fn describe() {
     );
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to client sockets");
     describe_counter!(SUBSCRIPTIONS_EXPIRED, "Expired subscriptions swept");
+    describe_histogram!(
+        STORE_COMMIT_SECONDS,
+        Unit::Seconds,
+        "Duration of one durable (group) flush of the subscription store"
+    );
+    describe_gauge!(
+        STORE_RECOVERY_SECONDS,
+        Unit::Seconds,
+        "Time taken to open and load the subscription store at start"
+    );
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` is cancelled. Any other path is a 404.

@@ -1,4 +1,5 @@
-//! The listener side: binds the TLS (and optional plain) listener and the metrics endpoint,
+//! The listener side: loads the subscription store, then binds the TLS (and optional plain)
+//! listener and the metrics endpoint,
 //! accepts connections under the global connection limit, spawns one task per connection (the
 //! TLS handshake runs in that task, never in the accept loop), sweeps expired subscriptions, and
 //! shuts down in order: stop accepting, tell clients, wait for connections with a deadline,
@@ -20,7 +21,7 @@ use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::metrics as m;
 use crate::registry::{Registry, RegistryOptions};
-use crate::store::{MemoryStore, StoreError, SubscriptionStore};
+use crate::store::{Committer, SledStore, StoreError, SubscriptionStore};
 use crate::tls::{self, TlsError};
 use crate::wire::ProtoEncoder;
 
@@ -69,7 +70,15 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
         let tls_config = tls::server_config(&config.tls)?;
-        let store: Arc<dyn SubscriptionStore> = Arc::new(MemoryStore::new());
+        // The store is loaded into memory before any listener exists, so no client can observe
+        // a half-loaded subscription set.
+        let data_dir = config.data_dir.clone();
+        let store: Arc<dyn SubscriptionStore> = Arc::new(
+            tokio::task::spawn_blocking(move || SledStore::open(&data_dir))
+                .await
+                .map_err(|e| StoreError::Backend(format!("store loader failed: {e}")))??,
+        );
+        let committer = Committer::start(store.clone());
         let registry = Registry::new(
             store,
             Arc::new(ProtoEncoder),
@@ -98,6 +107,7 @@ impl Server {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
+            committer,
             registry,
             config: Arc::new(config),
         });

@@ -32,11 +32,18 @@ impl Drop for Broker {
 
 impl Broker {
     /// Cancels and waits for a clean shutdown.
-    pub async fn stop(mut self) {
+    pub async fn stop(self) {
+        self.stop_keeping_data().await;
+    }
+
+    /// Cancels, waits for a clean shutdown and hands back the data folder for a restart.
+    pub async fn stop_keeping_data(mut self) -> tempfile::TempDir {
         self.shutdown.cancel();
         if let Some(task) = self.task.take() {
             within(task).await.expect("server task panicked");
         }
+        let dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
+        dir
     }
 }
 
@@ -53,7 +60,11 @@ pub fn test_config(data_dir: &std::path::Path) -> Config {
 
 /// Starts a broker with the test configuration changed by `tweak`.
 pub async fn start(tweak: impl FnOnce(&mut Config)) -> Broker {
-    let data_dir = tempfile::tempdir().unwrap();
+    start_in(tempfile::tempdir().unwrap(), tweak).await
+}
+
+/// Starts a broker on an existing data folder.
+pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Broker {
     let mut config = test_config(data_dir.path());
     tweak(&mut config);
     let server = Server::bind(config).await.expect("broker starts");

@@ -1,18 +1,52 @@
 //! The `SubscriptionStore` interface: "subscriber watches target until expiry" in both
-//! directions, plus each user's last-seen time; and `MemoryStore`, its in-memory implementation.
-//! The store knows nothing of sessions, sockets or protobuf, and never calls into the registry
-//! (lock order: registry, then store, then outbound queues). Every method is synchronous.
+//! directions, plus each user's last-seen time; `Edges`, the in-memory image every store serves
+//! reads from; `MemoryStore` (nothing on disk) and `SledStore` (durable, in `sled`). The store
+//! knows nothing of sessions, sockets or protobuf, and never calls into the registry (lock order:
+//! registry, then store, then outbound queues). Every method is synchronous; the one async
+//! piece, group commit, lives in `commit`.
+
+mod commit;
+mod sled_store;
+
+pub use commit::Committer;
+pub use sled_store::{SledStore, FORMAT_VERSION};
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::Mutex;
 
 /// Why the store could not do what was asked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The backing storage failed; the change may not have been applied.
     #[error("storage failure: {0}")]
     Backend(String),
+    /// The data folder cannot be opened or read.
+    #[error("cannot open data folder {path}: {detail}")]
+    Open {
+        /// The folder.
+        path: String,
+        /// Why.
+        detail: String,
+    },
+    /// The data folder was written by a newer presenced.
+    #[error("data folder {path} has format {found}; this build reads format {supported} (upgrade presenced or use another folder)")]
+    NewerFormat {
+        /// The folder.
+        path: String,
+        /// Format on disk.
+        found: u64,
+        /// Format this build writes.
+        supported: u64,
+    },
+    /// The data folder holds records this build cannot decode.
+    #[error("data folder {path} is corrupt: {detail} (restore a backup or move the folder away; nothing was deleted)")]
+    Corrupt {
+        /// The folder.
+        path: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
 /// What a subscribe did.
@@ -83,8 +117,14 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     /// When `user` was last online, if ever recorded.
     fn last_seen(&self, user: &str) -> Option<u64>;
 
-    /// Makes everything applied so far durable.
+    /// Makes everything applied so far durable. Blocking: call it off the async threads (the
+    /// `Committer` does).
     fn flush(&self) -> Result<(), StoreError>;
+
+    /// True when `flush` does real work, so replies should wait for it.
+    fn is_durable(&self) -> bool {
+        false
+    }
 }
 
 /// A `SubscriptionStore` in memory: correct and fast, gone at exit.
@@ -154,31 +194,45 @@ impl Edges {
             .map_or(0, |t| t.values().filter(|&&e| e > now_ms).count())
     }
 
-    /// The targets to evict so that `subscriber` holds at most `cap`, sparing `keep`: expired
-    /// ones first, then the shortest remaining time.
-    pub fn eviction_candidates(
-        &self,
-        subscriber: &str,
-        keep: &[String],
-        cap: usize,
-    ) -> Vec<String> {
+    /// The targets to evict so that, once `adding` is subscribed, `subscriber` holds at most
+    /// `cap`: never one of `adding`; expired ones first, then the shortest remaining time. Pure:
+    /// stores plan the eviction, write it, then apply it to this image.
+    pub fn plan_eviction(&self, subscriber: &str, adding: &[String], cap: usize) -> Vec<String> {
         let Some(targets) = self.forward.get(subscriber) else {
             return Vec::new();
         };
-        if targets.len() <= cap {
+        let fresh = adding.iter().filter(|t| !targets.contains_key(*t)).count();
+        let after = targets.len() + fresh;
+        if after <= cap {
             return Vec::new();
         }
         let mut candidates: Vec<(u64, &String)> = targets
             .iter()
-            .filter(|(t, _)| !keep.contains(t))
+            .filter(|(t, _)| !adding.contains(t))
             .map(|(t, &e)| (e, t))
             .collect();
         candidates.sort();
         candidates
             .into_iter()
-            .take(targets.len() - cap)
+            .take(after - cap)
             .map(|(_, t)| t.clone())
             .collect()
+    }
+
+    /// True when `subscriber → target` is held (expired or not).
+    pub fn contains(&self, subscriber: &str, target: &str) -> bool {
+        self.forward
+            .get(subscriber)
+            .is_some_and(|t| t.contains_key(target))
+    }
+
+    /// Every (subscriber, target, expires_at_ms), for tests and tools.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, u64)> {
+        self.forward.iter().flat_map(|(s, targets)| {
+            targets
+                .iter()
+                .map(move |(t, &e)| (s.as_str(), t.as_str(), e))
+        })
     }
 
     /// See [`SubscriptionStore::list`].
@@ -271,6 +325,7 @@ impl MemoryStore {
 }
 
 fn publish_gauge(edges: &Edges) {
+    // Called under the store's lock so the gauge never goes back to an older count.
     metrics::gauge!(crate::metrics::SUBSCRIPTIONS).set(edges.len() as f64);
 }
 
@@ -284,10 +339,10 @@ impl SubscriptionStore for MemoryStore {
         cap: usize,
     ) -> Result<SubscribeOutcome, StoreError> {
         let mut edges = self.edges();
+        let evicted = edges.plan_eviction(subscriber, targets, cap);
         for target in targets {
             edges.insert(subscriber, target, expires_at_ms);
         }
-        let evicted = edges.eviction_candidates(subscriber, targets, cap);
         for target in &evicted {
             edges.remove(subscriber, target);
         }

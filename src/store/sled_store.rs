@@ -1,0 +1,439 @@
+//! `SledStore`: subscriptions and last-seen times in sled, with the whole set loaded into an
+//! in-memory `Edges` image at open so reads and fanout never touch the disk. Each change is one
+//! atomic sled batch carrying both directions (`f` subscriber→target and `r` target→subscriber
+//! keys), written before the image is updated and under the same lock, so disk and memory apply
+//! changes in the same order. Durability is `flush`, driven by the group `Committer`. A folder
+//! that cannot be opened, is from a newer format or holds undecodable records is an error at
+//! open; nothing is ever deleted to make it fit.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Instant;
+
+use super::{
+    publish_gauge, Edges, StoreError, SubscribeOutcome, SubscriptionPage, SubscriptionStore,
+};
+
+/// The on-disk format this build writes and reads.
+pub const FORMAT_VERSION: u64 = 1;
+
+const META_TREE: &str = "meta";
+const EDGES_TREE: &str = "edges";
+const LAST_SEEN_TREE: &str = "last_seen";
+const FORMAT_KEY: &[u8] = b"format";
+const FORWARD: u8 = b'f';
+const REVERSE: u8 = b'r';
+/// Separates the two ids in an edge key; user ids never contain control characters.
+const SEPARATOR: u8 = 0;
+
+/// A durable `SubscriptionStore`.
+#[derive(Debug)]
+pub struct SledStore {
+    db: sled::Db,
+    edges_tree: sled::Tree,
+    last_seen_tree: sled::Tree,
+    /// The in-memory image; its lock also orders writes to `edges_tree`.
+    image: Mutex<Edges>,
+    /// For error messages.
+    path: String,
+}
+
+fn edge_key(direction: u8, first: &str, second: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(2 + first.len() + second.len());
+    key.push(direction);
+    key.extend_from_slice(first.as_bytes());
+    key.push(SEPARATOR);
+    key.extend_from_slice(second.as_bytes());
+    key
+}
+
+fn u64_value(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `path` and loads it into memory. Records how long that
+    /// took in `presence_store_recovery_duration_seconds`.
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let started = Instant::now();
+        let shown = path.display().to_string();
+        let open_err = |detail: String| StoreError::Open {
+            path: shown.clone(),
+            detail,
+        };
+        std::fs::create_dir_all(path).map_err(|e| open_err(e.to_string()))?;
+        let config = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(500))
+            .cache_capacity(64 * 1024 * 1024);
+        // sled 0.34 can panic instead of returning an error on some damaged files; at open that
+        // must become a clear error, not a crash loop.
+        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|_| StoreError::Corrupt {
+                path: shown.clone(),
+                detail: "the storage engine could not read its files".into(),
+            })?
+            .map_err(|e| classify(&shown, e))?;
+        let tree = |name: &str| db.open_tree(name).map_err(|e| classify(&shown, e));
+        let meta = tree(META_TREE)?;
+        let edges_tree = tree(EDGES_TREE)?;
+        let last_seen_tree = tree(LAST_SEEN_TREE)?;
+        match meta.get(FORMAT_KEY).map_err(|e| classify(&shown, e))? {
+            None if edges_tree.is_empty() && last_seen_tree.is_empty() => {
+                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(|e| classify(&shown, e))?;
+                db.flush().map_err(|e| classify(&shown, e))?;
+            }
+            None => {
+                return Err(StoreError::Corrupt {
+                    path: shown,
+                    detail: "records without a format marker".into(),
+                })
+            }
+            Some(raw) => match u64_value(&raw) {
+                Some(FORMAT_VERSION) => {}
+                Some(found) if found > FORMAT_VERSION => {
+                    return Err(StoreError::NewerFormat {
+                        path: shown,
+                        found,
+                        supported: FORMAT_VERSION,
+                    })
+                }
+                _ => {
+                    return Err(StoreError::Corrupt {
+                        path: shown,
+                        detail: "unreadable format marker".into(),
+                    })
+                }
+            },
+        }
+        let image = load(&shown, &edges_tree, &last_seen_tree)?;
+        publish_gauge(&image);
+        metrics::gauge!(crate::metrics::STORE_RECOVERY_SECONDS)
+            .set(started.elapsed().as_secs_f64());
+        tracing::info!(
+            path = %shown,
+            edges = image.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "subscription store loaded"
+        );
+        Ok(SledStore {
+            db,
+            edges_tree,
+            last_seen_tree,
+            image: Mutex::new(image),
+            path: shown,
+        })
+    }
+
+    fn image(&self) -> MutexGuard<'_, Edges> {
+        // Each critical section writes to sled first and then updates the image without any
+        // step that can panic in between; recovering the guard keeps serving.
+        self.image.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn backend(&self, e: sled::Error) -> StoreError {
+        classify(&self.path, e)
+    }
+
+    /// Writes `inserts` and `removes` of `subscriber`'s edges as one atomic batch.
+    fn write_edges(
+        &self,
+        subscriber: &str,
+        inserts: &[String],
+        expires_at_ms: u64,
+        removes: &[String],
+    ) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        let value = expires_at_ms.to_be_bytes();
+        for target in inserts {
+            batch.insert(edge_key(FORWARD, subscriber, target), &value);
+            batch.insert(edge_key(REVERSE, target, subscriber), &value);
+        }
+        for target in removes {
+            batch.remove(edge_key(FORWARD, subscriber, target));
+            batch.remove(edge_key(REVERSE, target, subscriber));
+        }
+        self.edges_tree
+            .apply_batch(batch)
+            .map_err(|e| self.backend(e))
+    }
+}
+
+fn classify(path: &str, e: sled::Error) -> StoreError {
+    match e {
+        sled::Error::Io(io) => StoreError::Open {
+            path: path.to_string(),
+            detail: io.to_string(),
+        },
+        sled::Error::Corruption { .. } | sled::Error::Unsupported(_) => StoreError::Corrupt {
+            path: path.to_string(),
+            detail: e.to_string(),
+        },
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// Reads every forward edge and last-seen record into a fresh image.
+fn load(
+    path: &str,
+    edges_tree: &sled::Tree,
+    last_seen_tree: &sled::Tree,
+) -> Result<Edges, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_string(),
+        detail,
+    };
+    let mut image = Edges::default();
+    for item in edges_tree.scan_prefix([FORWARD]) {
+        let (key, value) = item.map_err(|e| classify(path, e))?;
+        let body = &key[1..];
+        let split = body
+            .iter()
+            .position(|&b| b == SEPARATOR)
+            .ok_or_else(|| corrupt("edge key without separator".into()))?;
+        let (subscriber, target) = (
+            std::str::from_utf8(&body[..split]),
+            std::str::from_utf8(&body[split + 1..]),
+        );
+        let (Ok(subscriber), Ok(target)) = (subscriber, target) else {
+            return Err(corrupt("edge key is not UTF-8".into()));
+        };
+        let expires =
+            u64_value(&value).ok_or_else(|| corrupt("edge value is not 8 bytes".into()))?;
+        image.insert(subscriber, target, expires);
+    }
+    for item in last_seen_tree.iter() {
+        let (key, value) = item.map_err(|e| classify(path, e))?;
+        let user =
+            std::str::from_utf8(&key).map_err(|_| corrupt("last-seen key is not UTF-8".into()))?;
+        let at =
+            u64_value(&value).ok_or_else(|| corrupt("last-seen value is not 8 bytes".into()))?;
+        image.set_last_seen(user, at);
+    }
+    Ok(image)
+}
+
+impl SubscriptionStore for SledStore {
+    fn subscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        expires_at_ms: u64,
+        now_ms: u64,
+        cap: usize,
+    ) -> Result<SubscribeOutcome, StoreError> {
+        let mut image = self.image();
+        let evicted = image.plan_eviction(subscriber, targets, cap);
+        self.write_edges(subscriber, targets, expires_at_ms, &evicted)?;
+        for target in targets {
+            image.insert(subscriber, target, expires_at_ms);
+        }
+        for target in &evicted {
+            image.remove(subscriber, target);
+        }
+        publish_gauge(&image);
+        Ok(SubscribeOutcome {
+            evicted,
+            count: image.live_count(subscriber, now_ms),
+        })
+    }
+
+    fn unsubscribe(
+        &self,
+        subscriber: &str,
+        targets: &[String],
+        now_ms: u64,
+    ) -> Result<(usize, usize), StoreError> {
+        let mut image = self.image();
+        let present: Vec<String> = targets
+            .iter()
+            .filter(|t| image.contains(subscriber, t))
+            .cloned()
+            .collect();
+        if !present.is_empty() {
+            self.write_edges(subscriber, &[], 0, &present)?;
+            for target in &present {
+                image.remove(subscriber, target);
+            }
+            publish_gauge(&image);
+        }
+        Ok((present.len(), image.live_count(subscriber, now_ms)))
+    }
+
+    fn list(
+        &self,
+        subscriber: &str,
+        after: Option<&str>,
+        limit: usize,
+        now_ms: u64,
+    ) -> Result<SubscriptionPage, StoreError> {
+        Ok(self.image().page(subscriber, after, limit, now_ms))
+    }
+
+    fn for_each_watcher(&self, target: &str, now_ms: u64, visit: &mut dyn FnMut(&str)) {
+        self.image().for_each_watcher(target, now_ms, visit)
+    }
+
+    fn total(&self) -> usize {
+        self.image().len()
+    }
+
+    fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
+        let mut image = self.image();
+        let expired = image.expired(now_ms);
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        for (s, t) in &expired {
+            batch.remove(edge_key(FORWARD, s, t));
+            batch.remove(edge_key(REVERSE, t, s));
+        }
+        self.edges_tree
+            .apply_batch(batch)
+            .map_err(|e| self.backend(e))?;
+        for (s, t) in &expired {
+            image.remove(s, t);
+        }
+        publish_gauge(&image);
+        Ok(expired.len())
+    }
+
+    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+        let mut image = self.image();
+        if image.last_seen(user).is_some_and(|known| known >= at_ms) {
+            return Ok(());
+        }
+        self.last_seen_tree
+            .insert(user.as_bytes(), &at_ms.to_be_bytes())
+            .map_err(|e| self.backend(e))?;
+        image.set_last_seen(user, at_ms);
+        Ok(())
+    }
+
+    fn last_seen(&self, user: &str) -> Option<u64> {
+        self.image().last_seen(user)
+    }
+
+    fn flush(&self) -> Result<(), StoreError> {
+        let started = Instant::now();
+        let result = self.db.flush().map(|_| ()).map_err(|e| self.backend(e));
+        metrics::histogram!(crate::metrics::STORE_COMMIT_SECONDS)
+            .record(started.elapsed().as_secs_f64());
+        result
+    }
+
+    fn is_durable(&self) -> bool {
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn reopening_restores_both_directions_expiry_and_last_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.subscribe("a", &ids(&["x", "y"]), 100, 0, 10).unwrap();
+            store.subscribe("b", &ids(&["x"]), 200, 0, 10).unwrap();
+            store.unsubscribe("a", &ids(&["y"]), 0).unwrap();
+            store.record_last_seen("x", 42).unwrap();
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let mut watchers = Vec::new();
+        store.for_each_watcher("x", 0, &mut |w| watchers.push(w.to_string()));
+        watchers.sort();
+        assert_eq!(watchers, ["a", "b"]);
+        let page = store.list("b", None, 10, 0).unwrap();
+        assert_eq!(page.entries, vec![("x".to_string(), 200)]);
+        assert_eq!(store.last_seen("x"), Some(42));
+        assert_eq!(store.total(), 2);
+    }
+
+    #[test]
+    fn eviction_and_sweep_reach_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.subscribe("a", &ids(&["old"]), 10, 0, 2).unwrap();
+            store.subscribe("a", &ids(&["keep"]), 1000, 0, 2).unwrap();
+            let out = store.subscribe("a", &ids(&["new"]), 500, 0, 2).unwrap();
+            assert_eq!(out.evicted, ids(&["old"]));
+            store.subscribe("b", &ids(&["gone"]), 50, 0, 10).unwrap();
+            assert_eq!(store.sweep_expired(60).unwrap(), 1);
+            store.flush().unwrap();
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        let all: Vec<(String, String)> = store
+            .image()
+            .iter()
+            .map(|(s, t, _)| (s.to_string(), t.to_string()))
+            .collect();
+        let mut all = all;
+        all.sort();
+        assert_eq!(
+            all,
+            [
+                ("a".to_string(), "keep".to_string()),
+                ("a".into(), "new".into())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_newer_format_is_refused_and_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree(META_TREE)
+                .unwrap()
+                .insert(FORMAT_KEY, &99u64.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerFormat { found: 99, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("format 99"));
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(
+            matches!(err, StoreError::NewerFormat { .. }),
+            "still there: {err}"
+        );
+    }
+
+    #[test]
+    fn undecodable_records_are_a_corruption_error() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store
+                .edges_tree
+                .insert(b"fno-separator", &[1u8; 8])
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unusable_path_is_an_open_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"not a folder").unwrap();
+        let err = SledStore::open(&file).unwrap_err();
+        assert!(matches!(err, StoreError::Open { .. }), "{err}");
+    }
+}
