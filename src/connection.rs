@@ -338,7 +338,7 @@ where
                 operation,
                 body,
             } => match ctx.committer.commit().await {
-                Ok(()) => push_reply(outbound, request_id, body),
+                Ok(()) => push_reply(outbound, request_id, *body),
                 Err(e) => {
                     let error = RequestError::new(
                         pb::ErrorCode::Internal,
@@ -389,7 +389,7 @@ enum Step {
     ReplyWhenDurable {
         request_id: u64,
         operation: &'static str,
-        body: ServerBody,
+        body: Box<ServerBody>,
     },
 }
 
@@ -463,7 +463,7 @@ fn handle_frame<R>(
                     return Step::ReplyWhenDurable {
                         request_id,
                         operation,
-                        body: reply.body,
+                        body: Box::new(reply.body),
                     }
                 }
                 Ok(reply) => push_reply(outbound, request_id, reply.body),
