@@ -42,8 +42,7 @@ impl Broker {
         if let Some(task) = self.task.take() {
             within(task).await.expect("server task panicked");
         }
-        let dir = std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap());
-        dir
+        std::mem::replace(&mut self.data_dir, tempfile::tempdir().unwrap())
     }
 }
 
