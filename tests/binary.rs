@@ -4,11 +4,8 @@
 
 mod common;
 
-use std::process::Stdio;
-
 use common::*;
 use presenced::client::{Client, ClientOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 fn presenced() -> Command {
@@ -68,22 +65,15 @@ async fn print_config_shows_embedded_defaults_and_overrides() {
 #[tokio::test]
 async fn the_binary_serves_and_shuts_down_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = presenced()
-        .current_dir(dir.path())
-        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut warned = false;
-    let addr = loop {
-        let line = within(lines.next_line()).await.unwrap().expect("log line");
-        warned |= line.contains("DEV TOKEN SECRET");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    assert!(warned, "the dev secret warning comes first");
+    let Spawned {
+        mut child,
+        addr,
+        early_log,
+    } = spawn_presenced(dir.path(), &[]).await;
+    assert!(
+        early_log.iter().any(|l| l.contains("DEV TOKEN SECRET")),
+        "the dev secret warning comes first"
+    );
     let mut alice = within(Client::connect(ClientOptions::new(addr, token("alice"))))
         .await
         .unwrap();

@@ -154,3 +154,47 @@ pub fn availability(p: &presenced::pb::Presence) -> presenced::pb::Availability 
 pub fn reason(e: &presenced::pb::PresenceEvent) -> presenced::pb::OfflineReason {
     presenced::pb::OfflineReason::try_from(e.reason).unwrap()
 }
+
+/// A `presenced` process started by a test.
+pub struct Spawned {
+    pub child: tokio::process::Child,
+    pub addr: SocketAddr,
+    /// Log lines printed up to the "accepting clients" line.
+    pub early_log: Vec<String>,
+}
+
+/// Runs the real `presenced` binary on 127.0.0.1:0 with `data_dir`, waits until it accepts
+/// clients and returns its address. The rest of its log is drained in the background.
+pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
+        .args(["--listen", "127.0.0.1:0", "--no-metrics", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("presenced starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut early_log = Vec::new();
+    let addr = loop {
+        let line = within(lines.next_line())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("presenced exited early:\n{}", early_log.join("\n")));
+        let addr = line
+            .split("listen=")
+            .nth(1)
+            .map(|rest| rest.split_whitespace().next().unwrap().parse().unwrap());
+        early_log.push(line);
+        if let Some(addr) = addr {
+            break addr;
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Spawned {
+        child,
+        addr,
+        early_log,
+    }
+}
