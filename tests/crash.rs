@@ -138,7 +138,7 @@ async fn acknowledged_changes_survive_sigkill() {
     let seed: u64 = std::env::var("PRESENCE_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| presenced::now_ms());
+        .unwrap_or_else(presenced::now_ms);
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
     let mut models: Vec<Model> = (0..SUBSCRIBERS).map(|_| Model::default()).collect();
