@@ -1,0 +1,165 @@
+//! Store benchmark (not a test): fills a data folder with 1M subscription edges, then measures
+//! (1) the real `presenced` binary's time from process start to a completed TLS Connect on that
+//! folder, and (2) the latency of acknowledged (flushed, group-committed) subscribe requests from
+//! 1,000 concurrent clients. Prints a markdown table. Run: `cargo bench --bench store`
+//! (`PRESENCE_BENCH_EDGES` and `PRESENCE_BENCH_CLIENTS` change the sizes).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use presenced::auth::{mint, Claims};
+use presenced::client::{Client, ClientOptions};
+use presenced::store::{SledStore, SubscriptionStore};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn token(user: &str) -> String {
+    mint(
+        presenced::config::DEV_SECRET.as_bytes(),
+        None,
+        &Claims {
+            sub: user.into(),
+            exp: presenced::now_ms() / 1000 + 3600,
+            did: None,
+            iat: None,
+        },
+    )
+}
+
+fn fill(dir: &Path, edges: usize) -> Duration {
+    let started = Instant::now();
+    let store = SledStore::open(dir).expect("store opens");
+    let per_subscriber = 100;
+    let expires = presenced::now_ms() + 7 * 24 * 3600 * 1000;
+    let targets_pool = 50_000;
+    for s in 0..edges / per_subscriber {
+        let targets: Vec<String> = (0..per_subscriber)
+            .map(|k| format!("user{}", (s * 7919 + k * 104_729) % targets_pool))
+            .collect();
+        store
+            .subscribe(&format!("sub{s}"), &targets, expires, 0, 3000)
+            .expect("subscribe");
+    }
+    store.flush().expect("flush");
+    started.elapsed()
+}
+
+struct Broker {
+    child: tokio::process::Child,
+    addr: std::net::SocketAddr,
+    ready_after: Duration,
+    recovery_log: String,
+}
+
+async fn start_broker(dir: &Path) -> Broker {
+    let started = Instant::now();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
+        .args(["--listen", "127.0.0.1:0", "--no-metrics", "--data-dir"])
+        .arg(dir)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("presenced starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut recovery_log = String::new();
+    let addr: std::net::SocketAddr = loop {
+        let line = lines
+            .next_line()
+            .await
+            .unwrap()
+            .expect("presenced exited during start");
+        if line.contains("subscription store loaded") {
+            recovery_log = line.clone();
+        }
+        if let Some(rest) = line.split("listen=").nth(1) {
+            break rest.split_whitespace().next().unwrap().parse().unwrap();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let client = Client::connect(ClientOptions::new(addr, token("probe")))
+        .await
+        .expect("first client connects");
+    let ready_after = started.elapsed();
+    drop(client);
+    Broker {
+        child,
+        addr,
+        ready_after,
+        recovery_log,
+    }
+}
+
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+#[tokio::main]
+async fn main() {
+    let edges = env_usize("PRESENCE_BENCH_EDGES", 1_000_000);
+    let clients = env_usize("PRESENCE_BENCH_CLIENTS", 1_000);
+    let requests_per_client = 5;
+    let dir = tempfile::tempdir().unwrap();
+
+    let fill_time = tokio::task::spawn_blocking({
+        let path = dir.path().to_path_buf();
+        move || fill(&path, edges)
+    })
+    .await
+    .unwrap();
+    eprintln!("filled {edges} edges in {fill_time:?}");
+
+    let mut broker = start_broker(dir.path()).await;
+    eprintln!("{}", broker.recovery_log);
+
+    let mut conns = Vec::with_capacity(clients);
+    for i in 0..clients {
+        let opts = ClientOptions::new(broker.addr, token(&format!("bench{i}")));
+        conns.push(Arc::new(Client::connect(opts).await.expect("client connects")));
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, c) in conns.iter().enumerate() {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut h = Histogram::<u64>::new(3).unwrap();
+            for r in 0..requests_per_client {
+                let target = format!("user{}", (i * 31 + r) % 50_000);
+                let t = Instant::now();
+                c.subscribe(&[target.as_str()]).await.expect("subscribe acknowledged");
+                h.record(t.elapsed().as_micros() as u64).unwrap();
+            }
+            h
+        }));
+    }
+    let mut all = Histogram::<u64>::new(3).unwrap();
+    for t in tasks {
+        all.add(t.await.unwrap()).unwrap();
+    }
+    let elapsed = started.elapsed();
+    let total = clients * requests_per_client;
+    broker.child.start_kill().ok();
+
+    println!("| measure | value |");
+    println!("|---|---|");
+    println!("| edges in the store | {edges} |");
+    println!("| fill time (direct store API, 100-edge batches) | {:.2} s |", fill_time.as_secs_f64());
+    println!(
+        "| process start → first TLS ConnAck | {:.2} s (goal ≤ 5 s) |",
+        broker.ready_after.as_secs_f64()
+    );
+    println!("| concurrent subscribers | {clients} |");
+    println!("| acknowledged subscribes | {total} in {:.2} s ({:.0}/s) |", elapsed.as_secs_f64(), total as f64 / elapsed.as_secs_f64());
+    println!("| commit latency p50 | {:.2} ms |", quantile_ms(&all, 0.50));
+    println!("| commit latency p99 | {:.2} ms |", quantile_ms(&all, 0.99));
+    println!("| commit latency p999 | {:.2} ms |", quantile_ms(&all, 0.999));
+    println!("| commit latency max | {:.2} ms |", all.max() as f64 / 1000.0);
+}
