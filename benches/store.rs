@@ -56,6 +56,7 @@ fn fill(dir: &Path, edges: usize) -> Duration {
 struct Broker {
     child: tokio::process::Child,
     addr: std::net::SocketAddr,
+    metrics: std::net::SocketAddr,
     ready_after: Duration,
     recovery_log: String,
 }
@@ -63,7 +64,13 @@ struct Broker {
 async fn start_broker(dir: &Path) -> Broker {
     let started = Instant::now();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .args(["--listen", "127.0.0.1:0", "--no-metrics", "--data-dir"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
         .arg(dir)
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -71,7 +78,7 @@ async fn start_broker(dir: &Path) -> Broker {
         .expect("presenced starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let mut recovery_log = String::new();
-    let addr: std::net::SocketAddr = loop {
+    let (addr, metrics): (std::net::SocketAddr, std::net::SocketAddr) = loop {
         let line = lines
             .next_line()
             .await
@@ -81,7 +88,17 @@ async fn start_broker(dir: &Path) -> Broker {
             recovery_log = line.clone();
         }
         if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
+            let metrics = line
+                .split("http://")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .expect("metrics address in the log")
+                .parse()
+                .unwrap();
+            break (
+                rest.split_whitespace().next().unwrap().parse().unwrap(),
+                metrics,
+            );
         }
     };
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
@@ -93,9 +110,29 @@ async fn start_broker(dir: &Path) -> Broker {
     Broker {
         child,
         addr,
+        metrics,
         ready_after,
         recovery_log,
     }
+}
+
+/// Sum and count of a histogram in the broker's /metrics text.
+async fn scrape_histogram(addr: std::net::SocketAddr, name: &str) -> (f64, f64) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).await.unwrap();
+    let value = |suffix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{suffix} ")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    };
+    (value("_sum"), value("_count"))
 }
 
 fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -123,7 +160,9 @@ async fn main() {
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
         let opts = ClientOptions::new(broker.addr, token(&format!("bench{i}")));
-        conns.push(Arc::new(Client::connect(opts).await.expect("client connects")));
+        conns.push(Arc::new(
+            Client::connect(opts).await.expect("client connects"),
+        ));
     }
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -134,7 +173,9 @@ async fn main() {
             for r in 0..requests_per_client {
                 let target = format!("user{}", (i * 31 + r) % 50_000);
                 let t = Instant::now();
-                c.subscribe(&[target.as_str()]).await.expect("subscribe acknowledged");
+                c.subscribe(&[target.as_str()])
+                    .await
+                    .expect("subscribe acknowledged");
                 h.record(t.elapsed().as_micros() as u64).unwrap();
             }
             h
@@ -146,20 +187,43 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     let total = clients * requests_per_client;
+    let (flush_sum, flushes) =
+        scrape_histogram(broker.metrics, "presence_store_commit_duration_seconds").await;
     broker.child.start_kill().ok();
 
     println!("| measure | value |");
     println!("|---|---|");
     println!("| edges in the store | {edges} |");
-    println!("| fill time (direct store API, 100-edge batches) | {:.2} s |", fill_time.as_secs_f64());
+    println!(
+        "| fill time (direct store API, 100-edge batches) | {:.2} s |",
+        fill_time.as_secs_f64()
+    );
     println!(
         "| process start → first TLS ConnAck | {:.2} s (goal ≤ 5 s) |",
         broker.ready_after.as_secs_f64()
     );
     println!("| concurrent subscribers | {clients} |");
-    println!("| acknowledged subscribes | {total} in {:.2} s ({:.0}/s) |", elapsed.as_secs_f64(), total as f64 / elapsed.as_secs_f64());
+    println!(
+        "| acknowledged subscribes | {total} in {:.2} s ({:.0}/s) |",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
     println!("| commit latency p50 | {:.2} ms |", quantile_ms(&all, 0.50));
     println!("| commit latency p99 | {:.2} ms |", quantile_ms(&all, 0.99));
-    println!("| commit latency p999 | {:.2} ms |", quantile_ms(&all, 0.999));
-    println!("| commit latency max | {:.2} ms |", all.max() as f64 / 1000.0);
+    println!(
+        "| commit latency p999 | {:.2} ms |",
+        quantile_ms(&all, 0.999)
+    );
+    println!(
+        "| commit latency max | {:.2} ms |",
+        all.max() as f64 / 1000.0
+    );
+    println!(
+        "| server flushes (group commits) | {flushes:.0}, {:.1} requests each |",
+        total as f64 / flushes.max(1.0)
+    );
+    println!(
+        "| server flush time, mean | {:.2} ms |",
+        1000.0 * flush_sum / flushes.max(1.0)
+    );
 }
