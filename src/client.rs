@@ -219,6 +219,17 @@ impl Client {
         }
     }
 
+    /// Sends a request and extracts the expected reply kind.
+    async fn call<T>(
+        &self,
+        body: ClientBody,
+        extract: fn(ServerBody) -> Option<T>,
+    ) -> Result<T, ClientError> {
+        let reply = self.request(body).await?;
+        let shown = format!("{reply:?}");
+        extract(reply).ok_or(ClientError::Unexpected(shown))
+    }
+
     /// Sends a frame as is, without waiting for anything (for tests of odd requests).
     pub async fn send_raw(&self, frame: pb::ClientFrame) -> Result<(), ClientError> {
         self.writer.lock().await.send(frame).await?;
@@ -236,44 +247,52 @@ impl Client {
         self.events.try_recv().ok()
     }
 
-    /// The next presence event; `Err` with the close frame if the connection closes first.
-    pub async fn next_presence_event(&mut self) -> Result<pb::PresenceEvent, ClientError> {
+    /// Skips pushed frames until `pick` accepts one; `Err` with the close frame (or `None`)
+    /// when the connection closes first.
+    async fn next_matching<T>(
+        &mut self,
+        pick: fn(ServerBody) -> Option<T>,
+    ) -> Result<T, ClientError> {
         loop {
-            match self.events.recv().await {
-                Some(pb::ServerFrame {
-                    body: Some(ServerBody::PresenceEvent(e)),
-                    ..
-                }) => return Ok(e),
-                Some(pb::ServerFrame {
-                    body: Some(ServerBody::Close(c)),
-                    ..
-                }) => return Err(ClientError::Closed(Some(c))),
-                Some(_) => continue,
-                None => return Err(ClientError::Closed(None)),
+            let Some(frame) = self.events.recv().await else {
+                return Err(ClientError::Closed(None));
+            };
+            match frame.body {
+                Some(ServerBody::Close(c)) => return Err(ClientError::Closed(Some(c))),
+                Some(body) => {
+                    if let Some(found) = pick(body) {
+                        return Ok(found);
+                    }
+                }
+                None => {}
             }
         }
     }
 
+    /// The next presence event; `Err` with the close frame if the connection closes first.
+    pub async fn next_presence_event(&mut self) -> Result<pb::PresenceEvent, ClientError> {
+        self.next_matching(|b| match b {
+            ServerBody::PresenceEvent(e) => Some(e),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for the server's Close frame, skipping events.
     pub async fn closed(&mut self) -> Option<pb::Close> {
-        loop {
-            match self.events.recv().await {
-                Some(pb::ServerFrame {
-                    body: Some(ServerBody::Close(c)),
-                    ..
-                }) => return Some(c),
-                Some(_) => continue,
-                None => return None,
-            }
+        match self.next_matching(|_| None::<()>).await {
+            Err(ClientError::Closed(close)) => close,
+            _ => None,
         }
     }
 
     /// Publishes presence.
     pub async fn set_presence(&self, change: pb::SetPresence) -> Result<pb::Presence, ClientError> {
-        match self.request(ClientBody::SetPresence(change)).await? {
-            ServerBody::SetPresenceResult(r) => Ok(r.presence.unwrap_or_default()),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(ClientBody::SetPresence(change), |b| match b {
+            ServerBody::SetPresenceResult(r) => Some(r.presence.unwrap_or_default()),
+            _ => None,
+        })
+        .await
     }
 
     /// Subscribes with the default expiry.
@@ -291,10 +310,11 @@ impl Client {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
             expiry_seconds,
         });
-        match self.request(body).await? {
-            ServerBody::SubscribeResult(r) => Ok(r),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(body, |b| match b {
+            ServerBody::SubscribeResult(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// Unsubscribes.
@@ -305,10 +325,11 @@ impl Client {
         let body = ClientBody::Unsubscribe(pb::Unsubscribe {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
         });
-        match self.request(body).await? {
-            ServerBody::UnsubscribeResult(r) => Ok(r),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(body, |b| match b {
+            ServerBody::UnsubscribeResult(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// One page of subscriptions.
@@ -321,10 +342,11 @@ impl Client {
             cursor: cursor.to_string(),
             page_size,
         });
-        match self.request(body).await? {
-            ServerBody::ListSubscriptionsResult(r) => Ok(r),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(body, |b| match b {
+            ServerBody::ListSubscriptionsResult(r) => Some(r),
+            _ => None,
+        })
+        .await
     }
 
     /// Every subscription, following cursors.
@@ -346,10 +368,11 @@ impl Client {
         let body = ClientBody::GetPresence(pb::GetPresence {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
         });
-        match self.request(body).await? {
-            ServerBody::GetPresenceResult(r) => Ok(r.presences),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(body, |b| match b {
+            ServerBody::GetPresenceResult(r) => Some(r.presences),
+            _ => None,
+        })
+        .await
     }
 
     /// Sends a directed presence; returns the recipients that were online.
@@ -362,18 +385,154 @@ impl Client {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
             presence: Some(presence),
         });
-        match self.request(body).await? {
-            ServerBody::DirectedPresenceResult(r) => Ok(r.delivered_user_ids),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
-        }
+        self.call(body, |b| match b {
+            ServerBody::DirectedPresenceResult(r) => Some(r.delivered_user_ids),
+            _ => None,
+        })
+        .await
     }
 
     /// Ping; returns the server time.
     pub async fn ping(&self) -> Result<u64, ClientError> {
-        match self.request(ClientBody::Ping(pb::Ping {})).await? {
-            ServerBody::Pong(p) => Ok(p.server_time_ms),
-            other => Err(ClientError::Unexpected(format!("{other:?}"))),
+        self.call(ClientBody::Ping(pb::Ping {}), |b| match b {
+            ServerBody::Pong(p) => Some(p.server_time_ms),
+            _ => None,
+        })
+        .await
+    }
+
+    fn channel_reply(body: ServerBody) -> Option<pb::ChannelResult> {
+        match body {
+            ServerBody::ChannelResult(r) => Some(r),
+            _ => None,
         }
+    }
+
+    fn channel_state_reply(body: ServerBody) -> Option<pb::ChannelStateResult> {
+        match body {
+            ServerBody::ChannelStateResult(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// Joins a channel with initial member state.
+    pub async fn join(
+        &self,
+        channel: &str,
+        state: &[(&str, &str)],
+    ) -> Result<pb::ChannelResult, ClientError> {
+        let body = ClientBody::JoinChannel(pb::JoinChannel {
+            channel: channel.into(),
+            state: pairs(state),
+        });
+        self.call(body, Self::channel_reply).await
+    }
+
+    /// Leaves a channel.
+    pub async fn leave(&self, channel: &str) -> Result<pb::ChannelResult, ClientError> {
+        let body = ClientBody::LeaveChannel(pb::LeaveChannel {
+            channel: channel.into(),
+        });
+        self.call(body, Self::channel_reply).await
+    }
+
+    /// Watches a channel without joining.
+    pub async fn watch_channel(&self, channel: &str) -> Result<pb::ChannelResult, ClientError> {
+        let body = ClientBody::WatchChannel(pb::WatchChannel {
+            channel: channel.into(),
+        });
+        self.call(body, Self::channel_reply).await
+    }
+
+    /// Stops watching a channel.
+    pub async fn unwatch_channel(&self, channel: &str) -> Result<pb::ChannelResult, ClientError> {
+        let body = ClientBody::UnwatchChannel(pb::UnwatchChannel {
+            channel: channel.into(),
+        });
+        self.call(body, Self::channel_reply).await
+    }
+
+    /// One page of who-now.
+    pub async fn who_now(
+        &self,
+        channel: &str,
+        mode: pb::WhoNowMode,
+        cursor: &str,
+        page_size: u32,
+    ) -> Result<pb::WhoNowResult, ClientError> {
+        let body = ClientBody::WhoNow(pb::WhoNow {
+            channel: channel.into(),
+            mode: mode as i32,
+            cursor: cursor.into(),
+            page_size,
+        });
+        self.call(body, |b| match b {
+            ServerBody::WhoNowResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The channels a user has joined ("" = yourself).
+    pub async fn where_now(&self, user_id: &str) -> Result<Vec<String>, ClientError> {
+        let body = ClientBody::WhereNow(pb::WhereNow {
+            user_id: user_id.into(),
+        });
+        self.call(body, |b| match b {
+            ServerBody::WhereNowResult(r) => Some(r.channels),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Merges into your member state in a channel.
+    pub async fn set_channel_state(
+        &self,
+        channel: &str,
+        state: &[(&str, &str)],
+        replace: bool,
+    ) -> Result<pb::ChannelStateResult, ClientError> {
+        let body = ClientBody::SetChannelState(pb::SetChannelState {
+            channel: channel.into(),
+            state: pairs(state),
+            replace,
+        });
+        self.call(body, Self::channel_state_reply).await
+    }
+
+    /// A user's member state in a channel ("" = yourself).
+    pub async fn get_channel_state(
+        &self,
+        channel: &str,
+        user_id: &str,
+    ) -> Result<pb::ChannelStateResult, ClientError> {
+        let body = ClientBody::GetChannelState(pb::GetChannelState {
+            channel: channel.into(),
+            user_id: user_id.into(),
+        });
+        self.call(body, Self::channel_state_reply).await
+    }
+
+    /// Removes keys (all when empty) from your member state.
+    pub async fn remove_channel_state(
+        &self,
+        channel: &str,
+        keys: &[&str],
+    ) -> Result<pb::ChannelStateResult, ClientError> {
+        let body = ClientBody::RemoveChannelState(pb::RemoveChannelState {
+            channel: channel.into(),
+            keys: keys.iter().map(|k| k.to_string()).collect(),
+        });
+        self.call(body, Self::channel_state_reply).await
+    }
+
+    /// The next channel event; `Err` with the close frame if the connection closes first.
+    pub async fn next_channel_event(&mut self) -> Result<pb::ChannelEvent, ClientError> {
+        self.next_matching(|b| match b {
+            ServerBody::ChannelEvent(e) => Some(e),
+            _ => None,
+        })
+        .await
     }
 
     /// Says goodbye and waits for the server's Close.
@@ -416,4 +575,11 @@ async fn route_frames(
     let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
     pending.closed = true;
     pending.waiters.clear();
+}
+
+fn pairs(state: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    state
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }

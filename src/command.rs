@@ -66,6 +66,9 @@ impl From<RegistryError> for RequestError {
                 RequestError::new(pb::ErrorCode::Internal, "session is no longer active")
             }
             RegistryError::Limit(reason) => limit(reason),
+            e @ RegistryError::NotMember(_) => {
+                RequestError::new(pb::ErrorCode::NotMember, e.to_string())
+            }
         }
     }
 }
@@ -185,6 +188,67 @@ pub enum Command {
         /// The presence to show.
         change: PresenceChange,
     },
+    /// Join a channel with initial member state.
+    JoinChannel {
+        /// Channel id.
+        channel: String,
+        /// Initial member state.
+        state: BTreeMap<String, String>,
+    },
+    /// Leave a channel.
+    LeaveChannel {
+        /// Channel id.
+        channel: String,
+    },
+    /// Watch a channel without joining.
+    WatchChannel {
+        /// Channel id.
+        channel: String,
+    },
+    /// Stop watching.
+    UnwatchChannel {
+        /// Channel id.
+        channel: String,
+    },
+    /// Who is in a channel.
+    WhoNow {
+        /// Channel id.
+        channel: String,
+        /// Count only, ids, or ids with state.
+        mode: pb::WhoNowMode,
+        /// Members strictly after this (user, device).
+        after: Option<(String, String)>,
+        /// Page size.
+        page_size: usize,
+    },
+    /// Where a user is.
+    WhereNow {
+        /// User id; `None` for the requester.
+        user: Option<String>,
+    },
+    /// Set own member state.
+    SetChannelState {
+        /// Channel id.
+        channel: String,
+        /// Changes.
+        state: BTreeMap<String, String>,
+        /// Clear first.
+        replace: bool,
+    },
+    /// Read a user's member state.
+    GetChannelState {
+        /// Channel id.
+        channel: String,
+        /// User; `None` for the requester.
+        user: Option<String>,
+    },
+    /// Remove keys (or all) from own member state.
+    RemoveChannelState {
+        /// Channel id.
+        channel: String,
+        /// Keys; empty removes all.
+        keys: Vec<String>,
+    },
 }
 
 impl Command {
@@ -225,22 +289,10 @@ impl Command {
             ClientBody::Unsubscribe(u) => Command::Unsubscribe {
                 targets: parse_ids(u.user_ids, limits)?,
             },
-            ClientBody::ListSubscriptions(l) => {
-                let page_size = match l.page_size {
-                    0 => limits.max_page_size,
-                    n if n > limits.max_page_size => {
-                        return Err(limit(format!(
-                            "page_size {n} exceeds the limit of {}",
-                            limits.max_page_size
-                        )))
-                    }
-                    n => n,
-                } as usize;
-                Command::ListSubscriptions {
-                    after: decode_cursor(&l.cursor)?,
-                    page_size,
-                }
-            }
+            ClientBody::ListSubscriptions(l) => Command::ListSubscriptions {
+                after: decode_cursor(&l.cursor)?,
+                page_size: page_size(l.page_size, limits)?,
+            },
             ClientBody::GetPresence(g) => {
                 check_id_count(g.user_ids.len(), limits)?;
                 for id in &g.user_ids {
@@ -261,8 +313,110 @@ impl Command {
                 };
                 Command::DirectedPresence { targets, change }
             }
+            ClientBody::JoinChannel(j) => {
+                check_state(&j.state, limits)?;
+                Command::JoinChannel {
+                    channel: channel_id(j.channel)?,
+                    state: j.state,
+                }
+            }
+            ClientBody::LeaveChannel(l) => Command::LeaveChannel {
+                channel: channel_id(l.channel)?,
+            },
+            ClientBody::WatchChannel(w) => Command::WatchChannel {
+                channel: channel_id(w.channel)?,
+            },
+            ClientBody::UnwatchChannel(u) => Command::UnwatchChannel {
+                channel: channel_id(u.channel)?,
+            },
+            ClientBody::WhoNow(w) => {
+                let mode = pb::WhoNowMode::try_from(w.mode)
+                    .map_err(|_| bad(format!("unknown who-now mode {}", w.mode)))?;
+                Command::WhoNow {
+                    channel: channel_id(w.channel)?,
+                    mode,
+                    after: decode_member_cursor(&w.cursor)?,
+                    page_size: page_size(w.page_size, limits)?,
+                }
+            }
+            ClientBody::WhereNow(w) => Command::WhereNow {
+                user: optional_user(w.user_id)?,
+            },
+            ClientBody::SetChannelState(c) => {
+                check_state(&c.state, limits)?;
+                Command::SetChannelState {
+                    channel: channel_id(c.channel)?,
+                    state: c.state,
+                    replace: c.replace,
+                }
+            }
+            ClientBody::GetChannelState(g) => Command::GetChannelState {
+                channel: channel_id(g.channel)?,
+                user: optional_user(g.user_id)?,
+            },
+            ClientBody::RemoveChannelState(r) => {
+                if r.keys.len() > limits.max_state_pairs as usize {
+                    return Err(limit(format!(
+                        "{} keys; at most {} per request",
+                        r.keys.len(),
+                        limits.max_state_pairs
+                    )));
+                }
+                for key in &r.keys {
+                    check_len("state key", key, limits.max_state_key_bytes)?;
+                }
+                Command::RemoveChannelState {
+                    channel: channel_id(r.channel)?,
+                    keys: r.keys,
+                }
+            }
         })
     }
+}
+
+fn channel_id(id: String) -> Result<String, RequestError> {
+    check_user_id(&id).map_err(|reason| bad(format!("channel id: {}", reason.replace("user id", "id"))))?;
+    Ok(id)
+}
+
+fn optional_user(id: String) -> Result<Option<String>, RequestError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    check_user_id(&id).map_err(invalid_id)?;
+    Ok(Some(id))
+}
+
+fn page_size(requested: u32, limits: &LimitsConfig) -> Result<usize, RequestError> {
+    Ok(match requested {
+        0 => limits.max_page_size,
+        n if n > limits.max_page_size => {
+            return Err(limit(format!(
+                "page_size {n} exceeds the limit of {}",
+                limits.max_page_size
+            )))
+        }
+        n => n,
+    } as usize)
+}
+
+/// Checks a key/value state map against the per-key, per-value and pair-count limits.
+fn check_state(state: &BTreeMap<String, String>, limits: &LimitsConfig) -> Result<(), RequestError> {
+    if state.len() > limits.max_state_pairs as usize {
+        return Err(limit(format!(
+            "state has {} pairs; the limit is {}",
+            state.len(),
+            limits.max_state_pairs
+        )));
+    }
+    for (k, v) in state {
+        if k.is_empty() {
+            return Err(bad("state key is empty"));
+        }
+        check_len("state key", k, limits.max_state_key_bytes)?;
+        check_len(&format!("state value of {k:?}"), v, limits.max_state_value_bytes)?;
+    }
+    Ok(())
 }
 
 fn invalid_id(reason: String) -> RequestError {
@@ -382,26 +536,49 @@ fn parse_connect(c: pb::Connect, limits: &LimitsConfig) -> Result<ConnectRequest
 }
 
 const CURSOR_PREFIX: &str = "s1:";
+const MEMBER_CURSOR_PREFIX: &str = "w1:";
+
+fn bad_cursor() -> RequestError {
+    RequestError::new(
+        pb::ErrorCode::BadCursor,
+        "cursor was not issued by this server",
+    )
+}
 
 fn encode_cursor(after: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{after}"))
+}
+
+/// The text behind an opaque cursor, without its kind prefix.
+fn open_cursor(cursor: &str, prefix: &str) -> Result<String, RequestError> {
+    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad_cursor())?;
+    let text = String::from_utf8(raw).map_err(|_| bad_cursor())?;
+    text.strip_prefix(prefix)
+        .map(str::to_string)
+        .ok_or_else(bad_cursor)
 }
 
 fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
     if cursor.is_empty() {
         return Ok(None);
     }
-    let bad_cursor = || {
-        RequestError::new(
-            pb::ErrorCode::BadCursor,
-            "cursor was not issued by this server",
-        )
-    };
-    let raw = URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad_cursor())?;
-    let text = String::from_utf8(raw).map_err(|_| bad_cursor())?;
-    let after = text.strip_prefix(CURSOR_PREFIX).ok_or_else(bad_cursor)?;
-    check_user_id(after).map_err(|_| bad_cursor())?;
-    Ok(Some(after.to_string()))
+    let after = open_cursor(cursor, CURSOR_PREFIX)?;
+    check_user_id(&after).map_err(|_| bad_cursor())?;
+    Ok(Some(after))
+}
+
+fn encode_member_cursor(user: &str, device: &str) -> String {
+    URL_SAFE_NO_PAD.encode(format!("{MEMBER_CURSOR_PREFIX}{user}\0{device}"))
+}
+
+fn decode_member_cursor(cursor: &str) -> Result<Option<(String, String)>, RequestError> {
+    if cursor.is_empty() {
+        return Ok(None);
+    }
+    let text = open_cursor(cursor, MEMBER_CURSOR_PREFIX)?;
+    let (user, device) = text.split_once('\0').ok_or_else(bad_cursor)?;
+    check_user_id(user).map_err(|_| bad_cursor())?;
+    Ok(Some((user.to_string(), device.to_string())))
 }
 
 /// Authenticates a Connect and registers the session. On success returns the session and the
@@ -629,7 +806,126 @@ fn execute_body(
                 },
             ))
         }
+        Command::JoinChannel { channel, state } => {
+            let outcome = registry.join_channel(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+                state,
+                received_at,
+            )?;
+            Ok(channel_result(channel, outcome))
+        }
+        Command::LeaveChannel { channel } => {
+            let outcome = registry.leave_channel(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+                received_at,
+            )?;
+            Ok(channel_result(channel, outcome))
+        }
+        Command::WatchChannel { channel } => {
+            let outcome = registry.watch_channel(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+            )?;
+            Ok(channel_result(channel, outcome))
+        }
+        Command::UnwatchChannel { channel } => {
+            let outcome = registry.unwatch_channel(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+            )?;
+            Ok(channel_result(channel, outcome))
+        }
+        Command::WhoNow {
+            channel,
+            mode,
+            after,
+            page_size,
+        } => {
+            let (limit, with_state) = match mode {
+                pb::WhoNowMode::Count => (0, false),
+                pb::WhoNowMode::Ids => (page_size, false),
+                pb::WhoNowMode::IdsAndState => (page_size, true),
+            };
+            let page = registry.who_now(&channel, after, limit, with_state);
+            Ok(ServerBody::WhoNowResult(pb::WhoNowResult {
+                channel,
+                occupancy: page.occupancy,
+                member_count: page.member_count,
+                members: page.members.iter().map(wire::channel_member_to_pb).collect(),
+                next_cursor: page
+                    .next_after
+                    .filter(|_| mode != pb::WhoNowMode::Count)
+                    .map(|(u, d)| encode_member_cursor(&u, &d))
+                    .unwrap_or_default(),
+            }))
+        }
+        Command::WhereNow { user } => {
+            let user_id = user.unwrap_or_else(|| session.user_id.clone());
+            let channels = registry.where_now(&user_id);
+            Ok(ServerBody::WhereNowResult(pb::WhereNowResult {
+                user_id,
+                channels,
+            }))
+        }
+        Command::SetChannelState {
+            channel,
+            state,
+            replace,
+        } => {
+            let member = registry.set_channel_state(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+                &state,
+                replace,
+                received_at,
+            )?;
+            Ok(channel_state_result(channel, vec![member]))
+        }
+        Command::GetChannelState { channel, user } => {
+            let user_id = user.unwrap_or_else(|| session.user_id.clone());
+            let members = registry.get_channel_state(&channel, &user_id);
+            Ok(channel_state_result(channel, members))
+        }
+        Command::RemoveChannelState { channel, keys } => {
+            let member = registry.remove_channel_state(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                &channel,
+                &keys,
+                received_at,
+            )?;
+            Ok(channel_state_result(channel, vec![member]))
+        }
     }
+}
+
+fn channel_result(channel: String, outcome: crate::registry::ChannelOutcome) -> ServerBody {
+    ServerBody::ChannelResult(pb::ChannelResult {
+        channel,
+        occupancy: outcome.occupancy,
+        changed: outcome.changed,
+        state: outcome.state,
+    })
+}
+
+fn channel_state_result(channel: String, members: Vec<crate::model::ChannelMember>) -> ServerBody {
+    ServerBody::ChannelStateResult(pb::ChannelStateResult {
+        channel,
+        members: members.iter().map(wire::channel_member_to_pb).collect(),
+    })
 }
 
 #[cfg(test)]

@@ -61,6 +61,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// Outbound queues and slow consumers.
     pub fanout: FanoutConfig,
+    /// Channel presence.
+    pub channels: ChannelsConfig,
 }
 
 impl Default for Config {
@@ -75,6 +77,7 @@ impl Default for Config {
             session: SessionConfig::default(),
             limits: LimitsConfig::default(),
             fanout: FanoutConfig::default(),
+            channels: ChannelsConfig::default(),
         }
     }
 }
@@ -283,6 +286,31 @@ impl Default for FanoutConfig {
     }
 }
 
+/// Channel presence (SPEC §4).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChannelsConfig {
+    /// Channels one connection may join.
+    pub max_joined_per_connection: u32,
+    /// Channels one connection may watch without joining.
+    pub max_watched_per_connection: u32,
+    /// Above this many members a channel batches its events into INTERVAL events.
+    pub announce_threshold: u32,
+    /// How often INTERVAL events are sent, milliseconds.
+    pub interval_ms: u64,
+}
+
+impl Default for ChannelsConfig {
+    fn default() -> Self {
+        ChannelsConfig {
+            max_joined_per_connection: 128,
+            max_watched_per_connection: 128,
+            announce_threshold: 50,
+            interval_ms: 5_000,
+        }
+    }
+}
+
 impl Config {
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -370,6 +398,8 @@ impl Config {
                 l.max_handshakes_in_flight,
             ),
             ("fanout.queue_capacity", self.fanout.queue_capacity),
+            ("channels.max_joined_per_connection", self.channels.max_joined_per_connection),
+            ("channels.max_watched_per_connection", self.channels.max_watched_per_connection),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));

@@ -17,6 +17,8 @@ pub const CONNECTIONS: &str = "presence_connections";
 pub const ONLINE_USERS: &str = "presence_online_users";
 /// Stored subscription edges.
 pub const SUBSCRIPTIONS: &str = "presence_subscriptions";
+/// Channels with at least one member.
+pub const CHANNELS: &str = "presence_channels";
 /// Frames received, by `kind`.
 pub const FRAMES_IN: &str = "presence_frames_in_total";
 /// Frames sent, by `kind`.
@@ -89,6 +91,7 @@ fn describe() {
     );
     describe_gauge!(ONLINE_USERS, "Users with at least one connected device");
     describe_gauge!(SUBSCRIPTIONS, "Stored subscription edges");
+    describe_gauge!(CHANNELS, "Channels with at least one member");
     describe_counter!(FRAMES_IN, "Frames received, by kind");
     describe_counter!(FRAMES_OUT, "Frames sent, by kind");
     describe_counter!(ERRORS, "Error replies sent, by code");

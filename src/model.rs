@@ -137,25 +137,7 @@ impl PresenceChange {
         target: &mut PresenceSnapshot,
         max_state_pairs: usize,
     ) -> Result<(), String> {
-        let mut state = if self.replace_state {
-            BTreeMap::new()
-        } else {
-            target.state.clone()
-        };
-        for (k, v) in &self.state {
-            if v.is_empty() {
-                state.remove(k);
-            } else {
-                state.insert(k.clone(), v.clone());
-            }
-        }
-        if state.len() > max_state_pairs {
-            return Err(format!(
-                "state would hold {} pairs; the limit is {max_state_pairs}",
-                state.len()
-            ));
-        }
-        target.state = state;
+        target.state = merge_state(&target.state, &self.state, self.replace_state, max_state_pairs)?;
         if let Some(show) = self.show {
             target.show = show;
         }
@@ -167,6 +149,35 @@ impl PresenceChange {
         }
         Ok(())
     }
+}
+
+/// Merges `changes` into `current` (cleared first when `replace`); an empty value removes its
+/// key. Refuses, returning why, when the result would hold more than `max_pairs` pairs.
+pub fn merge_state(
+    current: &BTreeMap<String, String>,
+    changes: &BTreeMap<String, String>,
+    replace: bool,
+    max_pairs: usize,
+) -> Result<BTreeMap<String, String>, String> {
+    let mut state = if replace {
+        BTreeMap::new()
+    } else {
+        current.clone()
+    };
+    for (k, v) in changes {
+        if v.is_empty() {
+            state.remove(k);
+        } else {
+            state.insert(k.clone(), v.clone());
+        }
+    }
+    if state.len() > max_pairs {
+        return Err(format!(
+            "state would hold {} pairs; the limit is {max_pairs}",
+            state.len()
+        ));
+    }
+    Ok(state)
 }
 
 /// What happened to a user's presence.
@@ -312,4 +323,74 @@ mod tests {
         }
         assert!(Availability::parse("busy").is_none());
     }
+}
+
+/// What happened in a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelEventKind {
+    /// A member (user, device) joined.
+    Join,
+    /// A member left cleanly.
+    Leave,
+    /// A member was removed after its connection was lost.
+    Timeout,
+    /// A member's state changed.
+    StateChanged,
+    /// A user's first device joined.
+    Online,
+    /// A user's last device left.
+    Offline,
+    /// Batched changes (interval mode).
+    Interval,
+}
+
+/// One member of a channel as others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ChannelMember {
+    /// User.
+    pub user_id: String,
+    /// Device.
+    pub device_id: String,
+    /// Member state (empty when not asked for).
+    pub state: BTreeMap<String, String>,
+    /// Join time, ms since epoch.
+    pub joined_at_ms: u64,
+}
+
+/// Changes collected in interval mode.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IntervalBatch {
+    /// Members that joined.
+    pub joins: Vec<ChannelMember>,
+    /// Members that left.
+    pub leaves: Vec<ChannelMember>,
+    /// Members that timed out.
+    pub timeouts: Vec<ChannelMember>,
+    /// Members whose state changed, latest state, one entry per member.
+    pub state_changes: Vec<ChannelMember>,
+}
+
+impl IntervalBatch {
+    /// True when nothing was collected.
+    pub fn is_empty(&self) -> bool {
+        self.joins.is_empty()
+            && self.leaves.is_empty()
+            && self.timeouts.is_empty()
+            && self.state_changes.is_empty()
+    }
+}
+
+/// A channel event about to be encoded once and fanned out.
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelEventView<'a> {
+    /// Channel id.
+    pub channel: &'a str,
+    /// What happened.
+    pub kind: ChannelEventKind,
+    /// The member concerned (not for INTERVAL).
+    pub member: Option<&'a ChannelMember>,
+    /// Distinct users in the channel after the event.
+    pub occupancy: u32,
+    /// For INTERVAL.
+    pub interval: Option<&'a IntervalBatch>,
 }

@@ -85,6 +85,9 @@ impl Server {
             RegistryOptions {
                 max_state_pairs: config.limits.max_state_pairs as usize,
                 offline_broadcast: config.session.offline_broadcast,
+                max_joined_channels: config.channels.max_joined_per_connection as usize,
+                max_watched_channels: config.channels.max_watched_per_connection as usize,
+                announce_threshold: config.channels.announce_threshold as usize,
             },
         );
         let listener = bind(config.listen).await?;
@@ -156,6 +159,7 @@ impl Server {
             background.spawn(m::serve(listener, m::install(), ctx.shutdown.clone()));
         }
         background.spawn(sweep_expired(ctx.clone()));
+        background.spawn(channel_intervals(ctx.clone()));
         if let Some(listener) = self.plain_listener {
             let ctx = ctx.clone();
             let permits = self.connection_permits.clone();
@@ -232,6 +236,22 @@ fn spawn_connection(
         None => {
             tracker.spawn(connection::run_session(socket, peer, ctx, permit));
         }
+    }
+}
+
+/// Sends the INTERVAL events of large channels and publishes the channel gauge.
+async fn channel_intervals(ctx: Arc<ConnectionContext>) {
+    let mut tick =
+        tokio::time::interval(Duration::from_millis(ctx.config.channels.interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ctx.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        ctx.registry.flush_channel_intervals(std::time::Instant::now());
+        let (channels, _) = ctx.registry.channel_counts();
+        metrics::gauge!(m::CHANNELS).set(channels as f64);
     }
 }
 

@@ -5,7 +5,8 @@ use bytes::Bytes;
 
 use crate::codec::encode_delimited;
 use crate::model::{
-    Availability, CloseKind, EventKind, EventView, OfflineReason, PresenceSnapshot,
+    Availability, ChannelEventKind, ChannelEventView, ChannelMember, CloseKind, EventKind,
+    EventView, OfflineReason, PresenceSnapshot,
 };
 use crate::pb;
 use crate::registry::WireEncoder;
@@ -146,6 +147,11 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
         Body::GetPresenceResult(_) => "get_presence_result",
         Body::DirectedPresenceResult(_) => "directed_presence_result",
         Body::PresenceEvent(_) => "presence_event",
+        Body::ChannelEvent(_) => "channel_event",
+        Body::ChannelResult(_) => "channel_result",
+        Body::WhoNowResult(_) => "who_now_result",
+        Body::WhereNowResult(_) => "where_now_result",
+        Body::ChannelStateResult(_) => "channel_state_result",
     }
 }
 
@@ -163,6 +169,54 @@ pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
         Some(Body::ListSubscriptions(_)) => "list_subscriptions",
         Some(Body::GetPresence(_)) => "get_presence",
         Some(Body::DirectedPresence(_)) => "directed_presence",
+        Some(Body::JoinChannel(_)) => "join_channel",
+        Some(Body::LeaveChannel(_)) => "leave_channel",
+        Some(Body::WatchChannel(_)) => "watch_channel",
+        Some(Body::UnwatchChannel(_)) => "unwatch_channel",
+        Some(Body::WhoNow(_)) => "who_now",
+        Some(Body::WhereNow(_)) => "where_now",
+        Some(Body::SetChannelState(_)) => "set_channel_state",
+        Some(Body::GetChannelState(_)) => "get_channel_state",
+        Some(Body::RemoveChannelState(_)) => "remove_channel_state",
+    }
+}
+
+/// Domain channel member → protobuf.
+pub fn channel_member_to_pb(m: &ChannelMember) -> pb::ChannelMember {
+    pb::ChannelMember {
+        user_id: m.user_id.clone(),
+        device_id: m.device_id.clone(),
+        state: m.state.clone(),
+        joined_at_ms: m.joined_at_ms,
+    }
+}
+
+fn channel_kind_to_pb(kind: ChannelEventKind) -> pb::ChannelEventKind {
+    match kind {
+        ChannelEventKind::Join => pb::ChannelEventKind::Join,
+        ChannelEventKind::Leave => pb::ChannelEventKind::Leave,
+        ChannelEventKind::Timeout => pb::ChannelEventKind::Timeout,
+        ChannelEventKind::StateChanged => pb::ChannelEventKind::StateChanged,
+        ChannelEventKind::Online => pb::ChannelEventKind::Online,
+        ChannelEventKind::Offline => pb::ChannelEventKind::Offline,
+        ChannelEventKind::Interval => pb::ChannelEventKind::Interval,
+    }
+}
+
+/// A channel event message.
+pub fn channel_event_to_pb(event: &ChannelEventView<'_>) -> pb::ChannelEvent {
+    let members = |list: &[ChannelMember]| list.iter().map(channel_member_to_pb).collect();
+    pb::ChannelEvent {
+        channel: event.channel.to_string(),
+        kind: channel_kind_to_pb(event.kind) as i32,
+        member: event.member.map(channel_member_to_pb),
+        occupancy: event.occupancy,
+        interval: event.interval.map(|b| pb::ChannelInterval {
+            joins: members(&b.joins),
+            leaves: members(&b.leaves),
+            timeouts: members(&b.timeouts),
+            state_changes: members(&b.state_changes),
+        }),
     }
 }
 
@@ -180,5 +234,12 @@ impl WireEncoder for ProtoEncoder {
 
     fn close(&self, kind: CloseKind, reason: &str, reconnect_after_ms: u64) -> Bytes {
         close_frame(kind, reason, reconnect_after_ms)
+    }
+
+    fn channel_event(&self, event: &ChannelEventView<'_>) -> Bytes {
+        frame(
+            0,
+            pb::server_frame::Body::ChannelEvent(channel_event_to_pb(event)),
+        )
     }
 }

@@ -4,9 +4,14 @@
 //! once under that lock and offered to each recipient's outbound queue with a non-blocking push,
 //! so per-user order is the order of the lock and the publisher never waits for a watcher.
 //! Subscriptions come from the `SubscriptionStore`; bytes come from a `WireEncoder`; the registry
-//! sees neither protobuf nor sockets.
+//! sees neither protobuf nor sockets. Channel presence (`channels`) lives under the same lock,
+//! because channel membership belongs to device sessions.
 
-use std::collections::{BTreeMap, HashMap};
+mod channels;
+
+pub use channels::{ChannelOutcome, WhoNowPage};
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
@@ -14,8 +19,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::model::{
-    Availability, CloseKind, DeviceSnapshot, EventKind, EventView, OfflineReason, PresenceChange,
-    PresenceSnapshot,
+    Availability, ChannelEventView, CloseKind, DeviceSnapshot, EventKind, EventView,
+    OfflineReason, PresenceChange, PresenceSnapshot,
 };
 use crate::outbound::{Item, Outbound, Pushed};
 use crate::store::SubscriptionStore;
@@ -27,6 +32,8 @@ pub trait WireEncoder: Send + Sync + fmt::Debug {
     fn presence_event(&self, event: &EventView<'_>) -> Bytes;
     /// One close frame, with its length prefix.
     fn close(&self, kind: CloseKind, reason: &str, reconnect_after_ms: u64) -> Bytes;
+    /// One channel event frame, with its length prefix.
+    fn channel_event(&self, event: &ChannelEventView<'_>) -> Bytes;
 }
 
 /// Why the registry refused a change.
@@ -38,6 +45,9 @@ pub enum RegistryError {
     /// The change exceeds a limit; nothing was applied.
     #[error("{0}")]
     Limit(String),
+    /// The request needs channel membership the session does not have.
+    #[error("not a member of channel {0:?}")]
+    NotMember(String),
 }
 
 /// Registry behaviour fixed at start.
@@ -47,6 +57,12 @@ pub struct RegistryOptions {
     pub max_state_pairs: usize,
     /// Broadcast OFFLINE events to watchers.
     pub offline_broadcast: bool,
+    /// Channels one device session may join.
+    pub max_joined_channels: usize,
+    /// Channels one device session may watch.
+    pub max_watched_channels: usize,
+    /// Members above which a channel switches to interval mode.
+    pub announce_threshold: usize,
 }
 
 /// One device's session.
@@ -61,6 +77,10 @@ struct DeviceEntry {
     outbound: Option<Outbound>,
     /// Why it is lingering, reported if the grace period runs out.
     lingering: Option<OfflineReason>,
+    /// Channels this device joined; kept across takeover and the grace period.
+    joined: BTreeSet<String>,
+    /// Channels this device watches.
+    watching: BTreeSet<String>,
 }
 
 /// A user with at least one device (live or lingering).
@@ -111,6 +131,12 @@ fn now_micros() -> u64 {
 #[derive(Debug, Default)]
 struct State {
     users: HashMap<String, UserEntry>,
+    /// Channels with at least one member.
+    channels: HashMap<String, channels::Channel>,
+    /// Channel → watching (user, device) pairs, for channels with at least one watcher.
+    channel_watchers: HashMap<String, BTreeSet<(String, String)>>,
+    /// Makes each INTERVAL event's coalescing key unique.
+    interval_seq: u64,
 }
 
 #[derive(Debug)]
@@ -279,6 +305,8 @@ impl Registry {
                         connected_since_ms: now_ms,
                         outbound: Some(attach.outbound.clone()),
                         lingering: None,
+                        joined: BTreeSet::new(),
+                        watching: BTreeSet::new(),
                     },
                 );
                 Some(if first {
@@ -445,6 +473,10 @@ impl Registry {
             Some(d) if d.conn_id == conn_id && (!only_lingering || d.lingering.is_some()) => {}
             _ => return,
         }
+        self.leave_all_channels(state, user_id, device_id, reason, received_at);
+        let Some(entry) = state.users.get_mut(user_id) else {
+            return;
+        };
         entry.devices.remove(device_id);
         entry.bump_version();
         let now_ms = crate::now_ms();

@@ -1,0 +1,619 @@
+//! Channel presence under the registry's lock: members are (user, device) pairs whose
+//! membership belongs to the device session (so it survives a takeover and the grace period),
+//! watchers receive events without joining, and each member carries its own state. Events go
+//! to members and watchers, encoded once; above the announce threshold a channel batches them
+//! into one INTERVAL event per tick so a large room costs linear, not quadratic, traffic. A
+//! channel with no members holds no memory beyond its watcher list.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
+use std::time::Instant;
+
+use super::{DeviceEntry, FanoutTally, Registry, RegistryError, State};
+use crate::model::{
+    merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch,
+    OfflineReason,
+};
+use crate::outbound::Item;
+
+/// A channel with at least one member.
+#[derive(Debug, Default)]
+pub(super) struct Channel {
+    /// Members by (user, device), ordered for stable paging.
+    members: BTreeMap<(String, String), Member>,
+    /// User → how many of their devices are members; its length is the occupancy.
+    users: HashMap<String, u32>,
+    /// Changes waiting for the next INTERVAL event (interval mode).
+    pending: Option<IntervalBatch>,
+}
+
+#[derive(Debug)]
+struct Member {
+    state: BTreeMap<String, String>,
+    joined_at_ms: u64,
+}
+
+impl Channel {
+    fn occupancy(&self) -> u32 {
+        self.users.len() as u32
+    }
+
+    fn view(&self, key: &(String, String), with_state: bool) -> ChannelMember {
+        let member = self.members.get(key);
+        ChannelMember {
+            user_id: key.0.clone(),
+            device_id: key.1.clone(),
+            state: match (with_state, member) {
+                (true, Some(m)) => m.state.clone(),
+                _ => BTreeMap::new(),
+            },
+            joined_at_ms: member.map_or(0, |m| m.joined_at_ms),
+        }
+    }
+}
+
+/// Result of join, leave, watch and unwatch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelOutcome {
+    /// Distinct users in the channel now.
+    pub occupancy: u32,
+    /// False when nothing changed.
+    pub changed: bool,
+    /// The member's state (join).
+    pub state: BTreeMap<String, String>,
+}
+
+/// One page of who-now.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct WhoNowPage {
+    /// Distinct users.
+    pub occupancy: u32,
+    /// Members (user, device).
+    pub member_count: u32,
+    /// This page.
+    pub members: Vec<ChannelMember>,
+    /// Where the next page starts, when there is one.
+    pub next_after: Option<(String, String)>,
+}
+
+fn device_mut<'a>(
+    state: &'a mut State,
+    user_id: &str,
+    device_id: &str,
+    conn_id: u64,
+) -> Result<&'a mut DeviceEntry, RegistryError> {
+    state
+        .users
+        .get_mut(user_id)
+        .and_then(|e| e.devices.get_mut(device_id))
+        .filter(|d| d.conn_id == conn_id)
+        .ok_or(RegistryError::NotAttached)
+}
+
+/// How a member left.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Departure {
+    Leave,
+    Timeout,
+    /// Server shutdown: no events.
+    Silent,
+}
+
+impl Registry {
+    /// Joins (user, device) on `conn_id` to `channel` with `initial` member state.
+    pub fn join_channel(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+        initial: BTreeMap<String, String>,
+        received_at: Instant,
+    ) -> Result<ChannelOutcome, RegistryError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let max = self.shared.options.max_joined_channels;
+        let device = device_mut(state, user_id, device_id, conn_id)?;
+        let key = (user_id.to_string(), device_id.to_string());
+        if device.joined.contains(channel) {
+            let ch = state.channels.get(channel);
+            return Ok(ChannelOutcome {
+                occupancy: ch.map_or(0, Channel::occupancy),
+                changed: false,
+                state: ch.map(|c| c.view(&key, true).state).unwrap_or_default(),
+            });
+        }
+        if device.joined.len() >= max {
+            return Err(RegistryError::Limit(format!(
+                "this session has joined {max} channels, the limit"
+            )));
+        }
+        if initial.len() > self.shared.options.max_state_pairs {
+            return Err(RegistryError::Limit(format!(
+                "state has {} pairs; the limit is {}",
+                initial.len(),
+                self.shared.options.max_state_pairs
+            )));
+        }
+        device.joined.insert(channel.to_string());
+        let ch = state.channels.entry(channel.to_string()).or_default();
+        ch.members.insert(
+            key.clone(),
+            Member {
+                state: initial.clone(),
+                joined_at_ms: crate::now_ms(),
+            },
+        );
+        let devices_in = ch.users.entry(user_id.to_string()).or_insert(0);
+        *devices_in += 1;
+        let first_device = *devices_in == 1;
+        let member = ch.view(&key, true);
+        let occupancy = ch.occupancy();
+        self.channel_emit(state, channel, ChannelEventKind::Join, member.clone(), Some(conn_id), received_at);
+        if first_device {
+            let user_level = ChannelMember {
+                state: BTreeMap::new(),
+                ..member
+            };
+            self.channel_emit(state, channel, ChannelEventKind::Online, user_level, Some(conn_id), received_at);
+        }
+        Ok(ChannelOutcome {
+            occupancy,
+            changed: true,
+            state: initial,
+        })
+    }
+
+    /// Removes (user, device) on `conn_id` from `channel`.
+    pub fn leave_channel(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+        received_at: Instant,
+    ) -> Result<ChannelOutcome, RegistryError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let device = device_mut(state, user_id, device_id, conn_id)?;
+        let changed = device.joined.remove(channel);
+        if changed {
+            self.remove_member(state, channel, user_id, device_id, Departure::Leave, Some(conn_id), received_at);
+        }
+        Ok(ChannelOutcome {
+            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            changed,
+            state: BTreeMap::new(),
+        })
+    }
+
+    /// Lets (user, device) on `conn_id` receive `channel`'s events without joining.
+    pub fn watch_channel(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+    ) -> Result<ChannelOutcome, RegistryError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let max = self.shared.options.max_watched_channels;
+        let device = device_mut(state, user_id, device_id, conn_id)?;
+        let changed = if device.watching.contains(channel) {
+            false
+        } else if device.watching.len() >= max {
+            return Err(RegistryError::Limit(format!(
+                "this session watches {max} channels, the limit"
+            )));
+        } else {
+            device.watching.insert(channel.to_string());
+            state
+                .channel_watchers
+                .entry(channel.to_string())
+                .or_default()
+                .insert((user_id.to_string(), device_id.to_string()));
+            true
+        };
+        Ok(ChannelOutcome {
+            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            changed,
+            state: BTreeMap::new(),
+        })
+    }
+
+    /// Stops watching.
+    pub fn unwatch_channel(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+    ) -> Result<ChannelOutcome, RegistryError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let device = device_mut(state, user_id, device_id, conn_id)?;
+        let changed = device.watching.remove(channel);
+        if changed {
+            remove_watcher(state, channel, user_id, device_id);
+        }
+        Ok(ChannelOutcome {
+            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            changed,
+            state: BTreeMap::new(),
+        })
+    }
+
+    /// Up to `limit` members of `channel` after `after`, ordered by (user, device). An unknown
+    /// channel is an empty page.
+    pub fn who_now(
+        &self,
+        channel: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+        with_state: bool,
+    ) -> WhoNowPage {
+        let state = self.state();
+        let Some(ch) = state.channels.get(channel) else {
+            return WhoNowPage::default();
+        };
+        let lower = match after {
+            Some(key) => Bound::Excluded(key),
+            None => Bound::Unbounded,
+        };
+        let mut range = ch.members.range((lower, Bound::Unbounded));
+        let members: Vec<ChannelMember> = range
+            .by_ref()
+            .take(limit)
+            .map(|(key, _)| ch.view(key, with_state))
+            .collect();
+        let next_after = match (range.next(), members.last()) {
+            (Some(_), Some(last)) => Some((last.user_id.clone(), last.device_id.clone())),
+            _ => None,
+        };
+        WhoNowPage {
+            occupancy: ch.occupancy(),
+            member_count: ch.members.len() as u32,
+            members,
+            next_after,
+        }
+    }
+
+    /// The channels any device of `user_id` has joined, sorted.
+    pub fn where_now(&self, user_id: &str) -> Vec<String> {
+        let state = self.state();
+        let Some(entry) = state.users.get(user_id) else {
+            return Vec::new();
+        };
+        let all: BTreeSet<&String> = entry.devices.values().flat_map(|d| d.joined.iter()).collect();
+        all.into_iter().cloned().collect()
+    }
+
+    /// Merges `changes` into the member state of (user, device) in `channel` (`replace` clears
+    /// it first; an empty value removes a key) and tells members and watchers if it changed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn set_channel_state(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+        changes: &BTreeMap<String, String>,
+        replace: bool,
+        received_at: Instant,
+    ) -> Result<ChannelMember, RegistryError> {
+        let max = self.shared.options.max_state_pairs;
+        self.update_member_state(user_id, device_id, conn_id, channel, received_at, |current| {
+            merge_state(current, changes, replace, max)
+        })
+    }
+
+    /// Removes `keys` (all keys when empty) from the member state.
+    pub fn remove_channel_state(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+        keys: &[String],
+        received_at: Instant,
+    ) -> Result<ChannelMember, RegistryError> {
+        self.update_member_state(user_id, device_id, conn_id, channel, received_at, |current| {
+            if keys.is_empty() {
+                return Ok(BTreeMap::new());
+            }
+            let mut next = current.clone();
+            for key in keys {
+                next.remove(key);
+            }
+            Ok(next)
+        })
+    }
+
+    fn update_member_state(
+        &self,
+        user_id: &str,
+        device_id: &str,
+        conn_id: u64,
+        channel: &str,
+        received_at: Instant,
+        update: impl FnOnce(&BTreeMap<String, String>) -> Result<BTreeMap<String, String>, String>,
+    ) -> Result<ChannelMember, RegistryError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let device = device_mut(state, user_id, device_id, conn_id)?;
+        if !device.joined.contains(channel) {
+            return Err(RegistryError::NotMember(channel.to_string()));
+        }
+        let key = (user_id.to_string(), device_id.to_string());
+        let ch = state
+            .channels
+            .get_mut(channel)
+            .ok_or_else(|| RegistryError::NotMember(channel.to_string()))?;
+        let member = ch
+            .members
+            .get_mut(&key)
+            .ok_or_else(|| RegistryError::NotMember(channel.to_string()))?;
+        let next = update(&member.state).map_err(RegistryError::Limit)?;
+        let changed = next != member.state;
+        member.state = next;
+        let view = ch.view(&key, true);
+        if changed {
+            self.channel_emit(state, channel, ChannelEventKind::StateChanged, view.clone(), Some(conn_id), received_at);
+        }
+        Ok(view)
+    }
+
+    /// The member state of every device of `user_id` in `channel`.
+    pub fn get_channel_state(&self, channel: &str, user_id: &str) -> Vec<ChannelMember> {
+        let state = self.state();
+        let Some(ch) = state.channels.get(channel) else {
+            return Vec::new();
+        };
+        ch.members
+            .range((user_id.to_string(), String::new())..)
+            .take_while(|((u, _), _)| u == user_id)
+            .map(|(key, _)| ch.view(key, true))
+            .collect()
+    }
+
+    /// Sends one INTERVAL event for every channel with batched changes. Called by the server's
+    /// interval ticker.
+    pub fn flush_channel_intervals(&self, received_at: Instant) {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let due: Vec<String> = state
+            .channels
+            .iter()
+            .filter(|(_, c)| c.pending.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for channel in due {
+            let batch = state
+                .channels
+                .get_mut(&channel)
+                .and_then(|c| c.pending.take())
+                .unwrap_or_default();
+            self.deliver_interval(state, &channel, &batch, received_at);
+        }
+    }
+
+    /// Removes every membership and watch of a departing device (called under the lock before
+    /// the device entry goes away).
+    pub(super) fn leave_all_channels(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        reason: OfflineReason,
+        received_at: Instant,
+    ) {
+        let Some(device) = state
+            .users
+            .get_mut(user_id)
+            .and_then(|e| e.devices.get_mut(device_id))
+        else {
+            return;
+        };
+        let joined = std::mem::take(&mut device.joined);
+        let watching = std::mem::take(&mut device.watching);
+        let departure = match reason {
+            OfflineReason::Disconnect => Departure::Leave,
+            OfflineReason::ServerShutdown => Departure::Silent,
+            _ => Departure::Timeout,
+        };
+        for channel in &joined {
+            self.remove_member(state, channel, user_id, device_id, departure, None, received_at);
+        }
+        for channel in &watching {
+            remove_watcher(state, channel, user_id, device_id);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn remove_member(
+        &self,
+        state: &mut State,
+        channel: &str,
+        user_id: &str,
+        device_id: &str,
+        departure: Departure,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        let key = (user_id.to_string(), device_id.to_string());
+        let (member, last_device, now_empty) = {
+            let Some(ch) = state.channels.get_mut(channel) else {
+                return;
+            };
+            let view = ch.view(&key, true);
+            if ch.members.remove(&key).is_none() {
+                return;
+            }
+            let last_device = match ch.users.get_mut(user_id) {
+                Some(n) if *n > 1 => {
+                    *n -= 1;
+                    false
+                }
+                _ => {
+                    ch.users.remove(user_id);
+                    true
+                }
+            };
+            (view, last_device, ch.members.is_empty())
+        };
+        let kind = match departure {
+            Departure::Leave => Some(ChannelEventKind::Leave),
+            Departure::Timeout => Some(ChannelEventKind::Timeout),
+            Departure::Silent => None,
+        };
+        if let Some(kind) = kind {
+            self.channel_emit(state, channel, kind, member.clone(), exclude_conn, received_at);
+            if last_device {
+                let user_level = ChannelMember {
+                    state: BTreeMap::new(),
+                    ..member
+                };
+                self.channel_emit(state, channel, ChannelEventKind::Offline, user_level, exclude_conn, received_at);
+            }
+        }
+        if now_empty {
+            // No members left: watchers get what was batched, then the channel's memory goes.
+            if let Some(batch) = state.channels.remove(channel).and_then(|c| c.pending) {
+                if kind.is_some() {
+                    self.deliver_interval(state, channel, &batch, received_at);
+                }
+            }
+        }
+    }
+
+    /// Delivers one member event, or batches it in interval mode.
+    fn channel_emit(
+        &self,
+        state: &mut State,
+        channel: &str,
+        kind: ChannelEventKind,
+        member: ChannelMember,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        let threshold = self.shared.options.announce_threshold;
+        let occupancy = match state.channels.get_mut(channel) {
+            Some(ch) => {
+                if ch.members.len() > threshold || ch.pending.is_some() {
+                    let batch = ch.pending.get_or_insert_with(IntervalBatch::default);
+                    match kind {
+                        ChannelEventKind::Join => batch.joins.push(member),
+                        ChannelEventKind::Leave => batch.leaves.push(member),
+                        ChannelEventKind::Timeout => batch.timeouts.push(member),
+                        ChannelEventKind::StateChanged => {
+                            batch.state_changes.retain(|m| {
+                                (&m.user_id, &m.device_id) != (&member.user_id, &member.device_id)
+                            });
+                            batch.state_changes.push(member);
+                        }
+                        // Implied by the joins and leaves of the batch.
+                        ChannelEventKind::Online
+                        | ChannelEventKind::Offline
+                        | ChannelEventKind::Interval => {}
+                    }
+                    return;
+                }
+                ch.occupancy()
+            }
+            None => 0,
+        };
+        let key = match kind {
+            ChannelEventKind::Online | ChannelEventKind::Offline => {
+                format!("\u{2}{channel}\u{0}{}", member.user_id)
+            }
+            _ => format!("\u{2}{channel}\u{0}{}\u{0}{}", member.user_id, member.device_id),
+        };
+        let view = ChannelEventView {
+            channel,
+            kind,
+            member: Some(&member),
+            occupancy,
+            interval: None,
+        };
+        self.channel_deliver(state, channel, &view, &key, exclude_conn, received_at);
+    }
+
+    fn deliver_interval(&self, state: &mut State, channel: &str, batch: &IntervalBatch, received_at: Instant) {
+        if batch.is_empty() {
+            return;
+        }
+        state.interval_seq += 1;
+        // Interval events are deltas: each gets its own parking key so none replaces another.
+        let key = format!("\u{3}{channel}\u{0}{}", state.interval_seq);
+        let view = ChannelEventView {
+            channel,
+            kind: ChannelEventKind::Interval,
+            member: None,
+            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            interval: Some(batch),
+        };
+        self.channel_deliver(state, channel, &view, &key, None, received_at);
+    }
+
+    /// Encodes once and offers the event to every member and watcher of `channel`.
+    fn channel_deliver(
+        &self,
+        state: &State,
+        channel: &str,
+        view: &ChannelEventView<'_>,
+        key: &str,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        let item = Item::event(
+            self.shared.encoder.channel_event(view),
+            received_at,
+            "channel_event",
+        );
+        let mut tally = FanoutTally::default();
+        let mut offer = |user: &str, device: &str| {
+            let outbound = state
+                .users
+                .get(user)
+                .and_then(|e| e.devices.get(device))
+                .and_then(|d| d.outbound.as_ref());
+            if let Some(outbound) = outbound.filter(|o| Some(o.id()) != exclude_conn) {
+                tally.offer(outbound, key, &item);
+            }
+        };
+        let members = state.channels.get(channel);
+        if let Some(ch) = members {
+            for (user, device) in ch.members.keys() {
+                offer(user, device);
+            }
+        }
+        if let Some(watchers) = state.channel_watchers.get(channel) {
+            for (user, device) in watchers {
+                let is_member = members
+                    .is_some_and(|c| c.members.contains_key(&(user.clone(), device.clone())));
+                if !is_member {
+                    offer(user, device);
+                }
+            }
+        }
+        self.finish_fanout(tally);
+    }
+}
+
+fn remove_watcher(state: &mut State, channel: &str, user_id: &str, device_id: &str) {
+    if let Some(watchers) = state.channel_watchers.get_mut(channel) {
+        watchers.remove(&(user_id.to_string(), device_id.to_string()));
+        if watchers.is_empty() {
+            state.channel_watchers.remove(channel);
+        }
+    }
+}
+
+impl Registry {
+    /// Channels with at least one member, and channels with at least one watcher (for tests,
+    /// fuzzing and metrics).
+    pub fn channel_counts(&self) -> (usize, usize) {
+        let state = self.state();
+        (state.channels.len(), state.channel_watchers.len())
+    }
+}
