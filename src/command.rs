@@ -375,7 +375,8 @@ impl Command {
 }
 
 fn channel_id(id: String) -> Result<String, RequestError> {
-    check_user_id(&id).map_err(|reason| bad(format!("channel id: {}", reason.replace("user id", "id"))))?;
+    check_user_id(&id)
+        .map_err(|reason| bad(format!("channel id: {}", reason.replace("user id", "id"))))?;
     Ok(id)
 }
 
@@ -401,7 +402,10 @@ fn page_size(requested: u32, limits: &LimitsConfig) -> Result<usize, RequestErro
 }
 
 /// Checks a key/value state map against the per-key, per-value and pair-count limits.
-fn check_state(state: &BTreeMap<String, String>, limits: &LimitsConfig) -> Result<(), RequestError> {
+fn check_state(
+    state: &BTreeMap<String, String>,
+    limits: &LimitsConfig,
+) -> Result<(), RequestError> {
     if state.len() > limits.max_state_pairs as usize {
         return Err(limit(format!(
             "state has {} pairs; the limit is {}",
@@ -414,7 +418,11 @@ fn check_state(state: &BTreeMap<String, String>, limits: &LimitsConfig) -> Resul
             return Err(bad("state key is empty"));
         }
         check_len("state key", k, limits.max_state_key_bytes)?;
-        check_len(&format!("state value of {k:?}"), v, limits.max_state_value_bytes)?;
+        check_len(
+            &format!("state value of {k:?}"),
+            v,
+            limits.max_state_value_bytes,
+        )?;
     }
     Ok(())
 }
@@ -861,7 +869,11 @@ fn execute_body(
                 channel,
                 occupancy: page.occupancy,
                 member_count: page.member_count,
-                members: page.members.iter().map(wire::channel_member_to_pb).collect(),
+                members: page
+                    .members
+                    .iter()
+                    .map(wire::channel_member_to_pb)
+                    .collect(),
                 next_cursor: page
                     .next_after
                     .filter(|_| mode != pb::WhoNowMode::Count)

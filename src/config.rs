@@ -398,8 +398,14 @@ impl Config {
                 l.max_handshakes_in_flight,
             ),
             ("fanout.queue_capacity", self.fanout.queue_capacity),
-            ("channels.max_joined_per_connection", self.channels.max_joined_per_connection),
-            ("channels.max_watched_per_connection", self.channels.max_watched_per_connection),
+            (
+                "channels.max_joined_per_connection",
+                self.channels.max_joined_per_connection,
+            ),
+            (
+                "channels.max_watched_per_connection",
+                self.channels.max_watched_per_connection,
+            ),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));

@@ -137,7 +137,12 @@ impl PresenceChange {
         target: &mut PresenceSnapshot,
         max_state_pairs: usize,
     ) -> Result<(), String> {
-        target.state = merge_state(&target.state, &self.state, self.replace_state, max_state_pairs)?;
+        target.state = merge_state(
+            &target.state,
+            &self.state,
+            self.replace_state,
+            max_state_pairs,
+        )?;
         if let Some(show) = self.show {
             target.show = show;
         }

@@ -241,15 +241,15 @@ fn spawn_connection(
 
 /// Sends the INTERVAL events of large channels and publishes the channel gauge.
 async fn channel_intervals(ctx: Arc<ConnectionContext>) {
-    let mut tick =
-        tokio::time::interval(Duration::from_millis(ctx.config.channels.interval_ms));
+    let mut tick = tokio::time::interval(Duration::from_millis(ctx.config.channels.interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        ctx.registry.flush_channel_intervals(std::time::Instant::now());
+        ctx.registry
+            .flush_channel_intervals(std::time::Instant::now());
         let (channels, _) = ctx.registry.channel_counts();
         metrics::gauge!(m::CHANNELS).set(channels as f64);
     }

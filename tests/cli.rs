@@ -143,3 +143,55 @@ async fn token_get_subscribe_subs_unsubscribe_and_direct() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown availability"));
 }
+
+#[tokio::test]
+async fn channel_commands_join_who_where_watch_and_leave() {
+    let broker = start(|_| {}).await;
+    let mut watch = ctl(&broker)
+        .args(["watch-channel", "--user", "bob", "room"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watch_lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let first: Value =
+        serde_json::from_str(&within(watch_lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(first["watching"], "room");
+
+    let mut join = ctl(&broker)
+        .args([
+            "--device", "desk", "join", "--user", "alice", "--state", "seat=7", "room",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut join_lines = BufReader::new(join.stdout.take().unwrap()).lines();
+    let joined: Value =
+        serde_json::from_str(&within(join_lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(joined["joined"], "room");
+    assert_eq!(joined["occupancy"], 1);
+    let event: Value =
+        serde_json::from_str(&within(watch_lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(event["event"], "join");
+    assert_eq!(event["member"]["user"], "alice");
+    assert_eq!(event["member"]["state"]["seat"], "7");
+
+    let members = run(&broker, &["who", "--state", "room"]).await;
+    assert_eq!(members.len(), 1);
+    assert_eq!(members[0]["user"], "alice");
+    assert_eq!(members[0]["state"]["seat"], "7");
+    let count = run(&broker, &["who", "--count", "room"]).await;
+    assert_eq!(count[0]["occupancy"], 1);
+    let place = run(&broker, &["where", "alice"]).await;
+    assert_eq!(place[0]["channels"], serde_json::json!(["room"]));
+
+    // Acting on the same device takes the session over, membership included, and leaves.
+    let left = run(
+        &broker,
+        &["--device", "desk", "leave", "--user", "alice", "room"],
+    )
+    .await;
+    assert_eq!(left[0]["changed"], true);
+    assert_eq!(left[0]["occupancy"], 0);
+    join.kill().await.unwrap();
+    watch.kill().await.unwrap();
+}

@@ -112,6 +112,48 @@ enum Command {
         #[arg(long)]
         user: String,
     },
+    /// Join a channel and print its events until Ctrl-C (the membership lasts that long).
+    Join {
+        /// Who joins.
+        #[arg(long, default_value = "cli")]
+        user: String,
+        /// key=value member state; repeatable.
+        #[arg(long = "state")]
+        state: Vec<String>,
+        channel: String,
+    },
+    /// Leave a channel (use --device to act on another presencectl's membership).
+    Leave {
+        #[arg(long, default_value = "cli")]
+        user: String,
+        channel: String,
+    },
+    /// Who is in a channel: one JSON line per member.
+    Who {
+        #[arg(long, default_value = "cli")]
+        user: String,
+        /// Only the counts.
+        #[arg(long)]
+        count: bool,
+        /// Include each member's state.
+        #[arg(long)]
+        state: bool,
+        channel: String,
+    },
+    /// The channels a user has joined.
+    Where {
+        /// Who asks.
+        #[arg(long, default_value = "cli")]
+        user: String,
+        /// The user to locate.
+        target: String,
+    },
+    /// Print a channel's events without joining, until Ctrl-C.
+    WatchChannel {
+        #[arg(long, default_value = "cli")]
+        user: String,
+        channel: String,
+    },
     /// Send a directed presence to some users.
     Direct {
         #[arg(long)]
@@ -161,6 +203,65 @@ fn presence_json(p: &pb::Presence) -> Value {
         "version": p.version,
         "user_data": p.user_data,
     })
+}
+
+fn member_json(m: &pb::ChannelMember) -> Value {
+    json!({
+        "user": m.user_id,
+        "device": m.device_id,
+        "state": m.state,
+        "joined_at_ms": m.joined_at_ms,
+    })
+}
+
+fn channel_event_json(e: &pb::ChannelEvent) -> Value {
+    let kind = pb::ChannelEventKind::try_from(e.kind)
+        .map(|k| {
+            k.as_str_name()
+                .trim_start_matches("CHANNEL_EVENT_KIND_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unspecified".into());
+    let members = |list: &[pb::ChannelMember]| list.iter().map(member_json).collect::<Vec<_>>();
+    json!({
+        "channel": e.channel,
+        "event": kind,
+        "member": e.member.as_ref().map(member_json),
+        "occupancy": e.occupancy,
+        "interval": e.interval.as_ref().map(|i| json!({
+            "joins": members(&i.joins),
+            "leaves": members(&i.leaves),
+            "timeouts": members(&i.timeouts),
+            "state_changes": members(&i.state_changes),
+        })),
+    })
+}
+
+fn parse_state(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--state takes key=value, got {pair:?}"))
+        })
+        .collect()
+}
+
+/// Prints channel events until Ctrl-C, then disconnects.
+async fn print_channel_events(mut client: Client) -> anyhow::Result<()> {
+    loop {
+        tokio::select! {
+            event = client.next_channel_event() => match event {
+                Ok(e) => print(channel_event_json(&e)),
+                Err(e) => bail!("{e}"),
+            },
+            _ = tokio::signal::ctrl_c() => {
+                client.disconnect().await?;
+                return Ok(());
+            }
+        }
+    }
 }
 
 fn event_json(e: &pb::PresenceEvent) -> Value {
@@ -289,12 +390,7 @@ async fn main() -> anyhow::Result<()> {
             if let Some(a) = availability {
                 change.availability = parse_availability(a)?;
             }
-            for pair in state {
-                let (k, v) = pair
-                    .split_once('=')
-                    .with_context(|| format!("--state takes key=value, got {pair:?}"))?;
-                change.state.insert(k.to_string(), v.to_string());
-            }
+            change.state.extend(parse_state(state)?);
             let client = cli.connect(user).await?;
             let presence = client.set_presence(change).await?;
             print(presence_json(&presence));
@@ -338,6 +434,70 @@ async fn main() -> anyhow::Result<()> {
                 print(json!({"user": s.user_id, "expires_at_ms": s.expires_at_ms}));
             }
             client.disconnect().await?;
+        }
+        Command::Join {
+            user,
+            state,
+            channel,
+        } => {
+            let pairs = parse_state(state)?;
+            let refs: Vec<(&str, &str)> = pairs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            let client = cli.connect(user).await?;
+            let r = client.join(channel, &refs).await?;
+            print(json!({"joined": r.channel, "occupancy": r.occupancy, "state": r.state}));
+            print_channel_events(client).await?;
+        }
+        Command::Leave { user, channel } => {
+            let client = cli.connect(user).await?;
+            let r = client.leave(channel).await?;
+            print(json!({"left": r.channel, "changed": r.changed, "occupancy": r.occupancy}));
+            client.disconnect().await?;
+        }
+        Command::Who {
+            user,
+            count,
+            state,
+            channel,
+        } => {
+            let client = cli.connect(user).await?;
+            let mode = match (count, state) {
+                (true, _) => pb::WhoNowMode::Count,
+                (false, true) => pb::WhoNowMode::IdsAndState,
+                (false, false) => pb::WhoNowMode::Ids,
+            };
+            let mut cursor = String::new();
+            loop {
+                let page = client.who_now(channel, mode, &cursor, 0).await?;
+                if *count {
+                    print(
+                        json!({"channel": page.channel, "occupancy": page.occupancy, "members": page.member_count}),
+                    );
+                    break;
+                }
+                for m in &page.members {
+                    print(member_json(m));
+                }
+                if page.next_cursor.is_empty() {
+                    break;
+                }
+                cursor = page.next_cursor;
+            }
+            client.disconnect().await?;
+        }
+        Command::Where { user, target } => {
+            let client = cli.connect(user).await?;
+            let channels = client.where_now(target).await?;
+            print(json!({"user": target, "channels": channels}));
+            client.disconnect().await?;
+        }
+        Command::WatchChannel { user, channel } => {
+            let client = cli.connect(user).await?;
+            let r = client.watch_channel(channel).await?;
+            print(json!({"watching": r.channel, "occupancy": r.occupancy}));
+            print_channel_events(client).await?;
         }
         Command::Direct {
             user,

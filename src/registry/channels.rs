@@ -11,8 +11,7 @@ use std::time::Instant;
 
 use super::{DeviceEntry, FanoutTally, Registry, RegistryError, State};
 use crate::model::{
-    merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch,
-    OfflineReason,
+    merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch, OfflineReason,
 };
 use crate::outbound::Item;
 
@@ -149,13 +148,27 @@ impl Registry {
         let first_device = *devices_in == 1;
         let member = ch.view(&key, true);
         let occupancy = ch.occupancy();
-        self.channel_emit(state, channel, ChannelEventKind::Join, member.clone(), Some(conn_id), received_at);
+        self.channel_emit(
+            state,
+            channel,
+            ChannelEventKind::Join,
+            member.clone(),
+            Some(conn_id),
+            received_at,
+        );
         if first_device {
             let user_level = ChannelMember {
                 state: BTreeMap::new(),
                 ..member
             };
-            self.channel_emit(state, channel, ChannelEventKind::Online, user_level, Some(conn_id), received_at);
+            self.channel_emit(
+                state,
+                channel,
+                ChannelEventKind::Online,
+                user_level,
+                Some(conn_id),
+                received_at,
+            );
         }
         Ok(ChannelOutcome {
             occupancy,
@@ -178,7 +191,15 @@ impl Registry {
         let device = device_mut(state, user_id, device_id, conn_id)?;
         let changed = device.joined.remove(channel);
         if changed {
-            self.remove_member(state, channel, user_id, device_id, Departure::Leave, Some(conn_id), received_at);
+            self.remove_member(
+                state,
+                channel,
+                user_id,
+                device_id,
+                Departure::Leave,
+                Some(conn_id),
+                received_at,
+            );
         }
         Ok(ChannelOutcome {
             occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
@@ -284,7 +305,11 @@ impl Registry {
         let Some(entry) = state.users.get(user_id) else {
             return Vec::new();
         };
-        let all: BTreeSet<&String> = entry.devices.values().flat_map(|d| d.joined.iter()).collect();
+        let all: BTreeSet<&String> = entry
+            .devices
+            .values()
+            .flat_map(|d| d.joined.iter())
+            .collect();
         all.into_iter().cloned().collect()
     }
 
@@ -302,9 +327,14 @@ impl Registry {
         received_at: Instant,
     ) -> Result<ChannelMember, RegistryError> {
         let max = self.shared.options.max_state_pairs;
-        self.update_member_state(user_id, device_id, conn_id, channel, received_at, |current| {
-            merge_state(current, changes, replace, max)
-        })
+        self.update_member_state(
+            user_id,
+            device_id,
+            conn_id,
+            channel,
+            received_at,
+            |current| merge_state(current, changes, replace, max),
+        )
     }
 
     /// Removes `keys` (all keys when empty) from the member state.
@@ -317,16 +347,23 @@ impl Registry {
         keys: &[String],
         received_at: Instant,
     ) -> Result<ChannelMember, RegistryError> {
-        self.update_member_state(user_id, device_id, conn_id, channel, received_at, |current| {
-            if keys.is_empty() {
-                return Ok(BTreeMap::new());
-            }
-            let mut next = current.clone();
-            for key in keys {
-                next.remove(key);
-            }
-            Ok(next)
-        })
+        self.update_member_state(
+            user_id,
+            device_id,
+            conn_id,
+            channel,
+            received_at,
+            |current| {
+                if keys.is_empty() {
+                    return Ok(BTreeMap::new());
+                }
+                let mut next = current.clone();
+                for key in keys {
+                    next.remove(key);
+                }
+                Ok(next)
+            },
+        )
     }
 
     fn update_member_state(
@@ -358,7 +395,14 @@ impl Registry {
         member.state = next;
         let view = ch.view(&key, true);
         if changed {
-            self.channel_emit(state, channel, ChannelEventKind::StateChanged, view.clone(), Some(conn_id), received_at);
+            self.channel_emit(
+                state,
+                channel,
+                ChannelEventKind::StateChanged,
+                view.clone(),
+                Some(conn_id),
+                received_at,
+            );
         }
         Ok(view)
     }
@@ -422,7 +466,15 @@ impl Registry {
             _ => Departure::Timeout,
         };
         for channel in &joined {
-            self.remove_member(state, channel, user_id, device_id, departure, None, received_at);
+            self.remove_member(
+                state,
+                channel,
+                user_id,
+                device_id,
+                departure,
+                None,
+                received_at,
+            );
         }
         for channel in &watching {
             remove_watcher(state, channel, user_id, device_id);
@@ -467,13 +519,27 @@ impl Registry {
             Departure::Silent => None,
         };
         if let Some(kind) = kind {
-            self.channel_emit(state, channel, kind, member.clone(), exclude_conn, received_at);
+            self.channel_emit(
+                state,
+                channel,
+                kind,
+                member.clone(),
+                exclude_conn,
+                received_at,
+            );
             if last_device {
                 let user_level = ChannelMember {
                     state: BTreeMap::new(),
                     ..member
                 };
-                self.channel_emit(state, channel, ChannelEventKind::Offline, user_level, exclude_conn, received_at);
+                self.channel_emit(
+                    state,
+                    channel,
+                    ChannelEventKind::Offline,
+                    user_level,
+                    exclude_conn,
+                    received_at,
+                );
             }
         }
         if now_empty {
@@ -526,7 +592,10 @@ impl Registry {
             ChannelEventKind::Online | ChannelEventKind::Offline => {
                 format!("\u{2}{channel}\u{0}{}", member.user_id)
             }
-            _ => format!("\u{2}{channel}\u{0}{}\u{0}{}", member.user_id, member.device_id),
+            _ => format!(
+                "\u{2}{channel}\u{0}{}\u{0}{}",
+                member.user_id, member.device_id
+            ),
         };
         let view = ChannelEventView {
             channel,
@@ -538,7 +607,13 @@ impl Registry {
         self.channel_deliver(state, channel, &view, &key, exclude_conn, received_at);
     }
 
-    fn deliver_interval(&self, state: &mut State, channel: &str, batch: &IntervalBatch, received_at: Instant) {
+    fn deliver_interval(
+        &self,
+        state: &mut State,
+        channel: &str,
+        batch: &IntervalBatch,
+        received_at: Instant,
+    ) {
         if batch.is_empty() {
             return;
         }

@@ -19,8 +19,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::model::{
-    Availability, ChannelEventView, CloseKind, DeviceSnapshot, EventKind, EventView,
-    OfflineReason, PresenceChange, PresenceSnapshot,
+    Availability, ChannelEventView, CloseKind, DeviceSnapshot, EventKind, EventView, OfflineReason,
+    PresenceChange, PresenceSnapshot,
 };
 use crate::outbound::{Item, Outbound, Pushed};
 use crate::store::SubscriptionStore;

@@ -20,6 +20,7 @@ pub struct Broker {
     pub metrics_addr: Option<SocketAddr>,
     pub plain_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
+    pub registry: presenced::registry::Registry,
     pub task: Option<JoinHandle<()>>,
     pub data_dir: tempfile::TempDir,
 }
@@ -70,6 +71,7 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
     let addr = server.local_addr();
     let metrics_addr = server.metrics_addr();
     let plain_addr = server.plain_addr();
+    let registry = server.registry();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
@@ -80,6 +82,7 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
         metrics_addr,
         plain_addr,
         shutdown,
+        registry,
         task: Some(task),
         data_dir,
     }
@@ -197,4 +200,8 @@ pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spaw
         addr,
         early_log,
     }
+}
+
+pub fn channel_kind(e: &presenced::pb::ChannelEvent) -> presenced::pb::ChannelEventKind {
+    presenced::pb::ChannelEventKind::try_from(e.kind).unwrap()
 }
