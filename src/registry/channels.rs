@@ -692,3 +692,92 @@ impl Registry {
         (state.channels.len(), state.channel_watchers.len())
     }
 }
+
+impl Registry {
+    /// Checks the registry's internal consistency: every user has a device, each connection
+    /// owns at most one device, memberships and watches agree in both directions, channel user
+    /// counts match their members, and no empty channel or watcher list is kept. For fuzzing
+    /// and tests; takes the lock once.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let state = self.state();
+        let mut conns = std::collections::HashSet::new();
+        for (user, entry) in &state.users {
+            if entry.devices.is_empty() {
+                return Err(format!("user {user} kept with no device"));
+            }
+            for (device, d) in &entry.devices {
+                if !conns.insert(d.conn_id) {
+                    return Err(format!("connection {} owns two devices", d.conn_id));
+                }
+                if d.outbound.is_some() == d.lingering.is_some() {
+                    return Err(format!("{user}/{device} is both live and lingering, or neither"));
+                }
+                for channel in &d.joined {
+                    let member = state
+                        .channels
+                        .get(channel)
+                        .is_some_and(|c| c.members.contains_key(&(user.clone(), device.clone())));
+                    if !member {
+                        return Err(format!("{user}/{device} joined {channel} but is no member"));
+                    }
+                }
+                for channel in &d.watching {
+                    let watching = state
+                        .channel_watchers
+                        .get(channel)
+                        .is_some_and(|w| w.contains(&(user.clone(), device.clone())));
+                    if !watching {
+                        return Err(format!("{user}/{device} watches {channel} but is not listed"));
+                    }
+                }
+            }
+        }
+        for (name, ch) in &state.channels {
+            if ch.members.is_empty() {
+                return Err(format!("channel {name} kept with no member"));
+            }
+            let mut per_user: HashMap<&str, u32> = HashMap::new();
+            for (user, device) in ch.members.keys() {
+                let joined = state
+                    .users
+                    .get(user)
+                    .and_then(|e| e.devices.get(device))
+                    .is_some_and(|d| d.joined.contains(name));
+                if !joined {
+                    return Err(format!("ghost member {user}/{device} in {name}"));
+                }
+                *per_user.entry(user).or_default() += 1;
+            }
+            let counted: HashMap<&str, u32> =
+                ch.users.iter().map(|(u, n)| (u.as_str(), *n)).collect();
+            if counted != per_user {
+                return Err(format!("channel {name} user counts {counted:?} != members {per_user:?}"));
+            }
+        }
+        for (name, watchers) in &state.channel_watchers {
+            if watchers.is_empty() {
+                return Err(format!("empty watcher list kept for {name}"));
+            }
+            for (user, device) in watchers {
+                let watching = state
+                    .users
+                    .get(user)
+                    .and_then(|e| e.devices.get(device))
+                    .is_some_and(|d| d.watching.contains(name));
+                if !watching {
+                    return Err(format!("ghost watcher {user}/{device} of {name}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The connection that owns (user, device), if any (for fuzzing and tests).
+    pub fn owner_of(&self, user_id: &str, device_id: &str) -> Option<u64> {
+        self.state()
+            .users
+            .get(user_id)
+            .and_then(|e| e.devices.get(device_id))
+            .map(|d| d.conn_id)
+    }
+}

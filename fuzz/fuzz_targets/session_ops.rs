@@ -1,0 +1,215 @@
+//! Structure-aware sequences of session operations (connect, take over, publish, subscribe,
+//! join, watch, set channel state, disconnect, lose the connection, time out, kick, drain)
+//! driven against the real registry, with its invariants checked after every step: exactly one
+//! live session per (user, device), no ghost members or watchers, channel counts that match.
+#![no_main]
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arbitrary::Arbitrary;
+use futures_util::FutureExt;
+use libfuzzer_sys::fuzz_target;
+use presenced::model::{Availability, OfflineReason, PresenceChange};
+use presenced::outbound::Outbound;
+use presenced::registry::{Attach, Registry, RegistryOptions};
+use presenced::store::MemoryStore;
+use presenced::wire::ProtoEncoder;
+
+#[derive(Debug, Arbitrary)]
+enum Op {
+    Connect { user: u8, device: u8, away: bool },
+    Publish { conn: u8, status: u8, key: u8, value: u8 },
+    Subscribe { conn: u8, target: u8 },
+    Unsubscribe { conn: u8, target: u8 },
+    Join { conn: u8, channel: u8, key: u8 },
+    Leave { conn: u8, channel: u8 },
+    Watch { conn: u8, channel: u8 },
+    Unwatch { conn: u8, channel: u8 },
+    SetChannelState { conn: u8, channel: u8, key: u8, value: u8 },
+    Directed { conn: u8, target: u8 },
+    Disconnect { conn: u8 },
+    Lose { conn: u8 },
+    Expire { conn: u8 },
+    Kick { conn: u8 },
+    FlushIntervals,
+    Drain { conn: u8 },
+}
+
+struct Conn {
+    user: String,
+    device: String,
+    outbound: Outbound,
+    lingering: bool,
+    removed: bool,
+}
+
+fn kv(key: u8, value: u8) -> BTreeMap<String, String> {
+    let value = if value % 4 == 0 { String::new() } else { format!("v{value}") };
+    BTreeMap::from([(format!("k{}", key % 6), value)])
+}
+
+fuzz_target!(|ops: Vec<Op>| {
+    let registry = Registry::new(
+        Arc::new(MemoryStore::new()),
+        Arc::new(ProtoEncoder),
+        RegistryOptions {
+            max_state_pairs: 4,
+            offline_broadcast: true,
+            max_joined_channels: 2,
+            max_watched_channels: 2,
+            announce_threshold: 2,
+        },
+    );
+    let store = registry.store().clone();
+    let mut conns: Vec<Conn> = Vec::new();
+    // (user, device) → index of the connection attached last.
+    let mut latest: HashMap<(String, String), usize> = HashMap::new();
+    for op in ops.into_iter().take(300) {
+        let now = Instant::now();
+        let pick = |conn: u8, conns: &[Conn]| -> Option<usize> {
+            (!conns.is_empty()).then(|| conn as usize % conns.len())
+        };
+        let channel = |c: u8| format!("c{}", c % 3);
+        match op {
+            Op::Connect { user, device, away } => {
+                let (user, device) = (format!("u{}", user % 4), format!("d{}", device % 3));
+                let id = conns.len() as u64 + 1;
+                let outbound = Outbound::new(id, 3, 6);
+                let initial = away.then(|| PresenceChange {
+                    availability: Some(Availability::Away),
+                    ..Default::default()
+                });
+                registry
+                    .attach(Attach {
+                        user_id: user.clone(),
+                        device_id: device.clone(),
+                        platform: "fuzz".into(),
+                        outbound: outbound.clone(),
+                        initial,
+                        user_data: BTreeMap::new(),
+                        received_at: now,
+                    })
+                    .expect("attach with valid initial presence");
+                latest.insert((user.clone(), device.clone()), conns.len());
+                conns.push(Conn { user, device, outbound, lingering: false, removed: false });
+            }
+            Op::Publish { conn, status, key, value } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let change = PresenceChange {
+                        status: Some(format!("s{status}")),
+                        state: kv(key, value),
+                        ..Default::default()
+                    };
+                    let _ = registry.publish(&c.user, &c.device, c.outbound.id(), &change, now);
+                }
+            }
+            Op::Subscribe { conn, target } | Op::Unsubscribe { conn, target } if conns.is_empty() => {
+                let _ = (conn, target);
+            }
+            Op::Subscribe { conn, target } => {
+                let c = &conns[conn as usize % conns.len()];
+                let target = format!("u{}", target % 4);
+                if target != c.user {
+                    store.subscribe(&c.user, &[target], u64::MAX, 0, 3).expect("memory store");
+                }
+            }
+            Op::Unsubscribe { conn, target } => {
+                let c = &conns[conn as usize % conns.len()];
+                store.unsubscribe(&c.user, &[format!("u{}", target % 4)], 0).expect("memory store");
+            }
+            Op::Join { conn, channel: ch, key } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.join_channel(&c.user, &c.device, c.outbound.id(), &channel(ch), kv(key, 1), now);
+                }
+            }
+            Op::Leave { conn, channel: ch } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.leave_channel(&c.user, &c.device, c.outbound.id(), &channel(ch), now);
+                }
+            }
+            Op::Watch { conn, channel: ch } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.watch_channel(&c.user, &c.device, c.outbound.id(), &channel(ch));
+                }
+            }
+            Op::Unwatch { conn, channel: ch } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.unwatch_channel(&c.user, &c.device, c.outbound.id(), &channel(ch));
+                }
+            }
+            Op::SetChannelState { conn, channel: ch, key, value } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.set_channel_state(&c.user, &c.device, c.outbound.id(), &channel(ch), &kv(key, value), false, now);
+                }
+            }
+            Op::Directed { conn, target } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.direct(&c.user, &c.device, &[format!("u{}", target % 4)], &PresenceChange::default(), now);
+                }
+            }
+            Op::Disconnect { conn } | Op::Kick { conn } if conns.is_empty() => {
+                let _ = conn;
+            }
+            Op::Disconnect { conn } => {
+                let i = conn as usize % conns.len();
+                let owner = registry.owner_of(&conns[i].user, &conns[i].device) == Some(conns[i].outbound.id());
+                let c = &mut conns[i];
+                registry.detach(&c.user, &c.device, c.outbound.id(), OfflineReason::Disconnect, now);
+                c.removed |= owner;
+            }
+            Op::Kick { conn } => {
+                let i = conn as usize % conns.len();
+                let owner = registry.owner_of(&conns[i].user, &conns[i].device) == Some(conns[i].outbound.id());
+                let c = &mut conns[i];
+                registry.detach(&c.user, &c.device, c.outbound.id(), OfflineReason::Kicked, now);
+                c.removed |= owner;
+            }
+            Op::Lose { conn } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &mut conns[i];
+                    if registry.linger(&c.user, &c.device, c.outbound.id(), OfflineReason::ConnectionLost) {
+                        c.lingering = true;
+                    }
+                }
+            }
+            Op::Expire { conn } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let owner = registry.owner_of(&conns[i].user, &conns[i].device) == Some(conns[i].outbound.id());
+                    let c = &mut conns[i];
+                    registry.expire_lingering(&c.user, &c.device, c.outbound.id(), now);
+                    c.removed |= owner && c.lingering;
+                }
+            }
+            Op::FlushIntervals => registry.flush_channel_intervals(now),
+            Op::Drain { conn } => {
+                if let Some(i) = pick(conn, &conns) {
+                    while let Some(Some(batch)) = conns[i].outbound.next_batch(1 << 16).now_or_never() {
+                        if batch.closing {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(broken) = registry.check_invariants() {
+            panic!("invariant broken: {broken}");
+        }
+        for ((user, device), &i) in &latest {
+            let expected = (!conns[i].removed).then(|| conns[i].outbound.id());
+            assert_eq!(
+                registry.owner_of(user, device),
+                expected,
+                "{user}/{device} must be owned by its latest live connection"
+            );
+        }
+    }
+});
