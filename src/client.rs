@@ -75,6 +75,8 @@ pub struct ClientOptions {
     pub user_data: std::collections::BTreeMap<String, String>,
     /// Events buffered before the client stops reading its socket.
     pub event_capacity: usize,
+    /// Local address to connect from (any loopback address, for tests of per-address limits).
+    pub local_addr: Option<SocketAddr>,
 }
 
 impl ClientOptions {
@@ -91,6 +93,7 @@ impl ClientOptions {
             initial_presence: None,
             user_data: Default::default(),
             event_capacity: 1024,
+            local_addr: None,
         }
     }
 
@@ -107,7 +110,28 @@ pub async fn tls_connect(
     server_name: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<TlsStream<TcpStream>, ClientError> {
-    let tcp = TcpStream::connect(addr).await?;
+    tls_connect_from(None, addr, server_name, config).await
+}
+
+/// Opens a TLS connection from `local` (when given) to `addr`.
+pub async fn tls_connect_from(
+    local: Option<SocketAddr>,
+    addr: SocketAddr,
+    server_name: &str,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, ClientError> {
+    let tcp = match local {
+        Some(local) => {
+            let socket = if local.is_ipv4() {
+                tokio::net::TcpSocket::new_v4()?
+            } else {
+                tokio::net::TcpSocket::new_v6()?
+            };
+            socket.bind(local)?;
+            socket.connect(addr).await?
+        }
+        None => TcpStream::connect(addr).await?,
+    };
     tcp.set_nodelay(true)?;
     let name = tls::server_name(server_name)?;
     Ok(TlsConnector::from(config).connect(name, tcp).await?)
@@ -146,7 +170,13 @@ impl Client {
     /// Connects, authenticates and waits for ConnAck. A refused Connect is
     /// `ClientError::Server` with the server's error.
     pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
-        let stream = tls_connect(options.addr, &options.server_name, options.tls.clone()).await?;
+        let stream = tls_connect_from(
+            options.local_addr,
+            options.addr,
+            &options.server_name,
+            options.tls.clone(),
+        )
+        .await?;
         let (read_half, write_half) = tokio::io::split(stream);
         let mut writer = FramedWrite::new(write_half, ClientCodec::new(MAX_SERVER_FRAME));
         let mut reader = FramedRead::new(read_half, ClientCodec::new(MAX_SERVER_FRAME));

@@ -40,6 +40,16 @@ impl RequestError {
         }
     }
 
+    /// True for refusals of the token itself (counted towards bans).
+    pub fn is_auth_failure(&self) -> bool {
+        matches!(
+            self.code,
+            pb::ErrorCode::Unauthenticated
+                | pb::ErrorCode::BadSignature
+                | pb::ErrorCode::TokenExpired
+        )
+    }
+
     /// The error frame for `operation`.
     pub fn to_body(&self, operation: &str) -> ServerBody {
         ServerBody::Error(pb::Error {

@@ -239,6 +239,25 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// TLS handshakes in flight at once.
     pub max_handshakes_in_flight: u32,
+    /// New connections accepted per second (beyond the burst).
+    pub accept_rate_per_sec: u32,
+    /// Accept burst.
+    pub accept_burst: u32,
+    /// Requests whose replies are not yet written, per connection, before the broker stops
+    /// reading that connection.
+    pub max_requests_in_flight: u32,
+    /// Failed Connects from one address within the window that ban it.
+    pub auth_failures_before_ban: u32,
+    /// The window for counting failed Connects, seconds.
+    pub auth_failure_window_secs: u64,
+    /// How long a ban lasts, seconds.
+    pub auth_ban_secs: u64,
+    /// Delay added to a refusal per recent failure from the same address, milliseconds.
+    pub auth_failure_delay_ms: u64,
+    /// Longest refusal delay, milliseconds.
+    pub auth_failure_max_delay_ms: u64,
+    /// Addresses the failure tracker remembers at most.
+    pub auth_max_tracked_addresses: u32,
 }
 
 impl Default for LimitsConfig {
@@ -263,6 +282,15 @@ impl Default for LimitsConfig {
             request_burst: 200,
             max_connections: 100_000,
             max_handshakes_in_flight: 256,
+            accept_rate_per_sec: 1_000,
+            accept_burst: 2_000,
+            max_requests_in_flight: 32,
+            auth_failures_before_ban: 10,
+            auth_failure_window_secs: 60,
+            auth_ban_secs: 300,
+            auth_failure_delay_ms: 200,
+            auth_failure_max_delay_ms: 2_000,
+            auth_max_tracked_addresses: 100_000,
         }
     }
 }
@@ -397,6 +425,17 @@ impl Config {
                 "limits.max_handshakes_in_flight",
                 l.max_handshakes_in_flight,
             ),
+            ("limits.accept_rate_per_sec", l.accept_rate_per_sec),
+            ("limits.accept_burst", l.accept_burst),
+            ("limits.max_requests_in_flight", l.max_requests_in_flight),
+            (
+                "limits.auth_failures_before_ban",
+                l.auth_failures_before_ban,
+            ),
+            (
+                "limits.auth_max_tracked_addresses",
+                l.auth_max_tracked_addresses,
+            ),
             ("fanout.queue_capacity", self.fanout.queue_capacity),
             (
                 "channels.max_joined_per_connection",
@@ -433,6 +472,19 @@ impl Config {
     pub fn grace_period(&self) -> Duration {
         Duration::from_millis(self.session.grace_period_ms)
     }
+    /// The auth-failure guard's settings.
+    pub fn auth_guard(&self) -> crate::auth_guard::AuthGuardConfig {
+        let l = &self.limits;
+        crate::auth_guard::AuthGuardConfig {
+            failures_before_ban: l.auth_failures_before_ban,
+            window: Duration::from_secs(l.auth_failure_window_secs),
+            ban: Duration::from_secs(l.auth_ban_secs),
+            delay_per_failure: Duration::from_millis(l.auth_failure_delay_ms),
+            max_delay: Duration::from_millis(l.auth_failure_max_delay_ms),
+            max_tracked: l.auth_max_tracked_addresses as usize,
+        }
+    }
+
     /// See [`FanoutConfig::slow_consumer_timeout_ms`].
     pub fn slow_consumer_timeout(&self) -> Duration {
         Duration::from_millis(self.fanout.slow_consumer_timeout_ms)

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
+use crate::auth_guard::AuthGuard;
 use crate::codec::{CodecError, DelimitedCodec};
 use crate::command::{self, Command, RequestError, Session, TokenBucket};
 use crate::config::Config;
@@ -61,6 +62,8 @@ pub struct ConnectionContext {
     pub next_conn_id: AtomicU64,
     /// Group commit for subscription changes.
     pub committer: Committer,
+    /// Failed-Connect delays and bans per address.
+    pub auth_guard: AuthGuard,
 }
 
 /// Decrements the connections gauge when the session ends, however it ends.
@@ -141,7 +144,12 @@ pub async fn run_session<S>(
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let parked_limit =
         config.limits.max_subscriptions as usize + config.limits.max_ids_per_request as usize;
-    let outbound = Outbound::new(conn_id, config.fanout.queue_capacity as usize, parked_limit);
+    let outbound = Outbound::new(
+        conn_id,
+        config.fanout.queue_capacity as usize,
+        parked_limit,
+        config.limits.max_requests_in_flight as usize,
+    );
     let (read_half, write_half) = tokio::io::split(stream);
     let writer = ctx.tracker.spawn(write_loop(
         write_half,
@@ -154,7 +162,7 @@ pub async fn run_session<S>(
         READ_BUFFER_BYTES,
     );
     let mut session = None;
-    let end = read_loop(&mut reader, &mut session, &outbound, &ctx).await;
+    let end = read_loop(&mut reader, &mut session, &outbound, &ctx, peer).await;
     drop(reader);
 
     let received_at = Instant::now();
@@ -267,6 +275,7 @@ async fn read_loop<R>(
     session: &mut Option<Session>,
     outbound: &Outbound,
     ctx: &ConnectionContext,
+    peer: SocketAddr,
 ) -> End
 where
     R: AsyncRead + Unpin,
@@ -285,7 +294,7 @@ where
     loop {
         // Replies are never dropped, so a client that sends requests without reading replies
         // is made to wait here; its socket then stalls and the writer's deadline ends it.
-        if outbound.is_full() {
+        if outbound.is_backlogged() {
             tokio::select! {
                 _ = outbound.wait_for_space() => {}
                 _ = ctx.shutdown.cancelled() => return End::Shutdown,
@@ -330,9 +339,30 @@ where
         } else {
             Some(now)
         };
-        match handle_frame(frame, reader, session, outbound, ctx, &mut request_bucket) {
+        match handle_frame(
+            frame,
+            reader,
+            session,
+            outbound,
+            ctx,
+            &mut request_bucket,
+            peer,
+        ) {
             Step::Continue => {}
             Step::End(end) => return end,
+            Step::Refuse {
+                delay,
+                request_id,
+                error,
+            } => {
+                // Slows down guessing: the refusal (and the connection) waits out the delay.
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = ctx.shutdown.cancelled() => return End::Shutdown,
+                }
+                push_error(outbound, request_id, "connect", &error);
+                return End::Close(CloseKind::AuthFailed, error.reason);
+            }
             Step::ReplyWhenDurable {
                 request_id,
                 operation,
@@ -385,6 +415,12 @@ enum Step {
     Continue,
     /// End the session.
     End(End),
+    /// Refuse a Connect after `delay`, then close.
+    Refuse {
+        delay: Duration,
+        request_id: u64,
+        error: RequestError,
+    },
     /// Send `body` once the store has flushed: acknowledged means on disk.
     ReplyWhenDurable {
         request_id: u64,
@@ -400,6 +436,7 @@ fn handle_frame<R>(
     outbound: &Outbound,
     ctx: &ConnectionContext,
     request_bucket: &mut TokenBucket,
+    peer: SocketAddr,
 ) -> Step {
     let received_at = Instant::now();
     let request_id = frame.request_id;
@@ -410,6 +447,18 @@ fn handle_frame<R>(
     let Some(current) = session else {
         return match command {
             Ok(Command::Connect(request)) => {
+                if let Err(remaining) = ctx.auth_guard.check(peer.ip(), received_at) {
+                    metrics::counter!(m::AUTH_FAILURES, "reason" => "banned").increment(1);
+                    return Step::Refuse {
+                        delay: Duration::ZERO,
+                        request_id,
+                        error: RequestError {
+                            code: pb::ErrorCode::Banned,
+                            reason: "too many failed logins from this address".into(),
+                            retry_after_ms: (remaining.as_millis() as u64).max(1),
+                        },
+                    };
+                }
                 match command::connect(
                     request,
                     &ctx.verifier,
@@ -425,6 +474,17 @@ fn handle_frame<R>(
                             .set_max_frame_bytes(limits.max_frame_bytes as usize);
                         *session = Some(new_session);
                         Step::Continue
+                    }
+                    Err(e) if e.is_auth_failure() => {
+                        let refusal = ctx.auth_guard.record_failure(peer.ip(), received_at);
+                        if refusal.banned {
+                            tracing::warn!(%peer, "address banned after repeated failed logins");
+                        }
+                        Step::Refuse {
+                            delay: refusal.delay,
+                            request_id,
+                            error: e,
+                        }
                     }
                     Err(e) => {
                         push_error(outbound, request_id, "connect", &e);

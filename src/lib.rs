@@ -15,6 +15,7 @@
 //! | [`outbound`] | each connection's bounded outbound queue with coalescing |
 //! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
+//! | [`auth_guard`] | per-address auth-failure delays and temporary bans |
 //! | [`tls`] | certificates → `rustls` configs |
 //! | [`connection`] | one task per client: handshake, session, reader loop, writer task |
 //! | [`server`] | listener, connection permits, shutdown |
@@ -23,6 +24,7 @@
 //! | [`client`] | the Rust client used by the tests, `presencectl` and benchmarks |
 
 pub mod auth;
+pub mod auth_guard;
 pub mod client;
 pub mod codec;
 pub mod command;

@@ -80,6 +80,8 @@ struct QueueState {
     closing: bool,
     /// The close frame was handed to the writer.
     finished: bool,
+    /// Replies queued but not yet handed to the writer.
+    replies_pending: usize,
 }
 
 #[derive(Debug)]
@@ -95,6 +97,8 @@ struct Shared {
     capacity: usize,
     /// Most keys that may be parked at once.
     parked_limit: usize,
+    /// Unwritten replies beyond which the connection stops reading requests.
+    max_replies: usize,
     /// Connection id, unique in this process.
     id: u64,
 }
@@ -106,8 +110,9 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    /// A queue of `capacity` frames that parks at most `parked_limit` keys.
-    pub fn new(id: u64, capacity: usize, parked_limit: usize) -> Outbound {
+    /// A queue of `capacity` frames that parks at most `parked_limit` keys; the connection
+    /// waits once `max_replies` replies are unwritten.
+    pub fn new(id: u64, capacity: usize, parked_limit: usize, max_replies: usize) -> Outbound {
         Outbound {
             shared: Arc::new(Shared {
                 state: Mutex::new(QueueState::default()),
@@ -116,6 +121,7 @@ impl Outbound {
                 closed: CancellationToken::new(),
                 capacity: capacity.max(1),
                 parked_limit,
+                max_replies: max_replies.max(1),
                 id,
             }),
         }
@@ -163,21 +169,24 @@ impl Outbound {
             return false;
         }
         state.fifo.push_back(item);
+        state.replies_pending += 1;
         drop(state);
         self.shared.ready.notify_one();
         true
     }
 
-    /// True while the FIFO holds at least its capacity.
-    pub fn is_full(&self) -> bool {
-        self.state().fifo.len() >= self.shared.capacity
+    /// True while the FIFO holds at least its capacity or too many replies are unwritten: the
+    /// connection should not read another request yet.
+    pub fn is_backlogged(&self) -> bool {
+        let state = self.state();
+        state.fifo.len() >= self.shared.capacity || state.replies_pending >= self.shared.max_replies
     }
 
     /// Waits until the FIFO is below capacity or closing started. Cancel-safe.
     pub async fn wait_for_space(&self) {
         loop {
             let space = self.shared.space.notified();
-            if !self.is_full() || self.shared.closed.is_cancelled() {
+            if !self.is_backlogged() || self.shared.closed.is_cancelled() {
                 return;
             }
             tokio::select! {
@@ -242,6 +251,9 @@ impl Outbound {
             }
             bytes += item.bytes.len();
             let item = state.fifo.pop_front()?;
+            if item.received_at.is_none() {
+                state.replies_pending = state.replies_pending.saturating_sub(1);
+            }
             batch.items.push(item);
         }
         // Parked events go out only once the FIFO has drained, after everything queued before.
@@ -288,7 +300,7 @@ mod tests {
 
     #[tokio::test]
     async fn full_queue_parks_latest_per_key_and_keeps_per_key_order() {
-        let q = Outbound::new(1, 2, 10);
+        let q = Outbound::new(1, 2, 10, 32);
         assert_eq!(q.push_event("a", ev("a1")), Pushed::Queued);
         assert_eq!(q.push_event("b", ev("b1")), Pushed::Queued);
         assert_eq!(q.push_event("a", ev("a2")), Pushed::Coalesced);
@@ -302,7 +314,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_key_that_is_parked_is_never_overtaken() {
-        let q = Outbound::new(1, 1, 10);
+        let q = Outbound::new(1, 1, 10, 32);
         q.push_event("x", ev("x1"));
         q.push_event("a", ev("a1")); // parked: fifo full
         let batch = q.next_batch(2).await.unwrap(); // only x1 fits
@@ -314,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn overflow_when_parking_is_full() {
-        let q = Outbound::new(1, 1, 1);
+        let q = Outbound::new(1, 1, 1, 32);
         q.push_event("a", ev("a"));
         q.push_event("b", ev("b"));
         assert_eq!(q.push_event("c", ev("c")), Pushed::Overflow);
@@ -322,7 +334,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_writes_queued_then_close_frame_then_ends() {
-        let q = Outbound::new(1, 4, 4);
+        let q = Outbound::new(1, 4, 4, 32);
         q.push_reply(ev("r1"));
         assert!(q.close(Some(ev("bye"))));
         assert!(!q.close(Some(ev("again"))));
@@ -336,14 +348,30 @@ mod tests {
 
     #[tokio::test]
     async fn wait_for_space_returns_after_drain() {
-        let q = Outbound::new(1, 1, 1);
+        let q = Outbound::new(1, 1, 1, 32);
         q.push_reply(ev("r1"));
-        assert!(q.is_full());
+        assert!(q.is_backlogged());
         let waiter = {
             let q = q.clone();
             tokio::spawn(async move { q.wait_for_space().await })
         };
         q.next_batch(1 << 20).await.unwrap();
         waiter.await.unwrap();
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unwritten_replies_hold_the_reader_back() {
+        let q = Outbound::new(1, 100, 1, 2);
+        q.push_reply(Item::reply(Bytes::from_static(b"a"), "pong"));
+        assert!(!q.is_backlogged());
+        q.push_reply(Item::reply(Bytes::from_static(b"b"), "pong"));
+        assert!(q.is_backlogged(), "two replies unwritten: the limit");
+        q.next_batch(1 << 20).await.unwrap();
+        assert!(!q.is_backlogged());
     }
 }

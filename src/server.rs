@@ -17,6 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
+use crate::auth_guard::AuthGuard;
+use crate::command::TokenBucket;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::metrics as m;
@@ -111,6 +113,7 @@ impl Server {
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
             committer,
+            auth_guard: AuthGuard::new(config.auth_guard()),
             registry,
             config: Arc::new(config),
         });
@@ -197,6 +200,12 @@ async fn accept_loop(
     ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
 ) {
+    let limits = &ctx.config.limits;
+    let mut accept_bucket = TokenBucket::new(
+        limits.accept_rate_per_sec,
+        limits.accept_burst,
+        std::time::Instant::now(),
+    );
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -211,6 +220,11 @@ async fn accept_loop(
                 continue;
             }
         };
+        if accept_bucket.take(std::time::Instant::now()).is_err() {
+            metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "accept_rate").increment(1);
+            drop(socket);
+            continue;
+        }
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
             drop(socket);

@@ -76,7 +76,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Connect { user, device, away } => {
                 let (user, device) = (format!("u{}", user % 4), format!("d{}", device % 3));
                 let id = conns.len() as u64 + 1;
-                let outbound = Outbound::new(id, 3, 6);
+                let outbound = Outbound::new(id, 3, 6, 4);
                 let initial = away.then(|| PresenceChange {
                     availability: Some(Availability::Away),
                     ..Default::default()

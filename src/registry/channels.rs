@@ -710,7 +710,9 @@ impl Registry {
                     return Err(format!("connection {} owns two devices", d.conn_id));
                 }
                 if d.outbound.is_some() == d.lingering.is_some() {
-                    return Err(format!("{user}/{device} is both live and lingering, or neither"));
+                    return Err(format!(
+                        "{user}/{device} is both live and lingering, or neither"
+                    ));
                 }
                 for channel in &d.joined {
                     let member = state
@@ -727,7 +729,9 @@ impl Registry {
                         .get(channel)
                         .is_some_and(|w| w.contains(&(user.clone(), device.clone())));
                     if !watching {
-                        return Err(format!("{user}/{device} watches {channel} but is not listed"));
+                        return Err(format!(
+                            "{user}/{device} watches {channel} but is not listed"
+                        ));
                     }
                 }
             }
@@ -751,7 +755,9 @@ impl Registry {
             let counted: HashMap<&str, u32> =
                 ch.users.iter().map(|(u, n)| (u.as_str(), *n)).collect();
             if counted != per_user {
-                return Err(format!("channel {name} user counts {counted:?} != members {per_user:?}"));
+                return Err(format!(
+                    "channel {name} user counts {counted:?} != members {per_user:?}"
+                ));
             }
         }
         for (name, watchers) in &state.channel_watchers {

@@ -8,7 +8,7 @@
 
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::{
     publish_gauge, Edges, StoreError, SubscribeOutcome, SubscriptionPage, SubscriptionStore,
@@ -66,14 +66,7 @@ impl SledStore {
             .path(path)
             .flush_every_ms(Some(500))
             .cache_capacity(64 * 1024 * 1024);
-        // sled 0.34 can panic instead of returning an error on some damaged files; at open that
-        // must become a clear error, not a crash loop.
-        let db = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|_| StoreError::Corrupt {
-                path: shown.clone(),
-                detail: "the storage engine could not read its files".into(),
-            })?
-            .map_err(|e| classify(&shown, e))?;
+        let db = open_with_lock_retry(&config, &shown)?;
         let tree = |name: &str| db.open_tree(name).map_err(|e| classify(&shown, e));
         let meta = tree(META_TREE)?;
         let edges_tree = tree(EDGES_TREE)?;
@@ -157,6 +150,42 @@ impl SledStore {
         self.edges_tree
             .apply_batch(batch)
             .map_err(|e| self.backend(e))
+    }
+}
+
+/// How long to wait for the folder's file lock: a store dropped in this process a moment ago
+/// releases it from sled's background thread.
+const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+fn is_lock_conflict(e: &sled::Error) -> bool {
+    // sled 0.34 reports a held lock as a generic I/O error with this text.
+    matches!(e, sled::Error::Io(io) if io.kind() == std::io::ErrorKind::WouldBlock
+        || io.to_string().contains("could not acquire lock"))
+}
+
+fn open_with_lock_retry(config: &sled::Config, shown: &str) -> Result<sled::Db, StoreError> {
+    let started = Instant::now();
+    loop {
+        // sled 0.34 can panic instead of returning an error on some damaged files; at open that
+        // must become a clear error, not a crash loop.
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
+            .map_err(|_| StoreError::Corrupt {
+                path: shown.to_string(),
+                detail: "the storage engine could not read its files".into(),
+            })?;
+        match opened {
+            Ok(db) => return Ok(db),
+            Err(e) if is_lock_conflict(&e) && started.elapsed() < LOCK_WAIT => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) if is_lock_conflict(&e) => {
+                return Err(StoreError::Open {
+                    path: shown.to_string(),
+                    detail: "in use by another process (its lock is held)".into(),
+                })
+            }
+            Err(e) => return Err(classify(shown, e)),
+        }
     }
 }
 
@@ -426,6 +455,14 @@ mod tests {
         }
         let err = SledStore::open(dir.path()).unwrap_err();
         assert!(matches!(err, StoreError::Corrupt { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_folder_held_by_a_live_store_is_reported_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let _held = SledStore::open(dir.path()).unwrap();
+        let err = SledStore::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]
