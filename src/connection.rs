@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
+use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -84,15 +85,34 @@ impl Drop for ConnectionGauge {
 }
 
 /// Runs a TLS connection from handshake to the end of its grace period. `permit` is the
-/// connection-limit permit; it is released when the socket closes.
+/// connection-limit permit; it is released when the socket closes. The ClientHello is read
+/// under the handshake deadline without a handshake slot, so sockets that stall before sending
+/// one cost a small buffer and never keep legitimate clients waiting; a slot is taken only for
+/// the cryptographic part of the handshake.
 pub async fn run_tls(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    tls: Arc<rustls::ServerConfig>,
     ctx: Arc<ConnectionContext>,
     permit: OwnedSemaphorePermit,
 ) {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
+    let hello = tokio::select! {
+        r = tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)) => r,
+        _ = ctx.shutdown.cancelled() => return,
+    };
+    let start = match hello {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
+            tracing::debug!(%peer, "bad ClientHello: {e}");
+            return;
+        }
+        Err(_) => {
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
+            return;
+        }
+    };
     let handshake_permit = tokio::select! {
         p = ctx.handshake_permits.clone().acquire_owned() => p,
         _ = tokio::time::sleep_until(deadline) => {
@@ -107,7 +127,7 @@ pub async fn run_tls(
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).increment(1.0);
     let started = Instant::now();
     let result = tokio::select! {
-        r = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => Some(r),
+        r = tokio::time::timeout_at(deadline, start.into_stream(tls)) => Some(r),
         _ = ctx.shutdown.cancelled() => None,
     };
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).decrement(1.0);

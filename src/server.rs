@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
-use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -170,7 +169,7 @@ impl Server {
         }
         background.spawn(accept_loop(
             self.listener,
-            Some(TlsAcceptor::from(self.tls_config)),
+            Some(self.tls_config),
             ctx.clone(),
             self.connection_permits.clone(),
         ));
@@ -196,7 +195,7 @@ impl Server {
 
 async fn accept_loop(
     listener: TcpListener,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
 ) {
@@ -231,21 +230,21 @@ async fn accept_loop(
             continue;
         };
         let _ = socket.set_nodelay(true);
-        spawn_connection(socket, peer, acceptor.clone(), ctx.clone(), permit);
+        spawn_connection(socket, peer, tls.clone(), ctx.clone(), permit);
     }
 }
 
 fn spawn_connection(
     socket: TcpStream,
     peer: SocketAddr,
-    acceptor: Option<TlsAcceptor>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     ctx: Arc<ConnectionContext>,
     permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let tracker = ctx.tracker.clone();
-    match acceptor {
-        Some(acceptor) => {
-            tracker.spawn(connection::run_tls(socket, peer, acceptor, ctx, permit));
+    match tls {
+        Some(tls) => {
+            tracker.spawn(connection::run_tls(socket, peer, tls, ctx, permit));
         }
         None => {
             tracker.spawn(connection::run_session(socket, peer, ctx, permit));

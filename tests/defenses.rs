@@ -27,6 +27,23 @@ fn bad_token() -> String {
     )
 }
 
+/// A socket that sent a complete ClientHello and then went silent: it holds a handshake slot.
+async fn hello_then_silence(addr: std::net::SocketAddr) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let name = presenced::tls::server_name("localhost").unwrap();
+    let mut tls = rustls::ClientConnection::new(presenced::tls::dev_client_config(), name).unwrap();
+    let mut hello = Vec::new();
+    tls.write_tls(&mut hello).unwrap();
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    // The server answers only once it holds a slot for this handshake.
+    let mut first = [0u8; 1];
+    within(tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut first))
+        .await
+        .unwrap();
+    tcp
+}
+
 #[tokio::test]
 async fn handshakes_beyond_the_limit_wait_for_a_free_slot() {
     let broker = start(|c| {
@@ -34,8 +51,19 @@ async fn handshakes_beyond_the_limit_wait_for_a_free_slot() {
         c.session.handshake_timeout_ms = 8_000;
     })
     .await;
-    // Holds the only handshake slot: connected, silent.
-    let staller = TcpStream::connect(broker.addr).await.unwrap();
+    // Silent sockets hold no slot: clients get through while they sit there.
+    let _silent: Vec<TcpStream> = {
+        let mut v = Vec::new();
+        for _ in 0..20 {
+            v.push(TcpStream::connect(broker.addr).await.unwrap());
+        }
+        v
+    };
+    within(connect(&broker, "early").await.ping())
+        .await
+        .unwrap();
+    // A ClientHello followed by silence holds the only slot.
+    let staller = hello_then_silence(broker.addr).await;
     let pending = tokio::spawn(Client::connect(options(&broker, "alice", "phone")));
     let early = tokio::time::timeout(Duration::from_millis(500), async {
         while !pending.is_finished() {
