@@ -1,7 +1,7 @@
 //! Bytes ⇄ frames: protobuf's standard delimited format, each message preceded by its length as
 //! a varint. This is the only place where raw bytes from a socket become a message. The length
 //! prefix is checked against the frame cap as soon as enough of it has arrived to exceed the cap,
-//! before any buffer is reserved for the body, so a hostile prefix costs nothing. A partial frame
+//! and no buffer is ever reserved for an announced body, so a hostile prefix costs nothing. A partial frame
 //! is `Ok(None)`, never an error. No I/O happens here.
 
 use std::marker::PhantomData;
@@ -108,10 +108,9 @@ impl<In: Message + Default, Out> Decoder for DelimitedCodec<In, Out> {
             Prefix::Incomplete => return Ok(None),
             Prefix::Complete { len, prefix_bytes } => (len as usize, prefix_bytes),
         };
-        let needed = prefix_bytes + len;
-        if src.len() < needed {
-            // Safe to reserve: `len` was checked against the cap above.
-            src.reserve(needed - src.len());
+        if src.len() < prefix_bytes + len {
+            // No reservation for the announced body: a peer that announces a frame and stalls
+            // costs only the bytes it actually sent.
             return Ok(None);
         }
         src.advance(prefix_bytes);
@@ -197,6 +196,17 @@ mod tests {
                 max: 4096
             }
         ));
+        assert_eq!(buf.capacity(), capacity_before);
+    }
+
+    #[test]
+    fn an_announced_body_reserves_nothing_until_it_arrives() {
+        let mut codec = ServerSide::new(4096);
+        let mut buf = BytesMut::with_capacity(8);
+        put_length_prefix(&mut buf, 4000);
+        buf.extend_from_slice(&[0x08]);
+        let capacity_before = buf.capacity();
+        assert!(codec.decode(&mut buf).unwrap().is_none());
         assert_eq!(buf.capacity(), capacity_before);
     }
 
