@@ -1,7 +1,7 @@
 //! Abuse benchmark (not a test), against the real release `presenced` binary:
-//! 1. a legitimate client's TLS + Connect time, alone and while 1,000 sockets stall
-//!    mid-handshake (half a ClientHello sent), and while 1,000 send a whole ClientHello and
-//!    then stall (these do take handshake slots);
+//! 1. a legitimate client's TLS + Connect time, alone and while 1,000 sockets from another
+//!    address stall mid-handshake (half a ClientHello sent), and while 1,000 send a whole
+//!    ClientHello and then stall (those take handshake slots, 32 per address at most);
 //! 2. broker RSS with 10,000 TLS sockets each announcing a maximal pre-auth frame (4 KiB) and
 //!    never finishing it (goal: at most 100 MiB in total);
 //! 3. broker RSS over 60 s of a subscriber that never reads while its targets change 100 times
@@ -21,14 +21,22 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn token(user: &str) -> String {
     mint(
         presenced::config::DEV_SECRET.as_bytes(),
         None,
-        &Claims { sub: user.into(), exp: presenced::now_ms() / 1000 + 3600, did: None, iat: None },
+        &Claims {
+            sub: user.into(),
+            exp: presenced::now_ms() / 1000 + 3600,
+            did: None,
+            iat: None,
+        },
     )
 }
 
@@ -107,10 +115,13 @@ fn client_hello() -> Vec<u8> {
     hello
 }
 
+/// `n` sockets from the attacker's address 127.0.0.2 that send `bytes` and stall.
 async fn stallers(addr: SocketAddr, n: usize, bytes: &[u8]) -> Vec<TcpStream> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut tcp = socket.connect(addr).await.unwrap();
         tcp.write_all(bytes).await.unwrap();
         out.push(tcp);
     }
@@ -157,7 +168,13 @@ async fn main() {
         presenced::codec::put_length_prefix(&mut prefix, 4096);
         prefix.extend_from_slice(&[0x08]);
         for _ in 0..sockets {
-            let mut tls = tls_connect(broker.addr, "localhost", presenced::tls::dev_client_config()).await.unwrap();
+            let mut tls = tls_connect(
+                broker.addr,
+                "localhost",
+                presenced::tls::dev_client_config(),
+            )
+            .await
+            .unwrap();
             tls.write_all(&prefix).await.unwrap();
             tls.flush().await.unwrap();
             held.push(tls);
@@ -189,7 +206,11 @@ async fn main() {
         sloth.subscribe(&refs).await.unwrap();
         let mut publishers = Vec::new();
         for t in &targets {
-            publishers.push(Client::connect(ClientOptions::new(broker.addr, token(t))).await.unwrap());
+            publishers.push(
+                Client::connect(ClientOptions::new(broker.addr, token(t)))
+                    .await
+                    .unwrap(),
+            );
         }
         let state: std::collections::BTreeMap<String, String> =
             (0..8).map(|k| (format!("k{k}"), "x".repeat(250))).collect();
@@ -204,7 +225,11 @@ async fn main() {
             for p in &publishers {
                 n += 1;
                 let _ = p
-                    .set_presence(pb::SetPresence { status: Some(format!("{n}")), state: state.clone(), ..Default::default() })
+                    .set_presence(pb::SetPresence {
+                        status: Some(format!("{n}")),
+                        state: state.clone(),
+                        ..Default::default()
+                    })
                     .await;
             }
             if n % 500 == 0 {
@@ -217,11 +242,20 @@ async fn main() {
                 }
             }
         }
-        let rss: Vec<String> = samples.iter().step_by(2).map(|(t, r)| format!("{t:.0}s:{r:.1}")).collect();
-        println!("| never-reading subscriber, 100 changes/s | broker RSS over time (MiB) | {} |", rss.join(" "));
+        let rss: Vec<String> = samples
+            .iter()
+            .step_by(2)
+            .map(|(t, r)| format!("{t:.0}s:{r:.1}"))
+            .collect();
+        println!(
+            "| never-reading subscriber, 100 changes/s | broker RSS over time (MiB) | {} |",
+            rss.join(" ")
+        );
         println!(
             "| never-reading subscriber, 100 changes/s | disconnected after | {} |",
-            disconnected_at.map_or("not within the run".into(), |t| format!("{t:.1} s (slow-consumer deadline 10 s after the socket blocks)"))
+            disconnected_at.map_or("not within the run".into(), |t| format!(
+                "{t:.1} s (slow-consumer deadline 10 s after the socket blocks)"
+            ))
         );
         drop(sloth);
     }

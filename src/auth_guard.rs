@@ -1,6 +1,7 @@
-//! Brute-force protection for Connect: per source address, failed authentications within a
-//! window make later refusals slower, and too many ban the address for a while (SPEC §8: 10 in a
-//! minute → 5 minutes). Synchronous and bounded: at most `max_tracked` addresses are remembered;
+//! Per-address protections. Brute force on Connect: failed authentications within a window make
+//! later refusals slower, and too many ban the address for a while (SPEC §8: 10 in a minute → 5
+//! minutes). Handshake slots: one address may hold only so many of the global TLS handshake
+//! slots, so a single source cannot starve everyone else. Synchronous and bounded: at most `max_tracked` addresses are remembered;
 //! when full, entries that are neither banned nor recent are dropped first, and if none can be,
 //! a new address is not tracked (the guard fails open rather than grow).
 
@@ -130,6 +131,75 @@ impl AuthGuard {
     /// Addresses currently remembered.
     pub fn tracked(&self) -> usize {
         self.records().len()
+    }
+}
+
+/// Counts TLS handshakes in flight per address; share it behind an `Arc`.
+#[derive(Debug)]
+pub struct AddressSlots {
+    max_per_address: u32,
+    in_flight: Mutex<HashMap<IpAddr, u32>>,
+}
+
+/// One handshake slot of an address; released on drop.
+#[derive(Debug)]
+pub struct AddressSlot<'a> {
+    slots: &'a AddressSlots,
+    ip: IpAddr,
+}
+
+impl AddressSlots {
+    /// At most `max_per_address` handshakes in flight per address.
+    pub fn new(max_per_address: u32) -> AddressSlots {
+        AddressSlots {
+            max_per_address,
+            in_flight: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
+        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A slot for `ip`, or `None` when it already holds the maximum. The map holds only
+    /// addresses with a handshake in flight, so it is bounded by the connection limit.
+    pub fn try_take(&self, ip: IpAddr) -> Option<AddressSlot<'_>> {
+        let mut in_flight = self.in_flight();
+        let count = in_flight.entry(ip).or_insert(0);
+        if *count >= self.max_per_address {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot { slots: self, ip })
+    }
+}
+
+impl Drop for AddressSlot<'_> {
+    fn drop(&mut self) {
+        let mut in_flight = self.slots.in_flight();
+        if let Some(count) = in_flight.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                in_flight.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    #[test]
+    fn an_address_gets_at_most_its_share_and_slots_come_back() {
+        let slots = AddressSlots::new(2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let first = slots.try_take(a).unwrap();
+        let _second = slots.try_take(a).unwrap();
+        assert!(slots.try_take(a).is_none());
+        assert!(slots.try_take("10.0.0.2".parse().unwrap()).is_some());
+        drop(first);
+        assert!(slots.try_take(a).is_some());
     }
 }
 

@@ -239,6 +239,8 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// TLS handshakes in flight at once.
     pub max_handshakes_in_flight: u32,
+    /// TLS handshakes in flight from one address.
+    pub max_handshakes_per_address: u32,
     /// New connections accepted per second (beyond the burst).
     pub accept_rate_per_sec: u32,
     /// Accept burst.
@@ -282,6 +284,7 @@ impl Default for LimitsConfig {
             request_burst: 200,
             max_connections: 100_000,
             max_handshakes_in_flight: 256,
+            max_handshakes_per_address: 32,
             accept_rate_per_sec: 1_000,
             accept_burst: 2_000,
             max_requests_in_flight: 32,
@@ -426,6 +429,10 @@ impl Config {
                 l.max_handshakes_in_flight,
             ),
             ("limits.accept_rate_per_sec", l.accept_rate_per_sec),
+            (
+                "limits.max_handshakes_per_address",
+                l.max_handshakes_per_address,
+            ),
             ("limits.accept_burst", l.accept_burst),
             ("limits.max_requests_in_flight", l.max_requests_in_flight),
             (

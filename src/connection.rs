@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::auth_guard::AuthGuard;
+use crate::auth_guard::{AddressSlots, AuthGuard};
 use crate::codec::{CodecError, DelimitedCodec};
 use crate::command::{self, Command, RequestError, Session, TokenBucket};
 use crate::config::Config;
@@ -55,6 +55,8 @@ pub struct ConnectionContext {
     pub verifier: Verifier,
     /// Bounds TLS handshakes in flight.
     pub handshake_permits: Arc<Semaphore>,
+    /// Bounds TLS handshakes in flight per address.
+    pub address_slots: AddressSlots,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
     /// Tracks writer tasks so shutdown can wait for them.
@@ -113,6 +115,10 @@ pub async fn run_tls(
             return;
         }
     };
+    let Some(address_slot) = ctx.address_slots.try_take(peer.ip()) else {
+        metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "address_limit").increment(1);
+        return;
+    };
     let handshake_permit = tokio::select! {
         p = ctx.handshake_permits.clone().acquire_owned() => p,
         _ = tokio::time::sleep_until(deadline) => {
@@ -132,6 +138,7 @@ pub async fn run_tls(
     };
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).decrement(1.0);
     drop(handshake_permit);
+    drop(address_slot);
     let stream = match result {
         Some(Ok(Ok(stream))) => stream,
         Some(Ok(Err(e))) => {

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Verifier;
-use crate::auth_guard::AuthGuard;
+use crate::auth_guard::{AddressSlots, AuthGuard};
 use crate::command::TokenBucket;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
@@ -105,6 +105,7 @@ impl Server {
         let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections as usize));
         let ctx = Arc::new(ConnectionContext {
             verifier: Verifier::new(&config.auth),
+            address_slots: AddressSlots::new(config.limits.max_handshakes_per_address),
             handshake_permits: Arc::new(Semaphore::new(
                 config.limits.max_handshakes_in_flight as usize,
             )),

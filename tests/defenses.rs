@@ -27,21 +27,49 @@ fn bad_token() -> String {
     )
 }
 
-/// A socket that sent a complete ClientHello and then went silent: it holds a handshake slot.
-async fn hello_then_silence(addr: std::net::SocketAddr) -> TcpStream {
-    use tokio::io::AsyncWriteExt;
+/// Sends a complete ClientHello and goes silent. Returns the socket and whether the server
+/// answered, which it does only once it holds a handshake slot for it.
+async fn send_hello(addr: std::net::SocketAddr) -> (TcpStream, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let name = presenced::tls::server_name("localhost").unwrap();
     let mut tls = rustls::ClientConnection::new(presenced::tls::dev_client_config(), name).unwrap();
     let mut hello = Vec::new();
     tls.write_tls(&mut hello).unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(&hello).await.unwrap();
-    // The server answers only once it holds a slot for this handshake.
     let mut first = [0u8; 1];
-    within(tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut first))
-        .await
-        .unwrap();
+    let answered = matches!(within(tcp.read(&mut first)).await, Ok(1));
+    (tcp, answered)
+}
+
+/// A socket that sent a complete ClientHello and then went silent: it holds a handshake slot.
+async fn hello_then_silence(addr: std::net::SocketAddr) -> TcpStream {
+    let (tcp, answered) = send_hello(addr).await;
+    assert!(answered, "the server took up the handshake");
     tcp
+}
+
+#[tokio::test]
+async fn one_address_cannot_take_every_handshake_slot() {
+    let broker = start(|c| {
+        c.limits.max_handshakes_in_flight = 3;
+        c.limits.max_handshakes_per_address = 2;
+        c.session.handshake_timeout_ms = 8_000;
+    })
+    .await;
+    let _first = hello_then_silence(broker.addr).await;
+    let _second = hello_then_silence(broker.addr).await;
+    let (_third, answered) = send_hello(broker.addr).await;
+    assert!(
+        !answered,
+        "a third handshake from the same address is refused"
+    );
+    let mut opts = options(&broker, "alice", "phone");
+    opts.local_addr = Some("127.0.0.2:0".parse().unwrap());
+    let alice = within(Client::connect(opts))
+        .await
+        .expect("another address still gets a slot");
+    within(alice.ping()).await.unwrap();
 }
 
 #[tokio::test]
