@@ -6,6 +6,7 @@
 //!    never finishing it (goal: at most 100 MiB in total);
 //! 3. broker RSS over 60 s of a subscriber that never reads while its targets change 100 times
 //!    a second (goal: flat, and disconnected within 10 s of its writes blocking).
+//!
 //! Run: `cargo bench --bench abuse` (`PRESENCE_ABUSE_SOCKETS`, `PRESENCE_ABUSE_SECONDS` scale it;
 //! `PRESENCE_ABUSE_ONLY=23` runs scenarios 2 and 3 only).
 
