@@ -259,7 +259,7 @@ fn publish_payload(body: &Bytes) -> Option<&[u8]> {
 // ---------------------------------------------------------------------------------------------
 
 enum Watcher {
-    Native(Client),
+    Native(Box<Client>),
     /// The writer is held so the connection stays open.
     Mqtt {
         reader: MqttReader,
@@ -268,7 +268,7 @@ enum Watcher {
 }
 
 enum Publisher {
-    Native(Client),
+    Native(Box<Client>),
     /// The reader is held so the connection stays open (QoS 0 gets no replies).
     Mqtt {
         _reader: MqttReader,
@@ -308,7 +308,7 @@ impl Args {
             Driver::Native => {
                 let client = self.native(tls, &user).await?;
                 client.subscribe(&[STAR]).await?;
-                Ok(Watcher::Native(client))
+                Ok(Watcher::Native(Box::new(client)))
             }
             Driver::Mqtt => {
                 let offline = pb::Presence {
@@ -331,7 +331,7 @@ impl Args {
 
     async fn publisher(&self, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<Publisher> {
         match self.driver {
-            Driver::Native => Ok(Publisher::Native(self.native(tls, STAR).await?)),
+            Driver::Native => Ok(Publisher::Native(Box::new(self.native(tls, STAR).await?))),
             Driver::Mqtt => {
                 let offline = pb::Presence {
                     user_id: STAR.into(),
