@@ -70,6 +70,9 @@ impl Server {
     /// is accepted until [`Server::run`].
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         config.validate()?;
+        // The recorder is installed even when the endpoint is off, before any connection
+        // exists, so gauges never see a decrement without its increment.
+        m::install();
         let tls_config = tls::server_config(&config.tls)?;
         // The store is loaded into memory before any listener exists, so no client can observe
         // a half-loaded subscription set.
@@ -97,7 +100,6 @@ impl Server {
             None => None,
         };
         let metrics_listener = if config.metrics.enabled {
-            m::install();
             Some(bind(config.metrics.listen).await?)
         } else {
             None
