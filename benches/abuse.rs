@@ -15,7 +15,6 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use presenced::auth::{mint, Claims};
 use presenced::client::{tls_connect, Client, ClientOptions};
 use presenced::pb;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -29,16 +28,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn token(user: &str) -> String {
-    mint(
-        presenced::config::DEV_SECRET.as_bytes(),
-        None,
-        &Claims {
-            sub: user.into(),
-            exp: presenced::now_ms() / 1000 + 3600,
-            did: None,
-            iat: None,
-        },
-    )
+    presenced::auth::dev_token(user, 3600)
 }
 
 struct Broker {

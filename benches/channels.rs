@@ -7,23 +7,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use presenced::auth::{mint, Claims};
 use presenced::client::{Client, ClientOptions};
 use presenced::{Config, Server};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 fn token(user: &str) -> String {
-    mint(
-        presenced::config::DEV_SECRET.as_bytes(),
-        None,
-        &Claims {
-            sub: user.into(),
-            exp: presenced::now_ms() / 1000 + 3600,
-            did: None,
-            iat: None,
-        },
-    )
+    presenced::auth::dev_token(user, 3600)
 }
 
 fn channel_frames(handle: &metrics_exporter_prometheus::PrometheusHandle) -> f64 {

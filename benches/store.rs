@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use presenced::auth::{mint, Claims};
 use presenced::client::{Client, ClientOptions};
 use presenced::store::{SledStore, SubscriptionStore};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -23,16 +22,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn token(user: &str) -> String {
-    mint(
-        presenced::config::DEV_SECRET.as_bytes(),
-        None,
-        &Claims {
-            sub: user.into(),
-            exp: presenced::now_ms() / 1000 + 3600,
-            did: None,
-            iat: None,
-        },
-    )
+    presenced::auth::dev_token(user, 3600)
 }
 
 fn fill(dir: &Path, edges: usize) -> Duration {

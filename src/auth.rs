@@ -179,6 +179,22 @@ pub fn mint(secret: &[u8], kid: Option<&str>, claims: &Claims) -> String {
     token
 }
 
+/// A token for `user` signed with the public development secret, valid for `ttl_secs`: for
+/// `presencectl`, benchmarks and tests against a broker on its default keys.
+pub fn dev_token(user: &str, ttl_secs: u64) -> String {
+    let now = crate::now_ms() / 1000;
+    mint(
+        crate::config::DEV_SECRET.as_bytes(),
+        None,
+        &Claims {
+            sub: user.to_string(),
+            exp: now + ttl_secs,
+            did: None,
+            iat: Some(now),
+        },
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,9 +14,7 @@ use anyhow::{bail, Context};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
-use presenced::auth::{mint, Claims};
 use presenced::client::{tls_connect, Client, ClientOptions};
-use presenced::config::DEV_SECRET;
 use presenced::pb;
 use prost::Message;
 use serde_json::json;
@@ -79,16 +77,7 @@ fn now_ns() -> u64 {
 }
 
 fn token(user: &str) -> String {
-    mint(
-        DEV_SECRET.as_bytes(),
-        None,
-        &Claims {
-            sub: user.into(),
-            exp: presenced::now_ms() / 1000 + 3600,
-            did: None,
-            iat: None,
-        },
-    )
+    presenced::auth::dev_token(user, 3600)
 }
 
 /// The payload both drivers carry: a Presence whose status is "<seq>:<sent_ns>".

@@ -148,28 +148,15 @@ impl Registry {
         let first_device = *devices_in == 1;
         let member = ch.view(&key, true);
         let occupancy = ch.occupancy();
-        self.channel_emit(
+        let user_event = first_device.then_some(ChannelEventKind::Online);
+        self.emit_member_then_user(
             state,
             channel,
-            ChannelEventKind::Join,
-            member.clone(),
+            (ChannelEventKind::Join, user_event),
+            member,
             Some(conn_id),
             received_at,
         );
-        if first_device {
-            let user_level = ChannelMember {
-                state: BTreeMap::new(),
-                ..member
-            };
-            self.channel_emit(
-                state,
-                channel,
-                ChannelEventKind::Online,
-                user_level,
-                Some(conn_id),
-                received_at,
-            );
-        }
         Ok(ChannelOutcome {
             occupancy,
             changed: true,
@@ -519,28 +506,15 @@ impl Registry {
             Departure::Silent => None,
         };
         if let Some(kind) = kind {
-            self.channel_emit(
+            let user_event = last_device.then_some(ChannelEventKind::Offline);
+            self.emit_member_then_user(
                 state,
                 channel,
-                kind,
-                member.clone(),
+                (kind, user_event),
+                member,
                 exclude_conn,
                 received_at,
             );
-            if last_device {
-                let user_level = ChannelMember {
-                    state: BTreeMap::new(),
-                    ..member
-                };
-                self.channel_emit(
-                    state,
-                    channel,
-                    ChannelEventKind::Offline,
-                    user_level,
-                    exclude_conn,
-                    received_at,
-                );
-            }
         }
         if now_empty {
             // No members left: watchers get what was batched, then the channel's memory goes.
@@ -549,6 +523,41 @@ impl Registry {
                     self.deliver_interval(state, channel, &batch, received_at);
                 }
             }
+        }
+    }
+
+    /// Emits a member event and then, when the user's first device arrived or last one left,
+    /// the user-level event (without member state).
+    fn emit_member_then_user(
+        &self,
+        state: &mut State,
+        channel: &str,
+        (member_event, user_event): (ChannelEventKind, Option<ChannelEventKind>),
+        member: ChannelMember,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        self.channel_emit(
+            state,
+            channel,
+            member_event,
+            member.clone(),
+            exclude_conn,
+            received_at,
+        );
+        if let Some(user_event) = user_event {
+            let user_level = ChannelMember {
+                state: BTreeMap::new(),
+                ..member
+            };
+            self.channel_emit(
+                state,
+                channel,
+                user_event,
+                user_level,
+                exclude_conn,
+                received_at,
+            );
         }
     }
 

@@ -7,9 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use presenced::auth::{mint, Claims};
 use presenced::client::{Client, ClientOptions};
-use presenced::config::DEV_SECRET;
 use presenced::{Config, Server};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -94,16 +92,7 @@ pub fn now_secs() -> u64 {
 
 /// A valid dev token for `user`.
 pub fn token(user: &str) -> String {
-    mint(
-        DEV_SECRET.as_bytes(),
-        None,
-        &Claims {
-            sub: user.into(),
-            exp: now_secs() + 3600,
-            did: None,
-            iat: None,
-        },
-    )
+    presenced::auth::dev_token(user, 3600)
 }
 
 pub fn options(broker: &Broker, user: &str, device: &str) -> ClientOptions {
