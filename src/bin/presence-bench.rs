@@ -413,6 +413,28 @@ async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
     seen
 }
 
+/// Connects `n` watchers, `CONNECTS_IN_FLIGHT` at a time, in index order.
+async fn connect_all(
+    args: &Args,
+    tls: &Arc<rustls::ClientConfig>,
+    n: usize,
+) -> anyhow::Result<Vec<Watcher>> {
+    const CONNECTS_IN_FLIGHT: usize = 64;
+    let mut out = Vec::with_capacity(n);
+    for chunk_start in (0..n).step_by(CONNECTS_IN_FLIGHT) {
+        let chunk = chunk_start..(chunk_start + CONNECTS_IN_FLIGHT).min(n);
+        let connecting = chunk.map(|i| async move {
+            args.watcher(tls, i)
+                .await
+                .with_context(|| format!("connection {i}"))
+        });
+        for watcher in futures_util::future::join_all(connecting).await {
+            out.push(watcher?);
+        }
+    }
+    Ok(out)
+}
+
 async fn fanout(
     args: &Args,
     watchers: usize,
@@ -421,14 +443,7 @@ async fn fanout(
 ) -> anyhow::Result<serde_json::Value> {
     let tls = args.tls()?;
     let rss_before = args.pid.and_then(rss_kib);
-    let mut connected = Vec::with_capacity(watchers);
-    for i in 0..watchers {
-        connected.push(
-            args.watcher(&tls, i)
-                .await
-                .with_context(|| format!("watcher {i}"))?,
-        );
-    }
+    let connected = connect_all(args, &tls, watchers).await?;
     let rss_connected = args.pid.and_then(rss_kib);
     let mut publisher = args.publisher(&tls).await?;
     let final_seq = changes;
@@ -484,14 +499,7 @@ async fn idle(args: &Args, connections: usize) -> anyhow::Result<serde_json::Val
     let pid = args.pid.context("idle needs --pid of the broker")?;
     let tls = args.tls()?;
     let before = rss_kib(pid).context("cannot read the broker's RSS")?;
-    let mut held = Vec::with_capacity(connections);
-    for i in 0..connections {
-        held.push(
-            args.watcher(&tls, i)
-                .await
-                .with_context(|| format!("connection {i}"))?,
-        );
-    }
+    let _held = connect_all(args, &tls, connections).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = rss_kib(pid).context("cannot read the broker's RSS")?;
     Ok(json!({
