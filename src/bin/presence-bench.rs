@@ -45,6 +45,9 @@ struct Args {
     /// Broker process id, to report its memory (RSS) per connection.
     #[arg(long)]
     pid: Option<u32>,
+    /// Connections opened at once while setting up.
+    #[arg(long, default_value_t = 64)]
+    connect_concurrency: usize,
     #[command(subcommand)]
     workload: Workload,
 }
@@ -385,6 +388,8 @@ struct Seen {
     received: u64,
     got_final: bool,
     last_at: Option<Instant>,
+    /// The connection failed (closed by the broker, or garbage) before the final change.
+    failed: bool,
 }
 
 async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
@@ -393,11 +398,18 @@ async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
         received: 0,
         got_final: false,
         last_at: None,
+        failed: false,
     };
-    while let Ok(Ok(Ok(status))) = tokio::time::timeout_at(deadline.into(), w.next_status())
-        .await
-        .map(|r| r.map(|s| s.context("no presence")))
-    {
+    loop {
+        let status = match tokio::time::timeout_at(deadline.into(), w.next_status()).await {
+            Ok(Ok(Some(status))) => status,
+            Ok(Ok(None)) => continue,
+            Ok(Err(_)) => {
+                seen.failed = true;
+                break;
+            }
+            Err(_) => break,
+        };
         let Some((seq, sent)) = parse_status(&status) else {
             continue;
         };
@@ -413,20 +425,36 @@ async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
     seen
 }
 
-/// Connects `n` watchers, `CONNECTS_IN_FLIGHT` at a time, in index order.
+/// Connect attempts that failed and were retried, reported with the results.
+static CONNECT_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Connects `n` watchers, `--connect-concurrency` at a time, in index order.
 async fn connect_all(
     args: &Args,
     tls: &Arc<rustls::ClientConfig>,
     n: usize,
 ) -> anyhow::Result<Vec<Watcher>> {
-    const CONNECTS_IN_FLIGHT: usize = 64;
+    let in_flight = args.connect_concurrency.max(1);
     let mut out = Vec::with_capacity(n);
-    for chunk_start in (0..n).step_by(CONNECTS_IN_FLIGHT) {
-        let chunk = chunk_start..(chunk_start + CONNECTS_IN_FLIGHT).min(n);
+    for chunk_start in (0..n).step_by(in_flight) {
+        let chunk = chunk_start..(chunk_start + in_flight).min(n);
         let connecting = chunk.map(|i| async move {
-            args.watcher(tls, i)
-                .await
-                .with_context(|| format!("connection {i}"))
+            // A broker may drop a connection under a connect burst (Mosquitto does); retry a
+            // few times and count it, so the report shows it.
+            let mut attempt = 0;
+            loop {
+                match args.watcher(tls, i).await {
+                    Ok(w) => return Ok(w),
+                    Err(e) if attempt >= 5 => {
+                        return Err(e).with_context(|| format!("connection {i}"))
+                    }
+                    Err(_) => {
+                        attempt += 1;
+                        CONNECT_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
         });
         for watcher in futures_util::future::join_all(connecting).await {
             out.push(watcher?);
@@ -461,12 +489,13 @@ async fn fanout(
         publisher.publish(seq).await?;
     }
     let mut latency = Histogram::<u64>::new(3)?;
-    let (mut received, mut finals, mut last) = (0u64, 0usize, started);
+    let (mut received, mut finals, mut failed, mut last) = (0u64, 0usize, 0usize, started);
     for t in tasks {
         let seen = t.await?;
         latency.add(&seen.latency_us)?;
         received += seen.received;
         finals += usize::from(seen.got_final);
+        failed += usize::from(seen.failed);
         if let Some(at) = seen.last_at {
             last = last.max(at);
         }
@@ -487,11 +516,13 @@ async fn fanout(
         "deliveries_per_sec": received as f64 / elapsed,
         "delivery_ratio": received as f64 / expected as f64,
         "final_state_ratio": finals as f64 / watchers as f64,
+        "watchers_disconnected": failed,
         "p50_ms": latency.value_at_quantile(0.50) as f64 / 1000.0,
         "p99_ms": latency.value_at_quantile(0.99) as f64 / 1000.0,
         "p999_ms": latency.value_at_quantile(0.999) as f64 / 1000.0,
         "max_ms": latency.max() as f64 / 1000.0,
         "broker_rss_kib_per_connection": per_conn,
+        "connect_retries": CONNECT_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
     }))
 }
 
@@ -509,6 +540,7 @@ async fn idle(args: &Args, connections: usize) -> anyhow::Result<serde_json::Val
         "broker_rss_kib_before": before,
         "broker_rss_kib_after": after,
         "broker_rss_kib_per_connection": (after - before) / connections as f64,
+        "connect_retries": CONNECT_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
     }))
 }
 
