@@ -12,44 +12,19 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::env_usize;
+use presenced::auth::dev_token;
 use presenced::client::{tls_connect, Client, ClientOptions};
 use presenced::pb;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn token(user: &str) -> String {
-    presenced::auth::dev_token(user, 3600)
-}
-
-struct Broker {
-    child: tokio::process::Child,
-    addr: SocketAddr,
-}
-
-impl Broker {
-    fn rss_mib(&self) -> f64 {
-        let pid = self.child.id().expect("running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    }
-}
-
-async fn start(dir: &Path, extra_toml: &str) -> Broker {
+/// Starts the broker with a config file: the bench's loopback limits plus `extra_toml`.
+async fn start(dir: &Path, extra_toml: &str) -> common::Broker {
     std::fs::create_dir_all(dir).unwrap();
     let config = dir.join("presenced.toml");
     std::fs::write(
@@ -60,22 +35,7 @@ async fn start(dir: &Path, extra_toml: &str) -> Broker {
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .arg("--config")
-        .arg(&config)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next_line().await.unwrap().expect("presenced started");
-        if let Some(rest) = line.split("listen=").nth(1) {
-            break rest.split_whitespace().next().unwrap().parse().unwrap();
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Broker { child, addr }
+    common::start(&["--config".as_ref(), config.as_os_str()]).await
 }
 
 async fn legit_connect_ms(addr: SocketAddr, runs: usize) -> (f64, f64) {
@@ -84,7 +44,10 @@ async fn legit_connect_ms(addr: SocketAddr, runs: usize) -> (f64, f64) {
         let started = Instant::now();
         let ok = tokio::time::timeout(
             Duration::from_secs(30),
-            Client::connect(ClientOptions::new(addr, token(&format!("legit{i}")))),
+            Client::connect(ClientOptions::new(
+                addr,
+                dev_token(&format!("legit{i}"), 3600),
+            )),
         )
         .await;
         let ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -189,7 +152,7 @@ async fn main() {
             "publish_rate_per_sec = 1000\npublish_burst = 1000\nrequest_rate_per_sec = 1000\nrequest_burst = 1000\n",
         )
         .await;
-        let mut opts = ClientOptions::new(broker.addr, token("sloth"));
+        let mut opts = ClientOptions::new(broker.addr, dev_token("sloth", 3600));
         opts.event_capacity = 1;
         let sloth = Client::connect(opts).await.unwrap();
         let targets: Vec<String> = (0..10).map(|i| format!("busy{i}")).collect();
@@ -198,7 +161,7 @@ async fn main() {
         let mut publishers = Vec::new();
         for t in &targets {
             publishers.push(
-                Client::connect(ClientOptions::new(broker.addr, token(t)))
+                Client::connect(ClientOptions::new(broker.addr, dev_token(t, 3600)))
                     .await
                     .unwrap(),
             );

@@ -7,14 +7,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use presenced::auth::dev_token;
 use presenced::client::{Client, ClientOptions};
 use presenced::{Config, Server};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-
-fn token(user: &str) -> String {
-    presenced::auth::dev_token(user, 3600)
-}
 
 fn channel_frames(handle: &metrics_exporter_prometheus::PrometheusHandle) -> f64 {
     handle
@@ -58,7 +55,7 @@ async fn storm(
         let connecting = connecting.clone();
         tasks.push(tokio::spawn(async move {
             let permit = connecting.acquire_owned().await.unwrap();
-            let mut opts = ClientOptions::new(addr, token(&format!("member{i}")));
+            let mut opts = ClientOptions::new(addr, dev_token(&format!("member{i}"), 3600));
             opts.event_capacity = 64;
             let mut client = Client::connect(opts).await.expect("connects");
             client.join("storm", &[]).await.expect("joins");

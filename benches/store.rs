@@ -5,25 +5,16 @@
 //! (`PRESENCE_BENCH_EDGES` and `PRESENCE_BENCH_CLIENTS` change the sizes).
 
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::env_usize;
 use hdrhistogram::Histogram;
+use presenced::auth::dev_token;
 use presenced::client::{Client, ClientOptions};
 use presenced::store::{SledStore, SubscriptionStore};
-use tokio::io::{AsyncBufReadExt, BufReader};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn token(user: &str) -> String {
-    presenced::auth::dev_token(user, 3600)
-}
 
 fn fill(dir: &Path, edges: usize) -> Duration {
     let started = Instant::now();
@@ -43,66 +34,31 @@ fn fill(dir: &Path, edges: usize) -> Duration {
     started.elapsed()
 }
 
-struct Broker {
-    child: tokio::process::Child,
-    addr: std::net::SocketAddr,
-    metrics: std::net::SocketAddr,
+struct Started {
+    broker: common::Broker,
     ready_after: Duration,
-    recovery_log: String,
 }
 
-async fn start_broker(dir: &Path) -> Broker {
+/// Starts the broker on `dir` and measures until a first client has its ConnAck.
+async fn start_broker(dir: &Path) -> Started {
     let started = Instant::now();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--data-dir",
-        ])
-        .arg(dir)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("presenced starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut recovery_log = String::new();
-    let (addr, metrics): (std::net::SocketAddr, std::net::SocketAddr) = loop {
-        let line = lines
-            .next_line()
-            .await
-            .unwrap()
-            .expect("presenced exited during start");
-        if line.contains("subscription store loaded") {
-            recovery_log = line.clone();
-        }
-        if let Some(rest) = line.split("listen=").nth(1) {
-            let metrics = line
-                .split("http://")
-                .nth(1)
-                .and_then(|r| r.split('/').next())
-                .expect("metrics address in the log")
-                .parse()
-                .unwrap();
-            break (
-                rest.split_whitespace().next().unwrap().parse().unwrap(),
-                metrics,
-            );
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let client = Client::connect(ClientOptions::new(addr, token("probe")))
+    let broker = common::start(&[
+        "--listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--metrics-listen".as_ref(),
+        "127.0.0.1:0".as_ref(),
+        "--data-dir".as_ref(),
+        dir.as_os_str(),
+    ])
+    .await;
+    let client = Client::connect(ClientOptions::new(broker.addr, dev_token("probe", 3600)))
         .await
         .expect("first client connects");
     let ready_after = started.elapsed();
     drop(client);
-    Broker {
-        child,
-        addr,
-        metrics,
+    Started {
+        broker,
         ready_after,
-        recovery_log,
     }
 }
 
@@ -144,12 +100,21 @@ async fn main() {
     .unwrap();
     eprintln!("filled {edges} edges in {fill_time:?}");
 
-    let mut broker = start_broker(dir.path()).await;
-    eprintln!("{}", broker.recovery_log);
+    let Started {
+        mut broker,
+        ready_after,
+    } = start_broker(dir.path()).await;
+    if let Some(loaded) = broker
+        .log
+        .iter()
+        .find(|l| l.contains("subscription store loaded"))
+    {
+        eprintln!("{loaded}");
+    }
 
     let mut conns = Vec::with_capacity(clients);
     for i in 0..clients {
-        let opts = ClientOptions::new(broker.addr, token(&format!("bench{i}")));
+        let opts = ClientOptions::new(broker.addr, dev_token(&format!("bench{i}"), 3600));
         conns.push(Arc::new(
             Client::connect(opts).await.expect("client connects"),
         ));
@@ -177,8 +142,11 @@ async fn main() {
     }
     let elapsed = started.elapsed();
     let total = clients * requests_per_client;
-    let (flush_sum, flushes) =
-        scrape_histogram(broker.metrics, "presence_store_commit_duration_seconds").await;
+    let (flush_sum, flushes) = scrape_histogram(
+        broker.metrics.expect("metrics address in the log"),
+        "presence_store_commit_duration_seconds",
+    )
+    .await;
     broker.child.start_kill().ok();
 
     println!("| measure | value |");
@@ -190,7 +158,7 @@ async fn main() {
     );
     println!(
         "| process start → first TLS ConnAck | {:.2} s (goal ≤ 5 s) |",
-        broker.ready_after.as_secs_f64()
+        ready_after.as_secs_f64()
     );
     println!("| concurrent subscribers | {clients} |");
     println!(

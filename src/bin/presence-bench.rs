@@ -14,6 +14,7 @@ use anyhow::{bail, Context};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
+use presenced::auth::dev_token;
 use presenced::client::{tls_connect, Client, ClientOptions};
 use presenced::pb;
 use prost::Message;
@@ -77,10 +78,6 @@ fn now_ns() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos() as u64)
         .unwrap_or(0)
-}
-
-fn token(user: &str) -> String {
-    presenced::auth::dev_token(user, 3600)
 }
 
 /// The payload both drivers carry: a Presence whose status is "<seq>:<sent_ns>".
@@ -287,7 +284,7 @@ impl Args {
     }
 
     async fn native(&self, tls: &Arc<rustls::ClientConfig>, user: &str) -> anyhow::Result<Client> {
-        let mut options = ClientOptions::new(self.addr, token(user));
+        let mut options = ClientOptions::new(self.addr, dev_token(user, 3600));
         options.tls = tls.clone();
         options.server_name = self.server_name.clone();
         options.event_capacity = 4096;
