@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use rustls::server::Acceptor;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::LazyConfigAcceptor;
@@ -98,37 +98,53 @@ pub async fn run_tls(
     ctx: Arc<ConnectionContext>,
     permit: OwnedSemaphorePermit,
 ) {
+    // The handshake's futures are several KiB; boxed, they are freed once it is over instead of
+    // sizing the task of every idle connection.
+    let Some(stream) = Box::pin(handshake(tcp, peer, tls, &ctx)).await else {
+        return;
+    };
+    run_session(stream, peer, ctx, permit).await;
+}
+
+/// The TLS handshake under the handshake deadline; `None` when it failed (counted) or the
+/// server is shutting down.
+async fn handshake(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: &ConnectionContext,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let hello = tokio::select! {
         r = tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)) => r,
-        _ = ctx.shutdown.cancelled() => return,
+        _ = ctx.shutdown.cancelled() => return None,
     };
     let start = match hello {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
             tracing::debug!(%peer, "bad ClientHello: {e}");
-            return;
+            return None;
         }
         Err(_) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
-            return;
+            return None;
         }
     };
     let Some(address_slot) = ctx.address_slots.try_take(peer.ip()) else {
         metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "address_limit").increment(1);
-        return;
+        return None;
     };
     let handshake_permit = tokio::select! {
         p = ctx.handshake_permits.clone().acquire_owned() => p,
         _ = tokio::time::sleep_until(deadline) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "queue_timeout").increment(1);
-            return;
+            return None;
         }
-        _ = ctx.shutdown.cancelled() => return,
+        _ = ctx.shutdown.cancelled() => return None,
     };
     let Ok(handshake_permit) = handshake_permit else {
-        return;
+        return None;
     };
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).increment(1.0);
     let started = Instant::now();
@@ -144,22 +160,38 @@ pub async fn run_tls(
         Some(Ok(Err(e))) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
             tracing::debug!(%peer, "tls handshake failed: {e}");
-            return;
+            return None;
         }
         Some(Err(_)) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "timeout").increment(1);
             tracing::debug!(%peer, "tls handshake deadline exceeded");
-            return;
+            return None;
         }
-        None => return,
+        None => return None,
     };
     metrics::histogram!(m::TLS_HANDSHAKE_SECONDS).record(started.elapsed().as_secs_f64());
-    run_session(stream, peer, ctx, permit).await;
+    Some(stream)
 }
 
 /// Runs a session over an established stream (TLS or, for trusted networks, plain TCP).
-pub async fn run_session<S>(
+/// The stream is split before the session's future exists, so the future holds two pointers
+/// rather than a moved-from copy of the stream (over a KiB for TLS) for its whole life.
+pub fn run_session<S>(
     stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    permit: OwnedSemaphorePermit,
+) -> impl std::future::Future<Output = ()> + Send
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (read_half, write_half) = tokio::io::split(stream);
+    session(read_half, write_half, peer, ctx, permit)
+}
+
+async fn session<S>(
+    read_half: ReadHalf<S>,
+    write_half: WriteHalf<S>,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
     permit: OwnedSemaphorePermit,
@@ -177,7 +209,6 @@ pub async fn run_session<S>(
         parked_limit,
         config.limits.max_requests_in_flight as usize,
     );
-    let (read_half, write_half) = tokio::io::split(stream);
     let writer = ctx.tracker.spawn(write_loop(
         write_half,
         outbound.clone(),

@@ -1,12 +1,15 @@
-//! `presence-bench`: a load generator that runs the same presence workload against presenced's
+//! `presence-bench`: a load generator that runs the same presence workloads against presenced's
 //! native protocol or an MQTT 3.1.1 broker doing presence the MQTT way (a retained
-//! `presence/<user>` topic per user, Last Will = offline), over TLS, with the same payload bytes
-//! (an encoded `Presence` whose status carries a sequence number and a send timestamp). Prints
-//! one JSON line per run: deliveries/s, latency percentiles from an HDR histogram, delivery and
-//! final-state ratios, and (with `--pid`) broker memory per connection.
+//! `presence/<user>` topic per user, Last Will = offline), over TLS or plain TCP, with the same
+//! payload bytes (an encoded `Presence` whose status carries a sequence number and a send
+//! timestamp). Connections are raw sockets driven many per task (one task per group, not per
+//! connection), so the generator stays light next to the broker. Prints one JSON line per run:
+//! deliveries/s, latency percentiles from HDR histograms, delivery and final-state ratios,
+//! restore times, and (with `--pid`) broker memory per connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,11 +18,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use clap::{Parser, Subcommand, ValueEnum};
 use hdrhistogram::Histogram;
 use presenced::auth::dev_token;
-use presenced::client::{tls_connect, Client, ClientOptions};
+use presenced::client::ClientCodec;
 use presenced::pb;
+use presenced::pb::client_frame::Body as ClientBody;
+use presenced::pb::server_frame::Body as ServerBody;
 use prost::Message;
-use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio_util::codec::{Decoder, Encoder};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Driver {
@@ -38,6 +44,9 @@ struct Args {
     /// Broker address.
     #[arg(long, default_value = "127.0.0.1:7883")]
     addr: SocketAddr,
+    /// Plain TCP instead of TLS (the broker's plaintext listener).
+    #[arg(long)]
+    plain: bool,
     /// CA to trust (the embedded dev CA when the file is missing).
     #[arg(long, default_value = "certs-dev/ca.pem")]
     ca: PathBuf,
@@ -49,11 +58,22 @@ struct Args {
     /// Connections opened at once while setting up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
+    /// Connections driven by one task.
+    #[arg(long, default_value_t = 250)]
+    per_task: usize,
+    /// Spread connections over this many IPv4 loopback source addresses (127.0.0.1, .2, ...),
+    /// as clients behind different addresses would be; 1 keeps them all on 127.0.0.1.
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// A prefix for every user name, so runs against the same broker never see each other's
+    /// retained state (default: derived from the clock).
+    #[arg(long)]
+    run_id: Option<String>,
     #[command(subcommand)]
     workload: Workload,
 }
 
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 enum Workload {
     /// One user watched by many: the publisher changes status at a fixed rate.
     Fanout {
@@ -66,10 +86,29 @@ enum Workload {
         #[arg(long, default_value_t = 100)]
         rate: u64,
     },
+    /// N users, each watching the K users after it (so each is watched by K), a share of them
+    /// changing status every second.
+    Mix {
+        #[arg(long, default_value_t = 5000)]
+        users: usize,
+        #[arg(long, default_value_t = 20)]
+        watch: usize,
+        /// Percent of users changing status per second.
+        #[arg(long, default_value_t = 1.0)]
+        percent_per_sec: f64,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
     /// Idle connections: broker memory per connection (needs --pid).
     Idle {
         #[arg(long, default_value_t = 1000)]
         connections: usize,
+    },
+    /// Clients watching one user all lose their connections at once and reconnect together;
+    /// measured until every client has its presence snapshot back.
+    Storm {
+        #[arg(long, default_value_t = 10000)]
+        clients: usize,
     },
 }
 
@@ -106,19 +145,46 @@ fn rss_kib(pid: u32) -> Option<f64> {
         .ok()
 }
 
-// ---------------------------------------------------------------------------------------------
-// A minimal MQTT 3.1.1 client: CONNECT (with a retained Last Will), SUBSCRIBE, PUBLISH QoS 0.
-// ---------------------------------------------------------------------------------------------
-
-type TlsStream = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
-
-struct MqttReader {
-    read: ReadHalf<TlsStream>,
-    buf: BytesMut,
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new(3).expect("3 significant digits is a valid histogram")
 }
 
-struct MqttWriter {
-    write: WriteHalf<TlsStream>,
+fn ms(h: &Histogram<u64>, q: f64) -> f64 {
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connections: TLS or plain, native or MQTT, read and written through the same two halves.
+// ---------------------------------------------------------------------------------------------
+
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+type Stream = Box<dyn Io>;
+
+/// What a connection received that the workloads care about.
+enum Incoming {
+    /// A presence of `user` with this status, live or (`snapshot`) as current state.
+    Status {
+        user: String,
+        status: String,
+        snapshot: bool,
+    },
+    /// The broker acknowledged a subscription.
+    Subscribed,
+    Other,
+}
+
+struct Reader {
+    driver: Driver,
+    half: ReadHalf<Stream>,
+    buf: BytesMut,
+    codec: ClientCodec,
+}
+
+struct Writer {
+    driver: Driver,
+    half: WriteHalf<Stream>,
+    next_id: u64,
 }
 
 fn put_remaining_length(buf: &mut BytesMut, mut n: usize) {
@@ -140,7 +206,7 @@ fn put_str(buf: &mut BytesMut, s: &[u8]) {
     buf.put_slice(s);
 }
 
-fn packet(header: u8, body: &[u8]) -> BytesMut {
+fn mqtt_packet(header: u8, body: &[u8]) -> BytesMut {
     let mut out = BytesMut::with_capacity(body.len() + 5);
     out.put_u8(header);
     put_remaining_length(&mut out, body.len());
@@ -148,264 +214,453 @@ fn packet(header: u8, body: &[u8]) -> BytesMut {
     out
 }
 
-impl MqttReader {
-    /// The next packet: (first header byte, body).
-    async fn next(&mut self) -> anyhow::Result<(u8, Bytes)> {
+/// One whole MQTT packet from the front of `buf`: (first header byte, body).
+fn take_mqtt_packet(buf: &mut BytesMut) -> Option<(u8, Bytes)> {
+    let mut len = 0usize;
+    let mut i = 1;
+    loop {
+        let b = *buf.get(i)?;
+        len |= ((b & 0x7f) as usize) << (7 * (i - 1));
+        i += 1;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i > 4 {
+            return None;
+        }
+    }
+    if buf.len() < i + len {
+        return None;
+    }
+    let header = buf[0];
+    buf.advance(i);
+    Some((header, buf.split_to(len).freeze()))
+}
+
+fn status_of(payload: &[u8], snapshot: bool) -> anyhow::Result<Incoming> {
+    let p = pb::Presence::decode(payload)?;
+    Ok(Incoming::Status {
+        user: p.user_id,
+        status: p.status,
+        snapshot,
+    })
+}
+
+impl Reader {
+    /// The next frame or packet; an error when the connection closed or sent garbage.
+    async fn next(&mut self) -> anyhow::Result<Incoming> {
         loop {
-            if self.buf.len() >= 2 {
-                let mut len = 0usize;
-                let mut shift = 0;
-                let mut i = 1;
-                let mut complete = false;
-                while i < self.buf.len() && i <= 4 {
-                    let b = self.buf[i];
-                    len |= ((b & 0x7f) as usize) << shift;
-                    shift += 7;
-                    i += 1;
-                    if b & 0x80 == 0 {
-                        complete = true;
-                        break;
+            match self.driver {
+                Driver::Native => {
+                    if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                        return Ok(match frame.body {
+                            Some(ServerBody::PresenceEvent(e)) => match e.presence {
+                                Some(p) => Incoming::Status {
+                                    user: e.user_id,
+                                    status: p.status,
+                                    snapshot: false,
+                                },
+                                None => Incoming::Other,
+                            },
+                            Some(ServerBody::Close(c)) => bail!("closed by the broker: {c:?}"),
+                            Some(ServerBody::Error(e)) => bail!("error frame: {e:?}"),
+                            _ => Incoming::Other,
+                        });
                     }
                 }
-                if complete && self.buf.len() >= i + len {
-                    let header = self.buf[0];
-                    self.buf.advance(i);
-                    return Ok((header, self.buf.split_to(len).freeze()));
+                Driver::Mqtt => {
+                    if let Some((header, body)) = take_mqtt_packet(&mut self.buf) {
+                        return match header >> 4 {
+                            3 => {
+                                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize + 2;
+                                let payload = body.get(topic_len..).context("short PUBLISH")?;
+                                status_of(payload, header & 1 == 1)
+                            }
+                            9 => Ok(Incoming::Subscribed),
+                            _ => Ok(Incoming::Other),
+                        };
+                    }
                 }
             }
-            if self.read.read_buf(&mut self.buf).await? == 0 {
-                bail!("mqtt connection closed");
+            if self.half.read_buf(&mut self.buf).await? == 0 {
+                bail!("connection closed");
+            }
+        }
+    }
+
+    /// Reads until the subscription reply; the snapshot statuses it carries (native) or that
+    /// came with it (MQTT sends retained messages after SUBACK; see `Workload::Storm`).
+    async fn until_subscribed(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut snapshot = Vec::new();
+        loop {
+            if self.driver == Driver::Native {
+                // The reply carries the current presence of every watched user.
+                if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                    match frame.body {
+                        Some(ServerBody::SubscribeResult(r)) => {
+                            snapshot.extend(r.presences.into_iter().map(|p| (p.user_id, p.status)));
+                            return Ok(snapshot);
+                        }
+                        Some(ServerBody::Error(e)) => bail!("subscribe refused: {e:?}"),
+                        _ => continue,
+                    }
+                }
+                if self.half.read_buf(&mut self.buf).await? == 0 {
+                    bail!("connection closed");
+                }
+                continue;
+            }
+            match self.next().await? {
+                Incoming::Subscribed => return Ok(snapshot),
+                Incoming::Status {
+                    user,
+                    status,
+                    snapshot: true,
+                } => snapshot.push((user, status)),
+                _ => {}
             }
         }
     }
 }
 
-impl MqttWriter {
-    async fn publish(&mut self, topic: &str, payload: &[u8], retain: bool) -> anyhow::Result<()> {
-        let mut body = BytesMut::with_capacity(topic.len() + payload.len() + 2);
-        put_str(&mut body, topic.as_bytes());
-        body.put_slice(payload);
-        let header = 0x30 | u8::from(retain);
-        self.write.write_all(&packet(header, &body)).await?;
+impl Writer {
+    async fn send_native(&mut self, body: ClientBody) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let mut buf = BytesMut::new();
+        ClientCodec::new(usize::MAX).encode(
+            pb::ClientFrame {
+                request_id: self.next_id,
+                body: Some(body),
+            },
+            &mut buf,
+        )?;
+        self.half.write_all(&buf).await?;
+        self.half.flush().await?;
         Ok(())
     }
-}
 
-async fn mqtt_connect(
-    args: &Args,
-    tls: Arc<rustls::ClientConfig>,
-    client_id: &str,
-    will: (&str, &[u8]),
-) -> anyhow::Result<(MqttReader, MqttWriter)> {
-    let stream = tls_connect(args.addr, &args.server_name, tls).await?;
-    let (read, mut write) = tokio::io::split(stream);
-    let mut body = BytesMut::new();
-    put_str(&mut body, b"MQTT");
-    body.put_u8(4); // protocol level 3.1.1
-    body.put_u8(0x02 | 0x04 | 0x20); // clean session, will flag, will retain (QoS 0)
-    body.put_u16(60); // keepalive
-    put_str(&mut body, client_id.as_bytes());
-    put_str(&mut body, will.0.as_bytes());
-    put_str(&mut body, will.1);
-    write.write_all(&packet(0x10, &body)).await?;
-    let mut reader = MqttReader {
-        read,
-        buf: BytesMut::with_capacity(4096),
-    };
-    let (header, ack) = reader.next().await?;
-    if header >> 4 != 2 || ack.get(1) != Some(&0) {
-        bail!("mqtt CONNACK refused: {header:#x} {ack:?}");
+    async fn subscribe(&mut self, users: &[String]) -> anyhow::Result<()> {
+        match self.driver {
+            Driver::Native => {
+                self.send_native(ClientBody::Subscribe(pb::Subscribe {
+                    user_ids: users.to_vec(),
+                    expiry_seconds: 0,
+                }))
+                .await
+            }
+            Driver::Mqtt => {
+                let mut body = BytesMut::new();
+                body.put_u16(1);
+                for user in users {
+                    put_str(&mut body, format!("presence/{user}").as_bytes());
+                    body.put_u8(0);
+                }
+                self.half.write_all(&mqtt_packet(0x82, &body)).await?;
+                self.half.flush().await?;
+                Ok(())
+            }
+        }
     }
-    Ok((reader, MqttWriter { write }))
-}
 
-async fn mqtt_subscribe(
-    reader: &mut MqttReader,
-    writer: &mut MqttWriter,
-    topic: &str,
-) -> anyhow::Result<()> {
-    let mut body = BytesMut::new();
-    body.put_u16(1);
-    put_str(&mut body, topic.as_bytes());
-    body.put_u8(0);
-    writer.write.write_all(&packet(0x82, &body)).await?;
-    loop {
-        let (header, _) = reader.next().await?;
-        if header >> 4 == 9 {
-            return Ok(());
+    /// Sets `user`'s status to `<seq>:<now>` (MQTT: a retained PUBLISH to its topic).
+    async fn publish(&mut self, user: &str, seq: u64) -> anyhow::Result<()> {
+        let p = presence(user, seq);
+        match self.driver {
+            Driver::Native => {
+                self.send_native(ClientBody::SetPresence(pb::SetPresence {
+                    status: Some(p.status),
+                    ..Default::default()
+                }))
+                .await
+            }
+            Driver::Mqtt => {
+                let topic = format!("presence/{user}");
+                let payload = p.encode_to_vec();
+                let mut body = BytesMut::with_capacity(topic.len() + payload.len() + 2);
+                put_str(&mut body, topic.as_bytes());
+                body.put_slice(&payload);
+                self.half.write_all(&mqtt_packet(0x31, &body)).await?;
+                self.half.flush().await?;
+                Ok(())
+            }
         }
     }
 }
 
-/// The payload of an MQTT PUBLISH body (QoS 0: no packet id).
-fn publish_payload(body: &Bytes) -> Option<&[u8]> {
-    let topic_len = u16::from_be_bytes([*body.first()?, *body.get(1)?]) as usize;
-    body.get(2 + topic_len..)
+/// Connect attempts that failed and were retried, reported with the results.
+static CONNECT_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+struct Generator {
+    args: Args,
+    tls: Arc<rustls::ClientConfig>,
+    prefix: String,
 }
 
-// ---------------------------------------------------------------------------------------------
-// The shared workload.
-// ---------------------------------------------------------------------------------------------
-
-enum Watcher {
-    Native(Box<Client>),
-    /// The writer is held so the connection stays open.
-    Mqtt {
-        reader: MqttReader,
-        _writer: MqttWriter,
-    },
-}
-
-enum Publisher {
-    Native(Box<Client>),
-    /// The reader is held so the connection stays open (QoS 0 gets no replies).
-    Mqtt {
-        _reader: MqttReader,
-        writer: MqttWriter,
-    },
-}
-
-const STAR: &str = "star";
-
-impl Args {
-    fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        let config = if self.ca.exists() {
-            presenced::tls::client_config_from_file(&self.ca)?
+impl Generator {
+    fn new(args: Args) -> anyhow::Result<Generator> {
+        let config = if args.ca.exists() {
+            presenced::tls::client_config_from_file(&args.ca)?
         } else {
             presenced::tls::dev_client_config()
         };
-        if self.driver == Driver::Mqtt {
+        let mut config = (*config).clone();
+        if args.driver == Driver::Mqtt {
             // MQTT brokers speak no presence/1 ALPN.
-            let mut plain = (*config).clone();
-            plain.alpn_protocols.clear();
-            return Ok(Arc::new(plain));
+            config.alpn_protocols.clear();
         }
-        Ok(config)
+        let prefix = args
+            .run_id
+            .clone()
+            .unwrap_or_else(|| format!("r{}", now_ns() / 1_000_000 % 100_000_000));
+        Ok(Generator {
+            args,
+            tls: Arc::new(config),
+            prefix,
+        })
     }
 
-    async fn native(&self, tls: &Arc<rustls::ClientConfig>, user: &str) -> anyhow::Result<Client> {
-        let mut options = ClientOptions::new(self.addr, dev_token(user, 3600));
-        options.tls = tls.clone();
-        options.server_name = self.server_name.clone();
-        options.event_capacity = 4096;
-        Ok(Client::connect(options).await?)
+    fn user(&self, name: impl std::fmt::Display) -> String {
+        format!("{}-{name}", self.prefix)
     }
 
-    async fn watcher(&self, tls: &Arc<rustls::ClientConfig>, i: usize) -> anyhow::Result<Watcher> {
-        let user = format!("watcher{i}");
-        match self.driver {
+    fn source(&self, i: usize) -> Option<SocketAddr> {
+        if self.args.sources <= 1 || !self.args.addr.ip().is_loopback() {
+            return None;
+        }
+        let host = 1 + (i % self.args.sources as usize) as u8;
+        Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(127, 0, 0, host)),
+            0,
+        ))
+    }
+
+    async fn transport(&self, i: usize) -> anyhow::Result<Stream> {
+        let addr = self.args.addr;
+        let tcp = match self.source(i) {
+            Some(local) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind(local)?;
+                socket.connect(addr).await?
+            }
+            None => tokio::net::TcpStream::connect(addr).await?,
+        };
+        tcp.set_nodelay(true)?;
+        if self.args.plain {
+            return Ok(Box::new(tcp));
+        }
+        let name = presenced::tls::server_name(&self.args.server_name)?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await?;
+        Ok(Box::new(tls))
+    }
+
+    /// Opens connection `i` as `user` and waits for the broker's acceptance. MQTT connections
+    /// carry a retained Last Will saying the user is offline.
+    async fn open(&self, i: usize, user: &str) -> anyhow::Result<(Reader, Writer)> {
+        let driver = self.args.driver;
+        let (read, write) = tokio::io::split(self.transport(i).await?);
+        let mut reader = Reader {
+            driver,
+            half: read,
+            buf: BytesMut::with_capacity(4096),
+            codec: ClientCodec::new(1024 * 1024),
+        };
+        let mut writer = Writer {
+            driver,
+            half: write,
+            next_id: 0,
+        };
+        match driver {
             Driver::Native => {
-                let client = self.native(tls, &user).await?;
-                client.subscribe(&[STAR]).await?;
-                Ok(Watcher::Native(Box::new(client)))
-            }
-            Driver::Mqtt => {
-                let offline = pb::Presence {
-                    user_id: user.clone(),
-                    availability: pb::Availability::Offline as i32,
-                    ..Default::default()
-                }
-                .encode_to_vec();
-                let will = format!("presence/{user}");
-                let (mut r, mut w) =
-                    mqtt_connect(self, tls.clone(), &user, (&will, &offline)).await?;
-                mqtt_subscribe(&mut r, &mut w, &format!("presence/{STAR}")).await?;
-                Ok(Watcher::Mqtt {
-                    reader: r,
-                    _writer: w,
-                })
-            }
-        }
-    }
-
-    async fn publisher(&self, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<Publisher> {
-        match self.driver {
-            Driver::Native => Ok(Publisher::Native(Box::new(self.native(tls, STAR).await?))),
-            Driver::Mqtt => {
-                let offline = pb::Presence {
-                    user_id: STAR.into(),
-                    availability: pb::Availability::Offline as i32,
-                    ..Default::default()
-                }
-                .encode_to_vec();
-                let topic = format!("presence/{STAR}");
-                let (r, w) = mqtt_connect(self, tls.clone(), STAR, (&topic, &offline)).await?;
-                Ok(Publisher::Mqtt {
-                    _reader: r,
-                    writer: w,
-                })
-            }
-        }
-    }
-}
-
-impl Publisher {
-    async fn publish(&mut self, seq: u64) -> anyhow::Result<()> {
-        let p = presence(STAR, seq);
-        match self {
-            Publisher::Native(client) => {
-                client
-                    .set_presence(pb::SetPresence {
-                        status: Some(p.status),
+                writer
+                    .send_native(ClientBody::Connect(pb::Connect {
+                        token: dev_token(user, 3600),
                         ..Default::default()
-                    })
+                    }))
                     .await?;
-            }
-            Publisher::Mqtt { writer: w, .. } => {
-                w.publish(&format!("presence/{STAR}"), &p.encode_to_vec(), true)
-                    .await?
-            }
-        }
-        Ok(())
-    }
-}
-
-impl Watcher {
-    /// The next status carried by an event about STAR, if any arrives.
-    async fn next_status(&mut self) -> anyhow::Result<Option<String>> {
-        match self {
-            Watcher::Native(client) => {
-                let e = client.next_presence_event().await?;
-                Ok(e.presence.map(|p| p.status))
-            }
-            Watcher::Mqtt { reader, .. } => loop {
-                let (header, body) = reader.next().await?;
-                if header >> 4 == 3 {
-                    let payload = publish_payload(&body).context("short PUBLISH")?;
-                    return Ok(Some(pb::Presence::decode(payload)?.status));
+                loop {
+                    let frame = loop {
+                        if let Some(frame) = reader.codec.decode(&mut reader.buf)? {
+                            break frame;
+                        }
+                        if reader.half.read_buf(&mut reader.buf).await? == 0 {
+                            bail!("closed before ConnAck");
+                        }
+                    };
+                    match frame.body {
+                        Some(ServerBody::ConnAck(_)) => break,
+                        Some(ServerBody::Error(e)) => bail!("connect refused: {e:?}"),
+                        Some(ServerBody::Close(c)) => bail!("connect closed: {c:?}"),
+                        _ => {}
+                    }
                 }
-            },
+            }
+            Driver::Mqtt => {
+                let offline = pb::Presence {
+                    user_id: user.into(),
+                    availability: pb::Availability::Offline as i32,
+                    ..Default::default()
+                }
+                .encode_to_vec();
+                let mut body = BytesMut::new();
+                put_str(&mut body, b"MQTT");
+                body.put_u8(4); // protocol level 3.1.1
+                body.put_u8(0x02 | 0x04 | 0x20); // clean session, will flag, will retain (QoS 0)
+                body.put_u16(60); // keepalive
+                put_str(&mut body, user.as_bytes());
+                put_str(&mut body, format!("presence/{user}").as_bytes());
+                put_str(&mut body, &offline);
+                writer.half.write_all(&mqtt_packet(0x10, &body)).await?;
+                writer.half.flush().await?;
+                let ack = loop {
+                    if let Some(packet) = take_mqtt_packet(&mut reader.buf) {
+                        break packet;
+                    }
+                    if reader.half.read_buf(&mut reader.buf).await? == 0 {
+                        bail!("closed before CONNACK");
+                    }
+                };
+                if ack.0 >> 4 != 2 || ack.1.get(1) != Some(&0) {
+                    bail!("mqtt CONNACK refused: {:#x} {:?}", ack.0, ack.1);
+                }
+            }
         }
+        Ok((reader, writer))
+    }
+
+    /// `open`, retried a few times (a broker may drop connections under a connect burst;
+    /// Mosquitto does), each retry counted so the report shows it.
+    async fn open_retrying(&self, i: usize, user: &str) -> anyhow::Result<(Reader, Writer)> {
+        let mut attempt = 0;
+        loop {
+            match self.open(i, user).await {
+                Ok(c) => return Ok(c),
+                Err(e) if attempt >= 5 => return Err(e).with_context(|| format!("connection {i}")),
+                Err(_) => {
+                    attempt += 1;
+                    CONNECT_RETRIES.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+            }
+        }
+    }
+
+    /// Opens connection `i` for each user, `--connect-concurrency` at a time, each subscribed
+    /// to `watch(i)` when that is not empty.
+    async fn open_all(
+        &self,
+        users: &[String],
+        watch: impl Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<Vec<(Reader, Writer)>> {
+        let in_flight = self.args.connect_concurrency.max(1);
+        let mut out = Vec::with_capacity(users.len());
+        for chunk_start in (0..users.len()).step_by(in_flight) {
+            let chunk = chunk_start..(chunk_start + in_flight).min(users.len());
+            let opening = chunk.map(|i| {
+                let targets = watch(i);
+                async move {
+                    let (mut r, mut w) = self.open_retrying(i, &users[i]).await?;
+                    if !targets.is_empty() {
+                        w.subscribe(&targets).await?;
+                        r.until_subscribed().await?;
+                    }
+                    anyhow::Ok((r, w))
+                }
+            });
+            for conn in futures_util::future::join_all(opening).await {
+                out.push(conn?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn report(&self, workload: &str) -> serde_json::Map<String, serde_json::Value> {
+        let mut m = serde_json::Map::new();
+        m.insert(
+            "driver".into(),
+            format!("{:?}", self.args.driver).to_lowercase().into(),
+        );
+        m.insert("workload".into(), workload.into());
+        m.insert(
+            "transport".into(),
+            if self.args.plain { "plain" } else { "tls" }.into(),
+        );
+        m
+    }
+
+    fn rss(&self) -> Option<f64> {
+        self.args.pid.and_then(rss_kib)
     }
 }
 
-/// What one watcher saw.
+/// Drains a connection whose incoming frames nobody needs (replies to a publisher), so the
+/// broker never sees it as a slow consumer.
+fn drain(mut reader: Reader) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move { while reader.next().await.is_ok() {} })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Receiving: readers grouped many per task, latency into one histogram per group.
+// ---------------------------------------------------------------------------------------------
+
+/// What a group of readers saw.
 struct Seen {
     latency_us: Histogram<u64>,
     received: u64,
-    got_final: bool,
+    /// Readers that saw `final_seq` from every user they watch.
+    finals: usize,
+    failed: usize,
     last_at: Option<Instant>,
-    /// The connection failed (closed by the broker, or garbage) before the final change.
-    failed: bool,
 }
 
-async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
-    let mut seen = Seen {
-        latency_us: Histogram::new(3).expect("histogram"),
-        received: 0,
-        got_final: false,
-        last_at: None,
-        failed: false,
-    };
+impl Seen {
+    fn new() -> Seen {
+        Seen {
+            latency_us: new_histogram(),
+            received: 0,
+            finals: 0,
+            failed: 0,
+            last_at: None,
+        }
+    }
+
+    fn add(&mut self, other: &Seen) {
+        let _ = self.latency_us.add(&other.latency_us);
+        self.received += other.received;
+        self.finals += other.finals;
+        self.failed += other.failed;
+        self.last_at = self.last_at.max(other.last_at);
+    }
+}
+
+/// Reads live statuses on `reader` until `final_seq` arrived from each of `watched` users, the
+/// connection fails, or `stop` fires. Counts into `seen` and `total`.
+async fn receive(
+    mut reader: Reader,
+    watched: usize,
+    final_seq: Option<u64>,
+    stop: CancellationToken,
+    total: Arc<AtomicU64>,
+) -> Seen {
+    let mut seen = Seen::new();
+    let mut finals = 0;
     loop {
-        let status = match tokio::time::timeout_at(deadline.into(), w.next_status()).await {
-            Ok(Ok(Some(status))) => status,
-            Ok(Ok(None)) => continue,
-            Ok(Err(_)) => {
-                seen.failed = true;
+        let incoming = tokio::select! {
+            r = reader.next() => r,
+            _ = stop.cancelled() => break,
+        };
+        let status = match incoming {
+            Ok(Incoming::Status {
+                status,
+                snapshot: false,
+                ..
+            }) => status,
+            Ok(_) => continue,
+            Err(_) => {
+                seen.failed += 1;
                 break;
             }
-            Err(_) => break,
         };
         let Some((seq, sent)) = parse_status(&status) else {
             continue;
@@ -413,144 +668,365 @@ async fn watch(mut w: Watcher, final_seq: u64, deadline: Instant) -> Seen {
         let latency = now_ns().saturating_sub(sent) / 1000;
         let _ = seen.latency_us.record(latency.max(1));
         seen.received += 1;
+        total.fetch_add(1, Ordering::Relaxed);
         seen.last_at = Some(Instant::now());
-        if seq == final_seq {
-            seen.got_final = true;
-            break;
+        if Some(seq) == final_seq {
+            finals += 1;
+            if finals == watched {
+                seen.finals = 1;
+                break;
+            }
         }
     }
     seen
 }
 
-/// Connect attempts that failed and were retried, reported with the results.
-static CONNECT_RETRIES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Connects `n` watchers, `--connect-concurrency` at a time, in index order.
-async fn connect_all(
-    args: &Args,
-    tls: &Arc<rustls::ClientConfig>,
-    n: usize,
-) -> anyhow::Result<Vec<Watcher>> {
-    let in_flight = args.connect_concurrency.max(1);
-    let mut out = Vec::with_capacity(n);
-    for chunk_start in (0..n).step_by(in_flight) {
-        let chunk = chunk_start..(chunk_start + in_flight).min(n);
-        let connecting = chunk.map(|i| async move {
-            // A broker may drop a connection under a connect burst (Mosquitto does); retry a
-            // few times and count it, so the report shows it.
-            let mut attempt = 0;
-            loop {
-                match args.watcher(tls, i).await {
-                    Ok(w) => return Ok(w),
-                    Err(e) if attempt >= 5 => {
-                        return Err(e).with_context(|| format!("connection {i}"))
-                    }
-                    Err(_) => {
-                        attempt += 1;
-                        CONNECT_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
-                }
+/// Spawns one task per `--per-task` readers; each task drives its readers together.
+fn spawn_groups(
+    per_task: usize,
+    readers: Vec<Reader>,
+    watched: usize,
+    final_seq: Option<u64>,
+    stop: &CancellationToken,
+    total: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let mut groups = Vec::new();
+    let mut readers = readers.into_iter().peekable();
+    while readers.peek().is_some() {
+        let group: Vec<Reader> = readers.by_ref().take(per_task.max(1)).collect();
+        let (stop, total) = (stop.clone(), total.clone());
+        groups.push(tokio::spawn(async move {
+            let each = group
+                .into_iter()
+                .map(|r| receive(r, watched, final_seq, stop.clone(), total.clone()));
+            let mut seen = Seen::new();
+            for s in futures_util::future::join_all(each).await {
+                seen.add(&s);
             }
-        });
-        for watcher in futures_util::future::join_all(connecting).await {
-            out.push(watcher?);
-        }
+            seen
+        }));
     }
-    Ok(out)
+    groups
 }
 
+async fn collect(groups: Vec<tokio::task::JoinHandle<Seen>>) -> anyhow::Result<Seen> {
+    let mut seen = Seen::new();
+    for g in groups {
+        seen.add(&g.await?);
+    }
+    Ok(seen)
+}
+
+/// Waits until `total` reaches `expected` or `limit` passes, then stops the readers.
+async fn settle(total: &AtomicU64, expected: u64, limit: Duration, stop: &CancellationToken) {
+    let until = Instant::now() + limit;
+    while total.load(Ordering::Relaxed) < expected && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.cancel();
+}
+
+fn latency_fields(
+    m: &mut serde_json::Map<String, serde_json::Value>,
+    seen: &Seen,
+    expected: u64,
+    started: Instant,
+) {
+    let elapsed = seen
+        .last_at
+        .map(|at| at.duration_since(started).as_secs_f64())
+        .unwrap_or(0.0)
+        .max(1e-9);
+    m.insert("deliveries".into(), seen.received.into());
+    m.insert(
+        "deliveries_per_sec".into(),
+        (seen.received as f64 / elapsed).into(),
+    );
+    m.insert(
+        "delivery_ratio".into(),
+        (seen.received as f64 / expected.max(1) as f64).into(),
+    );
+    m.insert("p50_ms".into(), ms(&seen.latency_us, 0.50).into());
+    m.insert("p99_ms".into(), ms(&seen.latency_us, 0.99).into());
+    m.insert("p999_ms".into(), ms(&seen.latency_us, 0.999).into());
+    m.insert(
+        "max_ms".into(),
+        (seen.latency_us.max() as f64 / 1000.0).into(),
+    );
+    m.insert("watchers_disconnected".into(), seen.failed.into());
+    m.insert(
+        "connect_retries".into(),
+        CONNECT_RETRIES.load(Ordering::Relaxed).into(),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Workloads.
+// ---------------------------------------------------------------------------------------------
+
 async fn fanout(
-    args: &Args,
+    g: &Generator,
     watchers: usize,
     changes: u64,
     rate: u64,
 ) -> anyhow::Result<serde_json::Value> {
-    let tls = args.tls()?;
-    let rss_before = args.pid.and_then(rss_kib);
-    let connected = connect_all(args, &tls, watchers).await?;
-    let rss_connected = args.pid.and_then(rss_kib);
-    let mut publisher = args.publisher(&tls).await?;
-    let final_seq = changes;
-    let publish_window = Duration::from_secs_f64(changes as f64 / rate.max(1) as f64);
-    let deadline = Instant::now() + publish_window + Duration::from_secs(10);
-    let tasks: Vec<_> = connected
-        .into_iter()
-        .map(|w| tokio::spawn(watch(w, final_seq, deadline)))
-        .collect();
+    let star = g.user("star");
+    let rss_before = g.rss();
+    let users: Vec<String> = (0..watchers).map(|i| g.user(format!("w{i}"))).collect();
+    let conns = g.open_all(&users, |_| vec![star.clone()]).await?;
+    let rss_connected = g.rss();
+    let (publisher_reader, mut publisher) = g.open_retrying(watchers, &star).await?;
+    let publisher_drain = drain(publisher_reader);
+    // Writers stay open (held here) while their readers are driven in groups.
+    let (readers, _writers): (Vec<_>, Vec<_>) = conns.into_iter().unzip();
+    let stop = CancellationToken::new();
+    let total = Arc::new(AtomicU64::new(0));
+    let groups = spawn_groups(g.args.per_task, readers, 1, Some(changes), &stop, &total);
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     for seq in 1..=changes {
         tick.tick().await;
-        publisher.publish(seq).await?;
+        publisher.publish(&star, seq).await?;
     }
-    let mut latency = Histogram::<u64>::new(3)?;
-    let (mut received, mut finals, mut failed, mut last) = (0u64, 0usize, 0usize, started);
-    for t in tasks {
-        let seen = t.await?;
-        latency.add(&seen.latency_us)?;
-        received += seen.received;
-        finals += usize::from(seen.got_final);
-        failed += usize::from(seen.failed);
-        if let Some(at) = seen.last_at {
-            last = last.max(at);
-        }
-    }
-    let elapsed = last.duration_since(started).as_secs_f64().max(1e-9);
     let expected = watchers as u64 * changes;
-    let per_conn = match (rss_before, rss_connected) {
-        (Some(b), Some(a)) => Some((a - b) / watchers as f64),
-        _ => None,
-    };
-    Ok(json!({
-        "driver": format!("{:?}", args.driver).to_lowercase(),
-        "workload": "fanout",
-        "watchers": watchers,
-        "changes": changes,
-        "rate_per_sec": rate,
-        "deliveries": received,
-        "deliveries_per_sec": received as f64 / elapsed,
-        "delivery_ratio": received as f64 / expected as f64,
-        "final_state_ratio": finals as f64 / watchers as f64,
-        "watchers_disconnected": failed,
-        "p50_ms": latency.value_at_quantile(0.50) as f64 / 1000.0,
-        "p99_ms": latency.value_at_quantile(0.99) as f64 / 1000.0,
-        "p999_ms": latency.value_at_quantile(0.999) as f64 / 1000.0,
-        "max_ms": latency.max() as f64 / 1000.0,
-        "broker_rss_kib_per_connection": per_conn,
-        "connect_retries": CONNECT_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
-    }))
+    settle(&total, expected, Duration::from_secs(10), &stop).await;
+    let seen = collect(groups).await?;
+    publisher_drain.abort();
+    let mut m = g.report("fanout");
+    m.insert("watchers".into(), watchers.into());
+    m.insert("changes".into(), changes.into());
+    m.insert("rate_per_sec".into(), rate.into());
+    latency_fields(&mut m, &seen, expected, started);
+    m.insert(
+        "final_state_ratio".into(),
+        (seen.finals as f64 / watchers as f64).into(),
+    );
+    if let (Some(b), Some(a)) = (rss_before, rss_connected) {
+        m.insert(
+            "broker_rss_kib_per_connection".into(),
+            ((a - b) / watchers as f64).into(),
+        );
+    }
+    Ok(m.into())
 }
 
-async fn idle(args: &Args, connections: usize) -> anyhow::Result<serde_json::Value> {
-    let pid = args.pid.context("idle needs --pid of the broker")?;
-    let tls = args.tls()?;
-    let before = rss_kib(pid).context("cannot read the broker's RSS")?;
-    let _held = connect_all(args, &tls, connections).await?;
+/// A small deterministic generator for picking who changes next.
+struct XorShift(u64);
+
+impl XorShift {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 % n as u64) as usize
+    }
+}
+
+async fn mix(
+    g: &Generator,
+    n: usize,
+    k: usize,
+    percent_per_sec: f64,
+    seconds: u64,
+) -> anyhow::Result<serde_json::Value> {
+    if k == 0 || k >= n {
+        bail!("--watch must be between 1 and users - 1");
+    }
+    let users: Vec<String> = (0..n).map(|i| g.user(format!("u{i}"))).collect();
+    let watch_of = |i: usize| (1..=k).map(|d| users[(i + d) % n].clone()).collect();
+    let conns = g.open_all(&users, watch_of).await?;
+    let (readers, mut writers): (Vec<_>, Vec<_>) = conns.into_iter().unzip();
+    let stop = CancellationToken::new();
+    let total = Arc::new(AtomicU64::new(0));
+    let groups = spawn_groups(g.args.per_task, readers, k, None, &stop, &total);
+    let changes_per_sec = (n as f64 * percent_per_sec / 100.0).max(1.0);
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / changes_per_sec));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let changes = (changes_per_sec * seconds as f64).round() as u64;
+    let mut pick = XorShift(0x9e37_79b9_7f4a_7c15);
+    let started = Instant::now();
+    for seq in 1..=changes {
+        tick.tick().await;
+        let i = pick.below(n);
+        writers[i].publish(&users[i], seq).await?;
+    }
+    let expected = changes * k as u64;
+    settle(&total, expected, Duration::from_secs(10), &stop).await;
+    let seen = collect(groups).await?;
+    let mut m = g.report("mix");
+    m.insert("users".into(), n.into());
+    m.insert("watch".into(), k.into());
+    m.insert("changes".into(), changes.into());
+    m.insert("changes_per_sec".into(), changes_per_sec.into());
+    latency_fields(&mut m, &seen, expected, started);
+    Ok(m.into())
+}
+
+async fn idle(g: &Generator, connections: usize) -> anyhow::Result<serde_json::Value> {
+    let before = g.rss().context("idle needs --pid of the broker")?;
+    let users: Vec<String> = (0..connections).map(|i| g.user(format!("i{i}"))).collect();
+    let _held = g.open_all(&users, |_| Vec::new()).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = rss_kib(pid).context("cannot read the broker's RSS")?;
-    Ok(json!({
-        "driver": format!("{:?}", args.driver).to_lowercase(),
-        "workload": "idle",
-        "connections": connections,
-        "broker_rss_kib_before": before,
-        "broker_rss_kib_after": after,
-        "broker_rss_kib_per_connection": (after - before) / connections as f64,
-        "connect_retries": CONNECT_RETRIES.load(std::sync::atomic::Ordering::Relaxed),
-    }))
+    let after = g.rss().context("cannot read the broker's RSS")?;
+    let mut m = g.report("idle");
+    m.insert("connections".into(), connections.into());
+    m.insert("broker_rss_kib_before".into(), before.into());
+    m.insert("broker_rss_kib_after".into(), after.into());
+    m.insert(
+        "broker_rss_kib_per_connection".into(),
+        ((after - before) / connections as f64).into(),
+    );
+    m.insert(
+        "connect_retries".into(),
+        CONNECT_RETRIES.load(Ordering::Relaxed).into(),
+    );
+    Ok(m.into())
+}
+
+/// Reconnects client `i` and waits for `star`'s presence with `marker` as status: the reply to
+/// the re-subscription (native) or the retained message that follows SUBACK (MQTT).
+async fn restore(g: &Generator, i: usize, user: &str, star: &str, marker: &str) -> Restored {
+    let started = Instant::now();
+    let mut attempts = 0;
+    loop {
+        let attempt = async {
+            let (mut r, mut w) = g.open(i, user).await?;
+            w.subscribe(&[star.to_string()]).await?;
+            let mut snapshot = r.until_subscribed().await?;
+            while !snapshot.iter().any(|(u, s)| u == star && s == marker) {
+                if let Incoming::Status {
+                    user, status: s, ..
+                } = r.next().await?
+                {
+                    snapshot.push((user, s));
+                }
+            }
+            anyhow::Ok((r, w))
+        };
+        match tokio::time::timeout(Duration::from_secs(30), attempt).await {
+            Ok(Ok(conn)) => {
+                return Restored {
+                    after: Some(started.elapsed()),
+                    attempts,
+                    _conn: Some(conn),
+                }
+            }
+            _ if attempts >= 5 => {
+                return Restored {
+                    after: None,
+                    attempts,
+                    _conn: None,
+                }
+            }
+            _ => {
+                attempts += 1;
+                tokio::time::sleep(Duration::from_millis(100 << attempts)).await;
+            }
+        }
+    }
+}
+
+struct Restored {
+    after: Option<Duration>,
+    attempts: u32,
+    /// Held so the restored connection stays open until every client is back.
+    _conn: Option<(Reader, Writer)>,
+}
+
+async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::Value> {
+    let star = g.user("star");
+    let (star_reader, mut star_writer) = g.open_retrying(clients, &star).await?;
+    let star_drain = drain(star_reader);
+    star_writer.publish(&star, 1).await?;
+    // The marker is what every client must find in its snapshot after reconnecting.
+    let users: Vec<String> = (0..clients).map(|i| g.user(format!("s{i}"))).collect();
+    let conns = g.open_all(&users, |_| vec![star.clone()]).await?;
+    star_writer.publish(&star, 2).await?;
+    let marker = loop {
+        // Read back the status the broker now holds for star, through a fresh subscription.
+        let (mut r, mut w) = g.open_retrying(clients + 1, &g.user("probe")).await?;
+        w.subscribe(std::slice::from_ref(&star)).await?;
+        let mut snapshot = r.until_subscribed().await?;
+        while snapshot.is_empty() {
+            if let Incoming::Status { user, status, .. } = r.next().await? {
+                snapshot.push((user, status));
+            }
+        }
+        match snapshot.into_iter().find(|(u, _)| *u == star) {
+            Some((_, s)) if parse_status(&s).map(|(seq, _)| seq) == Some(2) => break s,
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    // Every connection drops at once (as when a load balancer or a network path fails), and
+    // every client reconnects at once.
+    drop(conns);
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    let per_task = g.args.per_task.max(1);
+    for chunk_start in (0..clients).step_by(per_task) {
+        let (g, users, star, marker) = (g.clone(), users.clone(), star.clone(), marker.clone());
+        handles.push(tokio::spawn(async move {
+            let chunk = chunk_start..(chunk_start + per_task).min(clients);
+            let each = chunk.map(|i| restore(&g, i, &users[i], &star, &marker));
+            futures_util::future::join_all(each).await
+        }));
+    }
+    let mut times = new_histogram();
+    let (mut restored, mut retries, mut slowest) = (0usize, 0u64, Duration::ZERO);
+    let mut held = Vec::new();
+    for h in handles {
+        for r in h.await? {
+            retries += u64::from(r.attempts);
+            if let Some(after) = r.after {
+                restored += 1;
+                slowest = slowest.max(after);
+                let _ = times.record(after.as_micros() as u64);
+            }
+            held.push(r);
+        }
+    }
+    let all_back = started.elapsed();
+    star_drain.abort();
+    let mut m = g.report("storm");
+    m.insert("clients".into(), clients.into());
+    m.insert("restored".into(), restored.into());
+    m.insert(
+        "restored_ratio".into(),
+        (restored as f64 / clients as f64).into(),
+    );
+    m.insert(
+        "all_restored_secs".into(),
+        (restored == clients)
+            .then_some(slowest.as_secs_f64())
+            .into(),
+    );
+    m.insert("storm_wall_secs".into(), all_back.as_secs_f64().into());
+    m.insert("restore_p50_ms".into(), ms(&times, 0.50).into());
+    m.insert("restore_p99_ms".into(), ms(&times, 0.99).into());
+    m.insert("reconnect_retries".into(), retries.into());
+    Ok(m.into())
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let report = match &args.workload {
+    let workload = args.workload.clone();
+    let g = Arc::new(Generator::new(args)?);
+    let report = match workload {
         Workload::Fanout {
             watchers,
             changes,
             rate,
-        } => fanout(&args, *watchers, *changes, *rate).await?,
-        Workload::Idle { connections } => idle(&args, *connections).await?,
+        } => fanout(&g, watchers, changes, rate).await?,
+        Workload::Mix {
+            users,
+            watch,
+            percent_per_sec,
+            seconds,
+        } => mix(&g, users, watch, percent_per_sec, seconds).await?,
+        Workload::Idle { connections } => idle(&g, connections).await?,
+        Workload::Storm { clients } => storm(g.clone(), clients).await?,
     };
     println!("{report}");
     Ok(())

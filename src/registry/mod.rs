@@ -83,10 +83,70 @@ struct DeviceEntry {
     watching: BTreeSet<String>,
 }
 
+/// A user's devices, sorted by id. Users have a handful of devices, and a `BTreeMap` would
+/// allocate a whole node (over a KiB) for the usual one; a sorted `Vec` holds exactly them.
+#[derive(Debug, Default)]
+struct DeviceMap(Vec<(String, DeviceEntry)>);
+
+impl DeviceMap {
+    fn position(&self, device_id: &str) -> Result<usize, usize> {
+        self.0
+            .binary_search_by(|(id, _)| id.as_str().cmp(device_id))
+    }
+
+    fn get(&self, device_id: &str) -> Option<&DeviceEntry> {
+        self.position(device_id).ok().map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, device_id: &str) -> Option<&mut DeviceEntry> {
+        self.position(device_id).ok().map(|i| &mut self.0[i].1)
+    }
+
+    fn insert(&mut self, device_id: String, device: DeviceEntry) {
+        match self.position(&device_id) {
+            Ok(i) => self.0[i].1 = device,
+            Err(i) => self.0.insert(i, (device_id, device)),
+        }
+    }
+
+    fn remove(&mut self, device_id: &str) -> Option<DeviceEntry> {
+        let i = self.position(device_id).ok()?;
+        let removed = self.0.remove(i).1;
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(removed)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&String, &DeviceEntry)> {
+        self.0.iter().map(|(id, d)| (id, d))
+    }
+
+    fn values(&self) -> impl Iterator<Item = &DeviceEntry> {
+        self.0.iter().map(|(_, d)| d)
+    }
+}
+
+impl<'a> IntoIterator for &'a DeviceMap {
+    type Item = (&'a String, &'a DeviceEntry);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (String, DeviceEntry)>,
+        fn(&'a (String, DeviceEntry)) -> (&'a String, &'a DeviceEntry),
+    >;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(id, d)| (id, d))
+    }
+}
+
 /// A user with at least one device (live or lingering).
 #[derive(Debug)]
 struct UserEntry {
-    devices: BTreeMap<String, DeviceEntry>,
+    devices: DeviceMap,
     /// User-level fields; `availability` and `devices` are derived on snapshot.
     presence: PresenceSnapshot,
 }
@@ -243,7 +303,7 @@ impl Registry {
             .users
             .remove(&attach.user_id)
             .unwrap_or_else(|| UserEntry {
-                devices: BTreeMap::new(),
+                devices: DeviceMap::default(),
                 presence: PresenceSnapshot::offline(&attach.user_id, 0),
             });
         // Apply the initial presence to a copy first so a refused one changes nothing.
