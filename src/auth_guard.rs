@@ -1,14 +1,18 @@
 //! Per-address protections. Brute force on Connect: failed authentications within a window make
 //! later refusals slower, and too many ban the address for a while (SPEC §8: 10 in a minute → 5
-//! minutes). Handshake slots: one address may hold only so many of the global TLS handshake
-//! slots, so a single source cannot starve everyone else. Synchronous and bounded: at most `max_tracked` addresses are remembered;
-//! when full, entries that are neither banned nor recent are dropped first, and if none can be,
-//! a new address is not tracked (the guard fails open rather than grow).
+//! minutes). The guard is synchronous and bounded: at most `max_tracked` addresses are
+//! remembered; when full, entries that are neither banned nor recent are dropped first, and if
+//! none can be, a new address is not tracked (the guard fails open rather than grow).
+//! Handshake slots: one address may hold only so many of the global TLS handshake slots, and
+//! its further handshakes wait for one of its own, so a single source cannot starve everyone
+//! else.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Guard settings.
 #[derive(Debug, Clone)]
@@ -134,18 +138,24 @@ impl AuthGuard {
     }
 }
 
-/// Counts TLS handshakes in flight per address; share it behind an `Arc`.
+/// Bounds TLS handshakes in flight per address; share it behind an `Arc`. Beyond the bound, a
+/// handshake waits for one of its own address's slots (under the caller's deadline), so one
+/// address can never take every global slot, yet many clients behind one address (a carrier
+/// NAT reconnecting after an outage) are served in turn rather than refused.
 #[derive(Debug)]
 pub struct AddressSlots {
     max_per_address: u32,
-    in_flight: Mutex<HashMap<IpAddr, u32>>,
+    /// Per address: its slots, and how many handshakes hold or wait for one. Only addresses
+    /// with such a handshake are present, so the map is bounded by the connection limit.
+    by_address: Mutex<HashMap<IpAddr, (Arc<Semaphore>, u32)>>,
 }
 
-/// One handshake slot of an address; released on drop.
+/// A handshake's claim on its address: waiting for a slot, then holding it. Released on drop.
 #[derive(Debug)]
 pub struct AddressSlot<'a> {
     slots: &'a AddressSlots,
     ip: IpAddr,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 impl AddressSlots {
@@ -153,34 +163,51 @@ impl AddressSlots {
     pub fn new(max_per_address: u32) -> AddressSlots {
         AddressSlots {
             max_per_address,
-            in_flight: Mutex::new(HashMap::new()),
+            by_address: Mutex::new(HashMap::new()),
         }
     }
 
-    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, u32>> {
-        self.in_flight.lock().unwrap_or_else(|p| p.into_inner())
+    fn by_address(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, (Arc<Semaphore>, u32)>> {
+        self.by_address.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A slot for `ip`, or `None` when it already holds the maximum. The map holds only
-    /// addresses with a handshake in flight, so it is bounded by the connection limit.
-    pub fn try_take(&self, ip: IpAddr) -> Option<AddressSlot<'_>> {
-        let mut in_flight = self.in_flight();
-        let count = in_flight.entry(ip).or_insert(0);
-        if *count >= self.max_per_address {
-            return None;
-        }
-        *count += 1;
-        Some(AddressSlot { slots: self, ip })
+    /// Waits for a slot of `ip`. Cancel-safe: dropping the future gives up the claim.
+    pub async fn take(&self, ip: IpAddr) -> AddressSlot<'_> {
+        let semaphore = {
+            let mut by_address = self.by_address();
+            let (semaphore, claims) = by_address.entry(ip).or_insert_with(|| {
+                (
+                    Arc::new(Semaphore::new(self.max_per_address.max(1) as usize)),
+                    0,
+                )
+            });
+            *claims += 1;
+            semaphore.clone()
+        };
+        // Created before waiting, so a cancelled wait still releases the claim.
+        let mut slot = AddressSlot {
+            slots: self,
+            ip,
+            permit: None,
+        };
+        slot.permit = semaphore.acquire_owned().await.ok();
+        slot
+    }
+
+    /// Addresses with a handshake holding or waiting for a slot.
+    pub fn addresses(&self) -> usize {
+        self.by_address().len()
     }
 }
 
 impl Drop for AddressSlot<'_> {
     fn drop(&mut self) {
-        let mut in_flight = self.slots.in_flight();
-        if let Some(count) = in_flight.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                in_flight.remove(&self.ip);
+        drop(self.permit.take());
+        let mut by_address = self.slots.by_address();
+        if let Some((_, claims)) = by_address.get_mut(&self.ip) {
+            *claims -= 1;
+            if *claims == 0 {
+                by_address.remove(&self.ip);
             }
         }
     }
@@ -190,16 +217,36 @@ impl Drop for AddressSlot<'_> {
 mod slot_tests {
     use super::*;
 
-    #[test]
-    fn an_address_gets_at_most_its_share_and_slots_come_back() {
+    #[tokio::test]
+    async fn an_address_waits_beyond_its_share_and_slots_come_back() {
         let slots = AddressSlots::new(2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let first = slots.try_take(a).unwrap();
-        let _second = slots.try_take(a).unwrap();
-        assert!(slots.try_take(a).is_none());
-        assert!(slots.try_take("10.0.0.2".parse().unwrap()).is_some());
+        let first = slots.take(a).await;
+        let _second = slots.take(a).await;
+        let third = slots.take(a);
+        tokio::pin!(third);
+        assert!(
+            futures_util::poll!(third.as_mut()).is_pending(),
+            "a third handshake from the same address waits"
+        );
+        let _other = slots.take("10.0.0.2".parse().unwrap()).await;
         drop(first);
-        assert!(slots.try_take(a).is_some());
+        let _third = third.await;
+        assert_eq!(slots.addresses(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_wait_leaves_nothing_behind() {
+        let slots = AddressSlots::new(1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let held = slots.take(a).await;
+        {
+            let waiting = slots.take(a);
+            tokio::pin!(waiting);
+            assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        }
+        drop(held);
+        assert_eq!(slots.addresses(), 0, "no entry outlives its claims");
     }
 }
 

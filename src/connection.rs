@@ -131,9 +131,13 @@ async fn handshake(
             return None;
         }
     };
-    let Some(address_slot) = ctx.address_slots.try_take(peer.ip()) else {
-        metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "address_limit").increment(1);
-        return None;
+    let address_slot = tokio::select! {
+        slot = ctx.address_slots.take(peer.ip()) => slot,
+        _ = tokio::time::sleep_until(deadline) => {
+            metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "address_limit").increment(1);
+            return None;
+        }
+        _ = ctx.shutdown.cancelled() => return None,
     };
     let handshake_permit = tokio::select! {
         p = ctx.handshake_permits.clone().acquire_owned() => p,

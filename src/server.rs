@@ -59,10 +59,23 @@ pub struct Server {
     connection_permits: Arc<Semaphore>,
 }
 
+/// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
+/// Tokio's default of 1,024 overflows when thousands of clients reconnect at once, and every
+/// dropped SYN costs its client a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ServerError::Bind { addr, source })
+    let listen = || {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ServerError::Bind { addr, source })
 }
 
 impl Server {

@@ -27,18 +27,31 @@ fn bad_token() -> String {
     )
 }
 
-/// Sends a complete ClientHello and goes silent. Returns the socket and whether the server
-/// answered, which it does only once it holds a handshake slot for it.
-async fn send_hello(addr: std::net::SocketAddr) -> (TcpStream, bool) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+/// Sends a complete ClientHello from `addr`'s loopback peer and goes silent.
+async fn hello_only(addr: std::net::SocketAddr) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
     let name = presenced::tls::server_name("localhost").unwrap();
     let mut tls = rustls::ClientConnection::new(presenced::tls::dev_client_config(), name).unwrap();
     let mut hello = Vec::new();
     tls.write_tls(&mut hello).unwrap();
     let mut tcp = TcpStream::connect(addr).await.unwrap();
     tcp.write_all(&hello).await.unwrap();
+    tcp
+}
+
+/// Whether the server answers `tcp`'s ClientHello, which it does only once it holds a
+/// handshake slot for it.
+async fn answered(tcp: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
     let mut first = [0u8; 1];
-    let answered = matches!(within(tcp.read(&mut first)).await, Ok(1));
+    matches!(within(tcp.read(&mut first)).await, Ok(1))
+}
+
+/// Sends a complete ClientHello and goes silent. Returns the socket and whether the server
+/// answered.
+async fn send_hello(addr: std::net::SocketAddr) -> (TcpStream, bool) {
+    let mut tcp = hello_only(addr).await;
+    let answered = answered(&mut tcp).await;
     (tcp, answered)
 }
 
@@ -57,12 +70,13 @@ async fn one_address_cannot_take_every_handshake_slot() {
         c.session.handshake_timeout_ms = 8_000;
     })
     .await;
-    let _first = hello_then_silence(broker.addr).await;
+    let first = hello_then_silence(broker.addr).await;
     let _second = hello_then_silence(broker.addr).await;
-    let (_third, answered) = send_hello(broker.addr).await;
+    let mut third = hello_only(broker.addr).await;
+    let early = tokio::time::timeout(Duration::from_millis(500), answered(&mut third)).await;
     assert!(
-        !answered,
-        "a third handshake from the same address is refused"
+        early.is_err(),
+        "a third handshake from the same address waits for one of that address's slots"
     );
     let mut opts = options(&broker, "alice", "phone");
     opts.local_addr = Some("127.0.0.2:0".parse().unwrap());
@@ -70,6 +84,11 @@ async fn one_address_cannot_take_every_handshake_slot() {
         .await
         .expect("another address still gets a slot");
     within(alice.ping()).await.unwrap();
+    drop(first);
+    assert!(
+        answered(&mut third).await,
+        "the waiting handshake runs once its address has a free slot"
+    );
 }
 
 #[tokio::test]

@@ -290,13 +290,17 @@ impl Reader {
 
     /// Reads until the subscription reply; the snapshot statuses it carries (native) or that
     /// came with it (MQTT sends retained messages after SUBACK; see `Workload::Storm`).
-    async fn until_subscribed(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+    async fn until_snapshot(&mut self) -> anyhow::Result<Vec<(String, String)>> {
         let mut snapshot = Vec::new();
         loop {
             if self.driver == Driver::Native {
                 // The reply carries the current presence of every watched user.
                 if let Some(frame) = self.codec.decode(&mut self.buf)? {
                     match frame.body {
+                        Some(ServerBody::GetPresenceResult(r)) => {
+                            snapshot.extend(r.presences.into_iter().map(|p| (p.user_id, p.status)));
+                            return Ok(snapshot);
+                        }
                         Some(ServerBody::SubscribeResult(r)) => {
                             snapshot.extend(r.presences.into_iter().map(|p| (p.user_id, p.status)));
                             return Ok(snapshot);
@@ -359,6 +363,22 @@ impl Writer {
                 self.half.flush().await?;
                 Ok(())
             }
+        }
+    }
+
+    /// Asks for the current presence of `users` after a reconnect. presenced keeps
+    /// subscriptions across sessions, so a native client only queries (GetPresence, nothing
+    /// written); an MQTT client with a clean session must subscribe again to get the retained
+    /// messages.
+    async fn request_snapshot(&mut self, users: &[String]) -> anyhow::Result<()> {
+        match self.driver {
+            Driver::Native => {
+                self.send_native(ClientBody::GetPresence(pb::GetPresence {
+                    user_ids: users.to_vec(),
+                }))
+                .await
+            }
+            Driver::Mqtt => self.subscribe(users).await,
         }
     }
 
@@ -563,7 +583,7 @@ impl Generator {
                     let (mut r, mut w) = self.open_retrying(i, &users[i]).await?;
                     if !targets.is_empty() {
                         w.subscribe(&targets).await?;
-                        r.until_subscribed().await?;
+                        r.until_snapshot().await?;
                     }
                     anyhow::Ok((r, w))
                 }
@@ -885,15 +905,16 @@ async fn idle(g: &Generator, connections: usize) -> anyhow::Result<serde_json::V
 }
 
 /// Reconnects client `i` and waits for `star`'s presence with `marker` as status: the reply to
-/// the re-subscription (native) or the retained message that follows SUBACK (MQTT).
+/// the presence query (native; the subscription itself survived) or the retained message that
+/// follows SUBACK (MQTT).
 async fn restore(g: &Generator, i: usize, user: &str, star: &str, marker: &str) -> Restored {
     let started = Instant::now();
     let mut attempts = 0;
     loop {
         let attempt = async {
             let (mut r, mut w) = g.open(i, user).await?;
-            w.subscribe(&[star.to_string()]).await?;
-            let mut snapshot = r.until_subscribed().await?;
+            w.request_snapshot(&[star.to_string()]).await?;
+            let mut snapshot = r.until_snapshot().await?;
             while !snapshot.iter().any(|(u, s)| u == star && s == marker) {
                 if let Incoming::Status {
                     user, status: s, ..
@@ -947,7 +968,7 @@ async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::
         // Read back the status the broker now holds for star, through a fresh subscription.
         let (mut r, mut w) = g.open_retrying(clients + 1, &g.user("probe")).await?;
         w.subscribe(std::slice::from_ref(&star)).await?;
-        let mut snapshot = r.until_subscribed().await?;
+        let mut snapshot = r.until_snapshot().await?;
         while snapshot.is_empty() {
             if let Incoming::Status { user, status, .. } = r.next().await? {
                 snapshot.push((user, status));
