@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Side-by-side presence benchmark: presenced vs Mosquitto doing presence the MQTT way (retained
-# presence/<user> topics, Last Will = offline), both over TLS with the certs-dev/ certificates,
-# on loopback, same workload code (presence-bench) and payload bytes. Installs Mosquitto from
-# Debian's packages if missing, starts both brokers, runs the suite, stops both by PID and prints
-# markdown tables. For presenced fanout runs it also reads the broker's own
-# presence_fanout_latency_seconds histogram to compare with the client-measured latency. Memory
-# per idle connection is measured on freshly started brokers. By hand only: never in CI.
-#   bench/run.sh              # the suite
-#   QUICK=1 bench/run.sh      # a short smoke of the same steps
-#   IDLE="1000 5000 10000 19000" bench/run.sh   # idle-memory sizes
-#   RATES="100 200" bench/run.sh                 # fanout-1,000 offered rates
+# presence/<user> topics, Last Will = offline), on loopback, same workload code (presence-bench)
+# and payload bytes, TLS with the certs-dev/ certificates for the headline figures and plain TCP
+# as a secondary figure. Installs Mosquitto from Debian's packages if missing, starts both
+# brokers, runs the suite, stops both by PID and prints markdown tables (bench/report.py).
+# For presenced fanout runs it also reads the broker's own presence_fanout_latency_seconds
+# histogram to compare with the client-measured latency. Idle memory and the reconnect storm run
+# on freshly started brokers. By hand only: never in CI.
+#   bench/run.sh                                 # the suite (about 25 minutes)
+#   QUICK=1 bench/run.sh                         # a short smoke of the same steps
+#   IDLE="1000 5000 10000 19000" bench/run.sh    # idle-memory sizes
+#   NATIVE_RATES="200 400" MQTT_RATES="25 50" bench/run.sh   # fanout-1,000 offered rates
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -28,8 +29,12 @@ stop_brokers() {
 }
 trap 'stop_brokers; rm -rf "$work"' EXIT
 
+# Production defaults except the rate limits a load generator on one machine would trip: the
+# per-user publish and request rates, and the accept rate (a defense against connect floods,
+# which a reconnect storm from one host resembles).
 cat >"$work/presenced.toml" <<CONF
 listen = "127.0.0.1:17883"
+plain_listen = "127.0.0.1:17884"
 data_dir = "$work/data"
 [metrics]
 listen = "127.0.0.1:19464"
@@ -40,19 +45,20 @@ request_rate_per_sec = 1000000
 request_burst = 1000000
 accept_rate_per_sec = 1000000
 accept_burst = 1000000
-max_handshakes_per_address = 256
 CONF
 cat >"$work/mosquitto.conf" <<CONF
 user root
 persistence false
 log_type error
 log_type warning
+max_connections -1
 listener 18883 127.0.0.1
 cafile $root/certs-dev/ca.pem
 certfile $root/certs-dev/server.pem
 keyfile $root/certs-dev/server.key
 allow_anonymous true
-max_connections -1
+listener 18884 127.0.0.1
+allow_anonymous true
 CONF
 
 wait_port() {
@@ -77,70 +83,70 @@ scrape() { python3 -c 'import urllib.request,sys; sys.stdout.write(urllib.reques
 
 bench=target/release/presence-bench
 results="$work/results.jsonl"
-run_both() {
+# Clients come from 16 loopback addresses, as clients of a real service come from many.
+common=(--sources 16)
+native() { # native [--plain] ARGS...: one presenced run, with its fanout histogram
+  local port=17883
+  if [ "$1" = "--plain" ]; then port=17884; fi
   scrape >"$work/before.prom"
-  "$bench" --driver native --addr 127.0.0.1:17883 --pid "$presenced_pid" "$@" >"$work/native.json"
+  "$bench" --driver native --addr "127.0.0.1:$port" --pid "$presenced_pid" "${common[@]}" "$@" >"$work/run.json"
   scrape >"$work/after.prom"
-  python3 - "$work/native.json" "$work/before.prom" "$work/after.prom" >>"$results" <<'PY'
-import json, sys
-report = json.load(open(sys.argv[1]))
-def buckets(path):
-    out = {}
-    for line in open(path):
-        if line.startswith('presence_fanout_latency_seconds_bucket{le="'):
-            le = line.split('le="')[1].split('"')[0]
-            out[le] = float(line.rsplit(" ", 1)[1])
-    return out
-before, after = buckets(sys.argv[2]), buckets(sys.argv[3])
-delta = sorted(((float("inf") if le == "+Inf" else float(le)), after[le] - before.get(le, 0)) for le in after)
-total = delta[-1][1] if delta else 0
-def quantile(q):
-    for le, count in delta:
-        if total and count >= q * total:
-            return le * 1000
-    return None
-report["broker_p50_ms_bucket"] = quantile(0.50)
-report["broker_p99_ms_bucket"] = quantile(0.99)
-print(json.dumps(report))
-PY
-  # Sequential setup for MQTT: with 64 connects at a time, a share of Mosquitto watchers received
-  # nothing in our runs (unexplained; see BENCHMARKS.md), which would understate Mosquitto.
-  "$bench" --driver mqtt --addr 127.0.0.1:18883 --pid "$mosquitto_pid" --connect-concurrency 1 "$@" >>"$results"
+  python3 bench/report.py histogram "$work/run.json" "$work/before.prom" "$work/after.prom" >>"$results"
+}
+mqtt() { # mqtt [--plain] ARGS...
+  local port=18883
+  if [ "$1" = "--plain" ]; then port=18884; fi
+  "$bench" --driver mqtt --addr "127.0.0.1:$port" --pid "$mosquitto_pid" "${common[@]}" "$@" >>"$results"
+}
+fanout1000() { # fanout1000 DRIVER [--plain] RATE...
+  local driver=$1; shift
+  local plain=()
+  if [ "${1:-}" = "--plain" ]; then plain=(--plain); shift; fi
+  for rate in "$@"; do
+    "$driver" "${plain[@]}" fanout --watchers 1000 --changes $((rate * 5)) --rate "$rate"
+  done
 }
 
 start_brokers
 if [ -n "${QUICK:-}" ]; then
-  run_both fanout --watchers 50 --changes 20 --rate 50
+  fanout1000 native 20
+  fanout1000 mqtt 20
+  native fanout --watchers 100 --changes 200 --rate 100
+  mqtt fanout --watchers 100 --changes 200 --rate 100
+  native mix --users 200 --watch 5 --percent-per-sec 10 --seconds 3
+  mqtt mix --users 200 --watch 5 --percent-per-sec 10 --seconds 3
 else
-  for rate in ${RATES:-50 100 200 400}; do
-    run_both fanout --watchers 1000 --changes $((rate * 5)) --rate "$rate"
+  fanout1000 native ${NATIVE_RATES:-200 400 600 800 1000}
+  fanout1000 mqtt ${MQTT_RATES:-25 50 60 75 100}
+  fanout1000 native --plain ${NATIVE_PLAIN_RATES:-400 800 1200}
+  fanout1000 mqtt --plain ${MQTT_PLAIN_RATES:-50 75 100 150}
+  # 100k deliveries/s in small bursts: the p99 ≤ 5 ms goal.
+  for t in "" --plain; do
+    native $t fanout --watchers 100 --changes 5000 --rate 1000
+    mqtt $t fanout --watchers 100 --changes 5000 --rate 1000
   done
-  run_both fanout --watchers 10000 --changes 20 --rate 10
+  native fanout --watchers 10000 --changes 20 --rate 10
+  mqtt fanout --watchers 10000 --changes 20 --rate 10
+  # The realistic mix: 10,000 users each watching 50 others, 1% (then 10%) changing per second.
+  for pct in 1 10; do
+    native mix --users 10000 --watch 50 --percent-per-sec "$pct" --seconds 20
+    mqtt mix --users 10000 --watch 50 --percent-per-sec "$pct" --seconds 20
+  done
 fi
 stop_brokers
 
-idle="$work/idle.jsonl"
-for n in ${IDLE:-$([ -n "${QUICK:-}" ] && echo 200 || echo "1000 5000 10000")}; do
+for clients in ${STORM:-$([ -n "${QUICK:-}" ] && echo 500 || echo 10000)}; do
   start_brokers
-  "$bench" --driver native --addr 127.0.0.1:17883 --pid "$presenced_pid" idle --connections "$n" >>"$idle"
-  "$bench" --driver mqtt --addr 127.0.0.1:18883 --pid "$mosquitto_pid" --connect-concurrency 1 idle --connections "$n" >>"$idle"
+  native storm --clients "$clients"
+  mqtt storm --clients "$clients"
   stop_brokers
 done
 
-python3 - "$results" "$idle" <<'PY'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1])]
-print("| driver | watchers | offered changes/s | deliveries/s | p50 ms | p99 ms | p999 ms | delivered | final state | broker histogram p50 / p99 ms (bucket bound) | connect retries |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
-for r in rows:
-    hist = ""
-    if r.get("broker_p50_ms_bucket") is not None:
-        hist = f"≤ {r['broker_p50_ms_bucket']:g} / ≤ {r['broker_p99_ms_bucket']:g}"
-    print(f"| {r['driver']} | {r['watchers']} | {r['rate_per_sec']} | {r['deliveries_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {100*r['delivery_ratio']:.1f}% | {100*r['final_state_ratio']:.1f}% | {hist} | {r.get('connect_retries', 0)} |")
-print()
-print("| driver | idle connections (fresh broker) | broker RSS before → after | per connection | connect retries |")
-print("|---|---|---|---|---|")
-for l in open(sys.argv[2]):
-    r = json.loads(l)
-    print(f"| {r['driver']} | {r['connections']} | {r['broker_rss_kib_before']/1024:.1f} → {r['broker_rss_kib_after']/1024:.1f} MiB | {r['broker_rss_kib_per_connection']:.1f} KiB | {r.get('connect_retries', 0)} |")
-PY
+for n in ${IDLE:-$([ -n "${QUICK:-}" ] && echo 200 || echo "1000 5000 10000 19000")}; do
+  start_brokers
+  native idle --connections "$n"
+  mqtt idle --connections "$n"
+  stop_brokers
+done
+
+python3 bench/report.py tables "$results"
