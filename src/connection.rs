@@ -2,9 +2,9 @@
 //! in flight), then the session: the first-frame deadline, the reader loop with keepalive and
 //! partial-frame deadlines, request dispatch through `command`, and the end of the session
 //! (immediate offline, or a grace period for a lost connection). Writes happen only in the
-//! writer task, which drains the connection's `Outbound` queue in batches under the slow-consumer
-//! deadline. Partial-read state lives in the `FramedRead`, so every `select!` here is
-//! cancel-safe.
+//! writer, a future polled beside the reader in the same task, which drains the connection's
+//! `Outbound` queue in batches under the slow-consumer deadline. Partial-read state lives in the
+//! `FramedRead`, so every `select!` here is cancel-safe.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,11 +13,9 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use rustls::server::Acceptor;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -34,6 +32,7 @@ use crate::pb;
 use crate::pb::server_frame::Body as ServerBody;
 use crate::registry::Registry;
 use crate::store::Committer;
+use crate::tls_stream::{read_client_hello, TlsStream};
 use crate::wire;
 
 /// The server codec: decodes client frames, encodes nothing (replies are pre-encoded).
@@ -41,8 +40,11 @@ type ServerCodec = DelimitedCodec<pb::ClientFrame, pb::ServerFrame>;
 
 /// Most bytes the writer gathers into one write.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// Initial read buffer; it grows only for large frames.
-const READ_BUFFER_BYTES: usize = 512;
+/// Read buffer between frames; it grows for a larger frame (a Connect with its token) and is
+/// replaced by a small one once that frame is decoded.
+const READ_BUFFER_BYTES: usize = 128;
+/// A write buffer above this is given back after its batch, so idle connections stay small.
+const IDLE_BUFFER_BYTES: usize = 1024;
 
 /// What every connection task shares; one per server.
 #[derive(Debug)]
@@ -113,14 +115,14 @@ async fn handshake(
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     ctx: &ConnectionContext,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<TlsStream> {
     let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let hello = tokio::select! {
-        r = tokio::time::timeout_at(deadline, LazyConfigAcceptor::new(Acceptor::default(), tcp)) => r,
+        r = tokio::time::timeout_at(deadline, read_client_hello(tcp)) => r,
         _ = ctx.shutdown.cancelled() => return None,
     };
-    let start = match hello {
-        Ok(Ok(start)) => start,
+    let hello = match hello {
+        Ok(Ok(hello)) => hello,
         Ok(Err(e)) => {
             metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "error").increment(1);
             tracing::debug!(%peer, "bad ClientHello: {e}");
@@ -153,7 +155,7 @@ async fn handshake(
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).increment(1.0);
     let started = Instant::now();
     let result = tokio::select! {
-        r = tokio::time::timeout_at(deadline, start.into_stream(tls)) => Some(r),
+        r = tokio::time::timeout_at(deadline, hello.handshake(tls)) => Some(r),
         _ = ctx.shutdown.cancelled() => None,
     };
     metrics::gauge!(m::TLS_HANDSHAKES_IN_FLIGHT).decrement(1.0);
@@ -213,18 +215,29 @@ async fn session<S>(
         parked_limit,
         config.limits.max_requests_in_flight as usize,
     );
-    let writer = ctx.tracker.spawn(write_loop(
-        write_half,
-        outbound.clone(),
-        config.slow_consumer_timeout(),
-    ));
+    // The writer runs in this task beside the reader rather than in a task of its own: one
+    // task per connection is half a KiB less for every idle client.
+    let writer = write_loop(write_half, outbound.clone(), config.slow_consumer_timeout());
+    tokio::pin!(writer);
+    let mut writer_done = false;
     let mut reader = FramedRead::with_capacity(
         read_half,
         ServerCodec::new(config.limits.max_frame_bytes_pre_auth as usize),
         READ_BUFFER_BYTES,
     );
     let mut session = None;
-    let end = read_loop(&mut reader, &mut session, &outbound, &ctx, peer).await;
+    let end = {
+        let reading = read_loop(&mut reader, &mut session, &outbound, &ctx, peer);
+        tokio::pin!(reading);
+        loop {
+            tokio::select! {
+                end = &mut reading => break end,
+                // The writer ends early only when its socket failed or stalled; it has closed
+                // the queue then, which ends the reader too.
+                () = &mut writer, if !writer_done => writer_done = true,
+            }
+        }
+    };
     drop(reader);
 
     let received_at = Instant::now();
@@ -284,7 +297,7 @@ async fn session<S>(
     // The writer ends after the close frame, or within the slow-consumer deadline when the
     // socket is stuck.
     let writer_deadline = config.slow_consumer_timeout() + Duration::from_secs(1);
-    if tokio::time::timeout(writer_deadline, writer).await.is_err() {
+    if !writer_done && tokio::time::timeout(writer_deadline, writer).await.is_err() {
         tracing::debug!(%peer, conn_id, "writer did not finish in time");
     }
     drop(gauge);
@@ -397,6 +410,9 @@ where
         let now = tokio::time::Instant::now();
         last_frame = now;
         partial_since = if reader.read_buffer().is_empty() {
+            if reader.read_buffer().capacity() > READ_BUFFER_BYTES {
+                *reader.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_BYTES);
+            }
             None
         } else {
             Some(now)
@@ -429,7 +445,8 @@ where
                 request_id,
                 operation,
                 body,
-            } => match ctx.committer.commit().await {
+            } => match Box::pin(ctx.committer.commit()).await {
+                // Boxed: inline, this rare wait would enlarge every idle connection's task.
                 Ok(()) => push_reply(outbound, request_id, *body),
                 Err(e) => {
                     let error = RequestError::new(
@@ -665,7 +682,7 @@ where
             break;
         }
         // Give back memory after a burst so idle connections stay small.
-        if buf.capacity() > WRITE_BATCH_BYTES * 2 {
+        if buf.capacity() > IDLE_BUFFER_BYTES {
             buf = BytesMut::new();
         }
     }

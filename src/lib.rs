@@ -15,8 +15,9 @@
 //! | [`outbound`] | each connection's bounded outbound queue with coalescing |
 //! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
-//! | [`auth_guard`] | per-address auth-failure delays and temporary bans |
+//! | [`auth_guard`] | per-address auth-failure delays and bans, handshake slots per address |
 //! | [`tls`] | certificates → `rustls` configs |
+//! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: buffers only while bytes are in flight |
 //! | [`connection`] | one task per client: handshake, session, reader loop, writer task |
 //! | [`server`] | listener, connection permits, shutdown |
 //! | [`metrics`] | metric names, the Prometheus exporter and its HTTP endpoint |
@@ -37,6 +38,7 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod tls_stream;
 pub mod wire;
 
 /// Protobuf types generated from `proto/presence/v1/presence.proto` (see that file for the

@@ -272,6 +272,13 @@ impl Outbound {
                 }
             }
         }
+        // A drained queue gives its memory back: most connections are idle most of the time.
+        if state.fifo.is_empty() && state.fifo.capacity() > 0 {
+            state.fifo = VecDeque::new();
+        }
+        if state.parked.is_empty() && state.parked.capacity() > 0 {
+            state.parked = HashMap::new();
+        }
         if state.closing && state.fifo.is_empty() {
             if let Some(close) = state.close.take() {
                 batch.items.push(close);

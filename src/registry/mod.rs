@@ -105,7 +105,11 @@ impl DeviceMap {
     fn insert(&mut self, device_id: String, device: DeviceEntry) {
         match self.position(&device_id) {
             Ok(i) => self.0[i].1 = device,
-            Err(i) => self.0.insert(i, (device_id, device)),
+            Err(i) => {
+                // Exactly as many slots as devices: most users have one.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (device_id, device))
+            }
         }
     }
 
