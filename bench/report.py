@@ -51,15 +51,13 @@ def tables(path):
     by = lambda w: [r for r in rows if r["workload"] == w]
 
     print("### Fanout (one user watched by many)\n")
-    print("| driver | transport | watchers | offered changes/s | deliveries/s | p50 ms | p99 ms | p999 ms | delivered | final state | broker histogram p50 / p99 (bucket bound, ms) | broker RSS per connection |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| driver | transport | watchers | offered changes/s | deliveries/s | p50 ms | p99 ms | p999 ms | delivered | final state | broker histogram p50 / p99 (bucket bound, ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in by("fanout"):
         hist = ""
         if r.get("broker_p50_ms_bucket") is not None:
             hist = f"≤ {r['broker_p50_ms_bucket']:g} / ≤ {r['broker_p99_ms_bucket']:g}"
-        rss = r.get("broker_rss_kib_per_connection")
-        rss = f"{rss:.1f} KiB" if rss is not None else ""
-        print(f"| {r['driver']} | {r['transport']} | {r['watchers']} | {r['rate_per_sec']} | {r['deliveries_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {pct(r['delivery_ratio'])} | {pct(r['final_state_ratio'])} | {hist} | {rss} |")
+        print(f"| {r['driver']} | {r['transport']} | {r['watchers']} | {r['rate_per_sec']} | {r['deliveries_per_sec']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['p999_ms']:.2f} | {pct(r['delivery_ratio'])} | {pct(r['final_state_ratio'])} | {hist} |")
 
     print("\n### Highest sustained fanout-1,000 deliveries/s with p99 ≤ 50 ms and 100% delivered\n")
     print("| transport | presenced | Mosquitto | ratio |")
