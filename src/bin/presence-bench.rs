@@ -670,6 +670,7 @@ async fn receive(
             r = reader.next() => r,
             _ = stop.cancelled() => break,
         };
+        FRAMES_RECEIVED.fetch_add(1, Ordering::Relaxed);
         let status = match incoming {
             Ok(Incoming::Status {
                 status,
@@ -737,6 +738,27 @@ async fn collect(groups: Vec<tokio::task::JoinHandle<Seen>>) -> anyhow::Result<S
     Ok(seen)
 }
 
+/// Frames the receivers have read, of any kind.
+static FRAMES_RECEIVED: AtomicU64 = AtomicU64::new(0);
+
+/// Waits until the receivers have drained what setup caused (presenced tells watchers when a
+/// watched user comes online: with 10,000 users watching 50 each, half a million events) and
+/// read nothing for half a second, so the measured phase starts from quiet sockets. At most
+/// 60 s.
+async fn quiesce() {
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut last = FRAMES_RECEIVED.load(Ordering::Relaxed);
+    let mut quiet_since = Instant::now();
+    while Instant::now() < until && quiet_since.elapsed() < Duration::from_millis(500) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = FRAMES_RECEIVED.load(Ordering::Relaxed);
+        if now != last {
+            last = now;
+            quiet_since = Instant::now();
+        }
+    }
+}
+
 /// Waits until `total` reaches `expected` or `limit` passes, then stops the readers.
 async fn settle(total: &AtomicU64, expected: u64, limit: Duration, stop: &CancellationToken) {
     let until = Instant::now() + limit;
@@ -802,6 +824,7 @@ async fn fanout(
     let stop = CancellationToken::new();
     let total = Arc::new(AtomicU64::new(0));
     let groups = spawn_groups(g.args.per_task, readers, 1, Some(changes), &stop, &total);
+    quiesce().await;
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -860,6 +883,7 @@ async fn mix(
     let stop = CancellationToken::new();
     let total = Arc::new(AtomicU64::new(0));
     let groups = spawn_groups(g.args.per_task, readers, k, None, &stop, &total);
+    quiesce().await;
     let changes_per_sec = (n as f64 * percent_per_sec / 100.0).max(1.0);
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / changes_per_sec));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);

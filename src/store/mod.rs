@@ -145,6 +145,9 @@ pub struct Edges {
     last_seen: HashMap<String, u64>,
     /// Edges held.
     edges: usize,
+    /// No edge expires before this: the minute sweep skips the scan (which holds the lock that
+    /// fanout needs) until then. A lower bound; 0 until the first scan.
+    earliest_expiry_ms: u64,
 }
 
 impl Edges {
@@ -163,6 +166,7 @@ impl Edges {
         if fresh {
             self.edges += 1;
         }
+        self.earliest_expiry_ms = self.earliest_expiry_ms.min(expires_at_ms);
         fresh
     }
 
@@ -276,17 +280,25 @@ impl Edges {
         }
     }
 
-    /// Every (subscriber, target) whose expiry is at or before `now_ms`.
-    pub fn expired(&self, now_ms: u64) -> Vec<(String, String)> {
-        self.forward
-            .iter()
-            .flat_map(|(s, targets)| {
-                targets
-                    .iter()
-                    .filter(move |(_, &e)| e <= now_ms)
-                    .map(move |(t, _)| (s.clone(), t.clone()))
-            })
-            .collect()
+    /// Every (subscriber, target) whose expiry is at or before `now_ms`. Scans every edge only
+    /// when one may have expired, and remembers the earliest expiry of the rest.
+    pub fn expired(&mut self, now_ms: u64) -> Vec<(String, String)> {
+        if now_ms < self.earliest_expiry_ms {
+            return Vec::new();
+        }
+        let mut expired = Vec::new();
+        let mut earliest = u64::MAX;
+        for (s, targets) in &self.forward {
+            for (t, &e) in targets {
+                if e <= now_ms {
+                    expired.push((s.clone(), t.clone()));
+                } else {
+                    earliest = earliest.min(e);
+                }
+            }
+        }
+        self.earliest_expiry_ms = earliest;
+        expired
     }
 
     /// Edges held.
@@ -436,6 +448,25 @@ mod tests {
         assert_eq!(s.total(), 2);
         assert_eq!(s.unsubscribe("a", &ids(&["x", "zz"]), 0).unwrap(), (1, 1));
         assert_eq!(watchers(&s, "x", 0), Vec::<String>::new());
+    }
+
+    #[test]
+    fn the_sweep_skips_until_the_earliest_expiry_and_sees_later_inserts() {
+        let mut edges = Edges::default();
+        edges.insert("a", "x", 100);
+        edges.insert("a", "y", 200);
+        assert!(edges.expired(50).is_empty());
+        assert_eq!(
+            edges.earliest_expiry_ms, 100,
+            "the scan remembers the earliest"
+        );
+        assert!(edges.expired(99).is_empty());
+        edges.insert("b", "x", 60);
+        assert_eq!(edges.expired(70), vec![("b".to_string(), "x".to_string())]);
+        edges.remove("b", "x");
+        assert_eq!(edges.expired(150), vec![("a".to_string(), "x".to_string())]);
+        edges.remove("a", "x");
+        assert_eq!(edges.earliest_expiry_ms, 200);
     }
 
     #[test]
