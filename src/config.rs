@@ -239,7 +239,7 @@ pub struct LimitsConfig {
     pub max_connections: u32,
     /// TLS handshakes in flight at once.
     pub max_handshakes_in_flight: u32,
-    /// TLS handshakes in flight from one address.
+    /// TLS handshakes in flight from one address; further ones from it wait for a slot.
     pub max_handshakes_per_address: u32,
     /// New connections accepted per second (beyond the burst).
     pub accept_rate_per_sec: u32,
