@@ -11,9 +11,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use rustls::server::UnbufferedServerConnection;
+use rustls::server::{ServerConnectionData, UnbufferedServerConnection};
 use rustls::unbuffered::{
-    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, UnbufferedStatus,
+    ConnectionState, EncodeError, EncryptError, InsufficientSizeError, ReadTraffic,
+    UnbufferedStatus, WriteTraffic,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -107,6 +108,27 @@ impl std::fmt::Debug for Engine {
     }
 }
 
+/// Whether [`Engine::when_writable`] reached the write state.
+#[derive(Debug, PartialEq, Eq)]
+enum Writable {
+    Wrote,
+    /// Both sides sent close_notify.
+    Closed,
+    /// The handshake has not completed.
+    NotYet,
+}
+
+/// Appends every decrypted record to `plaintext`.
+fn keep_plaintext(
+    mut traffic: ReadTraffic<'_, '_, ServerConnectionData>,
+    plaintext: &mut Vec<u8>,
+) -> io::Result<()> {
+    while let Some(record) = traffic.next_record() {
+        plaintext.extend_from_slice(record.map_err(tls_error)?.payload);
+    }
+    Ok(())
+}
+
 fn encode(encode: &mut rustls::unbuffered::EncodeTlsData<'_, impl Sized>, outgoing: &mut Vec<u8>) {
     let start = outgoing.len();
     let mut room = 512;
@@ -133,11 +155,8 @@ impl Engine {
     fn step(&mut self) -> io::Result<Step> {
         let UnbufferedStatus { discard, state } = self.conn.process_tls_records(&mut self.incoming);
         let step = match state.map_err(tls_error)? {
-            ConnectionState::ReadTraffic(mut traffic) => {
-                while let Some(record) = traffic.next_record() {
-                    let record = record.map_err(tls_error)?;
-                    self.plaintext.extend_from_slice(record.payload);
-                }
+            ConnectionState::ReadTraffic(traffic) => {
+                keep_plaintext(traffic, &mut self.plaintext)?;
                 Step::Progress
             }
             ConnectionState::EncodeTlsData(mut data) => {
@@ -173,75 +192,71 @@ impl Engine {
         }
     }
 
-    /// Encrypts `data` into `outgoing`.
-    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+    /// Brings rustls to its write state (encoding and acknowledging any queued handshake data,
+    /// keeping any decrypted bytes) and lets `write` append to `outgoing` there.
+    fn when_writable(
+        &mut self,
+        write: impl FnOnce(&mut WriteTraffic<'_, ServerConnectionData>, &mut Vec<u8>) -> io::Result<()>,
+    ) -> io::Result<Writable> {
         loop {
             let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
             match state.map_err(tls_error)? {
                 ConnectionState::WriteTraffic(mut traffic) => {
-                    let start = self.outgoing.len();
-                    // 22 bytes per record of at most 16 KiB: header, content type and tag.
-                    let mut room = data.len() + 22 * (data.len() / 16_384 + 1);
-                    loop {
-                        self.outgoing.resize(start + room, 0);
-                        match traffic.encrypt(data, &mut self.outgoing[start..]) {
-                            Ok(n) => {
-                                self.outgoing.truncate(start + n);
-                                return Ok(());
-                            }
-                            Err(EncryptError::InsufficientSize(e)) => room = e.required_size,
-                            Err(e) => {
-                                self.outgoing.truncate(start);
-                                return Err(invalid(e.to_string()));
-                            }
-                        }
-                    }
+                    write(&mut traffic, &mut self.outgoing)?;
+                    return Ok(Writable::Wrote);
                 }
-                ConnectionState::EncodeTlsData(mut encode_data) => {
-                    encode(&mut encode_data, &mut self.outgoing)
-                }
+                ConnectionState::EncodeTlsData(mut data) => encode(&mut data, &mut self.outgoing),
                 ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        self.plaintext.extend_from_slice(record.payload);
-                    }
+                ConnectionState::ReadTraffic(traffic) => {
+                    keep_plaintext(traffic, &mut self.plaintext)?
                 }
                 ConnectionState::PeerClosed => {}
-                ConnectionState::Closed => return Err(io::ErrorKind::BrokenPipe.into()),
-                _ => return Err(invalid("cannot write before the handshake completes")),
+                ConnectionState::Closed => return Ok(Writable::Closed),
+                _ => return Ok(Writable::NotYet),
             }
         }
     }
 
-    /// Appends a close_notify alert to `outgoing`.
-    fn close_notify(&mut self) -> io::Result<()> {
-        loop {
-            let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
-            match state.map_err(tls_error)? {
-                ConnectionState::WriteTraffic(mut traffic) => {
-                    let start = self.outgoing.len();
-                    self.outgoing.resize(start + 64, 0);
-                    let n = traffic
-                        .queue_close_notify(&mut self.outgoing[start..])
-                        .map_err(|e| invalid(e.to_string()))?;
-                    self.outgoing.truncate(start + n);
-                    return Ok(());
-                }
-                ConnectionState::EncodeTlsData(mut encode_data) => {
-                    encode(&mut encode_data, &mut self.outgoing)
-                }
-                ConnectionState::TransmitTlsData(transmit) => transmit.done(),
-                ConnectionState::ReadTraffic(mut traffic) => {
-                    while let Some(record) = traffic.next_record() {
-                        let record = record.map_err(tls_error)?;
-                        self.plaintext.extend_from_slice(record.payload);
+    /// Encrypts `data` into `outgoing`.
+    fn encrypt(&mut self, data: &[u8]) -> io::Result<()> {
+        let written = self.when_writable(|traffic, outgoing| {
+            let start = outgoing.len();
+            // 22 bytes per record of at most 16 KiB: header, content type and tag.
+            let mut room = data.len() + 22 * (data.len() / 16_384 + 1);
+            loop {
+                outgoing.resize(start + room, 0);
+                match traffic.encrypt(data, &mut outgoing[start..]) {
+                    Ok(n) => {
+                        outgoing.truncate(start + n);
+                        return Ok(());
+                    }
+                    Err(EncryptError::InsufficientSize(e)) => room = e.required_size,
+                    Err(e) => {
+                        outgoing.truncate(start);
+                        return Err(invalid(e.to_string()));
                     }
                 }
-                ConnectionState::PeerClosed => {}
-                _ => return Ok(()),
             }
+        })?;
+        match written {
+            Writable::Wrote => Ok(()),
+            Writable::Closed => Err(io::ErrorKind::BrokenPipe.into()),
+            Writable::NotYet => Err(invalid("cannot write before the handshake completes")),
         }
+    }
+
+    /// Appends a close_notify alert to `outgoing`; nothing when the connection cannot write.
+    fn close_notify(&mut self) -> io::Result<()> {
+        self.when_writable(|traffic, outgoing| {
+            let start = outgoing.len();
+            outgoing.resize(start + 64, 0);
+            let n = traffic
+                .queue_close_notify(&mut outgoing[start..])
+                .map_err(|e| invalid(e.to_string()))?;
+            outgoing.truncate(start + n);
+            Ok(())
+        })?;
+        Ok(())
     }
 
     fn unsent(&self) -> &[u8] {
