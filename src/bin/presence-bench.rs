@@ -247,73 +247,85 @@ fn status_of(payload: &[u8], snapshot: bool) -> anyhow::Result<Incoming> {
 }
 
 impl Reader {
+    /// Reads more bytes into the buffer; an error once the connection closed.
+    async fn fill(&mut self) -> anyhow::Result<()> {
+        if self.half.read_buf(&mut self.buf).await? == 0 {
+            bail!("connection closed");
+        }
+        Ok(())
+    }
+
+    /// The next native frame.
+    async fn next_frame(&mut self) -> anyhow::Result<pb::ServerFrame> {
+        loop {
+            if let Some(frame) = self.codec.decode(&mut self.buf)? {
+                return Ok(frame);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// The next MQTT packet: (first header byte, body).
+    async fn next_packet(&mut self) -> anyhow::Result<(u8, Bytes)> {
+        loop {
+            if let Some(packet) = take_mqtt_packet(&mut self.buf) {
+                return Ok(packet);
+            }
+            self.fill().await?;
+        }
+    }
+
     /// The next frame or packet; an error when the connection closed or sent garbage.
     async fn next(&mut self) -> anyhow::Result<Incoming> {
-        loop {
-            match self.driver {
-                Driver::Native => {
-                    if let Some(frame) = self.codec.decode(&mut self.buf)? {
-                        return Ok(match frame.body {
-                            Some(ServerBody::PresenceEvent(e)) => match e.presence {
-                                Some(p) => Incoming::Status {
-                                    user: e.user_id,
-                                    status: p.status,
-                                    snapshot: false,
-                                },
-                                None => Incoming::Other,
-                            },
-                            Some(ServerBody::Close(c)) => bail!("closed by the broker: {c:?}"),
-                            Some(ServerBody::Error(e)) => bail!("error frame: {e:?}"),
-                            _ => Incoming::Other,
-                        });
+        match self.driver {
+            Driver::Native => Ok(match self.next_frame().await?.body {
+                Some(ServerBody::PresenceEvent(e)) => match e.presence {
+                    Some(p) => Incoming::Status {
+                        user: e.user_id,
+                        status: p.status,
+                        snapshot: false,
+                    },
+                    None => Incoming::Other,
+                },
+                Some(ServerBody::Close(c)) => bail!("closed by the broker: {c:?}"),
+                Some(ServerBody::Error(e)) => bail!("error frame: {e:?}"),
+                _ => Incoming::Other,
+            }),
+            Driver::Mqtt => {
+                let (header, body) = self.next_packet().await?;
+                match header >> 4 {
+                    3 => {
+                        let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize + 2;
+                        let payload = body.get(topic_len..).context("short PUBLISH")?;
+                        status_of(payload, header & 1 == 1)
                     }
+                    9 => Ok(Incoming::Subscribed),
+                    _ => Ok(Incoming::Other),
                 }
-                Driver::Mqtt => {
-                    if let Some((header, body)) = take_mqtt_packet(&mut self.buf) {
-                        return match header >> 4 {
-                            3 => {
-                                let topic_len = u16::from_be_bytes([body[0], body[1]]) as usize + 2;
-                                let payload = body.get(topic_len..).context("short PUBLISH")?;
-                                status_of(payload, header & 1 == 1)
-                            }
-                            9 => Ok(Incoming::Subscribed),
-                            _ => Ok(Incoming::Other),
-                        };
-                    }
-                }
-            }
-            if self.half.read_buf(&mut self.buf).await? == 0 {
-                bail!("connection closed");
             }
         }
     }
 
-    /// Reads until the subscription reply; the snapshot statuses it carries (native) or that
-    /// came with it (MQTT sends retained messages after SUBACK; see `Workload::Storm`).
+    /// Reads until the reply to a subscription or presence query; the snapshot statuses it
+    /// carries (native) or that came with it (MQTT sends retained messages after SUBACK; see
+    /// `Workload::Storm`).
     async fn until_snapshot(&mut self) -> anyhow::Result<Vec<(String, String)>> {
+        if self.driver == Driver::Native {
+            loop {
+                let presences = match self.next_frame().await?.body {
+                    Some(ServerBody::GetPresenceResult(r)) => r.presences,
+                    Some(ServerBody::SubscribeResult(r)) => r.presences,
+                    Some(ServerBody::Error(e)) => bail!("subscribe refused: {e:?}"),
+                    _ => continue,
+                };
+                return Ok(presences
+                    .into_iter()
+                    .map(|p| (p.user_id, p.status))
+                    .collect());
+            }
+        }
         let mut snapshot = Vec::new();
         loop {
-            if self.driver == Driver::Native {
-                // The reply carries the current presence of every watched user.
-                if let Some(frame) = self.codec.decode(&mut self.buf)? {
-                    match frame.body {
-                        Some(ServerBody::GetPresenceResult(r)) => {
-                            snapshot.extend(r.presences.into_iter().map(|p| (p.user_id, p.status)));
-                            return Ok(snapshot);
-                        }
-                        Some(ServerBody::SubscribeResult(r)) => {
-                            snapshot.extend(r.presences.into_iter().map(|p| (p.user_id, p.status)));
-                            return Ok(snapshot);
-                        }
-                        Some(ServerBody::Error(e)) => bail!("subscribe refused: {e:?}"),
-                        _ => continue,
-                    }
-                }
-                if self.half.read_buf(&mut self.buf).await? == 0 {
-                    bail!("connection closed");
-                }
-                continue;
-            }
             match self.next().await? {
                 Incoming::Subscribed => return Ok(snapshot),
                 Incoming::Status {
@@ -328,6 +340,13 @@ impl Reader {
 }
 
 impl Writer {
+    /// Writes `bytes` and flushes them out of the TLS layer.
+    async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.half.write_all(bytes).await?;
+        self.half.flush().await?;
+        Ok(())
+    }
+
     async fn send_native(&mut self, body: ClientBody) -> anyhow::Result<()> {
         self.next_id += 1;
         let mut buf = BytesMut::new();
@@ -338,9 +357,7 @@ impl Writer {
             },
             &mut buf,
         )?;
-        self.half.write_all(&buf).await?;
-        self.half.flush().await?;
-        Ok(())
+        self.send(&buf).await
     }
 
     async fn subscribe(&mut self, users: &[String]) -> anyhow::Result<()> {
@@ -359,9 +376,7 @@ impl Writer {
                     put_str(&mut body, format!("presence/{user}").as_bytes());
                     body.put_u8(0);
                 }
-                self.half.write_all(&mqtt_packet(0x82, &body)).await?;
-                self.half.flush().await?;
-                Ok(())
+                self.send(&mqtt_packet(0x82, &body)).await
             }
         }
     }
@@ -399,9 +414,7 @@ impl Writer {
                 let mut body = BytesMut::with_capacity(topic.len() + payload.len() + 2);
                 put_str(&mut body, topic.as_bytes());
                 body.put_slice(&payload);
-                self.half.write_all(&mqtt_packet(0x31, &body)).await?;
-                self.half.flush().await?;
-                Ok(())
+                self.send(&mqtt_packet(0x31, &body)).await
             }
         }
     }
@@ -500,14 +513,7 @@ impl Generator {
                     }))
                     .await?;
                 loop {
-                    let frame = loop {
-                        if let Some(frame) = reader.codec.decode(&mut reader.buf)? {
-                            break frame;
-                        }
-                        if reader.half.read_buf(&mut reader.buf).await? == 0 {
-                            bail!("closed before ConnAck");
-                        }
-                    };
+                    let frame = reader.next_frame().await.context("before ConnAck")?;
                     match frame.body {
                         Some(ServerBody::ConnAck(_)) => break,
                         Some(ServerBody::Error(e)) => bail!("connect refused: {e:?}"),
@@ -531,16 +537,8 @@ impl Generator {
                 put_str(&mut body, user.as_bytes());
                 put_str(&mut body, format!("presence/{user}").as_bytes());
                 put_str(&mut body, &offline);
-                writer.half.write_all(&mqtt_packet(0x10, &body)).await?;
-                writer.half.flush().await?;
-                let ack = loop {
-                    if let Some(packet) = take_mqtt_packet(&mut reader.buf) {
-                        break packet;
-                    }
-                    if reader.half.read_buf(&mut reader.buf).await? == 0 {
-                        bail!("closed before CONNACK");
-                    }
-                };
+                writer.send(&mqtt_packet(0x10, &body)).await?;
+                let ack = reader.next_packet().await.context("before CONNACK")?;
                 if ack.0 >> 4 != 2 || ack.1.get(1) != Some(&0) {
                     bail!("mqtt CONNACK refused: {:#x} {:?}", ack.0, ack.1);
                 }
