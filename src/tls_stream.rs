@@ -463,6 +463,15 @@ mod tests {
     async fn bytes_cross_both_ways_in_records_of_every_size_and_close_cleanly() {
         let (mut server, mut client) = pair().await;
         assert_eq!(server.alpn_protocol(), Some(&b"presence/1"[..]));
+        assert_eq!(
+            client
+                .get_ref()
+                .1
+                .negotiated_cipher_suite()
+                .map(|s| s.suite()),
+            Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256),
+            "the server's preference wins over the client's AES-256-first order"
+        );
         let big: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
         client.write_all(&big).await.unwrap();
         client.flush().await.unwrap();
