@@ -72,6 +72,9 @@ fn limit(reason: impl Into<String>) -> RequestError {
 impl From<RegistryError> for RequestError {
     fn from(e: RegistryError) -> RequestError {
         match e {
+            RegistryError::DeviceLimit(reason) => {
+                RequestError::new(pb::ErrorCode::DeviceLimit, reason)
+            }
             RegistryError::NotAttached => {
                 RequestError::new(pb::ErrorCode::Internal, "session is no longer active")
             }
@@ -142,6 +145,9 @@ pub struct Session {
     pub conn_id: u64,
     /// Keepalive applied, seconds.
     pub keepalive_secs: u32,
+    /// The token's `exp`, seconds since the Unix epoch: the session is closed then (see
+    /// `session.close_on_token_expiry`).
+    pub token_exp: u64,
     publish_bucket: TokenBucket,
 }
 
@@ -615,8 +621,11 @@ pub fn connect(
             metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => e.metric_label())
                 .increment(1);
             let code = match e {
-                AuthError::Malformed(_) => pb::ErrorCode::Unauthenticated,
-                AuthError::BadSignature(_) => pb::ErrorCode::BadSignature,
+                AuthError::Malformed(_)
+                | AuthError::NotYetValid { .. }
+                | AuthError::BadIssuer
+                | AuthError::BadAudience => pb::ErrorCode::Unauthenticated,
+                AuthError::BadSignature => pb::ErrorCode::BadSignature,
                 AuthError::Expired { .. } => pb::ErrorCode::TokenExpired,
             };
             RequestError::new(code, e.to_string())
@@ -675,6 +684,7 @@ pub fn connect(
         device_id,
         conn_id: outbound.id(),
         keepalive_secs,
+        token_exp: claims.exp,
         publish_bucket: TokenBucket::new(l.publish_rate_per_sec, l.publish_burst, received_at),
     };
     Ok((session, ServerBody::ConnAck(ack)))

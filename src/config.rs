@@ -121,8 +121,12 @@ pub struct AuthConfig {
     pub secrets: BTreeMap<String, String>,
     /// Key used for tokens without a `kid` header.
     pub default_kid: String,
-    /// Allowed clock skew when checking `exp`, in seconds.
+    /// Allowed clock skew when checking `exp` and `nbf`, in seconds.
     pub leeway_secs: u64,
+    /// When set, tokens must carry this `iss`.
+    pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud` (a string, or an array containing it).
+    pub audience: Option<String>,
 }
 
 impl Default for AuthConfig {
@@ -131,6 +135,8 @@ impl Default for AuthConfig {
             secrets: BTreeMap::from([(DEV_KID.to_string(), DEV_SECRET.to_string())]),
             default_kid: DEV_KID.to_string(),
             leeway_secs: 0,
+            issuer: None,
+            audience: None,
         }
     }
 }
@@ -166,6 +172,15 @@ pub struct SessionConfig {
     pub shutdown_timeout_ms: u64,
     /// Reconnect hint sent to clients at shutdown.
     pub shutdown_reconnect_hint_ms: u64,
+    /// Close a session when its token's `exp` passes (Close code TOKEN_EXPIRED), so the client
+    /// reconnects with a fresh token.
+    pub close_on_token_expiry: bool,
+    /// Test builds only: a connection task panics when it receives a SetPresence whose status
+    /// is this text, so tests can show that a panicking task leaves nothing behind. Never read
+    /// from a file or flag.
+    #[doc(hidden)]
+    #[serde(skip)]
+    pub panic_on_status: Option<String>,
 }
 
 impl Default for SessionConfig {
@@ -181,6 +196,8 @@ impl Default for SessionConfig {
             offline_broadcast: true,
             shutdown_timeout_ms: 5_000,
             shutdown_reconnect_hint_ms: 1_000,
+            close_on_token_expiry: true,
+            panic_on_status: None,
         }
     }
 }
@@ -260,6 +277,29 @@ pub struct LimitsConfig {
     pub auth_failure_max_delay_ms: u64,
     /// Addresses the failure tracker remembers at most.
     pub auth_max_tracked_addresses: u32,
+    /// Connections one address (an IPv6 /64 counts as one) may hold at once.
+    pub max_connections_per_address: u32,
+    /// New connections per second from one address (beyond its burst); its share of the
+    /// global accept rate, so one source cannot spend everyone's.
+    pub accept_rate_per_address_per_sec: u32,
+    /// Accept burst of one address.
+    pub accept_burst_per_address: u32,
+    /// Devices one user may have connected (or in their grace period) at once.
+    pub max_devices_per_user: u32,
+    /// What a Connect beyond `max_devices_per_user` does: `"evict_oldest"` closes the user's
+    /// oldest session (Close DEVICE_LIMIT), `"refuse"` refuses the new one (Error DEVICE_LIMIT).
+    pub device_limit_policy: DeviceLimitPolicy,
+}
+
+/// What a Connect beyond the per-user device cap does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceLimitPolicy {
+    /// Close the user's oldest session to make room (the common choice of chat services).
+    #[default]
+    EvictOldest,
+    /// Refuse the new Connect.
+    Refuse,
 }
 
 impl Default for LimitsConfig {
@@ -294,6 +334,11 @@ impl Default for LimitsConfig {
             auth_failure_delay_ms: 200,
             auth_failure_max_delay_ms: 2_000,
             auth_max_tracked_addresses: 100_000,
+            max_connections_per_address: 10_000,
+            accept_rate_per_address_per_sec: 250,
+            accept_burst_per_address: 500,
+            max_devices_per_user: 16,
+            device_limit_policy: DeviceLimitPolicy::EvictOldest,
         }
     }
 }
@@ -424,6 +469,19 @@ impl Config {
             ("limits.request_rate_per_sec", l.request_rate_per_sec),
             ("limits.request_burst", l.request_burst),
             ("limits.max_connections", l.max_connections),
+            (
+                "limits.max_connections_per_address",
+                l.max_connections_per_address,
+            ),
+            (
+                "limits.accept_rate_per_address_per_sec",
+                l.accept_rate_per_address_per_sec,
+            ),
+            (
+                "limits.accept_burst_per_address",
+                l.accept_burst_per_address,
+            ),
+            ("limits.max_devices_per_user", l.max_devices_per_user),
             (
                 "limits.max_handshakes_in_flight",
                 l.max_handshakes_in_flight,

@@ -1,10 +1,11 @@
 //! One task per client: the TLS handshake under its deadline (and a permit bounding handshakes
-//! in flight), then the session: the first-frame deadline, the reader loop with keepalive and
-//! partial-frame deadlines, request dispatch through `command`, and the end of the session
-//! (immediate offline, or a grace period for a lost connection). Writes happen only in the
-//! writer, a future polled beside the reader in the same task, which drains the connection's
-//! `Outbound` queue in batches under the slow-consumer deadline. Partial-read state lives in the
-//! `FramedRead`, so every `select!` here is cancel-safe.
+//! in flight), then the session: the first-frame deadline, the reader loop with keepalive,
+//! partial-frame and token-expiry deadlines, request dispatch through `command`, and the end of
+//! the session (immediate offline, or a grace period for a lost connection), which a guard
+//! completes when the task panics or is cancelled. Writes happen only in the writer, a future
+//! polled beside the reader in the same task, which drains the connection's `Outbound` queue in
+//! batches under the slow-consumer deadline. Partial-read state lives in the `FramedRead`, so
+//! every `select!` here is cancel-safe.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +16,7 @@ use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -30,10 +31,10 @@ use crate::model::{CloseKind, OfflineReason};
 use crate::outbound::{Item, Outbound};
 use crate::pb;
 use crate::pb::server_frame::Body as ServerBody;
-use crate::registry::Registry;
-use crate::store::Committer;
+use crate::registry::{Registry, RegistryOptions};
+use crate::store::{Committer, SubscriptionStore};
 use crate::tls_stream::{read_client_hello, TlsStream};
-use crate::wire;
+use crate::wire::{self, ProtoEncoder};
 
 /// The server codec: decodes client frames, encodes nothing (replies are pre-encoded).
 type ServerCodec = DelimitedCodec<pb::ClientFrame, pb::ServerFrame>;
@@ -71,6 +72,42 @@ pub struct ConnectionContext {
     pub auth_guard: AuthGuard,
 }
 
+impl ConnectionContext {
+    /// Everything connections share, for `config` over `store`: the registry, token
+    /// verification, handshake limits, the group committer and the auth guard. Starts the
+    /// committer, so it runs inside a Tokio runtime.
+    pub fn new(config: Config, store: Arc<dyn SubscriptionStore>) -> ConnectionContext {
+        let committer = Committer::start(store.clone());
+        let registry = Registry::new(
+            store,
+            Arc::new(ProtoEncoder),
+            RegistryOptions {
+                max_state_pairs: config.limits.max_state_pairs as usize,
+                offline_broadcast: config.session.offline_broadcast,
+                max_joined_channels: config.channels.max_joined_per_connection as usize,
+                max_watched_channels: config.channels.max_watched_per_connection as usize,
+                announce_threshold: config.channels.announce_threshold as usize,
+                max_devices_per_user: config.limits.max_devices_per_user as usize,
+                device_limit_policy: config.limits.device_limit_policy,
+            },
+        );
+        ConnectionContext {
+            verifier: Verifier::new(&config.auth),
+            address_slots: AddressSlots::new(config.limits.max_handshakes_per_address),
+            handshake_permits: Arc::new(Semaphore::new(
+                config.limits.max_handshakes_in_flight as usize,
+            )),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            next_conn_id: AtomicU64::new(1),
+            committer,
+            auth_guard: AuthGuard::new(config.auth_guard()),
+            registry,
+            config: Arc::new(config),
+        }
+    }
+}
+
 /// Decrements the connections gauge when the session ends, however it ends.
 #[derive(Debug)]
 struct ConnectionGauge;
@@ -88,17 +125,75 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// Runs a TLS connection from handshake to the end of its grace period. `permit` is the
-/// connection-limit permit; it is released when the socket closes. The ClientHello is read
-/// under the handshake deadline without a handshake slot, so sockets that stall before sending
-/// one cost a small buffer and never keep legitimate clients waiting; a slot is taken only for
-/// the cryptographic part of the handshake.
-pub async fn run_tls(
+/// Where a session stands, for [`SessionGuard`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Connected (or not yet authenticated): on drop, the device leaves at once.
+    Live,
+    /// In its grace period: on drop, the grace period ends now.
+    Lingering,
+    /// The session's end was handled.
+    Done,
+}
+
+/// Makes sure a session leaves the registry however its task ends: normally the session code
+/// detaches or lingers and marks the guard done; when the task panics or is cancelled instead,
+/// dropping the guard closes the outbound queue and takes the device out of the registry (with
+/// its channel memberships), reason CONNECTION_LOST, or SERVER_SHUTDOWN during shutdown. No
+/// ghost device, no queue that fanout keeps filling.
+#[derive(Debug)]
+struct SessionGuard {
+    ctx: Arc<ConnectionContext>,
+    outbound: Outbound,
+    /// Filled by the reader when Connect succeeds.
+    session: Option<Session>,
+    stage: Stage,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.stage == Stage::Done {
+            return;
+        }
+        self.outbound.close(None);
+        let Some(s) = &self.session else {
+            return;
+        };
+        let reason = if self.ctx.shutdown.is_cancelled() {
+            OfflineReason::ServerShutdown
+        } else {
+            OfflineReason::ConnectionLost
+        };
+        if std::thread::panicking() {
+            tracing::error!(
+                conn_id = s.conn_id,
+                "connection task panicked; its device leaves the registry"
+            );
+        }
+        let registry = &self.ctx.registry;
+        match self.stage {
+            Stage::Live => {
+                registry.detach(&s.user_id, &s.device_id, s.conn_id, reason, Instant::now())
+            }
+            Stage::Lingering => {
+                registry.expire_lingering(&s.user_id, &s.device_id, s.conn_id, Instant::now())
+            }
+            Stage::Done => {}
+        }
+    }
+}
+
+/// Runs a TLS connection from handshake to the end of its grace period. `permit` holds the
+/// connection's share of the connection limits; it is dropped when the socket closes. The
+/// ClientHello is read under the handshake deadline without a handshake slot, so sockets that
+/// stall before sending one cost a small buffer and never keep legitimate clients waiting; a
+/// slot is taken only for the cryptographic part of the handshake.
+pub async fn run_tls<P: Send + 'static>(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     ctx: Arc<ConnectionContext>,
-    permit: OwnedSemaphorePermit,
+    permit: P,
 ) {
     // The handshake's futures are several KiB; boxed, they are freed once it is over instead of
     // sizing the task of every idle connection.
@@ -182,27 +277,29 @@ async fn handshake(
 /// Runs a session over an established stream (TLS or, for trusted networks, plain TCP).
 /// The stream is split before the session's future exists, so the future holds two pointers
 /// rather than a moved-from copy of the stream (over a KiB for TLS) for its whole life.
-pub fn run_session<S>(
+pub fn run_session<S, P>(
     stream: S,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
-    permit: OwnedSemaphorePermit,
+    permit: P,
 ) -> impl std::future::Future<Output = ()> + Send
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
+    P: Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
     session(read_half, write_half, peer, ctx, permit)
 }
 
-async fn session<S>(
+async fn session<S, P>(
     read_half: ReadHalf<S>,
     write_half: WriteHalf<S>,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
-    permit: OwnedSemaphorePermit,
+    permit: P,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
+    P: Send + 'static,
 {
     let gauge = ConnectionGauge::open();
     let config = ctx.config.clone();
@@ -219,29 +316,40 @@ async fn session<S>(
     // task per connection is half a KiB less for every idle client.
     let writer = write_loop(write_half, outbound.clone(), config.slow_consumer_timeout());
     tokio::pin!(writer);
-    let mut writer_done = false;
     let mut reader = FramedRead::with_capacity(
         read_half,
         ServerCodec::new(config.limits.max_frame_bytes_pre_auth as usize),
         READ_BUFFER_BYTES,
     );
-    let mut session = None;
+    let mut guard = SessionGuard {
+        ctx: ctx.clone(),
+        outbound: outbound.clone(),
+        session: None,
+        stage: Stage::Live,
+    };
+    let mut writer_end = None;
     let end = {
-        let reading = read_loop(&mut reader, &mut session, &outbound, &ctx, peer);
+        let reading = read_loop(&mut reader, &mut guard.session, &outbound, &ctx, peer);
         tokio::pin!(reading);
         loop {
             tokio::select! {
                 end = &mut reading => break end,
                 // The writer ends early only when its socket failed or stalled; it has closed
                 // the queue then, which ends the reader too.
-                () = &mut writer, if !writer_done => writer_done = true,
+                w = &mut writer, if writer_end.is_none() => writer_end = Some(w),
             }
         }
     };
     drop(reader);
+    // A socket that failed under the writer is a lost connection (grace period), like one that
+    // failed under the reader; only a stalled socket (slow consumer) is removed at once.
+    let end = match (end, writer_end) {
+        (End::OutboundClosed, Some(WriterEnd::Failed)) => End::Lost(OfflineReason::ConnectionLost),
+        (end, _) => end,
+    };
 
     let received_at = Instant::now();
-    let mut linger = None;
+    let mut linger = false;
     let close = match &end {
         End::Disconnect => Some((CloseKind::Normal, "goodbye".to_string(), 0)),
         End::Lost(_) => None,
@@ -263,55 +371,65 @@ async fn session<S>(
     } else {
         outbound.close(None);
     }
-    if let Some(s) = &session {
+    if let Some(s) = &guard.session {
         let registry = &ctx.registry;
         let offline =
             |reason| registry.detach(&s.user_id, &s.device_id, s.conn_id, reason, received_at);
-        match &end {
-            End::Disconnect => offline(OfflineReason::Disconnect),
-            End::Shutdown => offline(OfflineReason::ServerShutdown),
+        let lost = |reason| {
+            if config.grace_period().is_zero() {
+                offline(reason);
+                false
+            } else {
+                registry.linger(&s.user_id, &s.device_id, s.conn_id, reason)
+            }
+        };
+        linger = match &end {
+            End::Disconnect => {
+                offline(OfflineReason::Disconnect);
+                false
+            }
+            End::Shutdown => {
+                offline(OfflineReason::ServerShutdown);
+                false
+            }
             End::Close(CloseKind::KeepaliveTimeout, _) | End::Lost(OfflineReason::Timeout) => {
-                if config.grace_period().is_zero() {
-                    offline(OfflineReason::Timeout)
-                } else if registry.linger(
-                    &s.user_id,
-                    &s.device_id,
-                    s.conn_id,
-                    OfflineReason::Timeout,
-                ) {
-                    linger = Some((s.user_id.clone(), s.device_id.clone(), s.conn_id));
-                }
+                lost(OfflineReason::Timeout)
             }
-            End::Lost(reason) => {
-                if config.grace_period().is_zero() {
-                    offline(*reason)
-                } else if registry.linger(&s.user_id, &s.device_id, s.conn_id, *reason) {
-                    linger = Some((s.user_id.clone(), s.device_id.clone(), s.conn_id));
-                }
-            }
+            // The client comes back with a fresh token; within the grace period watchers see
+            // nothing.
+            End::Close(CloseKind::TokenExpired, _) => lost(OfflineReason::Kicked),
+            End::Lost(reason) => lost(*reason),
             // Taken over (a no-op: the new connection owns the device) or slow consumer.
-            End::OutboundClosed => offline(OfflineReason::Kicked),
-            End::Close(_, _) => offline(OfflineReason::Kicked),
-        }
+            End::OutboundClosed | End::Close(_, _) => {
+                offline(OfflineReason::Kicked);
+                false
+            }
+        };
     }
+    guard.stage = if linger {
+        Stage::Lingering
+    } else {
+        Stage::Done
+    };
     // The writer ends after the close frame, or within the slow-consumer deadline when the
     // socket is stuck.
     let writer_deadline = config.slow_consumer_timeout() + Duration::from_secs(1);
-    if !writer_done && tokio::time::timeout(writer_deadline, writer).await.is_err() {
+    if writer_end.is_none() && tokio::time::timeout(writer_deadline, writer).await.is_err() {
         tracing::debug!(%peer, conn_id, "writer did not finish in time");
     }
     drop(gauge);
     drop(permit);
 
-    if let Some((user_id, device_id, conn_id)) = linger {
+    if let (Stage::Lingering, Some(sess)) = (guard.stage, &guard.session) {
         tokio::select! {
             _ = tokio::time::sleep(config.grace_period()) => {
-                ctx.registry.expire_lingering(&user_id, &device_id, conn_id, Instant::now());
+                ctx.registry.expire_lingering(&sess.user_id, &sess.device_id, sess.conn_id, Instant::now());
             }
             _ = ctx.shutdown.cancelled() => {
-                ctx.registry.detach(&user_id, &device_id, conn_id, OfflineReason::ServerShutdown, Instant::now());
+                ctx.registry.detach(&sess.user_id, &sess.device_id, sess.conn_id, OfflineReason::ServerShutdown, Instant::now());
             }
         }
+        guard.stage = Stage::Done;
     }
 }
 
@@ -361,6 +479,8 @@ where
     let connect_deadline = started + config.connect_timeout();
     let mut last_frame = started;
     let mut partial_since: Option<tokio::time::Instant> = None;
+    // When the session's token expires (with the configured leeway), if sessions close then.
+    let mut token_deadline: Option<tokio::time::Instant> = None;
     let mut request_bucket = TokenBucket::new(
         config.limits.request_rate_per_sec,
         config.limits.request_burst,
@@ -391,12 +511,25 @@ where
             }
             _ => (deadline, expiry),
         };
+        let (deadline, expiry) = match token_deadline {
+            Some(t) if t < deadline => (t, Expiry::Token),
+            _ => (deadline, expiry),
+        };
         let next = tokio::select! {
             biased;
             _ = ctx.shutdown.cancelled() => return End::Shutdown,
             _ = closed.cancelled() => return End::OutboundClosed,
             _ = tokio::time::sleep_until(deadline) => return expiry.end(),
-            next = reader.next() => next,
+            next = next_or_partial(reader, partial_since.is_none()) => next,
+        };
+        let next = match next {
+            Read::Frame(next) => next,
+            Read::PartialStarted => {
+                // Bytes of a frame arrived without completing it: its deadline starts now,
+                // however the bytes were split.
+                partial_since = Some(tokio::time::Instant::now());
+                continue;
+            }
         };
         let frame = match next {
             None => return End::Lost(OfflineReason::ConnectionLost),
@@ -426,7 +559,18 @@ where
             &mut request_bucket,
             peer,
         ) {
-            Step::Continue => {}
+            Step::Continue => {
+                if let (None, Some(s)) = (token_deadline, session.as_ref()) {
+                    if config.session.close_on_token_expiry {
+                        let expires_ms = s
+                            .token_exp
+                            .saturating_add(config.auth.leeway_secs)
+                            .saturating_mul(1000);
+                        let left = expires_ms.saturating_sub(crate::now_ms());
+                        token_deadline = Some(now + Duration::from_millis(left));
+                    }
+                }
+            }
             Step::End(end) => return end,
             Step::Refuse {
                 delay,
@@ -460,12 +604,37 @@ where
     }
 }
 
+/// What the reader produced: a frame (or the end), or the first bytes of a frame.
+#[derive(Debug)]
+enum Read {
+    Frame(Option<Result<pb::ClientFrame, CodecError>>),
+    PartialStarted,
+}
+
+/// The next frame; when `watch_partial`, also reports the moment bytes of an incomplete frame
+/// sit in the read buffer, so the partial-frame deadline is armed however they arrived.
+/// Cancel-safe: partial-read state stays in the `FramedRead`.
+async fn next_or_partial<R>(reader: &mut FramedRead<R, ServerCodec>, watch_partial: bool) -> Read
+where
+    R: AsyncRead + Unpin,
+{
+    std::future::poll_fn(|cx| match reader.poll_next_unpin(cx) {
+        std::task::Poll::Ready(next) => std::task::Poll::Ready(Read::Frame(next)),
+        std::task::Poll::Pending if watch_partial && !reader.read_buffer().is_empty() => {
+            std::task::Poll::Ready(Read::PartialStarted)
+        }
+        std::task::Poll::Pending => std::task::Poll::Pending,
+    })
+    .await
+}
+
 /// Which deadline fired.
 #[derive(Debug, Clone, Copy)]
 enum Expiry {
     Connect,
     Keepalive,
     Partial,
+    Token,
 }
 
 impl Expiry {
@@ -482,6 +651,10 @@ impl Expiry {
             Expiry::Partial => End::Close(
                 CloseKind::DeadlineExceeded,
                 "frame left incomplete past the partial-frame deadline".into(),
+            ),
+            Expiry::Token => End::Close(
+                CloseKind::TokenExpired,
+                "the session's token expired; connect again with a fresh token".into(),
             ),
         }
     }
@@ -547,7 +720,9 @@ fn handle_frame<R>(
                     received_at,
                 ) {
                     Ok((new_session, ack)) => {
-                        push_reply(outbound, request_id, ack);
+                        // First: events fanned out since the session was registered wait.
+                        let kind = wire::server_body_kind(&ack);
+                        outbound.push_reply_first(Item::reply(wire::frame(request_id, ack), kind));
                         reader
                             .decoder_mut()
                             .set_max_frame_bytes(limits.max_frame_bytes as usize);
@@ -567,7 +742,12 @@ fn handle_frame<R>(
                     }
                     Err(e) => {
                         push_error(outbound, request_id, "connect", &e);
-                        Step::End(End::Close(CloseKind::AuthFailed, e.reason))
+                        let kind = if e.code == pb::ErrorCode::DeviceLimit {
+                            CloseKind::DeviceLimit
+                        } else {
+                            CloseKind::AuthFailed
+                        };
+                        Step::End(End::Close(kind, e.reason))
                     }
                 }
             }
@@ -597,6 +777,16 @@ fn handle_frame<R>(
     match command {
         Ok(Command::Disconnect) => Step::End(End::Disconnect),
         Ok(command) => {
+            if let (Some(trigger), Command::SetPresence(change)) =
+                (&ctx.config.session.panic_on_status, &command)
+            {
+                // Test builds set this (it is never read from a file) to show that a panicking
+                // task leaves nothing behind.
+                assert!(
+                    change.status.as_ref() != Some(trigger),
+                    "injected panic (session.panic_on_status)"
+                );
+            }
             match command::execute(command, current, &ctx.registry, limits, received_at) {
                 Ok(reply) if reply.needs_commit => {
                     return Step::ReplyWhenDurable {
@@ -636,9 +826,24 @@ impl KindCounts {
     }
 }
 
+/// How the writer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WriterEnd {
+    /// The queue closed and everything in it was written.
+    Drained,
+    /// A write failed (reset, broken pipe, TLS failure): the connection is lost.
+    Failed,
+    /// The socket stayed blocked past the slow-consumer deadline.
+    Stalled,
+}
+
 /// Drains `outbound` into the socket, a batch per write, until the close frame has been written
 /// or the socket fails or stays blocked past `slow_consumer_timeout`.
-async fn write_loop<W>(mut socket: W, outbound: Outbound, slow_consumer_timeout: Duration)
+async fn write_loop<W>(
+    mut socket: W,
+    outbound: Outbound,
+    slow_consumer_timeout: Duration,
+) -> WriterEnd
 where
     W: AsyncWrite + Unpin,
 {
@@ -660,13 +865,13 @@ where
             Ok(Ok(())) => {}
             Ok(Err(_)) => {
                 outbound.close(None);
-                return;
+                return WriterEnd::Failed;
             }
             Err(_) => {
                 if outbound.close(None) {
                     metrics::counter!(m::SLOW_CONSUMER_DISCONNECTS).increment(1);
                 }
-                return;
+                return WriterEnd::Stalled;
             }
         }
         let now = Instant::now();
@@ -687,4 +892,154 @@ where
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), socket.shutdown()).await;
+    WriterEnd::Drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+    use std::io;
+    use std::pin::Pin;
+    use std::sync::atomic::AtomicBool;
+    use std::task::{Context, Poll};
+
+    use prost::Message;
+    use tokio::io::{AsyncReadExt, DuplexStream, ReadBuf};
+
+    use crate::registry::Attach;
+    use crate::store::MemoryStore;
+
+    /// A stream whose writes fail once `broken` is set while its reads keep waiting: a link
+    /// reset under the writer that the reader has not seen yet.
+    struct BreakableWrites {
+        inner: DuplexStream,
+        broken: Arc<AtomicBool>,
+    }
+
+    impl AsyncRead for BreakableWrites {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for BreakableWrites {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            if self.broken.load(Ordering::SeqCst) {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            Pin::new(&mut self.inner).poll_write(cx, data)
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    fn frame(request_id: u64, body: pb::client_frame::Body) -> Vec<u8> {
+        pb::ClientFrame {
+            request_id,
+            body: Some(body),
+        }
+        .encode_length_delimited_to_vec()
+    }
+
+    /// The next presence event in `outbound`, decoded.
+    async fn next_event(outbound: &Outbound) -> pb::PresenceEvent {
+        loop {
+            let batch = tokio::time::timeout(Duration::from_secs(10), outbound.next_batch(1 << 16))
+                .await
+                .expect("an event within 10 s")
+                .expect("queue open");
+            for item in batch.items {
+                let frame = pb::ServerFrame::decode_length_delimited(&item.bytes[..]).unwrap();
+                if let Some(ServerBody::PresenceEvent(e)) = frame.body {
+                    return e;
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_a_lost_connection_after_the_grace_period() {
+        let mut config = Config::default();
+        config.session.grace_period_ms = 200;
+        let ctx = Arc::new(ConnectionContext::new(config, Arc::new(MemoryStore::new())));
+        // A watcher of the victim, attached straight to the registry.
+        let watcher = Outbound::new(u64::MAX, 64, 64, 64);
+        ctx.registry
+            .attach(Attach {
+                user_id: "watcher".into(),
+                device_id: "d".into(),
+                platform: String::new(),
+                outbound: watcher.clone(),
+                initial: None,
+                user_data: BTreeMap::new(),
+                received_at: Instant::now(),
+            })
+            .unwrap();
+        ctx.registry
+            .store()
+            .subscribe("watcher", &["victim".to_string()], u64::MAX, 0, 10)
+            .unwrap();
+
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let broken = Arc::new(AtomicBool::new(false));
+        let stream = BreakableWrites {
+            inner: server,
+            broken: broken.clone(),
+        };
+        let task = tokio::spawn(run_session(
+            stream,
+            "127.0.0.1:1".parse().unwrap(),
+            ctx.clone(),
+            (),
+        ));
+        let connect = frame(
+            1,
+            pb::client_frame::Body::Connect(pb::Connect {
+                token: crate::auth::dev_token("victim", 3600),
+                device_id: "phone".into(),
+                keepalive_seconds: 60,
+                ..Default::default()
+            }),
+        );
+        client.write_all(&connect).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = client.read(&mut buf).await.unwrap();
+        let ack = pb::ServerFrame::decode_length_delimited(&buf[..n]).unwrap();
+        assert!(matches!(ack.body, Some(ServerBody::ConnAck(_))), "{ack:?}");
+        assert_eq!(
+            next_event(&watcher).await.kind,
+            pb::EventKind::Online as i32
+        );
+
+        // The link breaks under the writer: the next reply cannot be written.
+        broken.store(true, Ordering::SeqCst);
+        let ping = frame(2, pb::client_frame::Body::Ping(pb::Ping::default()));
+        client.write_all(&ping).await.unwrap();
+        let offline = next_event(&watcher).await;
+        assert_eq!(offline.kind, pb::EventKind::Offline as i32);
+        assert_eq!(
+            offline.reason,
+            pb::OfflineReason::ConnectionLost as i32,
+            "a failed write is a lost connection, not a kick"
+        );
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
 }

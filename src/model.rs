@@ -251,6 +251,10 @@ pub enum CloseKind {
     ServerShutdown,
     /// Too many connections or requests.
     Overloaded,
+    /// The session's token expired.
+    TokenExpired,
+    /// The oldest device closed to make room under the per-user device cap.
+    DeviceLimit,
 }
 
 impl CloseKind {
@@ -267,6 +271,8 @@ impl CloseKind {
             CloseKind::SlowConsumer => "slow_consumer",
             CloseKind::ServerShutdown => "server_shutdown",
             CloseKind::Overloaded => "overloaded",
+            CloseKind::TokenExpired => "token_expired",
+            CloseKind::DeviceLimit => "device_limit",
         }
     }
 }

@@ -175,6 +175,23 @@ impl Outbound {
         true
     }
 
+    /// Queues a reply ahead of everything already queued. For the ConnAck: the session is
+    /// registered (so fanout may push events here) a moment before its ConnAck is queued, and
+    /// nothing has been written yet then (the writer runs in the same task as the reader), so
+    /// putting it first makes the ConnAck the first frame a client sees. Returns false when
+    /// closing.
+    pub fn push_reply_first(&self, item: Item) -> bool {
+        let mut state = self.state();
+        if state.closing {
+            return false;
+        }
+        state.fifo.push_front(item);
+        state.replies_pending += 1;
+        drop(state);
+        self.shared.ready.notify_one();
+        true
+    }
+
     /// True while the FIFO holds at least its capacity or too many replies are unwritten: the
     /// connection should not read another request yet.
     pub fn is_backlogged(&self) -> bool {
@@ -380,5 +397,15 @@ mod in_flight_tests {
         assert!(q.is_backlogged(), "two replies unwritten: the limit");
         q.next_batch(1 << 20).await.unwrap();
         assert!(!q.is_backlogged());
+    }
+
+    #[tokio::test]
+    async fn a_reply_pushed_first_overtakes_events_queued_before_it() {
+        let q = Outbound::new(1, 8, 8, 8);
+        q.push_event("a", Item::reply(Bytes::from_static(b"event"), "event"));
+        assert!(q.push_reply_first(Item::reply(Bytes::from_static(b"connack"), "conn_ack")));
+        let batch = q.next_batch(1 << 16).await.unwrap();
+        let order: Vec<&[u8]> = batch.items.iter().map(|i| &i.bytes[..]).collect();
+        assert_eq!(order, [&b"connack"[..], &b"event"[..]]);
     }
 }

@@ -95,6 +95,8 @@ pub fn close_code_to_pb(kind: CloseKind) -> pb::CloseCode {
         CloseKind::SlowConsumer => pb::CloseCode::SlowConsumer,
         CloseKind::ServerShutdown => pb::CloseCode::ServerShutdown,
         CloseKind::Overloaded => pb::CloseCode::Overloaded,
+        CloseKind::TokenExpired => pb::CloseCode::TokenExpired,
+        CloseKind::DeviceLimit => pb::CloseCode::DeviceLimit,
     }
 }
 
