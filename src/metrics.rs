@@ -2,13 +2,20 @@
 //! serves `/metrics`. Every metric is prefixed `presence_`, carries its unit in its name and
 //! never has a user or connection id as a label. The rest of the crate records through the
 //! `metrics` macros with the names below; this module owns nothing else.
+//!
+//! The endpoint is for scrapers, not a general web server, and is bounded like the client port
+//! ([`ScrapeLimits`]): a few connections at once (more are closed at once), a deadline and a
+//! byte cap on the request, a deadline on the response, and a pause after a failed accept (out
+//! of file descriptors) instead of a busy loop, with its warning rate-limited.
 
-use std::sync::OnceLock;
-use std::time::Duration;
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Open client connections (after the TLS handshake).
@@ -136,9 +143,77 @@ fn describe() {
     );
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled. Any other path is a 404.
-/// Each request is read with a deadline and a size cap; the endpoint is for scrapers, not a
-/// general web server.
+/// Bounds of the metrics endpoint. The broker uses the defaults; tests shrink them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScrapeLimits {
+    /// Scrape connections served at once; a connection beyond this is closed at once.
+    pub max_connections: usize,
+    /// Deadline for the request head (up to its blank line) from accept.
+    pub read_timeout: Duration,
+    /// Deadline for writing the whole response.
+    pub write_timeout: Duration,
+    /// Request head bytes read at most; a longer head is closed without a reply.
+    pub max_request_bytes: usize,
+    /// Pause after a failed accept (EMFILE and the like) before accepting again.
+    pub accept_error_backoff: Duration,
+}
+
+/// Default [`ScrapeLimits::max_connections`].
+pub const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// Default [`ScrapeLimits::read_timeout`] and [`ScrapeLimits::write_timeout`].
+pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default [`ScrapeLimits::max_request_bytes`].
+pub const MAX_SCRAPE_REQUEST_BYTES: usize = 8192;
+/// Default [`ScrapeLimits::accept_error_backoff`].
+pub const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// At most one warning this often for failed accepts, and one for refused scrapes.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+
+impl Default for ScrapeLimits {
+    fn default() -> Self {
+        ScrapeLimits {
+            max_connections: MAX_SCRAPE_CONNECTIONS,
+            read_timeout: SCRAPE_TIMEOUT,
+            write_timeout: SCRAPE_TIMEOUT,
+            max_request_bytes: MAX_SCRAPE_REQUEST_BYTES,
+            accept_error_backoff: ACCEPT_ERROR_BACKOFF,
+        }
+    }
+}
+
+/// Lets one log line through per interval and counts the ones held back in between.
+#[derive(Debug)]
+struct RateLimitedLog {
+    every: Duration,
+    last: Option<Instant>,
+    held_back: u64,
+}
+
+impl RateLimitedLog {
+    fn new(every: Duration) -> RateLimitedLog {
+        RateLimitedLog {
+            every,
+            last: None,
+            held_back: 0,
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged at `now`.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            self.held_back += 1;
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.held_back))
+    }
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown` is cancelled, with the default
+/// [`ScrapeLimits`]. Any other path is a 404. Also runs the recorder's periodic upkeep.
 pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: CancellationToken) {
     let upkeep_handle = handle.clone();
     let upkeep_shutdown = shutdown.clone();
@@ -151,47 +226,202 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Ca
             }
         }
     });
+    serve_with(
+        listener,
+        move || handle.render(),
+        shutdown,
+        ScrapeLimits::default(),
+    )
+    .await;
+}
+
+/// Serves `GET /metrics` on `listener`, answered with `render()`, under `limits`, until
+/// `shutdown` is cancelled. Cancel-safe: dropping it stops accepting; scrapes in progress end
+/// at their deadlines or at `shutdown`.
+pub async fn serve_with<F>(
+    listener: TcpListener,
+    render: F,
+    shutdown: CancellationToken,
+    limits: ScrapeLimits,
+) where
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let listener = &listener;
+    let accept = move || async move { listener.accept().await.map(|(socket, _)| socket) };
+    accept_loop(accept, Arc::new(render), shutdown, limits).await;
+}
+
+/// The endpoint's accept loop over any source of connections (a listener, or a test's fake).
+async fn accept_loop<S, A, Fut, F>(
+    mut accept: A,
+    render: Arc<F>,
+    shutdown: CancellationToken,
+    limits: ScrapeLimits,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    A: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<S>>,
+    F: Fn() -> String + Send + Sync + 'static,
+{
+    let limits = Arc::new(limits);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut accept_warnings = RateLimitedLog::new(WARN_EVERY);
+    let mut refusal_warnings = RateLimitedLog::new(WARN_EVERY);
     loop {
-        let (mut socket, _) = tokio::select! {
+        let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::warn!("metrics accept failed: {e}");
-                    continue;
-                }
-            },
+            accepted = accept() => accepted,
         };
-        let handle = handle.clone();
-        tokio::spawn(async move {
-            let mut request = Vec::with_capacity(512);
-            let mut chunk = [0u8; 512];
-            let read = tokio::time::timeout(Duration::from_secs(5), async {
-                while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-                    let n = socket.read(&mut chunk).await?;
-                    if n == 0 {
-                        break;
-                    }
-                    request.extend_from_slice(&chunk[..n]);
+        let socket = match accepted {
+            Ok(socket) => socket,
+            Err(e) => {
+                if let Some(held_back) = accept_warnings.hit(Instant::now()) {
+                    tracing::warn!(
+                        held_back,
+                        "metrics accept failed: {e}; pausing {:?}",
+                        limits.accept_error_backoff
+                    );
                 }
-                Ok::<_, std::io::Error>(())
-            })
-            .await;
-            if !matches!(read, Ok(Ok(()))) {
-                return;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(limits.accept_error_backoff) => continue,
+                }
             }
-            let response = if request.starts_with(b"GET /metrics ") {
-                let body = handle.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                    body.len(),
-                    body
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-            };
-            let _ = socket.write_all(response.as_bytes()).await;
-            let _ = socket.shutdown().await;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if let Some(held_back) = refusal_warnings.hit(Instant::now()) {
+                tracing::warn!(
+                    held_back,
+                    max = limits.max_connections,
+                    "metrics endpoint at its connection cap; closing a new connection"
+                );
+            }
+            drop(socket);
+            continue;
+        };
+        let render = render.clone();
+        let limits = limits.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let mut socket = socket;
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = scrape(&mut socket, &*render, &limits) => {}
+            }
+            // The slot is free before the peer sees the close, so a scraper that saw one
+            // connection end can always open the next.
+            drop(slot);
+            drop(socket);
         });
+    }
+}
+
+/// Reads one request head and answers it, each under its deadline. Errors only end the
+/// connection, so they are not reported.
+async fn scrape<S>(socket: &mut S, render: &(dyn Fn() -> String + Sync), limits: &ScrapeLimits)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    // The request head, capped at `max_request_bytes`.
+    let mut head = vec![0u8; limits.max_request_bytes];
+    let mut len = 0;
+    let read = tokio::time::timeout(limits.read_timeout, async {
+        loop {
+            if len == head.len() {
+                return false;
+            }
+            let n = match socket.read(&mut head[len..]).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => n,
+            };
+            let from = len.saturating_sub(3);
+            len += n;
+            if head[from..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                return true;
+            }
+        }
+    })
+    .await;
+    if read != Ok(true) {
+        return;
+    }
+    let (status, body) = if head.starts_with(b"GET /metrics ") {
+        ("200 OK", render())
+    } else {
+        ("404 Not Found", String::new())
+    };
+    let response_head = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let _ = tokio::time::timeout(limits.write_timeout, async {
+        socket.write_all(response_head.as_bytes()).await?;
+        socket.write_all(body.as_bytes()).await?;
+        socket.shutdown().await
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_storm_of_accept_errors_logs_one_line_per_interval() {
+        let mut log = RateLimitedLog::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(log.hit(t0), Some(0));
+        for ms in 1..=1000 {
+            assert_eq!(log.hit(t0 + Duration::from_millis(ms)), None);
+        }
+        assert_eq!(log.hit(t0 + Duration::from_secs(10)), Some(1000));
+        assert_eq!(log.hit(t0 + Duration::from_secs(11)), None);
+    }
+
+    #[tokio::test]
+    async fn failed_accepts_pause_instead_of_spinning() {
+        // An acceptor out of file descriptors 20 times, then shut down. Without the pause the
+        // loop would run through all 20 at once.
+        const ERRORS: u32 = 20;
+        let limits = ScrapeLimits {
+            accept_error_backoff: Duration::from_millis(5),
+            ..ScrapeLimits::default()
+        };
+        let pause = limits.accept_error_backoff;
+        let shutdown = CancellationToken::new();
+        let mut calls = 0u32;
+        let stop = shutdown.clone();
+        let accept = || {
+            calls += 1;
+            if calls > ERRORS {
+                stop.cancel();
+            }
+            let emfile = std::io::Error::from_raw_os_error(24);
+            async move { Err::<tokio::io::DuplexStream, _>(emfile) }
+        };
+        let started = Instant::now();
+        accept_loop(accept, Arc::new(String::new), shutdown.clone(), limits).await;
+        assert!(
+            started.elapsed() >= pause * ERRORS,
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_scrape_is_answered_and_others_are_404() {
+        let limits = ScrapeLimits::default();
+        for (request, status) in [
+            (&b"GET /metrics HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 200 OK"),
+            (&b"GET / HTTP/1.1\r\n\r\n"[..], "HTTP/1.1 404 Not Found"),
+        ] {
+            let (mut client, mut server) = tokio::io::duplex(1 << 16);
+            client.write_all(request).await.unwrap();
+            scrape(&mut server, &|| "m 1\n".to_string(), &limits).await;
+            drop(server);
+            let mut response = String::new();
+            client.read_to_string(&mut response).await.unwrap();
+            assert!(response.starts_with(status), "{response}");
+        }
     }
 }
