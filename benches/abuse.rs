@@ -30,7 +30,7 @@ async fn start(dir: &Path, extra_toml: &str) -> common::Broker {
     std::fs::write(
         &config,
         format!(
-            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n[metrics]\nenabled = false\n[limits]\naccept_rate_per_sec = 1000000\naccept_burst = 1000000\nmax_connections = 100000\n{extra_toml}",
+            "listen = \"127.0.0.1:0\"\ndata_dir = {:?}\n[metrics]\nenabled = false\n[limits]\naccept_rate_per_sec = 1000000\naccept_burst = 1000000\nmax_connections = 100000\naccept_rate_per_address_per_sec = 1000000\naccept_burst_per_address = 1000000\nmax_connections_per_address = 100000\n{extra_toml}",
             dir.join("data")
         ),
     )

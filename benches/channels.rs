@@ -42,6 +42,10 @@ async fn storm(
     config.metrics.enabled = false;
     config.channels.announce_threshold = threshold;
     config.limits.max_connections = 100_000;
+    // Every member connects from 127.0.0.1 at once: lift the per-address shares.
+    config.limits.accept_rate_per_address_per_sec = 1_000_000;
+    config.limits.accept_burst_per_address = 1_000_000;
+    config.limits.max_connections_per_address = 100_000;
     let server = Server::bind(config.clone()).await.unwrap();
     let addr = server.local_addr();
     let shutdown = CancellationToken::new();

@@ -14,6 +14,7 @@
 //! | [`registry`] | live presence, sessions and fanout to watchers (no `.await`) |
 //! | [`outbound`] | each connection's bounded outbound queue with coalescing |
 //! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
+//! | [`address`] | what one address is for per-address limits (IPv4, or an IPv6 /64) |
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
 //! | [`auth_guard`] | per-address auth-failure delays and bans, handshake slots per address |
 //! | [`tls`] | certificates → `rustls` configs |
@@ -24,6 +25,7 @@
 //! | [`config`] | `Config` with embedded defaults, TOML loading and validation |
 //! | [`client`] | the Rust client used by the tests, `presencectl` and benchmarks |
 
+pub mod address;
 pub mod auth;
 pub mod auth_guard;
 pub mod client;

@@ -1,30 +1,28 @@
 //! The listener side: loads the subscription store, then binds the TLS (and optional plain)
 //! listener and the metrics endpoint,
-//! accepts connections under the global connection limit, spawns one task per connection (the
+//! accepts connections under each address's share of the accept rate and of connections, then
+//! under the global accept rate and connection limit, spawns one task per connection (the
 //! TLS handshake runs in that task, never in the accept loop), sweeps expired subscriptions, and
 //! shuts down in order: stop accepting, tell clients, wait for connections with a deadline,
 //! flush the store.
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Verifier;
-use crate::auth_guard::{AddressSlots, AuthGuard};
+use crate::address::{AddressLimits, AddressLimitsConfig, AddressPermit};
 use crate::command::TokenBucket;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::metrics as m;
-use crate::registry::{Registry, RegistryOptions};
-use crate::store::{Committer, SledStore, StoreError, SubscriptionStore};
+use crate::registry::Registry;
+use crate::store::{SledStore, StoreError, SubscriptionStore};
 use crate::tls::{self, TlsError};
-use crate::wire::ProtoEncoder;
 
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +55,8 @@ pub struct Server {
     tls_config: Arc<rustls::ServerConfig>,
     ctx: Arc<ConnectionContext>,
     connection_permits: Arc<Semaphore>,
+    /// Each address's share of the accept rate and of connections, shared by both listeners.
+    address_limits: AddressLimits,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -95,18 +95,6 @@ impl Server {
                 .await
                 .map_err(|e| StoreError::Backend(format!("store loader failed: {e}")))??,
         );
-        let committer = Committer::start(store.clone());
-        let registry = Registry::new(
-            store,
-            Arc::new(ProtoEncoder),
-            RegistryOptions {
-                max_state_pairs: config.limits.max_state_pairs as usize,
-                offline_broadcast: config.session.offline_broadcast,
-                max_joined_channels: config.channels.max_joined_per_connection as usize,
-                max_watched_channels: config.channels.max_watched_per_connection as usize,
-                announce_threshold: config.channels.announce_threshold as usize,
-            },
-        );
         let listener = bind(config.listen).await?;
         let plain_listener = match config.plain_listen {
             Some(addr) => Some(bind(addr).await?),
@@ -118,20 +106,13 @@ impl Server {
             None
         };
         let connection_permits = Arc::new(Semaphore::new(config.limits.max_connections as usize));
-        let ctx = Arc::new(ConnectionContext {
-            verifier: Verifier::new(&config.auth),
-            address_slots: AddressSlots::new(config.limits.max_handshakes_per_address),
-            handshake_permits: Arc::new(Semaphore::new(
-                config.limits.max_handshakes_in_flight as usize,
-            )),
-            shutdown: CancellationToken::new(),
-            tracker: TaskTracker::new(),
-            next_conn_id: AtomicU64::new(1),
-            committer,
-            auth_guard: AuthGuard::new(config.auth_guard()),
-            registry,
-            config: Arc::new(config),
+        let address_limits = AddressLimits::new(AddressLimitsConfig {
+            max_connections: config.limits.max_connections_per_address,
+            accept_rate_per_sec: config.limits.accept_rate_per_address_per_sec,
+            accept_burst: config.limits.accept_burst_per_address,
+            max_tracked: AddressLimitsConfig::tracked_bound(config.limits.max_connections),
         });
+        let ctx = Arc::new(ConnectionContext::new(config, store));
         Ok(Server {
             listener,
             plain_listener,
@@ -139,6 +120,7 @@ impl Server {
             tls_config,
             ctx,
             connection_permits,
+            address_limits,
         })
     }
 
@@ -181,13 +163,15 @@ impl Server {
         if let Some(listener) = self.plain_listener {
             let ctx = ctx.clone();
             let permits = self.connection_permits.clone();
-            background.spawn(accept_loop(listener, None, ctx, permits));
+            let addresses = self.address_limits.clone();
+            background.spawn(accept_loop(listener, None, ctx, permits, addresses));
         }
         background.spawn(accept_loop(
             self.listener,
             Some(self.tls_config),
             ctx.clone(),
             self.connection_permits.clone(),
+            self.address_limits.clone(),
         ));
         background.close();
 
@@ -209,17 +193,32 @@ impl Server {
     }
 }
 
+/// What a connection holds for its whole life, released when its task ends (however it ends):
+/// its place under the global connection limit and under its address's.
+#[derive(Debug)]
+struct ConnectionPermits {
+    /// A permit of the global connection limit.
+    _global: OwnedSemaphorePermit,
+    /// The connection's share of its address's connection limit.
+    _address: AddressPermit,
+}
+
+/// Accepts until shutdown. Each connection passes its address's share first (accept rate, then
+/// connections), then the global accept rate, then the global connection limit; a refused one is
+/// counted by reason and its socket dropped before any TLS. The per-address check comes first so
+/// that a flooding address is refused before it spends the global tokens everyone shares.
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
+    addresses: AddressLimits,
 ) {
     let limits = &ctx.config.limits;
     let mut accept_bucket = TokenBucket::new(
         limits.accept_rate_per_sec,
         limits.accept_burst,
-        std::time::Instant::now(),
+        Instant::now(),
     );
     loop {
         let accepted = tokio::select! {
@@ -235,15 +234,29 @@ async fn accept_loop(
                 continue;
             }
         };
-        if accept_bucket.take(std::time::Instant::now()).is_err() {
+        let now = Instant::now();
+        let address = match addresses.admit(peer.ip(), now) {
+            Ok(address) => address,
+            Err(refusal) => {
+                metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => refusal.metric_label())
+                    .increment(1);
+                drop(socket);
+                continue;
+            }
+        };
+        if accept_bucket.take(now).is_err() {
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "accept_rate").increment(1);
             drop(socket);
             continue;
         }
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let Ok(global) = permits.clone().try_acquire_owned() else {
             metrics::counter!(m::CONNECTIONS_REFUSED, "reason" => "connection_limit").increment(1);
             drop(socket);
             continue;
+        };
+        let permit = ConnectionPermits {
+            _global: global,
+            _address: address,
         };
         let _ = socket.set_nodelay(true);
         spawn_connection(socket, peer, tls.clone(), ctx.clone(), permit);
@@ -255,7 +268,7 @@ fn spawn_connection(
     peer: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     ctx: Arc<ConnectionContext>,
-    permit: tokio::sync::OwnedSemaphorePermit,
+    permit: ConnectionPermits,
 ) {
     let tracker = ctx.tracker.clone();
     match tls {
@@ -277,8 +290,7 @@ async fn channel_intervals(ctx: Arc<ConnectionContext>) {
             _ = ctx.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        ctx.registry
-            .flush_channel_intervals(std::time::Instant::now());
+        ctx.registry.flush_channel_intervals(Instant::now());
         let (channels, _) = ctx.registry.channel_counts();
         metrics::gauge!(m::CHANNELS).set(channels as f64);
     }

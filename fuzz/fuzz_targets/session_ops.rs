@@ -13,6 +13,7 @@ use futures_util::FutureExt;
 use libfuzzer_sys::fuzz_target;
 use presenced::model::{Availability, OfflineReason, PresenceChange};
 use presenced::outbound::Outbound;
+use presenced::config::DeviceLimitPolicy;
 use presenced::registry::{Attach, Registry, RegistryOptions};
 use presenced::store::MemoryStore;
 use presenced::wire::ProtoEncoder;
@@ -60,6 +61,9 @@ fuzz_target!(|ops: Vec<Op>| {
             max_joined_channels: 2,
             max_watched_channels: 2,
             announce_threshold: 2,
+            // Three device ids per user: a cap of two makes attaches evict the oldest.
+            max_devices_per_user: 2,
+            device_limit_policy: DeviceLimitPolicy::EvictOldest,
         },
     );
     let store = registry.store().clone();
@@ -92,6 +96,14 @@ fuzz_target!(|ops: Vec<Op>| {
                         received_at: now,
                     })
                     .expect("attach with valid initial presence");
+                // The device cap closed the user's oldest device, if any: it is gone.
+                for c in conns.iter_mut().filter(|c| c.user == user && !c.removed) {
+                    if c.outbound.is_closing()
+                        && registry.owner_of(&c.user, &c.device) != Some(c.outbound.id())
+                    {
+                        c.removed = true;
+                    }
+                }
                 latest.insert((user.clone(), device.clone()), conns.len());
                 conns.push(Conn { user, device, outbound, lingering: false, removed: false });
             }

@@ -5,7 +5,9 @@
 //! so per-user order is the order of the lock and the publisher never waits for a watcher.
 //! Subscriptions come from the `SubscriptionStore`; bytes come from a `WireEncoder`; the registry
 //! sees neither protobuf nor sockets. Channel presence (`channels`) lives under the same lock,
-//! because channel membership belongs to device sessions.
+//! because channel membership belongs to device sessions. The per-user device cap is enforced
+//! here too, under that lock, when a new device attaches: the user's oldest session is closed
+//! to make room, or the new one is refused (`RegistryOptions::device_limit_policy`).
 
 mod channels;
 
@@ -18,6 +20,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::config::DeviceLimitPolicy;
 use crate::model::{
     Availability, ChannelEventView, CloseKind, DeviceSnapshot, EventKind, EventView, OfflineReason,
     PresenceChange, PresenceSnapshot,
@@ -48,6 +51,9 @@ pub enum RegistryError {
     /// The request needs channel membership the session does not have.
     #[error("not a member of channel {0:?}")]
     NotMember(String),
+    /// A new device would exceed the user's device cap, and the policy refuses it.
+    #[error("{0}")]
+    DeviceLimit(String),
 }
 
 /// Registry behaviour fixed at start.
@@ -63,6 +69,12 @@ pub struct RegistryOptions {
     pub max_watched_channels: usize,
     /// Members above which a channel switches to interval mode.
     pub announce_threshold: usize,
+    /// Devices one user may have at once, live or in their grace period. Only a new device id
+    /// counts: reconnecting or taking over a device the user already has never does.
+    pub max_devices_per_user: usize,
+    /// What a new device beyond `max_devices_per_user` does: close the user's oldest session
+    /// (Close DEVICE_LIMIT) or be refused.
+    pub device_limit_policy: DeviceLimitPolicy,
 }
 
 /// One device's session.
@@ -73,6 +85,10 @@ struct DeviceEntry {
     platform: String,
     availability: Availability,
     connected_since_ms: u64,
+    /// When this device first attached, in registry order (kept across takeover and the grace
+    /// period): the smallest of a user's devices is its oldest session, the one the device cap
+    /// closes first. Unlike `connected_since_ms` it never ties.
+    attached_seq: u64,
     /// `None` while lingering in the grace period after a lost connection.
     outbound: Option<Outbound>,
     /// Why it is lingering, reported if the grace period runs out.
@@ -124,6 +140,10 @@ impl DeviceMap {
 
     fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
     }
 
     fn iter(&self) -> impl Iterator<Item = (&String, &DeviceEntry)> {
@@ -201,6 +221,11 @@ struct State {
     channel_watchers: HashMap<String, BTreeSet<(String, String)>>,
     /// Makes each INTERVAL event's coalescing key unique.
     interval_seq: u64,
+    /// Source of `DeviceEntry::attached_seq`.
+    device_seq: u64,
+    /// The online-user count last added to the process-wide gauge, so several registries in
+    /// one process (embedding, tests) add up instead of overwriting each other.
+    online_reported: usize,
 }
 
 #[derive(Debug)]
@@ -209,6 +234,14 @@ struct Shared {
     store: Arc<dyn SubscriptionStore>,
     encoder: Arc<dyn WireEncoder>,
     options: RegistryOptions,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        // A registry that goes away takes its users out of the process-wide gauge.
+        let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        metrics::gauge!(crate::metrics::ONLINE_USERS).decrement(state.online_reported as f64);
+    }
 }
 
 /// Handle to the live presence table; a cheap clone of an `Arc`.
@@ -296,13 +329,44 @@ impl Registry {
     }
 
     /// Registers a session. A live session of the same (user, device) is closed with
-    /// TAKEN_OVER; a lingering one is resumed. Watchers see ONLINE for the first device, UPDATE
-    /// for another device or when `initial` changes something, and nothing for a resumed or
-    /// taken-over device.
+    /// TAKEN_OVER; a lingering one is resumed. A new device beyond the user's device cap first
+    /// closes the user's oldest session with DEVICE_LIMIT, or is refused, per the policy.
+    /// Watchers see ONLINE for the first device, UPDATE for another device (one UPDATE when it
+    /// replaced the oldest: never an OFFLINE) or when `initial` changes something, and nothing
+    /// for a resumed or taken-over device.
     pub fn attach(&self, attach: Attach) -> Result<Attached, RegistryError> {
         let now_ms = crate::now_ms();
         let mut state = self.state();
-        let entry_exists = state.users.contains_key(&attach.user_id);
+        // Everything that can refuse the Connect is checked before anything changes.
+        let (mut presence, new_device, devices_before) = match state.users.get(&attach.user_id) {
+            Some(e) => (
+                e.presence.clone(),
+                e.devices.get(&attach.device_id).is_none(),
+                e.devices.len(),
+            ),
+            None => (PresenceSnapshot::offline(&attach.user_id, 0), true, 0),
+        };
+        if let Some(initial) = &attach.initial {
+            initial
+                .apply_to(&mut presence, self.shared.options.max_state_pairs)
+                .map_err(RegistryError::Limit)?;
+        }
+        let max_devices = self.shared.options.max_devices_per_user;
+        if new_device && devices_before >= max_devices {
+            match self.shared.options.device_limit_policy {
+                DeviceLimitPolicy::Refuse => {
+                    return Err(RegistryError::DeviceLimit(format!(
+                        "device limit ({max_devices}) reached: disconnect another device first"
+                    )))
+                }
+                DeviceLimitPolicy::EvictOldest => self.evict_oldest(
+                    &mut state,
+                    &attach.user_id,
+                    max_devices.saturating_sub(1),
+                    attach.received_at,
+                ),
+            }
+        }
         let mut entry = state
             .users
             .remove(&attach.user_id)
@@ -310,18 +374,6 @@ impl Registry {
                 devices: DeviceMap::default(),
                 presence: PresenceSnapshot::offline(&attach.user_id, 0),
             });
-        // Apply the initial presence to a copy first so a refused one changes nothing.
-        let mut presence = entry.presence.clone();
-        if let Some(initial) = &attach.initial {
-            if let Err(reason) =
-                initial.apply_to(&mut presence, self.shared.options.max_state_pairs)
-            {
-                if entry_exists {
-                    state.users.insert(attach.user_id.clone(), entry);
-                }
-                return Err(RegistryError::Limit(reason));
-            }
-        }
         let changed_fields = presence != entry.presence;
         entry.presence = presence;
         if !attach.user_data.is_empty() {
@@ -359,7 +411,10 @@ impl Registry {
                 (changed_fields || availability_changed).then_some(EventKind::Update)
             }
             None => {
-                let first = entry.devices.is_empty();
+                // Counted before any eviction, so a device that replaced the oldest is an
+                // UPDATE, never a fresh ONLINE.
+                let first = devices_before == 0;
+                state.device_seq += 1;
                 entry.devices.insert(
                     attach.device_id.clone(),
                     DeviceEntry {
@@ -367,6 +422,7 @@ impl Registry {
                         platform: attach.platform.clone(),
                         availability,
                         connected_since_ms: now_ms,
+                        attached_seq: state.device_seq,
                         outbound: Some(attach.outbound.clone()),
                         lingering: None,
                         joined: BTreeSet::new(),
@@ -399,11 +455,55 @@ impl Registry {
                 attach.received_at,
             );
         }
-        publish_online_gauge(&state);
+        publish_online_gauge(&mut state);
         Ok(Attached {
             taken_over,
             presence: snapshot,
         })
+    }
+
+    /// Closes `user_id`'s oldest sessions (live or lingering) until at most `keep` devices are
+    /// left, to make room for a new one: each leaves its channels, and a live one is sent Close
+    /// DEVICE_LIMIT. Watchers are not told here: the attach that follows sends one UPDATE with
+    /// the new device list, so the user never flickers offline. Scans only the user's devices,
+    /// which the cap bounds.
+    fn evict_oldest(&self, state: &mut State, user_id: &str, keep: usize, received_at: Instant) {
+        let max_devices = self.shared.options.max_devices_per_user;
+        loop {
+            let Some(oldest) = state
+                .users
+                .get(user_id)
+                .filter(|e| e.devices.len() > keep)
+                .and_then(|e| e.devices.iter().min_by_key(|(_, d)| d.attached_seq))
+                .map(|(id, _)| id.clone())
+            else {
+                return;
+            };
+            self.leave_all_channels(state, user_id, &oldest, OfflineReason::Kicked, received_at);
+            let Some(device) = state
+                .users
+                .get_mut(user_id)
+                .and_then(|e| e.devices.remove(&oldest))
+            else {
+                return;
+            };
+            // A lingering device has no connection to tell; its grace-period timer finds it
+            // gone and does nothing, as does a live one's connection when it sees the close.
+            if let Some(outbound) = device.outbound {
+                let close = self.shared.encoder.close(
+                    CloseKind::DeviceLimit,
+                    &format!("device limit ({max_devices}) reached: a newer device connected"),
+                    0,
+                );
+                if outbound.close(Some(Item::reply(close, "close"))) {
+                    metrics::counter!(
+                        crate::metrics::CLOSES,
+                        "code" => CloseKind::DeviceLimit.metric_label()
+                    )
+                    .increment(1);
+                }
+            }
+        }
     }
 
     /// Applies a change published by (user, device) on connection `conn_id` and fans it out to
@@ -715,6 +815,13 @@ impl Registry {
     }
 }
 
-fn publish_online_gauge(state: &State) {
-    metrics::gauge!(crate::metrics::ONLINE_USERS).set(state.users.len() as f64);
+fn publish_online_gauge(state: &mut State) {
+    let now = state.users.len();
+    let gauge = metrics::gauge!(crate::metrics::ONLINE_USERS);
+    if now > state.online_reported {
+        gauge.increment((now - state.online_reported) as f64);
+    } else if now < state.online_reported {
+        gauge.decrement((state.online_reported - now) as f64);
+    }
+    state.online_reported = now;
 }
