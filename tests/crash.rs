@@ -2,8 +2,9 @@
 //! Runs the real `presenced` binary, streams subscribe/unsubscribe batches from several clients,
 //! kills the process with SIGKILL at a random moment, restarts it on the same data folder and
 //! checks every subscriber's list: every acknowledged change is there, and the one request that
-//! was in flight is either wholly applied or not at all. 50 cycles by default; set
-//! `PRESENCE_CRASH_CYCLES=5000` to run it by hand for longer (and `PRESENCE_CRASH_SEED` to replay).
+//! was in flight is either wholly applied or not at all. 200 cycles by default, which CI runs;
+//! set `PRESENCE_CRASH_CYCLES=5000` to run it by hand for longer (and `PRESENCE_CRASH_SEED` to
+//! replay a failure: the seed is printed with every result).
 
 mod common;
 
@@ -134,7 +135,7 @@ async fn acknowledged_changes_survive_sigkill() {
     let cycles: usize = std::env::var("PRESENCE_CRASH_CYCLES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(50);
+        .unwrap_or(200);
     let seed: u64 = std::env::var("PRESENCE_CRASH_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
