@@ -164,15 +164,7 @@ impl Outbound {
     /// the connection bounds them by waiting in [`Outbound::wait_for_space`] before reading the
     /// next request. Returns false when closing.
     pub fn push_reply(&self, item: Item) -> bool {
-        let mut state = self.state();
-        if state.closing {
-            return false;
-        }
-        state.fifo.push_back(item);
-        state.replies_pending += 1;
-        drop(state);
-        self.shared.ready.notify_one();
-        true
+        self.queue_reply(item, false)
     }
 
     /// Queues a reply ahead of everything already queued. For the ConnAck: the session is
@@ -181,11 +173,19 @@ impl Outbound {
     /// putting it first makes the ConnAck the first frame a client sees. Returns false when
     /// closing.
     pub fn push_reply_first(&self, item: Item) -> bool {
+        self.queue_reply(item, true)
+    }
+
+    fn queue_reply(&self, item: Item, first: bool) -> bool {
         let mut state = self.state();
         if state.closing {
             return false;
         }
-        state.fifo.push_front(item);
+        if first {
+            state.fifo.push_front(item);
+        } else {
+            state.fifo.push_back(item);
+        }
         state.replies_pending += 1;
         drop(state);
         self.shared.ready.notify_one();

@@ -18,22 +18,6 @@ use presenced::client::{Client, ClientOptions};
 const SUBSCRIBERS: usize = 4;
 const TARGETS: u64 = 12;
 
-/// xorshift64*: small, seedable, good enough to pick batches and moments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 #[derive(Debug, Clone)]
 enum Op {
     Subscribe(Vec<String>),

@@ -168,12 +168,11 @@ async fn a_frame_split_across_reads_is_dropped_at_the_partial_frame_deadline() {
     broker.stop().await;
 }
 
-#[tokio::test]
-async fn a_session_whose_token_expires_is_told_and_closed() {
-    let broker = start(|_| {}).await;
+/// Connects `user` with a dev token that expires in `secs` seconds.
+async fn connect_expiring(broker: &Broker, user: &str, secs: u64) -> presenced::client::Client {
     let claims = presenced::auth::Claims {
-        sub: "shortlived".into(),
-        exp: now_secs() + 2,
+        sub: user.into(),
+        exp: now_secs() + secs,
         did: None,
         iat: None,
     };
@@ -182,11 +181,17 @@ async fn a_session_whose_token_expires_is_told_and_closed() {
         Some(presenced::config::DEV_KID),
         &claims,
     );
-    let mut client = within(presenced::client::Client::connect(
+    within(presenced::client::Client::connect(
         presenced::client::ClientOptions::new(broker.addr, token).device("phone"),
     ))
     .await
-    .unwrap();
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_session_whose_token_expires_is_told_and_closed() {
+    let broker = start(|_| {}).await;
+    let mut client = connect_expiring(&broker, "shortlived", 2).await;
     let close = within(client.closed()).await.expect("a Close frame");
     assert_eq!(close_code(&close), pb::CloseCode::TokenExpired);
     broker.stop().await;
@@ -195,22 +200,7 @@ async fn a_session_whose_token_expires_is_told_and_closed() {
 #[tokio::test]
 async fn sessions_outlive_their_token_when_expiry_closing_is_off() {
     let broker = start(|c| c.session.close_on_token_expiry = false).await;
-    let claims = presenced::auth::Claims {
-        sub: "longlived".into(),
-        exp: now_secs() + 1,
-        did: None,
-        iat: None,
-    };
-    let token = presenced::auth::mint(
-        presenced::config::DEV_SECRET.as_bytes(),
-        Some(presenced::config::DEV_KID),
-        &claims,
-    );
-    let client = within(presenced::client::Client::connect(
-        presenced::client::ClientOptions::new(broker.addr, token).device("phone"),
-    ))
-    .await
-    .unwrap();
+    let client = connect_expiring(&broker, "longlived", 1).await;
     // Past the token's expiry, the session still answers.
     let deadline = std::time::Instant::now() + Duration::from_millis(2500);
     while std::time::Instant::now() < deadline {

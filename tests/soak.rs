@@ -12,6 +12,9 @@
 //! connection or a Close it did not ask for. `PRESENCE_SOAK_SEED` replays a run's choices (the
 //! seed is printed; thread timing still varies).
 
+mod common;
+
+use common::Rng;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -43,22 +46,6 @@ const HOLD_MS: (u64, u64) = (2_000, 10_000);
 const STEP_DEADLINE: Duration = Duration::from_secs(15);
 /// Every user watches this many others.
 const WATCHES: usize = 3;
-
-/// xorshift64*: small, seedable, enough to pick hold times and leave modes.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 fn user(slot: usize) -> String {
     format!("soak{slot}")

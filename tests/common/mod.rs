@@ -194,3 +194,19 @@ pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spaw
 pub fn channel_kind(e: &presenced::pb::ChannelEvent) -> presenced::pb::ChannelEventKind {
     presenced::pb::ChannelEventKind::try_from(e.kind).unwrap()
 }
+
+/// xorshift64*: small, seedable, good enough to pick batches, moments and hold times.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
