@@ -321,15 +321,22 @@ async fn session<S, P>(
         ServerCodec::new(config.limits.max_frame_bytes_pre_auth as usize),
         READ_BUFFER_BYTES,
     );
+    // The guard owns the context and the queue for the rest of the session: one copy each.
     let mut guard = SessionGuard {
-        ctx: ctx.clone(),
-        outbound: outbound.clone(),
+        ctx,
+        outbound,
         session: None,
         stage: Stage::Live,
     };
     let mut writer_end = None;
     let end = {
-        let reading = read_loop(&mut reader, &mut guard.session, &outbound, &ctx, peer);
+        let reading = read_loop(
+            &mut reader,
+            &mut guard.session,
+            &guard.outbound,
+            &guard.ctx,
+            peer,
+        );
         tokio::pin!(reading);
         loop {
             tokio::select! {
@@ -364,15 +371,15 @@ async fn session<S, P>(
     if let Some((kind, reason, hint)) = &close {
         metrics::counter!(m::CLOSES, "code" => kind.metric_label()).increment(1);
         tracing::debug!(%peer, conn_id, "closing: {reason}");
-        outbound.close(Some(Item::reply(
+        guard.outbound.close(Some(Item::reply(
             wire::close_frame(*kind, reason, *hint),
             "close",
         )));
     } else {
-        outbound.close(None);
+        guard.outbound.close(None);
     }
     if let Some(s) = &guard.session {
-        let registry = &ctx.registry;
+        let registry = &guard.ctx.registry;
         let offline =
             |reason| registry.detach(&s.user_id, &s.device_id, s.conn_id, reason, received_at);
         let lost = |reason| {
@@ -423,10 +430,10 @@ async fn session<S, P>(
     if let (Stage::Lingering, Some(sess)) = (guard.stage, &guard.session) {
         tokio::select! {
             _ = tokio::time::sleep(config.grace_period()) => {
-                ctx.registry.expire_lingering(&sess.user_id, &sess.device_id, sess.conn_id, Instant::now());
+                guard.ctx.registry.expire_lingering(&sess.user_id, &sess.device_id, sess.conn_id, Instant::now());
             }
-            _ = ctx.shutdown.cancelled() => {
-                ctx.registry.detach(&sess.user_id, &sess.device_id, sess.conn_id, OfflineReason::ServerShutdown, Instant::now());
+            _ = guard.ctx.shutdown.cancelled() => {
+                guard.ctx.registry.detach(&sess.user_id, &sess.device_id, sess.conn_id, OfflineReason::ServerShutdown, Instant::now());
             }
         }
         guard.stage = Stage::Done;
@@ -479,8 +486,6 @@ where
     let connect_deadline = started + config.connect_timeout();
     let mut last_frame = started;
     let mut partial_since: Option<tokio::time::Instant> = None;
-    // When the session's token expires (with the configured leeway), if sessions close then.
-    let mut token_deadline: Option<tokio::time::Instant> = None;
     let mut request_bucket = TokenBucket::new(
         config.limits.request_rate_per_sec,
         config.limits.request_burst,
@@ -511,8 +516,22 @@ where
             }
             _ => (deadline, expiry),
         };
-        let (deadline, expiry) = match token_deadline {
-            Some(t) if t < deadline => (t, Expiry::Token),
+        // When the session's token expires (with the configured leeway), if sessions close
+        // then; worked out from the token each time rather than kept in every idle session.
+        let (deadline, expiry) = match session {
+            Some(s) if config.session.close_on_token_expiry => {
+                let expires_ms = s
+                    .token_exp
+                    .saturating_add(config.auth.leeway_secs)
+                    .saturating_mul(1000);
+                let left = Duration::from_millis(expires_ms.saturating_sub(crate::now_ms()));
+                let token_deadline = tokio::time::Instant::now() + left;
+                if token_deadline < deadline {
+                    (token_deadline, Expiry::Token)
+                } else {
+                    (deadline, expiry)
+                }
+            }
             _ => (deadline, expiry),
         };
         let next = tokio::select! {
@@ -559,18 +578,7 @@ where
             &mut request_bucket,
             peer,
         ) {
-            Step::Continue => {
-                if let (None, Some(s)) = (token_deadline, session.as_ref()) {
-                    if config.session.close_on_token_expiry {
-                        let expires_ms = s
-                            .token_exp
-                            .saturating_add(config.auth.leeway_secs)
-                            .saturating_mul(1000);
-                        let left = expires_ms.saturating_sub(crate::now_ms());
-                        token_deadline = Some(now + Duration::from_millis(left));
-                    }
-                }
-            }
+            Step::Continue => {}
             Step::End(end) => return end,
             Step::Refuse {
                 delay,

@@ -110,8 +110,9 @@ pub struct TlsEngine {
     outgoing_sent: usize,
     peer_closed: bool,
     closed: bool,
-    /// The first error, reported again by every later call.
-    failed: Option<(io::ErrorKind, String)>,
+    /// The first error, reported again by every later call (boxed: idle connections carry
+    /// only the pointer).
+    failed: Option<Box<(io::ErrorKind, String)>>,
 }
 
 impl std::fmt::Debug for TlsEngine {
@@ -191,7 +192,7 @@ impl TlsEngine {
     pub fn error(&self) -> Option<io::Error> {
         self.failed
             .as_ref()
-            .map(|(kind, reason)| io::Error::new(*kind, reason.clone()))
+            .map(|failed| io::Error::new(failed.0, failed.1.clone()))
     }
 
     fn check(&self) -> io::Result<()> {
@@ -345,7 +346,7 @@ impl TlsEngine {
 
     fn fail_with(&mut self, e: io::Error) -> io::Error {
         if self.failed.is_none() {
-            self.failed = Some((e.kind(), e.to_string()));
+            self.failed = Some(Box::new((e.kind(), e.to_string())));
         }
         // Nothing more is ever processed.
         self.incoming = Vec::new();
