@@ -447,6 +447,7 @@ impl Config {
                 "fanout.slow_consumer_timeout_ms",
                 self.fanout.slow_consumer_timeout_ms,
             ),
+            ("channels.interval_ms", self.channels.interval_ms),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be positive"));
@@ -600,6 +601,10 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = Config::default();
         c.limits.max_frame_bytes = 10;
+        assert!(c.validate().is_err());
+        // A zero period would panic the channel interval task after start.
+        let mut c = Config::default();
+        c.channels.interval_ms = 0;
         assert!(c.validate().is_err());
     }
 }

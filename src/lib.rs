@@ -18,8 +18,8 @@
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
 //! | [`auth_guard`] | per-address auth-failure delays and bans, handshake slots per address |
 //! | [`tls`] | certificates → `rustls` configs |
-//! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: buffers only while bytes are in flight |
-//! | [`connection`] | one task per client: handshake, session, reader loop, writer task |
+//! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: a synchronous engine with capped buffers (kept only while bytes are in flight) in an async shell; a record-forging client for tests |
+//! | [`connection`] | one task per client: handshake, session, reader loop and writer in one task, a guard that cleans up however it ends |
 //! | [`server`] | listener, connection permits, shutdown |
 //! | [`metrics`] | metric names, the Prometheus exporter and its HTTP endpoint |
 //! | [`config`] | `Config` with embedded defaults, TOML loading and validation |

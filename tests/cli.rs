@@ -197,3 +197,46 @@ async fn channel_commands_join_who_where_watch_and_leave() {
     join.kill().await.unwrap();
     watch.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_watch_outlives_many_keepalives_because_it_pings() {
+    // Keepalive clamped to 1 s: a silent watcher would be closed after 1.5 s.
+    let broker = start(|c| {
+        c.session.keepalive_min_secs = 1;
+        c.session.keepalive_max_secs = 1;
+        c.session.keepalive_default_secs = 1;
+    })
+    .await;
+    let mut watch = ctl(&broker)
+        .args(["watch", "--user", "bob", "alice"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let snapshot: Value =
+        serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
+    assert_eq!(snapshot["event"], "snapshot");
+    // Several keepalive periods of silence from the watcher's side.
+    let alice = connect(&broker, "alice").await;
+    for _ in 0..8 {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        within(alice.ping()).await.unwrap();
+    }
+    within(alice.set_presence(presenced::pb::SetPresence {
+        status: Some("still there?".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    loop {
+        let line = within(lines.next_line())
+            .await
+            .unwrap()
+            .expect("the watch is still running after 4 s of a 1 s keepalive");
+        let event: Value = serde_json::from_str(&line).unwrap();
+        if event["event"] == "update" {
+            assert_eq!(event["presence"]["status"], "still there?");
+            break;
+        }
+    }
+}

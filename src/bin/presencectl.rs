@@ -248,20 +248,47 @@ fn parse_state(pairs: &[String]) -> anyhow::Result<Vec<(String, String)>> {
         .collect()
 }
 
-/// Prints channel events until Ctrl-C, then disconnects.
-async fn print_channel_events(mut client: Client) -> anyhow::Result<()> {
+/// Which events a long-running command prints.
+#[derive(Debug, Clone, Copy)]
+enum Events {
+    Presence,
+    Channel,
+    None,
+}
+
+/// The next event of `kind` as a JSON line (never resolves for `Events::None`).
+async fn next_event_json(client: &mut Client, kind: Events) -> anyhow::Result<Value> {
+    Ok(match kind {
+        Events::Presence => event_json(&client.next_presence_event().await?),
+        Events::Channel => channel_event_json(&client.next_channel_event().await?),
+        Events::None => std::future::pending().await,
+    })
+}
+
+/// Prints events of `kind` until Ctrl-C, then disconnects. Pings at half the keepalive the
+/// broker applied, so a session that only listens is not closed for silence.
+async fn hold_until_ctrl_c(mut client: Client, kind: Events) -> anyhow::Result<()> {
+    let every =
+        std::time::Duration::from_secs(u64::from(client.conn_ack.keepalive_seconds.max(2)) / 2);
+    let mut ping_at = tokio::time::Instant::now() + every;
     loop {
-        tokio::select! {
-            event = client.next_channel_event() => match event {
-                Ok(e) => print(channel_event_json(&e)),
-                Err(e) => bail!("{e}"),
-            },
-            _ = tokio::signal::ctrl_c() => {
-                client.disconnect().await?;
-                return Ok(());
-            }
+        let next = tokio::select! {
+            e = tokio::time::timeout_at(ping_at, next_event_json(&mut client, kind)) => Some(e),
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        match next {
+            None => break,
+            Some(Ok(Ok(line))) => print(line),
+            Some(Ok(Err(e))) => bail!("{e}"),
+            Some(Err(_)) => {}
+        }
+        if tokio::time::Instant::now() >= ping_at {
+            client.ping().await?;
+            ping_at = tokio::time::Instant::now() + every;
         }
     }
+    client.disconnect().await?;
+    Ok(())
 }
 
 fn event_json(e: &pb::PresenceEvent) -> Value {
@@ -352,25 +379,14 @@ async fn main() -> anyhow::Result<()> {
     match &cli.command {
         Command::Token { user, ttl } => println!("{}", cli.token_for(user, *ttl)),
         Command::Watch { user, targets } => {
-            let mut client = cli.connect(user).await?;
+            let client = cli.connect(user).await?;
             let result = client.subscribe(&refs(targets)).await?;
             for p in &result.presences {
                 print(
                     json!({"event": "snapshot", "user": p.user_id, "presence": presence_json(p)}),
                 );
             }
-            loop {
-                tokio::select! {
-                    event = client.next_presence_event() => match event {
-                        Ok(e) => print(event_json(&e)),
-                        Err(e) => bail!("{e}"),
-                    },
-                    _ = tokio::signal::ctrl_c() => {
-                        client.disconnect().await?;
-                        return Ok(());
-                    }
-                }
-            }
+            hold_until_ctrl_c(client, Events::Presence).await?;
         }
         Command::Set {
             user,
@@ -395,9 +411,10 @@ async fn main() -> anyhow::Result<()> {
             let presence = client.set_presence(change).await?;
             print(presence_json(&presence));
             if *hold {
-                let _ = tokio::signal::ctrl_c().await;
+                hold_until_ctrl_c(client, Events::None).await?;
+            } else {
+                client.disconnect().await?;
             }
-            client.disconnect().await?;
         }
         Command::Get { user, targets } => {
             let client = cli.connect(user).await?;
@@ -448,7 +465,7 @@ async fn main() -> anyhow::Result<()> {
             let client = cli.connect(user).await?;
             let r = client.join(channel, &refs).await?;
             print(json!({"joined": r.channel, "occupancy": r.occupancy, "state": r.state}));
-            print_channel_events(client).await?;
+            hold_until_ctrl_c(client, Events::Channel).await?;
         }
         Command::Leave { user, channel } => {
             let client = cli.connect(user).await?;
@@ -497,7 +514,7 @@ async fn main() -> anyhow::Result<()> {
             let client = cli.connect(user).await?;
             let r = client.watch_channel(channel).await?;
             print(json!({"watching": r.channel, "occupancy": r.occupancy}));
-            print_channel_events(client).await?;
+            hold_until_ctrl_c(client, Events::Channel).await?;
         }
         Command::Direct {
             user,
