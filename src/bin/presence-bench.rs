@@ -37,7 +37,10 @@ enum Driver {
 
 /// Presence load generator (native presenced or MQTT, same workload).
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "Load generator for presenced and MQTT brokers: fanout, mix, idle and storm workloads"
+)]
 struct Args {
     #[arg(long, value_enum, default_value = "native")]
     driver: Driver,

@@ -17,7 +17,10 @@ use serde_json::{json, Value};
 
 /// Talk to a presenced broker from the shell.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(
+    version,
+    about = "The presenced developer CLI: mint tokens, watch and set presence, subscriptions, channels"
+)]
 struct Cli {
     /// Broker address (host:port).
     #[arg(long, global = true, default_value = "127.0.0.1:7883")]
