@@ -295,6 +295,65 @@ pub fn check_user_id(id: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    fn member(user: &str, device: &str, state_bytes: usize) -> ChannelMember {
+        ChannelMember {
+            user_id: user.into(),
+            device_id: device.into(),
+            state: if state_bytes == 0 {
+                BTreeMap::new()
+            } else {
+                BTreeMap::from([("k".to_string(), "v".repeat(state_bytes))])
+            },
+            joined_at_ms: 1,
+        }
+    }
+
+    #[test]
+    fn an_interval_batch_coalesces_per_member() {
+        let mut b = IntervalBatch::default();
+        b.record(ChannelEventKind::Join, member("u", "d", 10));
+        b.record(ChannelEventKind::Leave, member("u", "d", 10));
+        assert!(
+            b.is_empty(),
+            "joined and left within the interval: nothing to say"
+        );
+        b.record(ChannelEventKind::Leave, member("v", "d", 10));
+        b.record(ChannelEventKind::Join, member("v", "d", 20));
+        assert!(b.leaves.is_empty() && b.joins.is_empty());
+        assert_eq!(
+            b.state_changes.len(),
+            1,
+            "left and came back: a state change"
+        );
+        b.record(ChannelEventKind::Timeout, member("w", "d", 10));
+        assert!(b.timeouts[0].state.is_empty(), "departures carry no state");
+        b.record(ChannelEventKind::Join, member("x", "d", 1));
+        b.record(ChannelEventKind::StateChanged, member("x", "d", 5));
+        assert_eq!(b.joins.len(), 1);
+        assert_eq!(
+            b.joins[0].state["k"].len(),
+            5,
+            "a joiner's state is its latest"
+        );
+    }
+
+    #[test]
+    fn an_interval_batch_beyond_its_caps_asks_for_a_refresh() {
+        let mut b = IntervalBatch::default();
+        for i in 0..=MAX_INTERVAL_MEMBERS {
+            b.record(ChannelEventKind::Join, member(&format!("u{i}"), "d", 0));
+        }
+        assert!(b.refresh && b.joins.is_empty() && !b.is_empty());
+        let mut b = IntervalBatch::default();
+        for i in 0..10 {
+            b.record(
+                ChannelEventKind::Join,
+                member(&format!("u{i}"), "d", 4 * 1024),
+            );
+        }
+        assert!(b.refresh, "more than 32 KiB of state");
+    }
+
     #[test]
     fn state_merge_removes_on_empty_and_enforces_the_cap_atomically() {
         let mut p = PresenceSnapshot::offline("u", 0);
@@ -368,26 +427,115 @@ pub struct ChannelMember {
     pub joined_at_ms: u64,
 }
 
-/// Changes collected in interval mode.
+/// Most members one INTERVAL event lists; beyond it the event only says "refresh".
+pub const MAX_INTERVAL_MEMBERS: usize = 256;
+/// Most bytes of member state one INTERVAL event carries; beyond it the event only says
+/// "refresh".
+pub const MAX_INTERVAL_STATE_BYTES: usize = 32 * 1024;
+
+/// Changes collected in interval mode, coalesced per member (user, device): a member appears in
+/// at most one list, leaves carry no state, and a member that joined and left within the
+/// interval is not reported at all. Bounded: past [`MAX_INTERVAL_MEMBERS`] members or
+/// [`MAX_INTERVAL_STATE_BYTES`] of state, the lists are dropped and `refresh` tells clients to
+/// ask who-now instead (PubNub's `here_now_refresh`).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct IntervalBatch {
-    /// Members that joined.
+    /// Members that joined (with their latest state).
     pub joins: Vec<ChannelMember>,
     /// Members that left.
     pub leaves: Vec<ChannelMember>,
     /// Members that timed out.
     pub timeouts: Vec<ChannelMember>,
-    /// Members whose state changed, latest state, one entry per member.
+    /// Members present before the interval whose state changed, latest state, one entry each.
     pub state_changes: Vec<ChannelMember>,
+    /// Too many changes to list: the lists are empty and clients should refresh with who-now.
+    pub refresh: bool,
+}
+
+fn state_bytes(member: &ChannelMember) -> usize {
+    member.state.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+fn take_member(list: &mut Vec<ChannelMember>, user: &str, device: &str) -> Option<ChannelMember> {
+    let i = list
+        .iter()
+        .position(|m| m.user_id == user && m.device_id == device)?;
+    Some(list.remove(i))
 }
 
 impl IntervalBatch {
     /// True when nothing was collected.
     pub fn is_empty(&self) -> bool {
-        self.joins.is_empty()
+        !self.refresh
+            && self.joins.is_empty()
             && self.leaves.is_empty()
             && self.timeouts.is_empty()
             && self.state_changes.is_empty()
+    }
+
+    /// Adds one member event (JOIN, LEAVE, TIMEOUT or STATE_CHANGED; others are implied).
+    pub fn record(&mut self, kind: ChannelEventKind, mut member: ChannelMember) {
+        if self.refresh {
+            return;
+        }
+        let (user, device) = (member.user_id.clone(), member.device_id.clone());
+        match kind {
+            ChannelEventKind::Join => {
+                let was_here = take_member(&mut self.leaves, &user, &device)
+                    .or_else(|| take_member(&mut self.timeouts, &user, &device))
+                    .is_some();
+                take_member(&mut self.joins, &user, &device);
+                take_member(&mut self.state_changes, &user, &device);
+                if was_here {
+                    // Left and came back within the interval: still a member, maybe new state.
+                    self.state_changes.push(member);
+                } else {
+                    self.joins.push(member);
+                }
+            }
+            ChannelEventKind::Leave | ChannelEventKind::Timeout => {
+                take_member(&mut self.state_changes, &user, &device);
+                if take_member(&mut self.joins, &user, &device).is_some() {
+                    // Joined and left within the interval: nobody saw it.
+                    return;
+                }
+                member.state.clear();
+                take_member(&mut self.leaves, &user, &device);
+                take_member(&mut self.timeouts, &user, &device);
+                if kind == ChannelEventKind::Leave {
+                    self.leaves.push(member);
+                } else {
+                    self.timeouts.push(member);
+                }
+            }
+            ChannelEventKind::StateChanged => {
+                if let Some(joined) = self
+                    .joins
+                    .iter_mut()
+                    .find(|m| m.user_id == user && m.device_id == device)
+                {
+                    joined.state = member.state;
+                } else {
+                    take_member(&mut self.state_changes, &user, &device);
+                    self.state_changes.push(member);
+                }
+            }
+            ChannelEventKind::Online | ChannelEventKind::Offline | ChannelEventKind::Interval => {}
+        }
+        let members =
+            self.joins.len() + self.leaves.len() + self.timeouts.len() + self.state_changes.len();
+        let bytes: usize = self
+            .joins
+            .iter()
+            .chain(&self.state_changes)
+            .map(state_bytes)
+            .sum();
+        if members > MAX_INTERVAL_MEMBERS || bytes > MAX_INTERVAL_STATE_BYTES {
+            *self = IntervalBatch {
+                refresh: true,
+                ..IntervalBatch::default()
+            };
+        }
     }
 }
 

@@ -218,6 +218,7 @@ pub fn channel_event_to_pb(event: &ChannelEventView<'_>) -> pb::ChannelEvent {
             leaves: members(&b.leaves),
             timeouts: members(&b.timeouts),
             state_changes: members(&b.state_changes),
+            here_now_refresh: b.refresh,
         }),
     }
 }

@@ -446,3 +446,61 @@ async fn large_channels_batch_events_into_intervals() {
     }
     assert_eq!(broker.registry.channel_counts().0, 0);
 }
+
+#[tokio::test]
+async fn a_member_toggling_join_and_leave_is_coalesced_per_interval() {
+    let broker = start(|c| {
+        c.channels.announce_threshold = 3;
+        c.channels.interval_ms = 200;
+        c.limits.request_rate_per_sec = 100_000;
+        c.limits.request_burst = 100_000;
+    })
+    .await;
+    let mut watcher = connect(&broker, "watcher").await;
+    within(watcher.watch_channel("lobby")).await.unwrap();
+    let mut members = Vec::new();
+    for i in 0..4 {
+        let c = connect(&broker, &format!("m{i}")).await;
+        within(c.join("lobby", &[])).await.unwrap();
+        members.push(c);
+    }
+    // Two devices of one user join and leave over and over, with the largest state allowed.
+    let state: Vec<(String, String)> = (0..32)
+        .map(|i| (format!("{i:0>64}"), "v".repeat(256)))
+        .collect();
+    let state: Vec<(&str, &str)> = state
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let a = connect_device(&broker, "toggler", "a").await;
+    let b = connect_device(&broker, "toggler", "b").await;
+    for _ in 0..100 {
+        for c in [&a, &b] {
+            within(c.join("lobby", &state)).await.unwrap();
+            within(c.leave("lobby")).await.unwrap();
+        }
+    }
+    within(a.join("lobby", &state)).await.unwrap();
+    // Every INTERVAL lists each toggling device at most once, leaves carry no state, and the
+    // final one shows device a joined.
+    let mut a_joined = false;
+    while !a_joined {
+        let e = next(&mut watcher).await;
+        if channel_kind(&e) != K::Interval {
+            continue;
+        }
+        let batch = e.interval.unwrap();
+        assert!(!batch.here_now_refresh);
+        let entries = batch.joins.len()
+            + batch.leaves.len()
+            + batch.timeouts.len()
+            + batch.state_changes.len();
+        assert!(entries <= 2, "{entries} entries for two devices");
+        assert!(batch.leaves.iter().all(|m| m.state.is_empty()));
+        a_joined = batch
+            .joins
+            .iter()
+            .chain(&batch.state_changes)
+            .any(|m| m.user_id == "toggler" && m.device_id == "a");
+    }
+}

@@ -575,22 +575,10 @@ impl Registry {
         let occupancy = match state.channels.get_mut(channel) {
             Some(ch) => {
                 if ch.members.len() > threshold || ch.pending.is_some() {
-                    let batch = ch.pending.get_or_insert_with(IntervalBatch::default);
-                    match kind {
-                        ChannelEventKind::Join => batch.joins.push(member),
-                        ChannelEventKind::Leave => batch.leaves.push(member),
-                        ChannelEventKind::Timeout => batch.timeouts.push(member),
-                        ChannelEventKind::StateChanged => {
-                            batch.state_changes.retain(|m| {
-                                (&m.user_id, &m.device_id) != (&member.user_id, &member.device_id)
-                            });
-                            batch.state_changes.push(member);
-                        }
-                        // Implied by the joins and leaves of the batch.
-                        ChannelEventKind::Online
-                        | ChannelEventKind::Offline
-                        | ChannelEventKind::Interval => {}
-                    }
+                    // Coalesced per member and capped (see IntervalBatch).
+                    ch.pending
+                        .get_or_insert_with(IntervalBatch::default)
+                        .record(kind, member);
                     return;
                 }
                 ch.occupancy()
