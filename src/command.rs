@@ -194,7 +194,7 @@ pub enum Command {
     },
     /// Query presence.
     GetPresence {
-        /// Users, in request order (duplicates kept).
+        /// Distinct users, in request order.
         targets: Vec<String>,
     },
     /// Ephemeral presence to some users.
@@ -309,15 +309,10 @@ impl Command {
                 after: decode_cursor(&l.cursor)?,
                 page_size: page_size(l.page_size, limits)?,
             },
-            ClientBody::GetPresence(g) => {
-                check_id_count(g.user_ids.len(), limits)?;
-                for id in &g.user_ids {
-                    check_user_id(id).map_err(invalid_id)?;
-                }
-                Command::GetPresence {
-                    targets: g.user_ids,
-                }
-            }
+            // Duplicates are folded: a reply never repeats a user's presence.
+            ClientBody::GetPresence(g) => Command::GetPresence {
+                targets: parse_ids(g.user_ids, limits)?,
+            },
             ClientBody::DirectedPresence(d) => {
                 let targets = parse_ids(d.user_ids, limits)?;
                 if targets.is_empty() {

@@ -265,6 +265,9 @@ pub struct LimitsConfig {
     /// Requests whose replies are not yet written, per connection, before the broker stops
     /// reading that connection.
     pub max_requests_in_flight: u32,
+    /// Bytes of replies not yet written, per connection, before the broker stops reading that
+    /// connection.
+    pub max_reply_bytes_in_flight: u32,
     /// Failed Connects from one address within the window that ban it.
     pub auth_failures_before_ban: u32,
     /// The window for counting failed Connects, seconds.
@@ -328,6 +331,7 @@ impl Default for LimitsConfig {
             accept_rate_per_sec: 1_000,
             accept_burst: 2_000,
             max_requests_in_flight: 32,
+            max_reply_bytes_in_flight: 1024 * 1024,
             auth_failures_before_ban: 10,
             auth_failure_window_secs: 60,
             auth_ban_secs: 300,
@@ -483,6 +487,10 @@ impl Config {
                 l.accept_burst_per_address,
             ),
             ("limits.max_devices_per_user", l.max_devices_per_user),
+            (
+                "limits.max_reply_bytes_in_flight",
+                l.max_reply_bytes_in_flight,
+            ),
             (
                 "limits.max_handshakes_in_flight",
                 l.max_handshakes_in_flight,

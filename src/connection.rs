@@ -306,11 +306,12 @@ async fn session<S, P>(
     let conn_id = ctx.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let parked_limit =
         config.limits.max_subscriptions as usize + config.limits.max_ids_per_request as usize;
-    let outbound = Outbound::new(
+    let outbound = Outbound::with_reply_budget(
         conn_id,
         config.fanout.queue_capacity as usize,
         parked_limit,
         config.limits.max_requests_in_flight as usize,
+        config.limits.max_reply_bytes_in_flight as usize,
     );
     // The writer runs in this task beside the reader rather than in a task of its own: one
     // task per connection is half a KiB less for every idle client.

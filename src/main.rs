@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
     if presenced::tls::uses_dev_certificate(&config.tls) {
         tracing::warn!("using the embedded development TLS certificate (localhost only)");
     }
+    raise_open_file_limit(config.limits.max_connections);
     let server = Server::bind(config.clone())
         .await
         .context("cannot start presenced")?;
@@ -122,6 +123,23 @@ async fn main() -> anyhow::Result<()> {
     });
     server.run(shutdown).await?;
     Ok(())
+}
+
+/// Raises the soft open-file limit to the hard one: each connection is a descriptor, and a
+/// soft limit of 1,024 (a common default) would refuse clients long before `max_connections`.
+/// Warns when even the hard limit is below what the connection limit needs.
+fn raise_open_file_limit(max_connections: u32) {
+    // Descriptors beyond connections: listeners, the store, the metrics endpoint, logs.
+    let wanted = u64::from(max_connections) + 256;
+    match rlimit::increase_nofile_limit(wanted) {
+        Ok(limit) if limit < wanted => tracing::warn!(
+            "the open-file limit is {limit}, below the {wanted} that limits.max_connections \
+             ({max_connections}) needs: raise it (ulimit -n, LimitNOFILE=) or lower \
+             max_connections"
+        ),
+        Ok(limit) => tracing::debug!("open-file limit {limit}"),
+        Err(e) => tracing::warn!("cannot read or raise the open-file limit: {e}"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -183,14 +183,14 @@ impl Default for ScrapeLimits {
 
 /// Lets one log line through per interval and counts the ones held back in between.
 #[derive(Debug)]
-struct RateLimitedLog {
+pub(crate) struct RateLimitedLog {
     every: Duration,
     last: Option<Instant>,
     held_back: u64,
 }
 
 impl RateLimitedLog {
-    fn new(every: Duration) -> RateLimitedLog {
+    pub(crate) fn new(every: Duration) -> RateLimitedLog {
         RateLimitedLog {
             every,
             last: None,
@@ -199,7 +199,7 @@ impl RateLimitedLog {
     }
 
     /// `Some(held back since the last line)` when a line may be logged at `now`.
-    fn hit(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn hit(&mut self, now: Instant) -> Option<u64> {
         if self
             .last
             .is_some_and(|last| now.saturating_duration_since(last) < self.every)

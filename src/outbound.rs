@@ -82,6 +82,8 @@ struct QueueState {
     finished: bool,
     /// Replies queued but not yet handed to the writer.
     replies_pending: usize,
+    /// Their bytes.
+    reply_bytes_pending: usize,
 }
 
 #[derive(Debug)]
@@ -99,6 +101,8 @@ struct Shared {
     parked_limit: usize,
     /// Unwritten replies beyond which the connection stops reading requests.
     max_replies: usize,
+    /// Unwritten reply bytes beyond which the connection stops reading requests.
+    max_reply_bytes: usize,
     /// Connection id, unique in this process.
     id: u64,
 }
@@ -113,6 +117,19 @@ impl Outbound {
     /// A queue of `capacity` frames that parks at most `parked_limit` keys; the connection
     /// waits once `max_replies` replies are unwritten.
     pub fn new(id: u64, capacity: usize, parked_limit: usize, max_replies: usize) -> Outbound {
+        Outbound::with_reply_budget(id, capacity, parked_limit, max_replies, usize::MAX)
+    }
+
+    /// [`Outbound::new`], and the connection also waits once `max_reply_bytes` of replies are
+    /// unwritten, so a client that asks for large replies without reading them holds at most
+    /// that much (plus the batch being written).
+    pub fn with_reply_budget(
+        id: u64,
+        capacity: usize,
+        parked_limit: usize,
+        max_replies: usize,
+        max_reply_bytes: usize,
+    ) -> Outbound {
         Outbound {
             shared: Arc::new(Shared {
                 state: Mutex::new(QueueState::default()),
@@ -122,6 +139,7 @@ impl Outbound {
                 capacity: capacity.max(1),
                 parked_limit,
                 max_replies: max_replies.max(1),
+                max_reply_bytes: max_reply_bytes.max(1),
                 id,
             }),
         }
@@ -177,6 +195,7 @@ impl Outbound {
     }
 
     fn queue_reply(&self, item: Item, first: bool) -> bool {
+        let len = item.bytes.len();
         let mut state = self.state();
         if state.closing {
             return false;
@@ -187,6 +206,7 @@ impl Outbound {
             state.fifo.push_back(item);
         }
         state.replies_pending += 1;
+        state.reply_bytes_pending += len;
         drop(state);
         self.shared.ready.notify_one();
         true
@@ -196,7 +216,9 @@ impl Outbound {
     /// connection should not read another request yet.
     pub fn is_backlogged(&self) -> bool {
         let state = self.state();
-        state.fifo.len() >= self.shared.capacity || state.replies_pending >= self.shared.max_replies
+        state.fifo.len() >= self.shared.capacity
+            || state.replies_pending >= self.shared.max_replies
+            || state.reply_bytes_pending >= self.shared.max_reply_bytes
     }
 
     /// Waits until the FIFO is below capacity or closing started. Cancel-safe.
@@ -270,6 +292,8 @@ impl Outbound {
             let item = state.fifo.pop_front()?;
             if item.received_at.is_none() {
                 state.replies_pending = state.replies_pending.saturating_sub(1);
+                state.reply_bytes_pending =
+                    state.reply_bytes_pending.saturating_sub(item.bytes.len());
             }
             batch.items.push(item);
         }
@@ -395,6 +419,17 @@ mod in_flight_tests {
         assert!(!q.is_backlogged());
         q.push_reply(Item::reply(Bytes::from_static(b"b"), "pong"));
         assert!(q.is_backlogged(), "two replies unwritten: the limit");
+        q.next_batch(1 << 20).await.unwrap();
+        assert!(!q.is_backlogged());
+    }
+
+    #[tokio::test]
+    async fn unwritten_reply_bytes_hold_the_reader_back() {
+        let q = Outbound::with_reply_budget(1, 100, 1, 100, 1000);
+        q.push_reply(Item::reply(Bytes::from(vec![0u8; 600]), "big"));
+        assert!(!q.is_backlogged());
+        q.push_reply(Item::reply(Bytes::from(vec![0u8; 600]), "big"));
+        assert!(q.is_backlogged(), "1,200 unwritten bytes: over the budget");
         q.next_batch(1 << 20).await.unwrap();
         assert!(!q.is_backlogged());
     }

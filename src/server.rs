@@ -220,6 +220,7 @@ async fn accept_loop(
         limits.accept_burst,
         Instant::now(),
     );
+    let mut accept_errors = m::RateLimitedLog::new(Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             _ = ctx.shutdown.cancelled() => return,
@@ -228,8 +229,11 @@ async fn accept_loop(
         let (socket, peer) = match accepted {
             Ok(pair) => pair,
             Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed: {e}");
+                // Out of file descriptors and the like: back off instead of spinning, and say
+                // so once a second rather than on every attempt.
+                if let Some(held_back) = accept_errors.hit(Instant::now()) {
+                    tracing::warn!("accept failed: {e} ({held_back} more since the last report)");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

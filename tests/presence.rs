@@ -528,3 +528,22 @@ async fn raw_request_ids_are_echoed() {
     let frame = within(alice.next_event()).await.unwrap();
     assert_eq!(frame.request_id, 0xdead_beef);
 }
+
+#[tokio::test]
+async fn get_presence_folds_duplicate_ids() {
+    let broker = start(|_| {}).await;
+    let bob = connect(&broker, "bob").await;
+    let ids: Vec<&str> = std::iter::repeat_n("bob", 100).chain(["carol"]).collect();
+    let ids = &ids[..100];
+    let presences = within(bob.get_presence(ids)).await.unwrap();
+    assert_eq!(
+        presences.len(),
+        1,
+        "one presence per distinct id, however often asked"
+    );
+    let mixed = within(bob.get_presence(&["carol", "bob", "carol"]))
+        .await
+        .unwrap();
+    let order: Vec<&str> = mixed.iter().map(|p| p.user_id.as_str()).collect();
+    assert_eq!(order, ["carol", "bob"]);
+}

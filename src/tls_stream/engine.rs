@@ -50,6 +50,12 @@ fn invalid(reason: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, reason.into())
 }
 
+/// The length of the first record with its header, once its header is in `bytes`.
+pub fn first_record_len(bytes: &[u8]) -> Option<usize> {
+    (bytes.len() >= RECORD_HEADER_BYTES)
+        .then(|| RECORD_HEADER_BYTES + u16::from_be_bytes([bytes[3], bytes[4]]) as usize)
+}
+
 /// Checks the first record header of a connection: a handshake record no larger than TLS
 /// allows. `Ok(true)` once the whole record is in `bytes`.
 pub fn first_record_complete(bytes: &[u8]) -> io::Result<bool> {

@@ -20,7 +20,7 @@ use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
-use engine::{Status, TlsEngine, INCOMING_CAP, MAX_UNSENT, READ_CHUNK_BYTES};
+use engine::{Status, TlsEngine, MAX_UNSENT, READ_CHUNK_BYTES};
 
 /// A socket whose first TLS record, the start of a ClientHello, has arrived.
 #[derive(Debug)]
@@ -31,12 +31,20 @@ pub struct ClientHello {
 
 /// Reads until the first TLS record is complete. Anything that is not a TLS handshake record,
 /// or announces a record larger than TLS allows, is refused at once.
+/// The buffer holds exactly the first record (at most 18,437 bytes), however it is sent: it is
+/// sized from the record header and never grows past it.
 pub async fn read_client_hello(mut tcp: TcpStream) -> io::Result<ClientHello> {
     let mut incoming = Vec::new();
     while !engine::first_record_complete(&incoming)? {
+        let want = match engine::first_record_len(&incoming) {
+            Some(len) => {
+                incoming.reserve_exact(len.saturating_sub(incoming.len()));
+                len - incoming.len()
+            }
+            None => engine::RECORD_HEADER_BYTES - incoming.len(),
+        };
         let mut chunk = [0u8; 1024];
-        let want = (INCOMING_CAP - incoming.len()).min(chunk.len());
-        let n = tcp.read(&mut chunk[..want]).await?;
+        let n = tcp.read(&mut chunk[..want.min(1024)]).await?;
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
