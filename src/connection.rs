@@ -1052,4 +1052,3 @@ mod tests {
             .unwrap();
     }
 }
-
