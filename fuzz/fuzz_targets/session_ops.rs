@@ -96,11 +96,10 @@ fuzz_target!(|ops: Vec<Op>| {
                         received_at: now,
                     })
                     .expect("attach with valid initial presence");
-                // The device cap closed the user's oldest device, if any: it is gone.
+                // The device cap evicted the user's oldest device (live or lingering), if any:
+                // that device is gone from the registry.
                 for c in conns.iter_mut().filter(|c| c.user == user && !c.removed) {
-                    if c.outbound.is_closing()
-                        && registry.owner_of(&c.user, &c.device) != Some(c.outbound.id())
-                    {
+                    if registry.owner_of(&c.user, &c.device).is_none() {
                         c.removed = true;
                     }
                 }
