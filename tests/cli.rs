@@ -31,10 +31,11 @@ async fn run(broker: &Broker, args: &[&str]) -> Vec<Value> {
         .collect()
 }
 
-#[tokio::test]
-async fn watch_prints_a_change_made_with_set_in_another_terminal() {
-    let broker = start(|_| {}).await;
-    let mut watch = ctl(&broker)
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// `presencectl watch --user bob alice`, its output lines and its first line (the snapshot).
+async fn watch_alice_as_bob(broker: &Broker) -> (tokio::process::Child, Lines, Value) {
+    let mut watch = ctl(broker)
         .args(["watch", "--user", "bob", "alice"])
         .stdout(Stdio::piped())
         .spawn()
@@ -43,6 +44,13 @@ async fn watch_prints_a_change_made_with_set_in_another_terminal() {
     let snapshot: Value =
         serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
     assert_eq!(snapshot["event"], "snapshot");
+    (watch, lines, snapshot)
+}
+
+#[tokio::test]
+async fn watch_prints_a_change_made_with_set_in_another_terminal() {
+    let broker = start(|_| {}).await;
+    let (mut watch, mut lines, snapshot) = watch_alice_as_bob(&broker).await;
     assert_eq!(snapshot["presence"]["availability"], "offline");
 
     let set = run(
@@ -207,15 +215,7 @@ async fn a_watch_outlives_many_keepalives_because_it_pings() {
         c.session.keepalive_default_secs = 1;
     })
     .await;
-    let mut watch = ctl(&broker)
-        .args(["watch", "--user", "bob", "alice"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
-    let snapshot: Value =
-        serde_json::from_str(&within(lines.next_line()).await.unwrap().unwrap()).unwrap();
-    assert_eq!(snapshot["event"], "snapshot");
+    let (_watch, mut lines, _) = watch_alice_as_bob(&broker).await;
     // Several keepalive periods of silence from the watcher's side.
     let alice = connect(&broker, "alice").await;
     for _ in 0..8 {
