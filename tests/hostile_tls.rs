@@ -149,16 +149,6 @@ fn close_of(frames: &[pb::ServerFrame]) -> Option<pb::Close> {
     })
 }
 
-/// Waits for `user`'s OFFLINE event at `watcher` and returns its reason.
-async fn offline_reason(watcher: &mut presenced::client::Client, user: &str) -> pb::OfflineReason {
-    loop {
-        let e = within(watcher.next_presence_event()).await.unwrap();
-        if e.user_id == user && kind(&e) == pb::EventKind::Offline {
-            return reason(&e);
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_withheld_key_update_body_before_connect_still_gets_a_clean_close() {
     let broker = start(|c| c.session.connect_timeout_ms = 300).await;

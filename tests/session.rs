@@ -71,15 +71,6 @@ fn expect_close_only(frames: &[pb::ServerFrame]) -> pb::Close {
     }
 }
 
-fn claims(user: &str, exp: u64) -> Claims {
-    Claims {
-        sub: user.into(),
-        exp,
-        did: None,
-        iat: None,
-    }
-}
-
 async fn assert_alive(client: &Client) {
     within(client.ping())
         .await

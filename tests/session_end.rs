@@ -14,26 +14,6 @@ use presenced::pb::server_frame::Body as ServerBody;
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Waits for `user`'s OFFLINE event at `watcher` and returns its reason.
-async fn offline_reason(watcher: &mut presenced::client::Client, user: &str) -> pb::OfflineReason {
-    loop {
-        let e = within(watcher.next_presence_event()).await.unwrap();
-        if e.user_id == user && kind(&e) == pb::EventKind::Offline {
-            return reason(&e);
-        }
-    }
-}
-
-/// Waits for `user`'s ONLINE event at `watcher`.
-async fn online(watcher: &mut presenced::client::Client, user: &str) {
-    loop {
-        let e = within(watcher.next_presence_event()).await.unwrap();
-        if e.user_id == user && kind(&e) == pb::EventKind::Online {
-            return;
-        }
-    }
-}
-
 fn frame(request_id: u64, body: ClientBody) -> Vec<u8> {
     pb::ClientFrame {
         request_id,
@@ -94,7 +74,7 @@ async fn a_panicking_connection_task_leaves_no_ghost_and_no_membership() {
     watcher.watch_channel("room").await.unwrap();
     let victim = connect(&broker, "victim").await;
     victim.join("room", Default::default()).await.unwrap();
-    online(&mut watcher, "victim").await;
+    presence_event_of(&mut watcher, "victim", pb::EventKind::Online).await;
     // The victim's task panics on this request.
     let _ = victim
         .request(ClientBody::SetPresence(pb::SetPresence {
@@ -170,16 +150,10 @@ async fn a_frame_split_across_reads_is_dropped_at_the_partial_frame_deadline() {
 
 /// Connects `user` with a dev token that expires in `secs` seconds.
 async fn connect_expiring(broker: &Broker, user: &str, secs: u64) -> presenced::client::Client {
-    let claims = presenced::auth::Claims {
-        sub: user.into(),
-        exp: now_secs() + secs,
-        did: None,
-        iat: None,
-    };
     let token = presenced::auth::mint(
         presenced::config::DEV_SECRET.as_bytes(),
         Some(presenced::config::DEV_KID),
-        &claims,
+        &claims(user, now_secs() + secs),
     );
     within(presenced::client::Client::connect(
         presenced::client::ClientOptions::new(broker.addr, token).device("phone"),

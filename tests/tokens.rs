@@ -11,15 +11,6 @@ use presenced::client::{Client, ClientOptions};
 use presenced::config::DEV_SECRET;
 use presenced::pb;
 
-fn claims(user: &str, exp: u64) -> Claims {
-    Claims {
-        sub: user.into(),
-        exp,
-        did: None,
-        iat: None,
-    }
-}
-
 /// `claims` with `validity`, signed with the dev secret.
 fn dev(claims: &Claims, validity: Validity) -> String {
     mint_with(DEV_SECRET.as_bytes(), None, claims, &validity)

@@ -210,3 +210,32 @@ impl Rng {
         self.next() % n
     }
 }
+
+/// Claims for `user` expiring at `exp` (seconds), nothing else.
+pub fn claims(user: &str, exp: u64) -> presenced::auth::Claims {
+    presenced::auth::Claims {
+        sub: user.into(),
+        exp,
+        did: None,
+        iat: None,
+    }
+}
+
+/// Waits for `user`'s event of `kind` at `watcher` and returns it, skipping others.
+pub async fn presence_event_of(
+    watcher: &mut Client,
+    user: &str,
+    kind_wanted: presenced::pb::EventKind,
+) -> presenced::pb::PresenceEvent {
+    loop {
+        let e = within(watcher.next_presence_event()).await.unwrap();
+        if e.user_id == user && kind(&e) == kind_wanted {
+            return e;
+        }
+    }
+}
+
+/// Waits for `user`'s OFFLINE event at `watcher` and returns its reason.
+pub async fn offline_reason(watcher: &mut Client, user: &str) -> presenced::pb::OfflineReason {
+    reason(&presence_event_of(watcher, user, presenced::pb::EventKind::Offline).await)
+}
