@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use presenced::tls_stream::engine::{Status, TlsEngine, INCOMING_CAP, MAX_UNSENT, OUTGOING_CAP};
-use presenced::tls_stream::forge::{content_type, ForgedClient, Received};
+use presenced::tls_stream::forge::{content_type, open_in_memory, ForgedClient, Received};
 
 #[derive(Debug, Arbitrary)]
 enum Op {
@@ -113,7 +113,10 @@ impl Run {
         }
         assert!(self.read.len() <= self.sent_app);
         if let Some(i) = first_mismatch(&self.received) {
-            panic!("server data out of order at byte {i} of {}", self.received.len());
+            panic!(
+                "server data out of order at byte {i} of {}",
+                self.received.len()
+            );
         }
         assert!(self.received.len() <= self.written);
     }
@@ -156,24 +159,9 @@ impl Run {
     }
 }
 
-fn handshake(client: &mut ForgedClient) -> TlsEngine {
-    let hello = client.handshake_bytes();
-    let mut engine = TlsEngine::new(server_config(), hello).expect("engine");
-    engine.process().expect("ClientHello accepted");
-    let flight = engine.unsent().to_vec();
-    engine.sent(flight.len());
-    client
-        .receive_handshake(&flight)
-        .expect("server flight accepted");
-    assert!(client.is_open());
-    let finished = client.handshake_bytes();
-    assert_eq!(engine.receive(&finished).expect("Finished"), Status::Open);
-    engine
-}
-
 fuzz_target!(|input: Input| {
-    let mut client = ForgedClient::new(&[b"presence/1"]);
-    let engine = handshake(&mut client);
+    let (client, engine) = open_in_memory(ForgedClient::new(&[b"presence/1"]), server_config())
+        .expect("a well-behaved handshake completes");
     let mut run = Run {
         engine,
         client,

@@ -497,16 +497,11 @@ mod tests {
 
     /// A client and a server engine with the handshake done in memory.
     fn open_pair() -> (ForgedClient, TlsEngine) {
-        let mut client = ForgedClient::new(&[b"presence/1"]);
-        let hello = client.handshake_bytes();
-        let mut engine = TlsEngine::new(server_config(), hello).unwrap();
-        engine.process().unwrap();
-        let flight = engine.unsent().to_vec();
-        engine.sent(flight.len());
-        client.receive_handshake(&flight).unwrap();
-        let finished = client.handshake_bytes();
-        assert_eq!(engine.receive(&finished).unwrap(), Status::Open);
-        (client, engine)
+        crate::tls_stream::forge::open_in_memory(
+            ForgedClient::new(&[b"presence/1"]),
+            server_config(),
+        )
+        .unwrap()
     }
 
     fn read_all(engine: &mut TlsEngine) -> Vec<u8> {

@@ -477,25 +477,28 @@ impl ForgedClient {
     }
 }
 
-/// Runs the handshake of `client` through `exchange`, which delivers the client's bytes to the
-/// server and returns the server's answer (in memory for the fuzz target, a socket in tests).
-pub fn handshake_with(
-    client: &mut ForgedClient,
-    mut exchange: impl FnMut(&[u8]) -> std::io::Result<Vec<u8>>,
-) -> std::io::Result<()> {
-    for _ in 0..16 {
-        let out = client.handshake_bytes();
-        let answer = exchange(&out)?;
-        client
-            .receive_handshake(&answer)
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
-        if client.is_open() {
-            // The client's Finished.
-            let finished = client.handshake_bytes();
-            let rest = exchange(&finished)?;
-            client.read(&rest);
-            return Ok(());
-        }
+/// A client and a server engine for `config` with the handshake done in memory, for tests and
+/// the fuzz target: the client's ClientHello, the server's flight, the client's Finished.
+pub fn open_in_memory(
+    mut client: ForgedClient,
+    config: Arc<rustls::ServerConfig>,
+) -> std::io::Result<(ForgedClient, super::engine::TlsEngine)> {
+    use super::engine::{Status, TlsEngine};
+    let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let hello = client.handshake_bytes();
+    let mut engine = TlsEngine::new(config, hello)?;
+    engine.process()?;
+    let flight = engine.unsent().to_vec();
+    engine.sent(flight.len());
+    client
+        .receive_handshake(&flight)
+        .map_err(|e| invalid(e.to_string()))?;
+    if !client.is_open() {
+        return Err(invalid("the client did not finish its handshake".into()));
     }
-    Err(std::io::Error::other("handshake did not complete"))
+    let finished = client.handshake_bytes();
+    match engine.receive(&finished)? {
+        Status::Open => Ok((client, engine)),
+        other => Err(invalid(format!("the server is {other:?} after Finished"))),
+    }
 }
