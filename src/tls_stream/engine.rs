@@ -59,17 +59,16 @@ pub fn first_record_len(bytes: &[u8]) -> Option<usize> {
 /// Checks the first record header of a connection: a handshake record no larger than TLS
 /// allows. `Ok(true)` once the whole record is in `bytes`.
 pub fn first_record_complete(bytes: &[u8]) -> io::Result<bool> {
-    if bytes.len() < RECORD_HEADER_BYTES {
+    let Some(len) = first_record_len(bytes) else {
         return Ok(false);
-    }
+    };
     if bytes[0] != CONTENT_TYPE_HANDSHAKE {
         return Err(invalid("not a TLS handshake"));
     }
-    let len = u16::from_be_bytes([bytes[3], bytes[4]]) as usize;
-    if len > MAX_RECORD_BYTES {
+    if len > MAX_HELD {
         return Err(invalid("TLS record too large"));
     }
-    Ok(bytes.len() >= RECORD_HEADER_BYTES + len)
+    Ok(bytes.len() >= len)
 }
 
 /// Where the connection stands after processing.
