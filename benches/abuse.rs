@@ -186,10 +186,10 @@ async fn main() {
                     })
                     .await;
             }
-            if n % 500 == 0 {
+            if n.is_multiple_of(500) {
                 samples.push((started.elapsed().as_secs_f64(), broker.rss_mib()));
             }
-            if disconnected_at.is_none() && n % 100 == 0 {
+            if disconnected_at.is_none() && n.is_multiple_of(100) {
                 let probe = publishers[0].get_presence(&["sloth"]).await.unwrap();
                 if probe[0].availability == pb::Availability::Offline as i32 {
                     disconnected_at = Some(started.elapsed().as_secs_f64());

@@ -61,6 +61,9 @@ impl RequestError {
     }
 }
 
+/// What a client refused by a fenced node is told to wait before trying again.
+pub const UNAVAILABLE_RETRY_MS: u64 = 1_000;
+
 fn bad(reason: impl Into<String>) -> RequestError {
     RequestError::new(pb::ErrorCode::BadRequest, reason)
 }
@@ -79,6 +82,11 @@ impl From<RegistryError> for RequestError {
                 RequestError::new(pb::ErrorCode::Internal, "session is no longer active")
             }
             RegistryError::Limit(reason) => limit(reason),
+            RegistryError::Unavailable(reason) => RequestError {
+                code: pb::ErrorCode::Unavailable,
+                reason,
+                retry_after_ms: UNAVAILABLE_RETRY_MS,
+            },
             e @ RegistryError::NotMember(_) => {
                 RequestError::new(pb::ErrorCode::NotMember, e.to_string())
             }

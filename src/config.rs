@@ -63,6 +63,9 @@ pub struct Config {
     pub fanout: FanoutConfig,
     /// Channel presence.
     pub channels: ChannelsConfig,
+    /// Cluster mode on NATS; absent: a single node that needs no NATS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for Config {
@@ -78,6 +81,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             fanout: FanoutConfig::default(),
             channels: ChannelsConfig::default(),
+            cluster: None,
         }
     }
 }
@@ -391,6 +395,67 @@ impl Default for ChannelsConfig {
     }
 }
 
+/// Cluster mode: several presenced nodes share one presence over NATS (core NATS for
+/// presence deltas and heartbeats).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// NATS servers to connect to (`nats://host:port`); the client fails over between them.
+    pub nats_urls: Vec<String>,
+    /// This node's id, unique in the cluster. Default: host name and listen port.
+    pub node_id: Option<String>,
+    /// Subject prefix, so several clusters can share one NATS.
+    pub subject_prefix: String,
+    /// Heartbeat period, milliseconds.
+    pub heartbeat_ms: u64,
+    /// A peer silent this long (while this node's own NATS link is up) is dead, milliseconds.
+    pub peer_timeout_ms: u64,
+    /// This node fences itself after its NATS link has been down this long, or when its own
+    /// heartbeat loop was stalled this long (the process was stopped), milliseconds.
+    pub fence_after_ms: u64,
+    /// How long start-up waits for NATS before giving up, milliseconds.
+    pub connect_timeout_ms: u64,
+    /// How long start-up listens for peers' heartbeats (and fetches their state) before the
+    /// listener opens, milliseconds.
+    pub join_wait_ms: u64,
+    /// Deltas queued for NATS before new ones are dropped (the receivers then repair the gap
+    /// by state transfer).
+    pub delta_queue: usize,
+    /// Use only `nats_urls`, never the other servers a NATS cluster advertises (for a node
+    /// that must reach NATS through one path, e.g. a proxy or a fixed set of routes).
+    pub ignore_discovered_servers: bool,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            nats_urls: vec!["nats://127.0.0.1:4222".to_string()],
+            node_id: None,
+            subject_prefix: "presenced".to_string(),
+            heartbeat_ms: 1_000,
+            peer_timeout_ms: 3_000,
+            fence_after_ms: 3_000,
+            connect_timeout_ms: 10_000,
+            join_wait_ms: 1_500,
+            delta_queue: 65_536,
+            ignore_discovered_servers: false,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The default node id: this host's name and the listen port.
+    pub fn default_node_id(listen: SocketAddr) -> String {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "localhost".to_string());
+        format!("{host}-{}", listen.port())
+    }
+}
+
 impl Config {
     /// Reads a TOML file; fields it leaves out keep their defaults.
     pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
@@ -411,12 +476,59 @@ impl Config {
 
     /// The effective configuration as TOML (for `--print-config`).
     pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+        let mut out = toml::to_string_pretty(self)
+            .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
+        if self.cluster.is_none() {
+            out.push_str(
+                "\n# [cluster] is off: a single node, no NATS. Turn it on with\n\
+                 # [cluster]\n# nats_urls = [\"nats://127.0.0.1:4222\"]\n\
+                 # node_id = \"<host name>-<listen port>\"   (default)\n\
+                 # or the flags --cluster-nats URL (repeatable) and --node-id ID.\n",
+            );
+        }
+        out
     }
 
     /// Checks every value; the broker refuses to start on an error.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if let Some(c) = &self.cluster {
+            if c.nats_urls.is_empty() {
+                return bad("cluster.nats_urls must name at least one NATS server".into());
+            }
+            if let Some(id) = &c.node_id {
+                if id.is_empty() || id.len() > 128 || id.chars().any(char::is_control) {
+                    return bad(
+                        "cluster.node_id must be 1-128 bytes without control characters".into(),
+                    );
+                }
+            }
+            if c.subject_prefix.is_empty()
+                || !c.subject_prefix.split('.').all(|t| {
+                    !t.is_empty()
+                        && t.chars()
+                            .all(|ch| ch.is_ascii_alphanumeric() || ch == '_' || ch == '-')
+                })
+            {
+                return bad(
+                    "cluster.subject_prefix must be dot-separated tokens of [A-Za-z0-9_-]".into(),
+                );
+            }
+            if c.heartbeat_ms == 0 || c.peer_timeout_ms < 2 * c.heartbeat_ms {
+                return bad(
+                    "cluster.peer_timeout_ms must be at least twice cluster.heartbeat_ms (> 0)"
+                        .into(),
+                );
+            }
+            if c.fence_after_ms < 2 * c.heartbeat_ms {
+                return bad(
+                    "cluster.fence_after_ms must be at least twice cluster.heartbeat_ms".into(),
+                );
+            }
+            if c.delta_queue == 0 {
+                return bad("cluster.delta_queue must be at least 1".into());
+            }
+        }
         let s = &self.session;
         let l = &self.limits;
         if self.auth.secrets.is_empty() {

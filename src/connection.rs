@@ -361,7 +361,13 @@ async fn session<S, P>(
     let close = match &end {
         End::Disconnect => Some((CloseKind::Normal, "goodbye".to_string(), 0)),
         End::Lost(_) => None,
-        End::Close(kind, reason) => Some((*kind, reason.clone(), 0)),
+        End::Close(kind, reason) => {
+            let hint = match kind {
+                CloseKind::NodeUnavailable => command::UNAVAILABLE_RETRY_MS,
+                _ => 0,
+            };
+            Some((*kind, reason.clone(), hint))
+        }
         End::OutboundClosed => None,
         End::Shutdown => Some((
             CloseKind::ServerShutdown,
@@ -751,10 +757,10 @@ fn handle_frame<R>(
                     }
                     Err(e) => {
                         push_error(outbound, request_id, "connect", &e);
-                        let kind = if e.code == pb::ErrorCode::DeviceLimit {
-                            CloseKind::DeviceLimit
-                        } else {
-                            CloseKind::AuthFailed
+                        let kind = match e.code {
+                            pb::ErrorCode::DeviceLimit => CloseKind::DeviceLimit,
+                            pb::ErrorCode::Unavailable => CloseKind::NodeUnavailable,
+                            _ => CloseKind::AuthFailed,
                         };
                         Step::End(End::Close(kind, e.reason))
                     }

@@ -21,6 +21,7 @@
 //! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: a synchronous engine with capped buffers (kept only while bytes are in flight) in an async shell; a record-forging client for tests |
 //! | [`connection`] | one task per client: handshake, session, reader loop and writer in one task, a guard that cleans up however it ends |
 //! | [`server`] | listener, connection permits, shutdown |
+//! | [`cluster`] | cluster mode on NATS: the link, delta publisher and receiver, heartbeats, peer liveness, state transfer, fencing |
 //! | [`metrics`] | metric names, the Prometheus exporter and its HTTP endpoint |
 //! | [`config`] | `Config` with embedded defaults, TOML loading and validation |
 //! | [`client`] | the Rust client used by the tests, `presencectl` and benchmarks |
@@ -29,6 +30,7 @@ pub mod address;
 pub mod auth;
 pub mod auth_guard;
 pub mod client;
+pub mod cluster;
 pub mod codec;
 pub mod command;
 pub mod config;

@@ -42,6 +42,12 @@ struct Flags {
     /// Grace period for lost connections, milliseconds.
     #[arg(long)]
     grace_period_ms: Option<u64>,
+    /// Cluster mode: a NATS server URL (repeatable); replaces `[cluster] nats_urls`.
+    #[arg(long = "cluster-nats", value_name = "URL")]
+    cluster_nats: Vec<String>,
+    /// Cluster mode: this node's id (default: host name and listen port).
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
     /// Print the effective configuration as TOML and exit.
     #[arg(long)]
     print_config: bool,
@@ -76,6 +82,15 @@ fn effective_config(flags: &Flags) -> anyhow::Result<Config> {
     if let Some(v) = flags.grace_period_ms {
         config.session.grace_period_ms = v;
     }
+    if !flags.cluster_nats.is_empty() {
+        config
+            .cluster
+            .get_or_insert_with(Default::default)
+            .nats_urls = flags.cluster_nats.clone();
+    }
+    if let Some(id) = &flags.node_id {
+        config.cluster.get_or_insert_with(Default::default).node_id = Some(id.clone());
+    }
     config.validate()?;
     Ok(config)
 }
@@ -85,6 +100,15 @@ async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     let config = effective_config(&flags)?;
     if flags.print_config {
+        let mut config = config;
+        // Show the node id the broker would use (with port 0 it is the bound port at start).
+        if let Some(cluster) = &mut config.cluster {
+            if cluster.node_id.is_none() && config.listen.port() != 0 {
+                cluster.node_id = Some(presenced::config::ClusterConfig::default_node_id(
+                    config.listen,
+                ));
+            }
+        }
         print!("{}", config.to_toml());
         return Ok(());
     }
@@ -113,6 +137,7 @@ async fn main() -> anyhow::Result<()> {
         plain = ?server.plain_addr(),
         metrics = ?server.metrics_addr().map(|a| format!("http://{a}/metrics")),
         data_dir = %config.data_dir.display(),
+        cluster = ?server.cluster_origin().map(|o| o.node),
         "presenced is accepting clients"
     );
     let shutdown = CancellationToken::new();

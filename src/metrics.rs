@@ -60,6 +60,28 @@ pub const STORE_COMMIT_SECONDS: &str = "presence_store_commit_duration_seconds";
 pub const STORE_RECOVERY_SECONDS: &str = "presence_store_recovery_duration_seconds";
 /// Expired subscriptions removed by the sweeper.
 pub const SUBSCRIPTIONS_EXPIRED: &str = "presence_subscriptions_expired_total";
+/// Cluster mode: peer nodes by state (`up`; `dead` counts incarnations declared dead).
+pub const CLUSTER_PEERS: &str = "presence_cluster_peers";
+/// Cluster mode: 1 while this node is fenced (cut off, refusing Connect), else 0.
+pub const CLUSTER_FENCED: &str = "presence_cluster_fenced";
+/// Cluster mode: times this node fenced itself, by reason (`nats_lost`, `clock_jump`).
+pub const CLUSTER_FENCES: &str = "presence_cluster_fences_total";
+/// Cluster mode: deltas by direction (`out` published, `in` applied, `stale` ignored,
+/// `dropped` when the outgoing queue was full, `invalid` undecodable).
+pub const CLUSTER_DELTAS: &str = "presence_cluster_deltas_total";
+/// Cluster mode: from a delta's send (origin clock) to its apply here.
+pub const CLUSTER_REPLICATION_LAG_SECONDS: &str = "presence_cluster_replication_lag_seconds";
+/// Cluster mode: gaps detected, by how (`sequence`, `digest`, `new_peer`).
+pub const CLUSTER_GAPS: &str = "presence_cluster_gaps_total";
+/// Cluster mode: state transfers from peers, by result (`ok`, `failed`).
+pub const CLUSTER_STATE_TRANSFERS: &str = "presence_cluster_state_transfers_total";
+/// Cluster mode: sessions held by other nodes that this node replicates.
+pub const CLUSTER_REMOTE_SESSIONS: &str = "presence_cluster_remote_sessions";
+/// Cluster mode: this node's digest of its own sessions (52 bits; equal on every node's
+/// `presence_cluster_peer_digest{node=...}` for this node when replicas agree).
+pub const CLUSTER_DIGEST: &str = "presence_cluster_digest";
+/// Cluster mode: this node's digest of each peer's sessions, by node.
+pub const CLUSTER_PEER_DIGEST: &str = "presence_cluster_peer_digest";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -131,6 +153,32 @@ fn describe() {
     );
     describe_counter!(BYTES_OUT, Unit::Bytes, "Bytes written to client sockets");
     describe_counter!(SUBSCRIPTIONS_EXPIRED, "Expired subscriptions swept");
+    describe_gauge!(CLUSTER_PEERS, "Cluster peer nodes, by state");
+    describe_gauge!(
+        CLUSTER_FENCED,
+        "1 while this node is fenced from its cluster"
+    );
+    describe_counter!(CLUSTER_FENCES, "Times this node fenced itself, by reason");
+    describe_counter!(CLUSTER_DELTAS, "Presence deltas, by direction");
+    describe_histogram!(
+        CLUSTER_REPLICATION_LAG_SECONDS,
+        Unit::Seconds,
+        "From a delta's send on its origin node to its apply on this one"
+    );
+    describe_counter!(CLUSTER_GAPS, "Replication gaps detected, by how");
+    describe_counter!(
+        CLUSTER_STATE_TRANSFERS,
+        "State transfers from peers, by result"
+    );
+    describe_gauge!(
+        CLUSTER_REMOTE_SESSIONS,
+        "Sessions held by other nodes, replicated here"
+    );
+    describe_gauge!(CLUSTER_DIGEST, "Digest of this node's own sessions");
+    describe_gauge!(
+        CLUSTER_PEER_DIGEST,
+        "This node's digest of each peer's sessions"
+    );
     describe_histogram!(
         STORE_COMMIT_SECONDS,
         Unit::Seconds,

@@ -255,6 +255,8 @@ pub enum CloseKind {
     TokenExpired,
     /// The oldest device closed to make room under the per-user device cap.
     DeviceLimit,
+    /// Cluster mode: the node fenced itself; reconnect to another node.
+    NodeUnavailable,
 }
 
 impl CloseKind {
@@ -271,6 +273,7 @@ impl CloseKind {
             CloseKind::SlowConsumer => "slow_consumer",
             CloseKind::ServerShutdown => "server_shutdown",
             CloseKind::Overloaded => "overloaded",
+            CloseKind::NodeUnavailable => "node_unavailable",
             CloseKind::TokenExpired => "token_expired",
             CloseKind::DeviceLimit => "device_limit",
         }

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::address::{AddressLimits, AddressLimitsConfig, AddressPermit};
+use crate::cluster::Cluster;
 use crate::command::TokenBucket;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
@@ -36,6 +37,9 @@ pub enum ServerError {
     /// The subscription store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Cluster mode could not start.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -57,6 +61,8 @@ pub struct Server {
     connection_permits: Arc<Semaphore>,
     /// Each address's share of the accept rate and of connections, shared by both listeners.
     address_limits: AddressLimits,
+    /// The cluster link, in cluster mode.
+    cluster: Option<Cluster>,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -112,7 +118,21 @@ impl Server {
             accept_burst: config.limits.accept_burst_per_address,
             max_tracked: AddressLimitsConfig::tracked_bound(config.limits.max_connections),
         });
+        let cluster_config = config.cluster.clone();
+        let grace = config.grace_period();
         let ctx = Arc::new(ConnectionContext::new(config, store));
+        // Cluster mode joins before the listener accepts anyone: the node then answers with
+        // the cluster's presence from its first client on.
+        let cluster = match cluster_config {
+            Some(c) => {
+                let node = c.node_id.clone().unwrap_or_else(|| {
+                    let addr = listener.local_addr().unwrap_or(ctx.config.listen);
+                    crate::config::ClusterConfig::default_node_id(addr)
+                });
+                Some(Cluster::start(&c, node, ctx.registry.clone(), grace).await?)
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
             plain_listener,
@@ -121,6 +141,7 @@ impl Server {
             ctx,
             connection_permits,
             address_limits,
+            cluster,
         })
     }
 
@@ -143,6 +164,11 @@ impl Server {
         self.metrics_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
+    }
+
+    /// This node's id and incarnation in cluster mode.
+    pub fn cluster_origin(&self) -> Option<crate::registry::Origin> {
+        self.cluster.as_ref().map(Cluster::origin)
     }
 
     /// The live registry (for embedding programs and tests).
@@ -186,6 +212,11 @@ impl Server {
             .is_err()
         {
             tracing::warn!("connections did not drain within {deadline:?}");
+        }
+        // After the sessions ended, so the other nodes hear that this node's clients are
+        // moving (their devices linger there for the grace period instead of going offline).
+        if let Some(cluster) = self.cluster {
+            cluster.stop().await;
         }
         ctx.registry.store().flush()?;
         tracing::info!("shutdown complete");

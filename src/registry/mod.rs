@@ -10,8 +10,10 @@
 //! to make room, or the new one is refused (`RegistryOptions::device_limit_policy`).
 
 mod channels;
+mod replica;
 
 pub use channels::{ChannelOutcome, WhoNowPage};
+pub use replica::{DeviceRecord, LocalPage, Origin, ReplicaChange, ReplicationSink, UserFields};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -48,6 +50,9 @@ pub enum RegistryError {
     /// The change exceeds a limit; nothing was applied.
     #[error("{0}")]
     Limit(String),
+    /// This node cannot take sessions now (fenced from its cluster): connect elsewhere.
+    #[error("{0}")]
+    Unavailable(String),
     /// The request needs channel membership the session does not have.
     #[error("not a member of channel {0:?}")]
     NotMember(String),
@@ -97,6 +102,13 @@ struct DeviceEntry {
     joined: BTreeSet<String>,
     /// Channels this device watches.
     watching: BTreeSet<String>,
+    /// The node holding the session, `None` for this one (cluster mode).
+    origin: Option<Arc<Origin>>,
+    /// The session's fencing epoch: a hybrid-logical-clock value above any earlier session's
+    /// of this (user, device); an older epoch never overwrites a newer one.
+    epoch: u64,
+    /// The user's version after the last change this device made (part of the state digest).
+    rev: u64,
 }
 
 /// A user's devices, sorted by id. Users have a handful of devices, and a `BTreeMap` would
@@ -200,8 +212,8 @@ impl UserEntry {
 
     /// Versions increase per change and stay above any earlier session's (they start from the
     /// clock in microseconds), so clients can drop stale events across reconnects.
-    fn bump_version(&mut self) {
-        self.presence.version = (self.presence.version + 1).max(now_micros());
+    fn bump_version(&mut self, tick: u64) {
+        self.presence.version = (self.presence.version + 1).max(tick);
     }
 }
 
@@ -226,6 +238,8 @@ struct State {
     /// The online-user count last added to the process-wide gauge, so several registries in
     /// one process (embedding, tests) add up instead of overwriting each other.
     online_reported: usize,
+    /// Cluster-mode replica bookkeeping (tombstones, digests, remote expiries, fencing).
+    replica: replica::ReplicaState,
 }
 
 #[derive(Debug)]
@@ -234,6 +248,10 @@ struct Shared {
     store: Arc<dyn SubscriptionStore>,
     encoder: Arc<dyn WireEncoder>,
     options: RegistryOptions,
+    /// Where local changes go in cluster mode; unset on a single node.
+    sink: std::sync::OnceLock<Arc<dyn ReplicationSink>>,
+    /// The hybrid logical clock behind versions and epochs, in microseconds.
+    hlc: replica::Hlc,
 }
 
 impl Drop for Shared {
@@ -278,6 +296,18 @@ pub struct Attached {
     pub presence: PresenceSnapshot,
 }
 
+/// Who removed a device, for what the cluster is told.
+#[derive(Debug, Clone, Copy)]
+enum RemovedBy {
+    /// This node: the other nodes get a delta; a device another node holds is closed there
+    /// with `close`.
+    Local { close: Option<CloseKind> },
+    /// A delta from the node holding it, with that node's version and last-seen time.
+    Remote { version: u64, last_seen_ms: u64 },
+    /// This node's own bookkeeping (a dead node's devices expiring, fencing): no delta.
+    Silent,
+}
+
 /// Per-fanout counts, recorded once per fanout rather than per delivery.
 #[derive(Debug, Default)]
 struct FanoutTally {
@@ -313,6 +343,8 @@ impl Registry {
                 store,
                 encoder,
                 options,
+                sink: std::sync::OnceLock::new(),
+                hlc: replica::Hlc::default(),
             }),
         }
     }
@@ -337,6 +369,9 @@ impl Registry {
     pub fn attach(&self, attach: Attach) -> Result<Attached, RegistryError> {
         let now_ms = crate::now_ms();
         let mut state = self.state();
+        if let Some(reason) = &state.replica.fenced {
+            return Err(RegistryError::Unavailable(reason.clone()));
+        }
         // Everything that can refuse the Connect is checked before anything changes.
         let (mut presence, new_device, devices_before) = match state.users.get(&attach.user_id) {
             Some(e) => (
@@ -385,8 +420,18 @@ impl Registry {
             .and_then(|c| c.availability)
             .unwrap_or(Availability::Online);
         let mut taken_over = false;
+        // A fresh epoch for this session, above any this node has seen for the device.
+        let epoch = self.shared.hlc.tick();
+        let mut digest_out = None;
         let kind = match entry.devices.get_mut(&attach.device_id) {
             Some(existing) => {
+                digest_out = Some((existing.origin.take(), existing.epoch, existing.rev));
+                if digest_out.as_ref().is_some_and(|(o, _, _)| o.is_some()) {
+                    // Held by another node until now: a takeover across nodes. That node
+                    // closes its connection when it sees this session's newer epoch.
+                    taken_over = true;
+                }
+                existing.epoch = epoch;
                 if let Some(old) = existing.outbound.take() {
                     taken_over = true;
                     let close = self.shared.encoder.close(
@@ -427,6 +472,9 @@ impl Registry {
                         lingering: None,
                         joined: BTreeSet::new(),
                         watching: BTreeSet::new(),
+                        origin: None,
+                        epoch,
+                        rev: 0,
                     },
                 );
                 Some(if first {
@@ -437,10 +485,31 @@ impl Registry {
             }
         };
         if kind.is_some() {
-            entry.bump_version();
+            entry.bump_version(self.shared.hlc.tick());
         }
+        let version = entry.presence.version;
+        let rev = match entry.devices.get_mut(&attach.device_id) {
+            Some(device) => {
+                device.rev = version;
+                version
+            }
+            None => version,
+        };
         let snapshot = entry.snapshot();
         state.users.insert(attach.user_id.clone(), entry);
+        if let Some((origin, old_epoch, old_rev)) = digest_out {
+            state.replica.toggle_digest(
+                origin.as_deref(),
+                &attach.user_id,
+                &attach.device_id,
+                old_epoch,
+                old_rev,
+            );
+        }
+        state
+            .replica
+            .toggle_digest(None, &attach.user_id, &attach.device_id, epoch, rev);
+        self.emit_upsert(&state, &attach.user_id, &attach.device_id);
         if let Some(kind) = kind {
             let event = EventView {
                 kind,
@@ -479,12 +548,18 @@ impl Registry {
             else {
                 return;
             };
-            self.leave_all_channels(state, user_id, &oldest, OfflineReason::Kicked, received_at);
-            let Some(device) = state
-                .users
-                .get_mut(user_id)
-                .and_then(|e| e.devices.remove(&oldest))
-            else {
+            let Some(device) = self.drop_device(
+                state,
+                user_id,
+                &oldest,
+                OfflineReason::Kicked,
+                None,
+                received_at,
+                RemovedBy::Local {
+                    close: Some(CloseKind::DeviceLimit),
+                },
+                false,
+            ) else {
                 return;
             };
             // A lingering device has no connection to tell; its grace-period timer finds it
@@ -532,8 +607,20 @@ impl Registry {
         if let Some(a) = change.availability {
             device.availability = a;
         }
-        entry.bump_version();
+        let (epoch, old_rev) = (device.epoch, device.rev);
+        entry.bump_version(self.shared.hlc.tick());
+        let version = entry.presence.version;
+        if let Some(device) = entry.devices.get_mut(device_id) {
+            device.rev = version;
+        }
         let snapshot = entry.snapshot();
+        state
+            .replica
+            .toggle_digest(None, user_id, device_id, epoch, old_rev);
+        state
+            .replica
+            .toggle_digest(None, user_id, device_id, epoch, version);
+        self.emit_upsert(&state, user_id, device_id);
         let event = EventView {
             kind: EventKind::Update,
             presence: &snapshot,
@@ -637,28 +724,100 @@ impl Registry {
             Some(d) if d.conn_id == conn_id && (!only_lingering || d.lingering.is_some()) => {}
             _ => return,
         }
+        self.drop_device(
+            state,
+            user_id,
+            device_id,
+            reason,
+            Some(conn_id),
+            received_at,
+            RemovedBy::Local { close: None },
+            true,
+        );
+    }
+
+    /// Removes (user, device) from the table, whoever holds it: leaves its channels, keeps the
+    /// cluster bookkeeping (digest, tombstone, a delta for the other nodes when this node made
+    /// the change) and, when `broadcast`, tells watchers UPDATE or OFFLINE with `reason`
+    /// (never for a shutdown, and OFFLINE only when offline broadcasts are on). Returns the
+    /// removed entry.
+    #[allow(clippy::too_many_arguments)]
+    fn drop_device(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        reason: OfflineReason,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+        by: RemovedBy,
+        broadcast: bool,
+    ) -> Option<DeviceEntry> {
         self.leave_all_channels(state, user_id, device_id, reason, received_at);
-        let Some(entry) = state.users.get_mut(user_id) else {
-            return;
+        let entry = state.users.get_mut(user_id)?;
+        let device = entry.devices.remove(device_id)?;
+        let (tick, last_seen_ms) = match by {
+            RemovedBy::Remote {
+                version,
+                last_seen_ms,
+            } => {
+                self.shared.hlc.observe(version);
+                (version, last_seen_ms)
+            }
+            RemovedBy::Local { .. } | RemovedBy::Silent => {
+                (self.shared.hlc.tick(), crate::now_ms())
+            }
         };
-        entry.devices.remove(device_id);
-        entry.bump_version();
-        let now_ms = crate::now_ms();
+        entry.bump_version(tick);
+        let version = entry.presence.version;
         let mut snapshot = entry.snapshot();
         let last_device = entry.devices.is_empty();
         if last_device {
-            snapshot.last_seen_ms = now_ms;
-            if let Err(e) = self.shared.store.record_last_seen(user_id, now_ms) {
+            snapshot.last_seen_ms = last_seen_ms;
+            if let Err(e) = self.shared.store.record_last_seen(user_id, last_seen_ms) {
                 tracing::warn!(user = user_id, "cannot record last-seen: {e}");
             }
             state.users.remove(user_id);
+        }
+        state.replica.toggle_digest(
+            device.origin.as_deref(),
+            user_id,
+            device_id,
+            device.epoch,
+            device.rev,
+        );
+        if let Some(sink) = self.shared.sink.get() {
+            let epoch = match (&by, &device.origin) {
+                // Another node holds it: a newer epoch makes that node close the session.
+                (RemovedBy::Local { .. }, Some(_)) => self.shared.hlc.tick(),
+                _ => device.epoch,
+            };
+            // Fencing and a dead node's expiry are bookkeeping, not the session's end
+            // everywhere: only an end told by the holder (or decided here) is a tombstone.
+            if !matches!(by, RemovedBy::Silent) {
+                state
+                    .replica
+                    .tombstone(user_id, device_id, epoch, received_at);
+            }
+            if let RemovedBy::Local { close } = by {
+                sink.emit(ReplicaChange::Remove {
+                    user_id: user_id.to_string(),
+                    device_id: device_id.to_string(),
+                    epoch,
+                    reason,
+                    version,
+                    last_seen_ms,
+                    close: if device.origin.is_some() { close } else { None },
+                });
+            }
         }
         let kind = if last_device {
             EventKind::Offline
         } else {
             EventKind::Update
         };
-        let broadcast = reason != OfflineReason::ServerShutdown
+        let broadcast = broadcast
+            && reason != OfflineReason::ServerShutdown
             && (kind != EventKind::Offline || self.shared.options.offline_broadcast);
         if broadcast {
             let event = EventView {
@@ -667,9 +826,10 @@ impl Registry {
                 reason: Some(reason),
                 device_id,
             };
-            self.fanout(state, &event, Some(conn_id), received_at);
+            self.fanout(state, &event, exclude_conn, received_at);
         }
         publish_online_gauge(state);
+        Some(device)
     }
 
     /// The current presence of `user_id`; an offline user carries its last-seen time.

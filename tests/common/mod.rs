@@ -3,6 +3,10 @@
 //! bounded by `within` so a missing event fails the test instead of hanging it.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod cluster;
+pub mod nats;
+pub mod proxy;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,0 +1,360 @@
+//! Cluster mode end to end: three nats-server processes clustered with JetStream, presenced
+//! nodes as real processes joined to them, clients over TLS. Covers cross-node fanout, a dead
+//! node's devices going offline (or not, when they reconnect elsewhere), takeover across
+//! nodes, a stopped node fencing itself, and a node cut off from NATS through a TCP proxy.
+//! Every wait is bounded; signals go only to processes these tests started.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use common::cluster::{digests_agree, Node};
+use common::nats::NatsCluster;
+use common::proxy::TcpProxy;
+use common::{close_code, kind, reason, within};
+use presenced::client::{Client, ClientError};
+use presenced::pb::{self, CloseCode, EventKind, OfflineReason};
+
+/// Nodes notice a dead peer after about 3 s and wait the 5 s grace period.
+const GRACE: &str = "5000";
+
+async fn nodes(nats: &NatsCluster, n: usize) -> Vec<Node> {
+    let urls = nats.urls();
+    let mut out = Vec::new();
+    for i in 0..n {
+        // Each node prefers a different NATS server, as a real deployment would.
+        let mut mine = urls.clone();
+        mine.rotate_left(i % urls.len());
+        out.push(
+            Node::start(
+                &format!("node{}", i + 1),
+                &mine,
+                &["--grace-period-ms", GRACE],
+            )
+            .await,
+        );
+    }
+    out
+}
+
+fn set_status(status: &str) -> pb::SetPresence {
+    pb::SetPresence {
+        status: Some(status.to_string()),
+        ..Default::default()
+    }
+}
+
+/// Subscribes `client` to `users` in batches of 100.
+async fn subscribe_all(client: &Client, users: &[String]) {
+    for batch in users.chunks(100) {
+        let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+        within(client.subscribe(&ids)).await.unwrap();
+    }
+}
+
+/// Collects presence events arriving at `client` for `window`.
+async fn events_for(client: &mut Client, window: Duration) -> Vec<pb::PresenceEvent> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + window;
+    loop {
+        match tokio::time::timeout_at(deadline, client.next_event()).await {
+            Err(_) => return out,
+            Ok(None) => return out,
+            Ok(Some(frame)) => {
+                if let Some(pb::server_frame::Body::PresenceEvent(e)) = frame.body {
+                    out.push(e);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_change_on_one_node_reaches_a_thousand_watchers_on_the_others() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, 3).await;
+    let mut watchers = Vec::new();
+    for i in 0..1000 {
+        let node = &nodes[1 + i % 2];
+        let w = node.connect(&format!("w{i}"), "phone").await;
+        within(w.subscribe(&["target"])).await.unwrap();
+        watchers.push(w);
+    }
+    let target = nodes[0].connect("target", "phone").await;
+    for i in 0..5 {
+        within(target.set_presence(set_status(&format!("s{i}"))))
+            .await
+            .unwrap();
+    }
+    // ONLINE and five UPDATEs, in version order, at every watcher.
+    for (i, w) in watchers.iter_mut().enumerate() {
+        let mut last = 0;
+        let mut statuses = Vec::new();
+        while statuses.len() < 6 {
+            let e = within(w.next_presence_event())
+                .await
+                .unwrap_or_else(|e| panic!("watcher {i}: {e}"));
+            assert_eq!(e.user_id, "target");
+            assert!(
+                e.version > last,
+                "watcher {i}: version went {last} → {}",
+                e.version
+            );
+            last = e.version;
+            statuses.push(e.presence.unwrap().status);
+        }
+        assert_eq!(statuses, ["", "s0", "s1", "s2", "s3", "s4"], "watcher {i}");
+    }
+    // Any node answers a query with the same presence.
+    for node in &nodes {
+        let q = node.connect("asker", "q").await;
+        let p = within(q.get_presence(&["target"])).await.unwrap();
+        assert_eq!(p[0].status, "s4", "node {}", node.id);
+        assert_eq!(p[0].devices.len(), 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_s_devices_go_offline_everywhere_between_3_and_10_s() {
+    let nats = NatsCluster::start(3).await;
+    let mut nodes = nodes(&nats, 3).await;
+    let users: Vec<String> = (0..500).map(|i| format!("u{i}")).collect();
+    let mut devices = Vec::new();
+    for u in &users {
+        devices.push(nodes[0].connect(u, "phone").await);
+    }
+    let mut watchers = vec![
+        nodes[1].connect("watcher2", "w").await,
+        nodes[2].connect("watcher3", "w").await,
+    ];
+    for w in &watchers {
+        subscribe_all(w, &users).await;
+    }
+    let killed = Instant::now();
+    nodes[0].kill9().await;
+    drop(devices);
+    for (n, w) in watchers.iter_mut().enumerate() {
+        let mut offline = HashMap::new();
+        while offline.len() < users.len() {
+            let e = tokio::time::timeout(Duration::from_secs(15), w.next_presence_event())
+                .await
+                .expect("OFFLINE within 15 s")
+                .unwrap();
+            if kind(&e) == EventKind::Offline {
+                assert_eq!(reason(&e), OfflineReason::ConnectionLost);
+                offline.insert(e.user_id.clone(), killed.elapsed());
+            }
+        }
+        let first = offline.values().min().unwrap();
+        let last = offline.values().max().unwrap();
+        assert!(
+            *first >= Duration::from_secs(3) && *last <= Duration::from_secs(10),
+            "watcher on node {}: OFFLINE between {first:?} and {last:?} after the kill",
+            n + 2
+        );
+    }
+    for node in &nodes[1..] {
+        let q = node.connect("asker", "q").await;
+        let p = within(q.get_presence(&["u0", "u499"])).await.unwrap();
+        assert!(p.iter().all(|p| p.devices.is_empty() && p.last_seen_ms > 0));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn devices_that_reconnect_elsewhere_after_a_kill_show_watchers_nothing() {
+    let nats = NatsCluster::start(3).await;
+    let mut nodes = nodes(&nats, 3).await;
+    let users: Vec<String> = (0..500).map(|i| format!("r{i}")).collect();
+    let mut devices = Vec::new();
+    for u in &users {
+        devices.push(nodes[0].connect(u, "phone").await);
+    }
+    let mut watcher = nodes[1].connect("watcher", "w").await;
+    subscribe_all(&watcher, &users).await;
+    nodes[0].kill9().await;
+    let killed = Instant::now();
+    drop(devices);
+    // Every device is back within 2 s, on node 2 or 3.
+    let mut back = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        back.push(nodes[1 + i % 2].connect(u, "phone").await);
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(2),
+        "reconnects took {:?}",
+        killed.elapsed()
+    );
+    // Past the dead node's detection and grace period: nothing but silence.
+    let events = events_for(&mut watcher, Duration::from_secs(10)).await;
+    let flicker: Vec<_> = events
+        .iter()
+        .filter(|e| matches!(kind(e), EventKind::Offline | EventKind::Online))
+        .collect();
+    assert!(
+        flicker.is_empty(),
+        "{} OFFLINE/ONLINE events: {:?}",
+        flicker.len(),
+        flicker.first()
+    );
+    let p = within(watcher.get_presence(&["r0", "r1", "r499"]))
+        .await
+        .unwrap();
+    assert!(p.iter().all(|p| p.devices.len() == 1), "{p:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn takeover_across_nodes_200_times_never_shows_offline() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, 3).await;
+    let mut watcher = nodes[2].connect("watcher", "w").await;
+    within(watcher.subscribe(&["mover"])).await.unwrap();
+    let mut current = nodes[0].connect("mover", "phone").await;
+    for i in 1..=200 {
+        let next_node = &nodes[i % 2];
+        let started = Instant::now();
+        let next = next_node.connect("mover", "phone").await;
+        let close = tokio::time::timeout(Duration::from_millis(500), current.closed())
+            .await
+            .unwrap_or_else(|_| panic!("takeover {i}: no TAKEN_OVER within 500 ms"))
+            .expect("a close frame");
+        assert_eq!(close_code(&close), CloseCode::TakenOver, "takeover {i}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        current = next;
+    }
+    let events = events_for(&mut watcher, Duration::from_secs(15)).await;
+    let bad: Vec<_> = events
+        .iter()
+        .filter(|e| kind(e) == EventKind::Offline)
+        .collect();
+    assert!(bad.is_empty(), "OFFLINE during takeovers: {bad:?}");
+    for node in &nodes {
+        let q = node.connect("asker", "q").await;
+        let p = within(q.get_presence(&["mover"])).await.unwrap();
+        assert_eq!(p[0].devices.len(), 1, "node {}: {:?}", node.id, p[0]);
+    }
+    // The last connection still works.
+    within(current.ping()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_node_is_declared_dead_then_fences_and_never_resurrects_sessions() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, 3).await;
+    let mut sleeper = nodes[0].connect("sleepy", "phone").await;
+    let mut watcher = nodes[1].connect("watcher", "w").await;
+    within(watcher.subscribe(&["sleepy"])).await.unwrap();
+    digests_agree(&[&nodes[0], &nodes[1], &nodes[2]], Duration::from_secs(5)).await;
+    nodes[0].signal("STOP");
+    let stopped = Instant::now();
+    let e = common::presence_event_of(&mut watcher, "sleepy", EventKind::Offline).await;
+    assert_eq!(reason(&e), OfflineReason::ConnectionLost);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        stopped.elapsed()
+    );
+    while stopped.elapsed() < Duration::from_secs(15) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    nodes[0].signal("CONT");
+    // It fences: its client is told to go elsewhere.
+    let close = within(sleeper.closed()).await.expect("a close frame");
+    assert_eq!(close_code(&close), CloseCode::NodeUnavailable);
+    assert!(close.reconnect_after_ms > 0);
+    // The stale session never comes back anywhere, and the replicas agree.
+    let took = digests_agree(&[&nodes[0], &nodes[1], &nodes[2]], Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(3),
+        "digests agreed after {took:?}"
+    );
+    let events = events_for(&mut watcher, Duration::from_secs(2)).await;
+    assert!(
+        events.iter().all(|e| kind(e) != EventKind::Online),
+        "{events:?}"
+    );
+    for node in &nodes {
+        let q = node.connect("asker", "q").await;
+        let p = within(q.get_presence(&["sleepy"])).await.unwrap();
+        assert!(p[0].devices.is_empty(), "node {}: {:?}", node.id, p[0]);
+    }
+    // The node serves again under a new incarnation.
+    let again = nodes[0].connect("sleepy", "phone").await;
+    let e = common::presence_event_of(&mut watcher, "sleepy", EventKind::Online).await;
+    assert_eq!(e.presence.unwrap().devices.len(), 1);
+    drop(again);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_nats_fences_and_rejoins() {
+    let nats = NatsCluster::start(3).await;
+    let proxy = TcpProxy::start(nats.addr(0)).await;
+    let cut_url = format!("nats://{}", proxy.addr());
+    // Only through the proxy: NATS would otherwise hand the node the other servers' addresses.
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[cluster]\nignore_discovered_servers = true\n",
+    )
+    .unwrap();
+    let isolated = Node::start(
+        "isolated",
+        &[cut_url],
+        &[
+            "--grace-period-ms",
+            GRACE,
+            "--config",
+            config.path().to_str().unwrap(),
+        ],
+    )
+    .await;
+    let others = nodes(&nats, 2).await;
+    let mut client = isolated.connect("island", "phone").await;
+    let mut watcher = others[0].connect("watcher", "w").await;
+    within(watcher.subscribe(&["island"])).await.unwrap();
+    digests_agree(&[&isolated, &others[0], &others[1]], Duration::from_secs(5)).await;
+
+    proxy.cut().await;
+    let cut = Instant::now();
+    let close = within(client.closed()).await.expect("a close frame");
+    let fenced_after = cut.elapsed();
+    assert_eq!(close_code(&close), CloseCode::NodeUnavailable);
+    assert!(
+        fenced_after >= Duration::from_millis(2_500) && fenced_after < Duration::from_secs(5),
+        "fenced after {fenced_after:?}"
+    );
+    // While fenced it refuses Connect with a retryable error.
+    match Client::connect(isolated.options("someone", "x")).await {
+        Err(ClientError::Server(e)) => {
+            assert_eq!(common::code(&e), pb::ErrorCode::Unavailable);
+            assert!(e.retry_after_ms > 0);
+        }
+        other => panic!("expected UNAVAILABLE, got {other:?}"),
+    }
+    // The others see the island's user go offline.
+    let e = common::presence_event_of(&mut watcher, "island", EventKind::Offline).await;
+    assert_eq!(reason(&e), OfflineReason::ConnectionLost);
+    while cut.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    proxy.restore();
+    let restored = Instant::now();
+    // Back in the cluster: it accepts clients, and every replica agrees within 2 s.
+    let back = loop {
+        match Client::connect(isolated.options("island", "phone")).await {
+            Ok(c) => break c,
+            Err(_) if restored.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(100)).await
+            }
+            Err(e) => panic!("no rejoin within 10 s: {e}\n{}", isolated.log_text()),
+        }
+    };
+    let e = common::presence_event_of(&mut watcher, "island", EventKind::Online).await;
+    assert_eq!(e.presence.unwrap().devices.len(), 1);
+    let took = digests_agree(&[&isolated, &others[0], &others[1]], Duration::from_secs(5)).await;
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_millis(1_500),
+        "{took:?}"
+    );
+    drop(back);
+}
