@@ -17,6 +17,7 @@ use crate::pb;
 use crate::pb::client_frame::Body as ClientBody;
 use crate::pb::server_frame::Body as ServerBody;
 use crate::registry::{Attach, Registry, RegistryError};
+use crate::store::{LoggedOp, LoggedOutcome};
 use crate::wire;
 
 /// A refused request, as the client will see it.
@@ -700,6 +701,99 @@ pub struct Reply {
     pub body: ServerBody,
     /// The request changed stored subscriptions: send the reply only once they are durable.
     pub needs_commit: bool,
+}
+
+/// Cluster mode: a Subscribe or Unsubscribe, checked and turned into the operation every
+/// node applies from the replicated log, with a key that folds a client's retry of the same
+/// request (same device, request id and content) into the first one. `None` for any other
+/// command.
+pub fn logged_op(
+    command: &Command,
+    session: &Session,
+    request_id: u64,
+    limits: &LimitsConfig,
+) -> Option<Result<(LoggedOp, String), RequestError>> {
+    use sha2::{Digest, Sha256};
+    let now_ms = crate::now_ms();
+    let mut key = Sha256::new();
+    key.update(session.user_id.as_bytes());
+    key.update([0]);
+    key.update(session.device_id.as_bytes());
+    key.update([0]);
+    key.update(request_id.to_be_bytes());
+    let op = match command {
+        Command::Subscribe {
+            targets,
+            expiry_secs,
+        } => {
+            if targets.contains(&session.user_id) {
+                return Some(Err(RequestError::new(
+                    pb::ErrorCode::SelfSubscription,
+                    "you cannot subscribe to yourself",
+                )));
+            }
+            key.update(b"sub");
+            key.update(expiry_secs.to_be_bytes());
+            LoggedOp::Subscribe {
+                subscriber: session.user_id.clone(),
+                targets: targets.clone(),
+                expires_at_ms: now_ms.saturating_add(expiry_secs.saturating_mul(1000)),
+                now_ms,
+                cap: limits.max_subscriptions as usize,
+            }
+        }
+        Command::Unsubscribe { targets } => {
+            key.update(b"unsub");
+            LoggedOp::Unsubscribe {
+                subscriber: session.user_id.clone(),
+                targets: targets.clone(),
+                now_ms,
+            }
+        }
+        _ => return None,
+    };
+    if let LoggedOp::Subscribe { targets, .. } | LoggedOp::Unsubscribe { targets, .. } = &op {
+        for t in targets {
+            key.update(t.as_bytes());
+            key.update([0]);
+        }
+    }
+    let key = key.finalize();
+    let id = key[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Some(Ok((op, id)))
+}
+
+/// The reply to a logged Subscribe or Unsubscribe once it is applied here.
+pub fn logged_reply(op: &LoggedOp, outcome: LoggedOutcome, registry: &Registry) -> ServerBody {
+    match (op, outcome) {
+        (
+            LoggedOp::Subscribe {
+                targets,
+                expires_at_ms,
+                ..
+            },
+            LoggedOutcome::Subscribed(outcome),
+        ) => {
+            let presences = registry.snapshots(targets);
+            ServerBody::SubscribeResult(pb::SubscribeResult {
+                presences: presences.iter().map(wire::presence_to_pb).collect(),
+                expires_at_ms: *expires_at_ms,
+                evicted_user_ids: outcome.evicted,
+                subscription_count: outcome.count as u32,
+            })
+        }
+        (LoggedOp::Unsubscribe { .. }, LoggedOutcome::Unsubscribed(removed, count)) => {
+            ServerBody::UnsubscribeResult(pb::UnsubscribeResult {
+                removed: removed as u32,
+                subscription_count: count as u32,
+            })
+        }
+        (op, outcome) => RequestError::new(
+            pb::ErrorCode::Internal,
+            format!("unexpected outcome {outcome:?} for {op:?}"),
+        )
+        .to_body("subscribe"),
+    }
 }
 
 /// Applies a session-level command (anything but Connect and Disconnect, which the connection

@@ -421,6 +421,14 @@ pub struct ClusterConfig {
     /// Deltas queued for NATS before new ones are dropped (the receivers then repair the gap
     /// by state transfer).
     pub delta_queue: usize,
+    /// Replicas of the JetStream subscription log (3 for a 3-server NATS cluster; at most the
+    /// number of JetStream servers).
+    pub subscription_replicas: usize,
+    /// How long a Subscribe/Unsubscribe waits for the log's quorum ack before the client gets
+    /// UNAVAILABLE, milliseconds.
+    pub log_ack_timeout_ms: u64,
+    /// How long start-up may take to replay the subscription log, milliseconds.
+    pub log_replay_timeout_ms: u64,
     /// Use only `nats_urls`, never the other servers a NATS cluster advertises (for a node
     /// that must reach NATS through one path, e.g. a proxy or a fixed set of routes).
     pub ignore_discovered_servers: bool,
@@ -439,6 +447,9 @@ impl Default for ClusterConfig {
             join_wait_ms: 1_500,
             delta_queue: 65_536,
             ignore_discovered_servers: false,
+            subscription_replicas: 3,
+            log_ack_timeout_ms: 3_000,
+            log_replay_timeout_ms: 120_000,
         }
     }
 }
@@ -524,6 +535,9 @@ impl Config {
                 return bad(
                     "cluster.fence_after_ms must be at least twice cluster.heartbeat_ms".into(),
                 );
+            }
+            if !(1..=5).contains(&c.subscription_replicas) {
+                return bad("cluster.subscription_replicas must be 1 to 5".into());
             }
             if c.delta_queue == 0 {
                 return bad("cluster.delta_queue must be at least 1".into());

@@ -66,6 +66,8 @@ pub struct ConnectionContext {
     pub tracker: TaskTracker,
     /// Source of connection ids.
     pub next_conn_id: AtomicU64,
+    /// Cluster mode: the replicated subscription log that Subscribe/Unsubscribe go through.
+    pub sub_log: std::sync::OnceLock<crate::cluster::sublog::SubLog>,
     /// Group commit for subscription changes.
     pub committer: Committer,
     /// Failed-Connect delays and bans per address.
@@ -100,6 +102,7 @@ impl ConnectionContext {
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
+            sub_log: std::sync::OnceLock::new(),
             committer,
             auth_guard: AuthGuard::new(config.auth_guard()),
             registry,
@@ -600,6 +603,32 @@ where
                 push_error(outbound, request_id, "connect", &error);
                 return End::Close(CloseKind::AuthFailed, error.reason);
             }
+            Step::ReplyWhenLogged {
+                request_id,
+                operation,
+                op,
+                msg_id,
+            } => {
+                let Some(log) = ctx.sub_log.get() else {
+                    continue;
+                };
+                // Boxed like the commit wait: rare, and large inline.
+                match Box::pin(log.submit(&op, &msg_id)).await {
+                    Ok(outcome) => push_reply(
+                        outbound,
+                        request_id,
+                        command::logged_reply(&op, outcome, &ctx.registry),
+                    ),
+                    Err(e) => {
+                        let error = RequestError {
+                            code: pb::ErrorCode::Unavailable,
+                            reason: e.to_string(),
+                            retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+                        };
+                        push_error(outbound, request_id, operation, &error);
+                    }
+                }
+            }
             Step::ReplyWhenDurable {
                 request_id,
                 operation,
@@ -693,6 +722,14 @@ enum Step {
         request_id: u64,
         operation: &'static str,
         body: Box<ServerBody>,
+    },
+    /// Cluster mode: append `op` to the replicated subscription log, reply once the quorum
+    /// acknowledged it and this node applied it (or with UNAVAILABLE).
+    ReplyWhenLogged {
+        request_id: u64,
+        operation: &'static str,
+        op: Box<crate::store::LoggedOp>,
+        msg_id: String,
     },
 }
 
@@ -801,6 +838,24 @@ fn handle_frame<R>(
                     change.status.as_ref() != Some(trigger),
                     "injected panic (session.panic_on_status)"
                 );
+            }
+            if let Some(planned) = ctx
+                .sub_log
+                .get()
+                .and_then(|_| command::logged_op(&command, current, request_id, limits))
+            {
+                match planned {
+                    Ok((op, msg_id)) => {
+                        return Step::ReplyWhenLogged {
+                            request_id,
+                            operation,
+                            op: Box::new(op),
+                            msg_id,
+                        }
+                    }
+                    Err(e) => push_error(outbound, request_id, operation, &e),
+                }
+                return Step::Continue;
             }
             match command::execute(command, current, &ctx.registry, limits, received_at) {
                 Ok(reply) if reply.needs_commit => {

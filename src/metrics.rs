@@ -82,6 +82,11 @@ pub const CLUSTER_REMOTE_SESSIONS: &str = "presence_cluster_remote_sessions";
 pub const CLUSTER_DIGEST: &str = "presence_cluster_digest";
 /// Cluster mode: this node's digest of each peer's sessions, by node.
 pub const CLUSTER_PEER_DIGEST: &str = "presence_cluster_peer_digest";
+/// Cluster mode: subscription-log operations, by result (`ok`, `duplicate`, `unavailable`,
+/// `rollup`, `invalid`).
+pub const CLUSTER_LOG_OPS: &str = "presence_cluster_log_operations_total";
+/// Cluster mode: the last subscription-log sequence applied into this node's store.
+pub const CLUSTER_LOG_APPLIED: &str = "presence_cluster_log_applied_sequence";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -173,6 +178,11 @@ fn describe() {
     describe_gauge!(
         CLUSTER_REMOTE_SESSIONS,
         "Sessions held by other nodes, replicated here"
+    );
+    describe_counter!(CLUSTER_LOG_OPS, "Subscription-log operations, by result");
+    describe_gauge!(
+        CLUSTER_LOG_APPLIED,
+        "Last subscription-log sequence applied here"
     );
     describe_gauge!(CLUSTER_DIGEST, "Digest of this node's own sessions");
     describe_gauge!(

@@ -120,6 +120,7 @@ impl Server {
         });
         let cluster_config = config.cluster.clone();
         let grace = config.grace_period();
+        let max_expiry = Duration::from_secs(config.limits.max_expiry_secs);
         let ctx = Arc::new(ConnectionContext::new(config, store));
         // Cluster mode joins before the listener accepts anyone: the node then answers with
         // the cluster's presence from its first client on.
@@ -129,7 +130,10 @@ impl Server {
                     let addr = listener.local_addr().unwrap_or(ctx.config.listen);
                     crate::config::ClusterConfig::default_node_id(addr)
                 });
-                Some(Cluster::start(&c, node, ctx.registry.clone(), grace).await?)
+                let cluster =
+                    Cluster::start(&c, node, ctx.registry.clone(), grace, max_expiry).await?;
+                let _ = ctx.sub_log.set(cluster.sub_log().clone());
+                Some(cluster)
             }
             None => None,
         };

@@ -8,6 +8,7 @@
 //! module only moves bytes and time.
 
 pub mod peers;
+pub mod sublog;
 pub mod wire;
 
 use std::collections::HashSet;
@@ -26,6 +27,7 @@ use crate::config::ClusterConfig;
 use crate::metrics as m;
 use crate::registry::{Origin, Registry, ReplicaChange, ReplicationSink};
 use peers::Peers;
+use sublog::{SubLog, SubLogConfig, SubLogError};
 use wire::{Envelope, Heartbeat, Record, Subjects, SyncPage, SyncRequest};
 
 /// Why cluster mode could not start.
@@ -41,6 +43,9 @@ pub enum ClusterError {
         /// The last failure.
         reason: String,
     },
+    /// The subscription log could not be created or replayed.
+    #[error(transparent)]
+    SubscriptionLog(SubLogError),
     /// A subscription could not be made.
     #[error("NATS subscription failed: {0}")]
     Subscribe(String),
@@ -144,6 +149,7 @@ impl Shared {
 #[derive(Debug)]
 pub struct Cluster {
     shared: Arc<Shared>,
+    sub_log: SubLog,
 }
 
 impl Cluster {
@@ -156,6 +162,7 @@ impl Cluster {
         node: String,
         registry: Registry,
         grace: Duration,
+        max_expiry: Duration,
     ) -> Result<Cluster, ClusterError> {
         let link = Arc::new(Link {
             up: AtomicBool::new(false),
@@ -163,6 +170,24 @@ impl Cluster {
         });
         let client = connect(config, &node, link.clone()).await?;
         link.set(true);
+        let subjects = Subjects::new(&config.subject_prefix);
+        // Durable subscriptions first: the store is caught up with the cluster's log before
+        // anything else reads it.
+        let sub_log = SubLog::start(
+            client.clone(),
+            subjects.clone(),
+            node.clone(),
+            registry.store().clone(),
+            SubLogConfig {
+                replicas: config.subscription_replicas,
+                max_age: max_expiry + Duration::from_secs(24 * 3600),
+                ack_timeout: Duration::from_millis(config.log_ack_timeout_ms),
+                apply_timeout: Duration::from_secs(5),
+                replay_timeout: Duration::from_millis(config.log_replay_timeout_ms),
+            },
+        )
+        .await
+        .map_err(ClusterError::SubscriptionLog)?;
         let (tx, rx) = mpsc::channel(config.delta_queue);
         let outgoing = Arc::new(Outgoing {
             origin: Mutex::new(Origin {
@@ -173,7 +198,6 @@ impl Cluster {
             tx,
         });
         registry.set_replication(outgoing.clone(), grace);
-        let subjects = Subjects::new(&config.subject_prefix);
         let replication = client
             .subscribe(subjects.replication.clone())
             .await
@@ -222,7 +246,12 @@ impl Cluster {
             nats = ?shared.client.server_info().server_name,
             "joined the cluster"
         );
-        Ok(Cluster { shared })
+        Ok(Cluster { shared, sub_log })
+    }
+
+    /// The replicated subscription log.
+    pub fn sub_log(&self) -> &SubLog {
+        &self.sub_log
     }
 
     /// This node's current identity.
@@ -238,6 +267,7 @@ impl Cluster {
     /// Stops the link after sending what is queued (the sessions' last deltas at shutdown),
     /// bounded by a few seconds.
     pub async fn stop(self) {
+        self.sub_log.stop().await;
         self.shared.stop.cancel();
         self.shared.tasks.close();
         if tokio::time::timeout(Duration::from_secs(3), self.shared.tasks.wait())

@@ -11,6 +11,7 @@ use prost::Message;
 
 use crate::model::{Availability, CloseKind, OfflineReason};
 use crate::registry::{DeviceRecord, Origin, ReplicaChange, UserFields};
+use crate::store::LoggedOp;
 
 /// Why a message from another node could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +148,95 @@ pub struct SyncPage {
     pub fenced: bool,
 }
 
+/// One entry of the replicated subscription log (JetStream).
+#[derive(Clone, PartialEq, Message)]
+pub struct LogEntry {
+    /// 1 subscribe, 2 unsubscribe, 3 snapshot (a rollup).
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    #[prost(string, tag = "2")]
+    pub subscriber: String,
+    #[prost(string, repeated, tag = "3")]
+    pub targets: Vec<String>,
+    #[prost(uint64, tag = "4")]
+    pub expires_at_ms: u64,
+    #[prost(uint64, tag = "5")]
+    pub now_ms: u64,
+    #[prost(uint64, tag = "6")]
+    pub cap: u64,
+    /// Snapshot: every target's expiry, in `targets` order.
+    #[prost(uint64, repeated, tag = "7")]
+    pub expiries: Vec<u64>,
+    /// The node that appended it.
+    #[prost(string, tag = "8")]
+    pub node: String,
+}
+
+impl LogEntry {
+    /// The wire form of a store operation appended by `node`.
+    pub fn from_op(op: &LoggedOp, node: &str) -> LogEntry {
+        let mut e = LogEntry {
+            node: node.to_string(),
+            subscriber: op.subscriber().to_string(),
+            ..LogEntry::default()
+        };
+        match op {
+            LoggedOp::Subscribe {
+                targets,
+                expires_at_ms,
+                now_ms,
+                cap,
+                ..
+            } => {
+                e.kind = 1;
+                e.targets = targets.clone();
+                e.expires_at_ms = *expires_at_ms;
+                e.now_ms = *now_ms;
+                e.cap = *cap as u64;
+            }
+            LoggedOp::Unsubscribe {
+                targets, now_ms, ..
+            } => {
+                e.kind = 2;
+                e.targets = targets.clone();
+                e.now_ms = *now_ms;
+            }
+            LoggedOp::Snapshot { entries, .. } => {
+                e.kind = 3;
+                e.targets = entries.iter().map(|(t, _)| t.clone()).collect();
+                e.expiries = entries.iter().map(|(_, x)| *x).collect();
+            }
+        }
+        e
+    }
+
+    /// Back to the store's form.
+    pub fn into_op(self) -> Result<LoggedOp, WireError> {
+        if self.subscriber.is_empty() {
+            return Err(WireError::Invalid("log entry without a subscriber"));
+        }
+        Ok(match self.kind {
+            1 => LoggedOp::Subscribe {
+                subscriber: self.subscriber,
+                targets: self.targets,
+                expires_at_ms: self.expires_at_ms,
+                now_ms: self.now_ms,
+                cap: usize::try_from(self.cap).unwrap_or(usize::MAX),
+            },
+            2 => LoggedOp::Unsubscribe {
+                subscriber: self.subscriber,
+                targets: self.targets,
+                now_ms: self.now_ms,
+            },
+            3 if self.expiries.len() == self.targets.len() => LoggedOp::Snapshot {
+                subscriber: self.subscriber,
+                entries: self.targets.into_iter().zip(self.expiries).collect(),
+            },
+            _ => return Err(WireError::Invalid("log entry kind")),
+        })
+    }
+}
+
 /// Encodes a subject token so that any id is one literal token: ids made only of
 /// `[A-Za-z0-9_-]` pass as they are (readable in `nats sub`), anything else is `~` and the
 /// lowercase hex of its bytes (`~` itself is never a plain-id character, so the two forms
@@ -172,6 +262,8 @@ pub fn subject_token(id: &str) -> String {
 pub struct Subjects {
     /// Deltas and heartbeats of every node.
     pub replication: String,
+    /// Every subscription-log subject (the stream's filter).
+    pub log_all: String,
     prefix: String,
 }
 
@@ -180,8 +272,30 @@ impl Subjects {
     pub fn new(prefix: &str) -> Subjects {
         Subjects {
             replication: format!("{prefix}.repl"),
+            log_all: format!("{prefix}.subs.>"),
             prefix: prefix.to_string(),
         }
+    }
+
+    /// The subscription-log subject of one subscriber (its rollups replace only its entries).
+    pub fn log(&self, subscriber: &str) -> String {
+        format!("{}.subs.{}", self.prefix, subject_token(subscriber))
+    }
+
+    /// The JetStream stream holding the subscription log.
+    pub fn stream(&self) -> String {
+        let name: String = self
+            .prefix
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{name}_SUBSCRIPTIONS")
     }
 
     /// Where `node` answers state transfer requests.

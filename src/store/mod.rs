@@ -58,6 +58,123 @@ pub struct SubscribeOutcome {
     pub count: usize,
 }
 
+/// One operation of cluster mode's replicated subscription log (`crate::cluster::sublog`).
+/// Every node applies the same operations in the same order, each with the time and cap its
+/// origin decided, so every node's store ends up the same.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoggedOp {
+    /// [`SubscriptionStore::subscribe`].
+    Subscribe {
+        /// The watcher.
+        subscriber: String,
+        /// Watched users.
+        targets: Vec<String>,
+        /// When the subscriptions expire, ms.
+        expires_at_ms: u64,
+        /// The origin's clock, ms.
+        now_ms: u64,
+        /// The subscriber's cap.
+        cap: usize,
+    },
+    /// [`SubscriptionStore::unsubscribe`].
+    Unsubscribe {
+        /// The watcher.
+        subscriber: String,
+        /// Users no longer watched.
+        targets: Vec<String>,
+        /// The origin's clock, ms.
+        now_ms: u64,
+    },
+    /// The subscriber's whole list (a rollup that replaced the log entries before it).
+    Snapshot {
+        /// The watcher.
+        subscriber: String,
+        /// (target, expires_at_ms), every one.
+        entries: Vec<(String, u64)>,
+    },
+}
+
+impl LoggedOp {
+    /// The subscriber the operation is about.
+    pub fn subscriber(&self) -> &str {
+        match self {
+            LoggedOp::Subscribe { subscriber, .. }
+            | LoggedOp::Unsubscribe { subscriber, .. }
+            | LoggedOp::Snapshot { subscriber, .. } => subscriber,
+        }
+    }
+}
+
+/// What applying a [`LoggedOp`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoggedOutcome {
+    /// A subscribe's outcome.
+    Subscribed(SubscribeOutcome),
+    /// An unsubscribe's: removed, and live subscriptions left.
+    Unsubscribed(usize, usize),
+    /// A snapshot replaced the list.
+    Replaced,
+}
+
+/// Applies `op` through the plain trait methods (stores without a log position).
+pub fn apply_op(store: &dyn SubscriptionStore, op: &LoggedOp) -> Result<LoggedOutcome, StoreError> {
+    Ok(match op {
+        LoggedOp::Subscribe {
+            subscriber,
+            targets,
+            expires_at_ms,
+            now_ms,
+            cap,
+        } => LoggedOutcome::Subscribed(store.subscribe(
+            subscriber,
+            targets,
+            *expires_at_ms,
+            *now_ms,
+            *cap,
+        )?),
+        LoggedOp::Unsubscribe {
+            subscriber,
+            targets,
+            now_ms,
+        } => {
+            let (removed, count) = store.unsubscribe(subscriber, targets, *now_ms)?;
+            LoggedOutcome::Unsubscribed(removed, count)
+        }
+        LoggedOp::Snapshot {
+            subscriber,
+            entries,
+        } => {
+            let mut current = Vec::new();
+            let mut after: Option<String> = None;
+            loop {
+                let page = store.list(subscriber, after.as_deref(), 1000, 0)?;
+                current.extend(page.entries.iter().map(|(t, _)| t.clone()));
+                after = page.entries.last().map(|(t, _)| t.clone());
+                if !page.has_more {
+                    break;
+                }
+            }
+            let keep: std::collections::HashSet<&str> =
+                entries.iter().map(|(t, _)| t.as_str()).collect();
+            let gone: Vec<String> = current
+                .into_iter()
+                .filter(|t| !keep.contains(t.as_str()))
+                .collect();
+            store.unsubscribe(subscriber, &gone, 0)?;
+            for (target, expires_at_ms) in entries {
+                store.subscribe(
+                    subscriber,
+                    std::slice::from_ref(target),
+                    *expires_at_ms,
+                    0,
+                    usize::MAX,
+                )?;
+            }
+            LoggedOutcome::Replaced
+        }
+    })
+}
+
 /// One page of a subscriber's list, ordered by target id.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct SubscriptionPage {
@@ -125,6 +242,22 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     fn is_durable(&self) -> bool {
         false
     }
+
+    /// Cluster mode: applies operation `seq` of the replicated subscription log. A durable
+    /// store writes the operation and `seq` in one atomic batch, so that after a crash it
+    /// replays from exactly the first operation it lacks.
+    fn apply_logged(&self, op: &LoggedOp, seq: u64) -> Result<LoggedOutcome, StoreError> {
+        let _ = seq;
+        apply_op(self.as_dyn(), op)
+    }
+
+    /// The last log operation applied (0: none; a memory store starts empty every time).
+    fn applied_seq(&self) -> u64 {
+        0
+    }
+
+    /// `self` as a trait object (for the default methods).
+    fn as_dyn(&self) -> &dyn SubscriptionStore;
 }
 
 /// A `SubscriptionStore` in memory: correct and fast, gone at exit.
@@ -415,6 +548,10 @@ impl SubscriptionStore for MemoryStore {
 
     fn last_seen(&self, user: &str) -> Option<u64> {
         self.edges().last_seen(user)
+    }
+
+    fn as_dyn(&self) -> &dyn SubscriptionStore {
+        self
     }
 
     fn flush(&self) -> Result<(), StoreError> {

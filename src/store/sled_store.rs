@@ -11,7 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{
-    publish_gauge, Edges, StoreError, SubscribeOutcome, SubscriptionPage, SubscriptionStore,
+    publish_gauge, Edges, LoggedOp, LoggedOutcome, StoreError, SubscribeOutcome, SubscriptionPage,
+    SubscriptionStore,
 };
 
 /// The on-disk format this build writes and reads.
@@ -23,6 +24,9 @@ const LAST_SEEN_TREE: &str = "last_seen";
 const FORMAT_KEY: &[u8] = b"format";
 const FORWARD: u8 = b'f';
 const REVERSE: u8 = b'r';
+/// Cluster mode: the last subscription-log operation applied, in the edges tree (outside the
+/// edge prefixes) so that it is written in the same batch as the operation's edges.
+const APPLIED_SEQ_KEY: &[u8] = b"m:applied_seq";
 /// Separates the two ids in an edge key; user ids never contain control characters.
 const SEPARATOR: u8 = 0;
 
@@ -34,6 +38,8 @@ pub struct SledStore {
     last_seen_tree: sled::Tree,
     /// The in-memory image; its lock also orders writes to `edges_tree`.
     image: Mutex<Edges>,
+    /// Cluster mode: the last log operation applied (see `APPLIED_SEQ_KEY`).
+    applied_seq: std::sync::atomic::AtomicU64,
     /// For error messages.
     path: String,
 }
@@ -110,11 +116,17 @@ impl SledStore {
             seconds = started.elapsed().as_secs_f64(),
             "subscription store loaded"
         );
+        let applied_seq = edges_tree
+            .get(APPLIED_SEQ_KEY)
+            .map_err(|e| classify(&shown, e))?
+            .and_then(|v| u64_value(&v))
+            .unwrap_or(0);
         Ok(SledStore {
             db,
             edges_tree,
             last_seen_tree,
             image: Mutex::new(image),
+            applied_seq: std::sync::atomic::AtomicU64::new(applied_seq),
             path: shown,
         })
     }
@@ -137,11 +149,30 @@ impl SledStore {
         expires_at_ms: u64,
         removes: &[String],
     ) -> Result<(), StoreError> {
+        let inserts: Vec<(&str, u64)> = inserts
+            .iter()
+            .map(|t| (t.as_str(), expires_at_ms))
+            .collect();
+        self.write_batch(subscriber, &inserts, removes, None)
+    }
+
+    /// Writes edges of `subscriber` (each insert with its own expiry) and, in cluster mode,
+    /// the log position they reach, as one atomic batch.
+    fn write_batch(
+        &self,
+        subscriber: &str,
+        inserts: &[(&str, u64)],
+        removes: &[String],
+        applied_seq: Option<u64>,
+    ) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        let value = expires_at_ms.to_be_bytes();
-        for target in inserts {
+        for (target, expires_at_ms) in inserts {
+            let value = expires_at_ms.to_be_bytes();
             batch.insert(edge_key(FORWARD, subscriber, target), &value);
             batch.insert(edge_key(REVERSE, target, subscriber), &value);
+        }
+        if let Some(seq) = applied_seq {
+            batch.insert(APPLIED_SEQ_KEY, &seq.to_be_bytes());
         }
         for target in removes {
             batch.remove(edge_key(FORWARD, subscriber, target));
@@ -355,6 +386,88 @@ impl SubscriptionStore for SledStore {
 
     fn is_durable(&self) -> bool {
         true
+    }
+
+    fn apply_logged(&self, op: &LoggedOp, seq: u64) -> Result<LoggedOutcome, StoreError> {
+        let mut image = self.image();
+        let outcome = match op {
+            LoggedOp::Subscribe {
+                subscriber,
+                targets,
+                expires_at_ms,
+                now_ms,
+                cap,
+            } => {
+                let evicted = image.plan_eviction(subscriber, targets, *cap);
+                let inserts: Vec<(&str, u64)> = targets
+                    .iter()
+                    .map(|t| (t.as_str(), *expires_at_ms))
+                    .collect();
+                self.write_batch(subscriber, &inserts, &evicted, Some(seq))?;
+                for target in targets {
+                    image.insert(subscriber, target, *expires_at_ms);
+                }
+                for target in &evicted {
+                    image.remove(subscriber, target);
+                }
+                LoggedOutcome::Subscribed(SubscribeOutcome {
+                    evicted,
+                    count: image.live_count(subscriber, *now_ms),
+                })
+            }
+            LoggedOp::Unsubscribe {
+                subscriber,
+                targets,
+                now_ms,
+            } => {
+                let present: Vec<String> = targets
+                    .iter()
+                    .filter(|t| image.contains(subscriber, t))
+                    .cloned()
+                    .collect();
+                self.write_batch(subscriber, &[], &present, Some(seq))?;
+                for target in &present {
+                    image.remove(subscriber, target);
+                }
+                LoggedOutcome::Unsubscribed(present.len(), image.live_count(subscriber, *now_ms))
+            }
+            LoggedOp::Snapshot {
+                subscriber,
+                entries,
+            } => {
+                let keep: std::collections::HashSet<&str> =
+                    entries.iter().map(|(t, _)| t.as_str()).collect();
+                let gone: Vec<String> = image
+                    .page(subscriber, None, usize::MAX, 0)
+                    .entries
+                    .into_iter()
+                    .map(|(t, _)| t)
+                    .filter(|t| !keep.contains(t.as_str()))
+                    .collect();
+                let inserts: Vec<(&str, u64)> =
+                    entries.iter().map(|(t, e)| (t.as_str(), *e)).collect();
+                self.write_batch(subscriber, &inserts, &gone, Some(seq))?;
+                for target in &gone {
+                    image.remove(subscriber, target);
+                }
+                for (target, expires_at_ms) in entries {
+                    image.insert(subscriber, target, *expires_at_ms);
+                }
+                LoggedOutcome::Replaced
+            }
+        };
+        self.applied_seq
+            .store(seq, std::sync::atomic::Ordering::Relaxed);
+        publish_gauge(&image);
+        Ok(outcome)
+    }
+
+    fn applied_seq(&self) -> u64 {
+        self.applied_seq.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn as_dyn(&self) -> &dyn SubscriptionStore {
+        self
     }
 }
 

@@ -1,0 +1,409 @@
+//! The replicated subscription log: a JetStream stream (replicated by NATS, acknowledged by a
+//! quorum) holds every Subscribe/Unsubscribe in one order, one subject per subscriber. Each
+//! node applies the stream into its own sled store with the stream sequence in the same batch,
+//! and replays from there at start before its listener opens. A client's request is
+//! acknowledged only after the JetStream ack and this node's apply; without a quorum it gets a
+//! retryable UNAVAILABLE error, never an ack. Retries are folded by message id (JetStream's
+//! duplicate window). The log stays bounded: entries older than the longest subscription
+//! expiry age out (they can only describe expired subscriptions), and a subscriber's entries
+//! are rolled up into one snapshot every `ROLLUP_EVERY` operations (guarded by the expected
+//! last subject sequence, so a rollup never swallows an operation it has not seen).
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use prost::Message;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::wire::{LogEntry, Subjects};
+use crate::metrics as m;
+use crate::store::{LoggedOp, LoggedOutcome, SubscribeOutcome, SubscriptionStore};
+
+/// Why the log could not take or confirm an operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SubLogError {
+    /// No quorum, no leader, NATS unreachable, or the local apply did not catch up in time.
+    /// Nothing is acknowledged; the client retries.
+    #[error("the subscription log is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Operations of one subscriber between rollups.
+pub const ROLLUP_EVERY: u32 = 64;
+/// Outcomes kept for operations applied here (a waiting request reads its own).
+const OUTCOMES_KEPT: usize = 16_384;
+
+/// Settings of the log.
+#[derive(Debug, Clone)]
+pub struct SubLogConfig {
+    /// Stream replicas (3 in production and in the cluster tests; at most the NATS servers).
+    pub replicas: usize,
+    /// How long entries live: the longest subscription expiry, plus a day.
+    pub max_age: Duration,
+    /// How long a publish waits for the quorum's ack.
+    pub ack_timeout: Duration,
+    /// How long a request waits for this node's apply after the ack.
+    pub apply_timeout: Duration,
+    /// How long start-up waits to replay the log.
+    pub replay_timeout: Duration,
+}
+
+#[derive(Debug)]
+struct Shared {
+    js: jetstream::Context,
+    subjects: Subjects,
+    stream_name: String,
+    node: String,
+    store: Arc<dyn SubscriptionStore>,
+    applied: watch::Sender<u64>,
+    outcomes: Mutex<BTreeMap<u64, LoggedOutcome>>,
+    since_rollup: Mutex<HashMap<String, u32>>,
+    config: SubLogConfig,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+/// Handle to the log; a cheap clone.
+#[derive(Debug, Clone)]
+pub struct SubLog {
+    shared: Arc<Shared>,
+}
+
+impl SubLog {
+    /// Makes sure the stream exists, replays it into `store` from the store's applied
+    /// position, and keeps applying it in the background.
+    pub async fn start(
+        client: async_nats::Client,
+        subjects: Subjects,
+        node: String,
+        store: Arc<dyn SubscriptionStore>,
+        config: SubLogConfig,
+    ) -> Result<SubLog, SubLogError> {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(config.ack_timeout)
+            .build(client);
+        let stream_name = subjects.stream();
+        let deadline = Instant::now() + config.replay_timeout;
+        let mut stream = loop {
+            let created = js
+                .get_or_create_stream(stream::Config {
+                    name: stream_name.clone(),
+                    subjects: vec![subjects.log_all.clone()],
+                    num_replicas: config.replicas,
+                    max_age: config.max_age,
+                    duplicate_window: Duration::from_secs(120),
+                    allow_rollup: true,
+                    storage: stream::StorageType::File,
+                    ..Default::default()
+                })
+                .await;
+            match created {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("subscription log not ready yet: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => return Err(SubLogError::Unavailable(e.to_string())),
+            }
+        };
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| SubLogError::Unavailable(e.to_string()))?
+            .state
+            .last_sequence;
+        let (applied, _) = watch::channel(store.applied_seq());
+        let log = SubLog {
+            shared: Arc::new(Shared {
+                js,
+                subjects,
+                stream_name,
+                node,
+                store,
+                applied,
+                outcomes: Mutex::new(BTreeMap::new()),
+                since_rollup: Mutex::new(HashMap::new()),
+                config,
+                stop: CancellationToken::new(),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        log.shared.tasks.spawn(apply_loop(log.clone()));
+        let started = Instant::now();
+        let mut rx = log.shared.applied.subscribe();
+        let caught_up = tokio::time::timeout_at(deadline.into(), rx.wait_for(|&a| a >= last))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        if !caught_up {
+            return Err(SubLogError::Unavailable(format!(
+                "replay reached {} of {last} within {:?}",
+                *rx.borrow(),
+                log.shared.config.replay_timeout
+            )));
+        }
+        tracing::info!(
+            applied = *rx.borrow(),
+            seconds = started.elapsed().as_secs_f64(),
+            "subscription log replayed"
+        );
+        Ok(log)
+    }
+
+    /// The last operation applied here.
+    pub fn applied(&self) -> u64 {
+        *self.shared.applied.borrow()
+    }
+
+    /// Appends `op` (folded with an earlier append of the same `msg_id`), waits for the
+    /// quorum's ack and this node's apply, and returns what it did here.
+    pub async fn submit(&self, op: &LoggedOp, msg_id: &str) -> Result<LoggedOutcome, SubLogError> {
+        let s = &self.shared;
+        let payload = Bytes::from(LogEntry::from_op(op, &s.node).encode_to_vec());
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
+        let unavailable = |e: String| {
+            metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "unavailable").increment(1);
+            SubLogError::Unavailable(e)
+        };
+        // Retried with the same message id until the deadline: while a stream leader is
+        // being elected the publish fails fast ("no responders"), and a duplicate of an entry
+        // that did land is folded by JetStream.
+        let subject = s.subjects.log(op.subscriber());
+        let last_error = Mutex::new(String::from("no answer"));
+        let ack = async {
+            loop {
+                let attempt = async {
+                    let pending = s
+                        .js
+                        .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    pending.into_future().await.map_err(|e| e.to_string())
+                };
+                match attempt.await {
+                    Ok(ack) => return Ok::<_, String>(ack),
+                    Err(e) => {
+                        tracing::debug!("subscription log publish failed, retrying: {e}");
+                        *last_error.lock().unwrap_or_else(|p| p.into_inner()) = e;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        };
+        let ack = tokio::time::timeout(s.config.ack_timeout, ack)
+            .await
+            .map_err(|_| {
+                let last = last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                unavailable(format!(
+                    "no quorum acknowledged in time ({last}); the change may still be applied \
+                     once the log recovers: retry with the same request id (retries are folded)"
+                ))
+            })?
+            .map_err(unavailable)?;
+        let seq = ack.sequence;
+        let mut rx = s.applied.subscribe();
+        tokio::time::timeout(s.config.apply_timeout, rx.wait_for(|&a| a >= seq))
+            .await
+            .map_err(|_| unavailable(format!("stored as #{seq} but not yet applied here")))?
+            .map_err(|_| unavailable("the log applier stopped".to_string()))
+            .map(|_| ())?;
+        metrics::counter!(m::CLUSTER_LOG_OPS, "result" => if ack.duplicate { "duplicate" } else { "ok" })
+            .increment(1);
+        let outcome = s
+            .outcomes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&seq)
+            .cloned();
+        Ok(outcome.unwrap_or_else(|| fallback_outcome(op, s.store.as_ref())))
+    }
+
+    /// Stops applying.
+    pub async fn stop(&self) {
+        self.shared.stop.cancel();
+        self.shared.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await;
+    }
+}
+
+/// The outcome of an operation whose own was forgotten (a retry long after): the state now.
+fn fallback_outcome(op: &LoggedOp, store: &dyn SubscriptionStore) -> LoggedOutcome {
+    let count = store
+        .list(op.subscriber(), None, 0, crate::now_ms())
+        .map(|p| p.total)
+        .unwrap_or(0);
+    match op {
+        LoggedOp::Subscribe { .. } => LoggedOutcome::Subscribed(SubscribeOutcome {
+            evicted: Vec::new(),
+            count,
+        }),
+        LoggedOp::Unsubscribe { .. } => LoggedOutcome::Unsubscribed(0, count),
+        LoggedOp::Snapshot { .. } => LoggedOutcome::Replaced,
+    }
+}
+
+/// Follows the stream from the store's position with an ordered consumer (re-created after
+/// an error), applying each entry in order.
+async fn apply_loop(log: SubLog) {
+    let s = &log.shared;
+    loop {
+        let start = s.store.applied_seq() + 1;
+        let messages = async {
+            let stream =
+                s.js.get_stream(&s.stream_name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let consumer = stream
+                .create_consumer(consumer::push::OrderedConfig {
+                    deliver_subject: s.js.client().new_inbox(),
+                    deliver_policy: consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: start,
+                    },
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            consumer.messages().await.map_err(|e| e.to_string())
+        };
+        let mut messages = tokio::select! {
+            _ = s.stop.cancelled() => return,
+            m = messages => match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::debug!("subscription log consumer: {e}");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    continue;
+                }
+            },
+        };
+        loop {
+            let next = tokio::select! {
+                _ = s.stop.cancelled() => return,
+                n = messages.next() => n,
+            };
+            let message = match next {
+                Some(Ok(m)) => m,
+                Some(Err(e)) => {
+                    tracing::debug!("subscription log stream: {e}");
+                    break;
+                }
+                None => break,
+            };
+            let Ok(info) = message.info() else {
+                continue;
+            };
+            let seq = info.stream_sequence;
+            if seq <= s.store.applied_seq() {
+                continue;
+            }
+            apply_one(&log, seq, &message.payload);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn apply_one(log: &SubLog, seq: u64, payload: &[u8]) {
+    let s = &log.shared;
+    let entry = match LogEntry::decode(payload)
+        .map_err(|e| e.to_string())
+        .and_then(|e| {
+            let node = e.node.clone();
+            e.into_op().map(|op| (op, node)).map_err(|e| e.to_string())
+        }) {
+        Ok(entry) => entry,
+        Err(e) => {
+            // Skipped, but counted and logged: a malformed entry must not stop the log.
+            metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "invalid").increment(1);
+            tracing::warn!(seq, "skipping an undecodable subscription log entry: {e}");
+            s.applied.send_replace(seq);
+            return;
+        }
+    };
+    let (op, origin) = entry;
+    match s.store.apply_logged(&op, seq) {
+        Ok(outcome) => {
+            let mut outcomes = s.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+            outcomes.insert(seq, outcome);
+            while outcomes.len() > OUTCOMES_KEPT {
+                outcomes.pop_first();
+            }
+        }
+        Err(e) => {
+            // The store refused (disk full, corruption): the position does not move, so the
+            // entry is retried when the consumer is re-created.
+            tracing::error!(seq, "cannot apply a subscription log entry: {e}");
+            return;
+        }
+    }
+    s.applied.send_replace(seq);
+    metrics::gauge!(m::CLUSTER_LOG_APPLIED).set(seq as f64);
+    let subscriber = op.subscriber().to_string();
+    let due = {
+        let mut counts = s.since_rollup.lock().unwrap_or_else(|p| p.into_inner());
+        if matches!(op, LoggedOp::Snapshot { .. }) {
+            counts.remove(&subscriber);
+            false
+        } else {
+            let n = counts.entry(subscriber.clone()).or_default();
+            *n += 1;
+            *n >= ROLLUP_EVERY && origin == s.node
+        }
+    };
+    if due {
+        s.since_rollup
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&subscriber);
+        s.tasks.spawn(rollup(log.clone(), subscriber, seq));
+    }
+}
+
+/// Replaces `subscriber`'s log entries with one snapshot of its list as of `seq`, only if no
+/// entry for it was appended after `seq`.
+async fn rollup(log: SubLog, subscriber: String, seq: u64) {
+    let s = &log.shared;
+    let mut entries = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let Ok(page) = s.store.list(&subscriber, after.as_deref(), 1000, 0) else {
+            return;
+        };
+        entries.extend(page.entries.iter().cloned());
+        after = page.entries.last().map(|(t, _)| t.clone());
+        if !page.has_more {
+            break;
+        }
+    }
+    let op = LoggedOp::Snapshot {
+        subscriber: subscriber.clone(),
+        entries,
+    };
+    let payload = Bytes::from(LogEntry::from_op(&op, &s.node).encode_to_vec());
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_ROLLUP, "sub");
+    headers.insert(
+        async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE,
+        seq.to_string().as_str(),
+    );
+    let result = async {
+        s.js.publish_with_headers(s.subjects.log(&subscriber), headers, payload)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_future()
+            .await
+            .map_err(|e| e.to_string())
+    }
+    .await;
+    match result {
+        Ok(_) => metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "rollup").increment(1),
+        // Another entry came first (or no quorum): the next operations trigger another try.
+        Err(e) => tracing::debug!(subscriber, "rollup skipped: {e}"),
+    }
+}
