@@ -210,6 +210,10 @@ async fn takeover_across_nodes_200_times_never_shows_offline() {
     let mut watcher = nodes[2].connect("watcher", "w").await;
     within(watcher.subscribe(&["mover"])).await.unwrap();
     let mut current = nodes[0].connect("mover", "phone").await;
+    // The membership belongs to the session and moves with it.
+    within(current.join("room", &[("seat", "1")]))
+        .await
+        .unwrap();
     for i in 1..=200 {
         let next_node = &nodes[i % 2];
         let started = Instant::now();
@@ -232,8 +236,23 @@ async fn takeover_across_nodes_200_times_never_shows_offline() {
         let q = node.connect("asker", "q").await;
         let p = within(q.get_presence(&["mover"])).await.unwrap();
         assert_eq!(p[0].devices.len(), 1, "node {}: {:?}", node.id, p[0]);
+        assert_eq!(
+            within(q.where_now("mover")).await.unwrap(),
+            ["room"],
+            "node {}",
+            node.id
+        );
+        let who = within(q.who_now("room", pb::WhoNowMode::IdsAndState, "", 10))
+            .await
+            .unwrap();
+        assert_eq!(who.occupancy, 1, "node {}", node.id);
+        assert_eq!(
+            who.members[0].state.get("seat").map(String::as_str),
+            Some("1")
+        );
     }
-    // The last connection still works.
+    // The last connection still works, and can leave the room it joined 200 sessions ago.
+    assert!(within(current.leave("room")).await.unwrap().occupancy == 0);
     within(current.ping()).await.unwrap();
 }
 
@@ -357,4 +376,136 @@ async fn a_node_cut_off_from_nats_fences_and_rejoins() {
         "{took:?}"
     );
     drop(back);
+}
+
+/// Every member of `channel` as `node` lists it (paged), with state.
+async fn who_now_all(client: &Client, channel: &str) -> (u32, Vec<(String, String, String)>) {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = within(client.who_now(channel, pb::WhoNowMode::IdsAndState, &cursor, 100))
+            .await
+            .unwrap();
+        out.extend(page.members.iter().map(|m| {
+            (
+                m.user_id.clone(),
+                m.device_id.clone(),
+                m.state.get("seat").cloned().unwrap_or_default(),
+            )
+        }));
+        if page.next_cursor.is_empty() {
+            return (page.occupancy, out);
+        }
+        cursor = page.next_cursor;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_channel_spread_over_three_nodes_agrees_and_loses_a_dead_node_s_members() {
+    let nats = NatsCluster::start(3).await;
+    let mut nodes = nodes(&nats, 3).await;
+    let mut members = Vec::new();
+    for i in 0..300 {
+        let c = nodes[i % 3].connect(&format!("m{i}"), "phone").await;
+        within(c.join("hall", &[("seat", &i.to_string())]))
+            .await
+            .unwrap();
+        members.push(c);
+    }
+    // A watcher on node 2 for the events, one query client per node.
+    let mut watcher = nodes[1].connect("usher", "w").await;
+    within(watcher.watch_channel("hall")).await.unwrap();
+    let askers = [
+        nodes[0].connect("asker", "q0").await,
+        nodes[1].connect("asker", "q1").await,
+        nodes[2].connect("asker", "q2").await,
+    ];
+    // who-now (paged, with state) agrees on every node within 1 s of the last join.
+    let started = Instant::now();
+    loop {
+        let views = [
+            who_now_all(&askers[0], "hall").await,
+            who_now_all(&askers[1], "hall").await,
+            who_now_all(&askers[2], "hall").await,
+        ];
+        if views.iter().all(|v| v.0 == 300 && v.1.len() == 300)
+            && views[0] == views[1]
+            && views[1] == views[2]
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "who-now differs after 1 s: {:?}",
+            views.iter().map(|v| (v.0, v.1.len())).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A member state change on node 3 shows on node 1; where-now answers anywhere.
+    within(members[2].set_channel_state("hall", &[("seat", "moved")], false))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    loop {
+        let s = within(askers[0].get_channel_state("hall", "m2"))
+            .await
+            .unwrap();
+        if s.members
+            .first()
+            .and_then(|m| m.state.get("seat"))
+            .map(String::as_str)
+            == Some("moved")
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "state not replicated: {s:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(within(askers[1].where_now("m0")).await.unwrap(), ["hall"]);
+    // Node 1 (members m0, m3, ...: 100 of them) dies: 100 TIMEOUTs, occupancy 200 everywhere.
+    nodes[0].kill9().await;
+    let killed = Instant::now();
+    let mut timed_out = std::collections::HashSet::new();
+    while timed_out.len() < 100 {
+        let e = tokio::time::timeout(Duration::from_secs(15), watcher.next_channel_event())
+            .await
+            .expect("channel events within 15 s")
+            .unwrap();
+        match pb::ChannelEventKind::try_from(e.kind).unwrap() {
+            pb::ChannelEventKind::Timeout => {
+                timed_out.insert(e.member.unwrap().user_id);
+            }
+            pb::ChannelEventKind::Interval => {
+                let batch = e.interval.unwrap();
+                assert!(
+                    batch.leaves.is_empty(),
+                    "LEAVE instead of TIMEOUT: {:?}",
+                    batch.leaves
+                );
+                timed_out.extend(batch.timeouts.into_iter().map(|m| m.user_id));
+            }
+            _ => {}
+        }
+    }
+    assert!(timed_out
+        .iter()
+        .all(|u| u[1..].parse::<usize>().unwrap() % 3 == 0));
+    assert!(killed.elapsed() < Duration::from_secs(15));
+    for asker in &askers[1..] {
+        let started = Instant::now();
+        loop {
+            let (occupancy, list) = who_now_all(asker, "hall").await;
+            if occupancy == 200 && list.len() == 200 {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "occupancy {occupancy}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

@@ -48,6 +48,40 @@ pub struct Envelope {
     /// A heartbeat.
     #[prost(message, optional, tag = "7")]
     pub heartbeat: Option<Heartbeat>,
+    /// A channel membership change.
+    #[prost(message, optional, tag = "8")]
+    pub channel: Option<ChannelChange>,
+}
+
+/// A session's channel membership changed.
+#[derive(Clone, PartialEq, Message)]
+pub struct ChannelChange {
+    /// 1 join, 2 leave, 3 member state.
+    #[prost(uint32, tag = "1")]
+    pub kind: u32,
+    #[prost(string, tag = "2")]
+    pub user_id: String,
+    #[prost(string, tag = "3")]
+    pub device_id: String,
+    #[prost(uint64, tag = "4")]
+    pub epoch: u64,
+    #[prost(string, tag = "5")]
+    pub channel: String,
+    #[prost(btree_map = "string, string", tag = "6")]
+    pub state: BTreeMap<String, String>,
+    #[prost(uint64, tag = "7")]
+    pub joined_at_ms: u64,
+}
+
+/// One channel membership in a state transfer.
+#[derive(Clone, PartialEq, Message)]
+pub struct MembershipRecord {
+    #[prost(string, tag = "1")]
+    pub channel: String,
+    #[prost(btree_map = "string, string", tag = "2")]
+    pub state: BTreeMap<String, String>,
+    #[prost(uint64, tag = "3")]
+    pub joined_at_ms: u64,
 }
 
 /// A (user, device) session.
@@ -79,6 +113,11 @@ pub struct Record {
     pub user_data: BTreeMap<String, String>,
     #[prost(uint64, tag = "13")]
     pub version: u64,
+    /// State transfer: the session's channel memberships (`has_channels` set).
+    #[prost(message, repeated, tag = "14")]
+    pub channels: Vec<MembershipRecord>,
+    #[prost(bool, tag = "15")]
+    pub has_channels: bool,
 }
 
 /// A session's end.
@@ -364,6 +403,17 @@ impl Record {
             state: r.user.state.clone(),
             user_data: r.user.user_data.clone(),
             version: r.user.version,
+            has_channels: r.channels.is_some(),
+            channels: r
+                .channels
+                .iter()
+                .flatten()
+                .map(|(channel, state, joined_at_ms)| MembershipRecord {
+                    channel: channel.clone(),
+                    state: state.clone(),
+                    joined_at_ms: *joined_at_ms,
+                })
+                .collect(),
         }
     }
 
@@ -387,6 +437,18 @@ impl Record {
                 state: self.state,
                 user_data: self.user_data,
                 version: self.version,
+            },
+            channels: if self.has_channels {
+                let mut out = Vec::with_capacity(self.channels.len());
+                for m in self.channels {
+                    if m.channel.is_empty() {
+                        return Err(WireError::Invalid("empty channel"));
+                    }
+                    out.push((m.channel, m.state, m.joined_at_ms));
+                }
+                Some(out)
+            } else {
+                None
             },
         })
     }
@@ -421,6 +483,56 @@ impl Envelope {
                     version: *version,
                     last_seen_ms: *last_seen_ms,
                     close: close_to_u32(*close),
+                })
+            }
+            ReplicaChange::ChannelJoin {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+                state,
+                joined_at_ms,
+            } => {
+                env.channel = Some(ChannelChange {
+                    kind: 1,
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    epoch: *epoch,
+                    channel: channel.clone(),
+                    state: state.clone(),
+                    joined_at_ms: *joined_at_ms,
+                })
+            }
+            ReplicaChange::ChannelLeave {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+            } => {
+                env.channel = Some(ChannelChange {
+                    kind: 2,
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    epoch: *epoch,
+                    channel: channel.clone(),
+                    ..Default::default()
+                })
+            }
+            ReplicaChange::ChannelState {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+                state,
+            } => {
+                env.channel = Some(ChannelChange {
+                    kind: 3,
+                    user_id: user_id.clone(),
+                    device_id: device_id.clone(),
+                    epoch: *epoch,
+                    channel: channel.clone(),
+                    state: state.clone(),
+                    ..Default::default()
                 })
             }
         }
@@ -467,6 +579,41 @@ impl Envelope {
                 },
             }));
         }
+        if let Some(c) = &self.channel {
+            if c.user_id.is_empty() || c.device_id.is_empty() || c.channel.is_empty() {
+                return Err(WireError::Invalid("empty user, device or channel"));
+            }
+            let (user_id, device_id, epoch, channel) = (
+                c.user_id.clone(),
+                c.device_id.clone(),
+                c.epoch,
+                c.channel.clone(),
+            );
+            return Ok(Some(match c.kind {
+                1 => ReplicaChange::ChannelJoin {
+                    user_id,
+                    device_id,
+                    epoch,
+                    channel,
+                    state: c.state.clone(),
+                    joined_at_ms: c.joined_at_ms,
+                },
+                2 => ReplicaChange::ChannelLeave {
+                    user_id,
+                    device_id,
+                    epoch,
+                    channel,
+                },
+                3 => ReplicaChange::ChannelState {
+                    user_id,
+                    device_id,
+                    epoch,
+                    channel,
+                    state: c.state.clone(),
+                },
+                _ => return Err(WireError::Invalid("channel change kind")),
+            }));
+        }
         Ok(None)
     }
 }
@@ -508,9 +655,31 @@ mod tests {
                 user_data: BTreeMap::new(),
                 version: 11,
             },
+            channels: Some(vec![("lobby".into(), BTreeMap::new(), 3)]),
         };
         for change in [
             ReplicaChange::Upsert(record),
+            ReplicaChange::ChannelJoin {
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                epoch: 10,
+                channel: "lobby".into(),
+                state: BTreeMap::from([("seat".into(), "7".into())]),
+                joined_at_ms: 4,
+            },
+            ReplicaChange::ChannelLeave {
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                epoch: 10,
+                channel: "lobby".into(),
+            },
+            ReplicaChange::ChannelState {
+                user_id: "alice".into(),
+                device_id: "phone".into(),
+                epoch: 10,
+                channel: "lobby".into(),
+                state: BTreeMap::new(),
+            },
             ReplicaChange::Remove {
                 user_id: "alice".into(),
                 device_id: "phone".into(),

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::time::Instant;
 
-use super::{DeviceEntry, FanoutTally, Registry, RegistryError, State};
+use super::{DeviceEntry, FanoutTally, Registry, RegistryError, ReplicaChange, State};
 use crate::model::{
     merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch, OfflineReason,
 };
@@ -134,13 +134,63 @@ impl Registry {
                 self.shared.options.max_state_pairs
             )));
         }
-        device.joined.insert(channel.to_string());
+        let epoch = device.epoch;
+        let joined_at_ms = crate::now_ms();
+        let occupancy = self.add_member(
+            state,
+            user_id,
+            device_id,
+            channel,
+            initial.clone(),
+            joined_at_ms,
+            Some(conn_id),
+            received_at,
+        );
+        if let Some(sink) = self.shared.sink.get() {
+            sink.emit(ReplicaChange::ChannelJoin {
+                user_id: user_id.to_string(),
+                device_id: device_id.to_string(),
+                epoch,
+                channel: channel.to_string(),
+                state: initial.clone(),
+                joined_at_ms,
+            });
+        }
+        Ok(ChannelOutcome {
+            occupancy,
+            changed: true,
+            state: initial,
+        })
+    }
+
+    /// Adds (user, device), whose entry exists, to `channel` and tells members and watchers
+    /// (JOIN, and ONLINE for the user's first device). Returns the occupancy.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn add_member(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        channel: &str,
+        initial: BTreeMap<String, String>,
+        joined_at_ms: u64,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) -> u32 {
+        if let Some(device) = state
+            .users
+            .get_mut(user_id)
+            .and_then(|e| e.devices.get_mut(device_id))
+        {
+            device.joined.insert(channel.to_string());
+        }
+        let key = (user_id.to_string(), device_id.to_string());
         let ch = state.channels.entry(channel.to_string()).or_default();
         ch.members.insert(
             key.clone(),
             Member {
-                state: initial.clone(),
-                joined_at_ms: crate::now_ms(),
+                state: initial,
+                joined_at_ms,
             },
         );
         let devices_in = ch.users.entry(user_id.to_string()).or_insert(0);
@@ -154,14 +204,95 @@ impl Registry {
             channel,
             (ChannelEventKind::Join, user_event),
             member,
-            Some(conn_id),
+            exclude_conn,
             received_at,
         );
-        Ok(ChannelOutcome {
-            occupancy,
-            changed: true,
-            state: initial,
-        })
+        occupancy
+    }
+
+    /// Removes (user, device) from `channel` after another node said it left (LEAVE).
+    pub(super) fn remote_leave(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        channel: &str,
+        received_at: Instant,
+    ) {
+        let left = state
+            .users
+            .get_mut(user_id)
+            .and_then(|e| e.devices.get_mut(device_id))
+            .is_some_and(|d| d.joined.remove(channel));
+        if left {
+            self.remove_member(
+                state,
+                channel,
+                user_id,
+                device_id,
+                Departure::Leave,
+                None,
+                received_at,
+            );
+        }
+    }
+
+    /// Replaces the member state of (user, device) in `channel` as another node set it, and
+    /// tells members and watchers (STATE_CHANGED) when it changed.
+    pub(super) fn remote_member_state(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        channel: &str,
+        next: BTreeMap<String, String>,
+        received_at: Instant,
+    ) {
+        let key = (user_id.to_string(), device_id.to_string());
+        let Some(ch) = state.channels.get_mut(channel) else {
+            return;
+        };
+        let Some(member) = ch.members.get_mut(&key) else {
+            return;
+        };
+        if member.state == next {
+            return;
+        }
+        member.state = next;
+        let view = ch.view(&key, true);
+        self.channel_emit(
+            state,
+            channel,
+            ChannelEventKind::StateChanged,
+            view,
+            None,
+            received_at,
+        );
+    }
+
+    /// The channels (user, device) has joined, with its member state and join time.
+    pub(super) fn memberships_of(
+        &self,
+        state: &State,
+        user_id: &str,
+        device_id: &str,
+    ) -> Vec<(String, BTreeMap<String, String>, u64)> {
+        let Some(device) = state
+            .users
+            .get(user_id)
+            .and_then(|e| e.devices.get(device_id))
+        else {
+            return Vec::new();
+        };
+        let key = (user_id.to_string(), device_id.to_string());
+        device
+            .joined
+            .iter()
+            .filter_map(|c| {
+                let m = state.channels.get(c)?.members.get(&key)?;
+                Some((c.clone(), m.state.clone(), m.joined_at_ms))
+            })
+            .collect()
     }
 
     /// Removes (user, device) on `conn_id` from `channel`.
@@ -176,6 +307,7 @@ impl Registry {
         let mut guard = self.state();
         let state = &mut *guard;
         let device = device_mut(state, user_id, device_id, conn_id)?;
+        let epoch = device.epoch;
         let changed = device.joined.remove(channel);
         if changed {
             self.remove_member(
@@ -187,6 +319,14 @@ impl Registry {
                 Some(conn_id),
                 received_at,
             );
+            if let Some(sink) = self.shared.sink.get() {
+                sink.emit(ReplicaChange::ChannelLeave {
+                    user_id: user_id.to_string(),
+                    device_id: device_id.to_string(),
+                    epoch,
+                    channel: channel.to_string(),
+                });
+            }
         }
         Ok(ChannelOutcome {
             occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
@@ -368,6 +508,7 @@ impl Registry {
         if !device.joined.contains(channel) {
             return Err(RegistryError::NotMember(channel.to_string()));
         }
+        let epoch = device.epoch;
         let key = (user_id.to_string(), device_id.to_string());
         let ch = state
             .channels
@@ -390,6 +531,15 @@ impl Registry {
                 Some(conn_id),
                 received_at,
             );
+            if let Some(sink) = self.shared.sink.get() {
+                sink.emit(ReplicaChange::ChannelState {
+                    user_id: user_id.to_string(),
+                    device_id: device_id.to_string(),
+                    epoch,
+                    channel: channel.to_string(),
+                    state: view.state.clone(),
+                });
+            }
         }
         Ok(view)
     }

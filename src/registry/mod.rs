@@ -13,7 +13,9 @@ mod channels;
 mod replica;
 
 pub use channels::{ChannelOutcome, WhoNowPage};
-pub use replica::{DeviceRecord, LocalPage, Origin, ReplicaChange, ReplicationSink, UserFields};
+pub use replica::{
+    DeviceRecord, LocalPage, Membership, Origin, ReplicaChange, ReplicationSink, UserFields,
+};
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;

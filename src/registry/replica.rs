@@ -63,11 +63,56 @@ pub struct DeviceRecord {
     pub connected_since_ms: u64,
     /// The user's fields at the origin.
     pub user: UserFields,
+    /// The session's channel memberships: listed in a state transfer (the receiver makes its
+    /// replica match), `None` in a delta (memberships travel as their own changes).
+    pub channels: Option<Vec<Membership>>,
 }
+
+/// One channel membership of a session: channel, member state, join time (ms).
+pub type Membership = (String, BTreeMap<String, String>, u64);
 
 /// A change to a session this node holds, for the other nodes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplicaChange {
+    /// The session joined a channel.
+    ChannelJoin {
+        /// The user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+        /// The session's epoch.
+        epoch: u64,
+        /// The channel.
+        channel: String,
+        /// Initial member state.
+        state: BTreeMap<String, String>,
+        /// When it joined, ms.
+        joined_at_ms: u64,
+    },
+    /// The session left a channel.
+    ChannelLeave {
+        /// The user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+        /// The session's epoch.
+        epoch: u64,
+        /// The channel.
+        channel: String,
+    },
+    /// The session's member state in a channel is now `state`.
+    ChannelState {
+        /// The user.
+        user_id: String,
+        /// The device.
+        device_id: String,
+        /// The session's epoch.
+        epoch: u64,
+        /// The channel.
+        channel: String,
+        /// The whole member state.
+        state: BTreeMap<String, String>,
+    },
     /// The session started, moved here, or changed.
     Upsert(DeviceRecord),
     /// The session ended (or, with `close`, this node closes a session another node holds:
@@ -156,6 +201,16 @@ pub(crate) struct ReplicaState {
     expiries: VecDeque<(Instant, String, String, u64, OfflineReason)>,
     /// How long a dead node's devices stay visible (the session grace period).
     grace: Duration,
+}
+
+/// Whether `origin` holds (user, device) here under `epoch` (channel changes apply only to
+/// the session they were made in).
+fn held_by(state: &State, origin: &Origin, user_id: &str, device_id: &str, epoch: u64) -> bool {
+    state
+        .users
+        .get(user_id)
+        .and_then(|e| e.devices.get(device_id))
+        .is_some_and(|d| d.origin.as_deref() == Some(origin) && d.epoch == epoch)
 }
 
 fn device_hash(user: &str, device: &str, epoch: u64, rev: u64) -> u64 {
@@ -272,6 +327,7 @@ impl Registry {
                 user_data: entry.presence.user_data.clone(),
                 version: entry.presence.version,
             },
+            channels: None,
         })
     }
 
@@ -301,6 +357,77 @@ impl Registry {
         match change {
             ReplicaChange::Upsert(record) => {
                 self.apply_upsert(&mut state, origin, record, received_at)
+            }
+            ReplicaChange::ChannelJoin {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+                state: member_state,
+                joined_at_ms,
+            } => {
+                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                    return false;
+                }
+                let already = state
+                    .users
+                    .get(&user_id)
+                    .and_then(|e| e.devices.get(&device_id))
+                    .is_some_and(|d| d.joined.contains(&channel));
+                if already {
+                    self.remote_member_state(
+                        &mut state,
+                        &user_id,
+                        &device_id,
+                        &channel,
+                        member_state,
+                        received_at,
+                    );
+                } else {
+                    self.add_member(
+                        &mut state,
+                        &user_id,
+                        &device_id,
+                        &channel,
+                        member_state,
+                        joined_at_ms,
+                        None,
+                        received_at,
+                    );
+                }
+                true
+            }
+            ReplicaChange::ChannelLeave {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+            } => {
+                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                    return false;
+                }
+                self.remote_leave(&mut state, &user_id, &device_id, &channel, received_at);
+                true
+            }
+            ReplicaChange::ChannelState {
+                user_id,
+                device_id,
+                epoch,
+                channel,
+                state: member_state,
+            } => {
+                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                    return false;
+                }
+                self.remote_member_state(
+                    &mut state,
+                    &user_id,
+                    &device_id,
+                    &channel,
+                    member_state,
+                    received_at,
+                );
+                true
             }
             ReplicaChange::Remove {
                 user_id,
@@ -401,7 +528,11 @@ impl Registry {
             Some((Some(o), epoch, rev))
                 if **o == *origin && *epoch == record.epoch && *rev == record.rev =>
             {
-                // A repeat (state transfer of an applied delta).
+                // A repeat (state transfer of an applied delta): only the memberships may
+                // differ (a lost channel delta).
+                if let Some(channels) = &record.channels {
+                    self.reconcile_memberships(state, user_id, device_id, channels, received_at);
+                }
                 return true;
             }
             None if state.replica.tombstoned(user_id, device_id, record.epoch) => return false,
@@ -521,8 +652,57 @@ impl Registry {
             };
             self.fanout(state, &event, None, received_at);
         }
+        if let Some(channels) = &record.channels {
+            self.reconcile_memberships(state, user_id, device_id, channels, received_at);
+        }
         publish_online_gauge(state);
         true
+    }
+
+    /// Makes the replica's memberships of (user, device) match `channels` (a state
+    /// transfer), with the events members and watchers would have seen.
+    fn reconcile_memberships(
+        &self,
+        state: &mut State,
+        user_id: &str,
+        device_id: &str,
+        channels: &[Membership],
+        received_at: Instant,
+    ) {
+        let current: Vec<String> = state
+            .users
+            .get(user_id)
+            .and_then(|e| e.devices.get(device_id))
+            .map(|d| d.joined.iter().cloned().collect())
+            .unwrap_or_default();
+        for channel in &current {
+            if !channels.iter().any(|(c, _, _)| c == channel) {
+                self.remote_leave(state, user_id, device_id, channel, received_at);
+            }
+        }
+        for (channel, member_state, joined_at_ms) in channels {
+            if current.contains(channel) {
+                self.remote_member_state(
+                    state,
+                    user_id,
+                    device_id,
+                    channel,
+                    member_state.clone(),
+                    received_at,
+                );
+            } else {
+                self.add_member(
+                    state,
+                    user_id,
+                    device_id,
+                    channel,
+                    member_state.clone(),
+                    *joined_at_ms,
+                    None,
+                    received_at,
+                );
+            }
+        }
     }
 
     /// The node behind `origin` is dead (silent too long) or was replaced by a new
@@ -649,7 +829,11 @@ impl Registry {
         keys.truncate(limit);
         let records = keys
             .into_iter()
-            .filter_map(|(u, d)| self.record_of(&state, u, d))
+            .filter_map(|(u, d)| {
+                let mut r = self.record_of(&state, u, d)?;
+                r.channels = Some(self.memberships_of(&state, u, d));
+                Some(r)
+            })
             .collect();
         LocalPage {
             records,
