@@ -113,6 +113,16 @@ async fn a_change_on_one_node_reaches_a_thousand_watchers_on_the_others() {
         assert_eq!(p[0].status, "s4", "node {}", node.id);
         assert_eq!(p[0].devices.len(), 1);
     }
+    // Directed presence reaches recipients on other nodes; offline ones are not listed.
+    let delivered = within(target.direct(&["w0", "w1", "nobody"], set_status("psst")))
+        .await
+        .unwrap();
+    assert_eq!(delivered, ["w0", "w1"]);
+    for w in &mut watchers[..2] {
+        let e = within(w.next_presence_event()).await.unwrap();
+        assert_eq!(kind(&e), EventKind::Directed);
+        assert_eq!(e.presence.unwrap().status, "psst");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -6,6 +6,11 @@
 //! connection), so the generator stays light next to the broker. Prints one JSON line per run:
 //! deliveries/s, latency percentiles from HDR histograms, delivery and final-state ratios,
 //! restore times, and (with `--pid`) broker memory per connection.
+//!
+//! Cluster mode: `--watch-addr` (repeatable) puts the watching connections of `fanout` and
+//! `node-death` on other nodes than the publisher (`--addr`), so a run measures the cross-node
+//! hop; `node-death` SIGKILLs a node holding many devices and measures how long the watchers on
+//! the other nodes take to learn that every device went offline.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -44,9 +49,13 @@ enum Driver {
 struct Args {
     #[arg(long, value_enum, default_value = "native")]
     driver: Driver,
-    /// Broker address.
+    /// Broker address (the publisher's node, in cluster runs).
     #[arg(long, default_value = "127.0.0.1:7883")]
     addr: SocketAddr,
+    /// Where the watching connections go (repeatable, spread round-robin): fanout's watchers
+    /// and node-death's watchers. Default: `--addr`. Other workloads refuse it.
+    #[arg(long = "watch-addr", value_name = "ADDR")]
+    watch_addrs: Vec<SocketAddr>,
     /// Plain TCP instead of TLS (the broker's plaintext listener).
     #[arg(long)]
     plain: bool,
@@ -113,6 +122,22 @@ enum Workload {
         #[arg(long, default_value_t = 10000)]
         clients: usize,
     },
+    /// Cluster mode: watchers on the `--watch-addr` nodes subscribe to `devices` users, each
+    /// then connected once on the `--addr` node; once every watcher saw them all online, the
+    /// `--addr` node (process `--kill-pid`) is SIGKILLed, and the run measures from the kill
+    /// until each watcher saw every device's OFFLINE (peer timeout + grace period).
+    NodeDeath {
+        #[arg(long, default_value_t = 1000)]
+        devices: usize,
+        #[arg(long, default_value_t = 100)]
+        watchers: usize,
+        /// The process id of the `--addr` node, SIGKILLed by the run.
+        #[arg(long)]
+        kill_pid: u32,
+        /// Longest wait for the OFFLINEs after the kill, seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
 }
 
 fn now_ns() -> u64 {
@@ -166,11 +191,13 @@ type Stream = Box<dyn Io>;
 
 /// What a connection received that the workloads care about.
 enum Incoming {
-    /// A presence of `user` with this status, live or (`snapshot`) as current state.
+    /// A presence of `user` with this status, live or (`snapshot`) as current state;
+    /// `online` is false for an OFFLINE event (native) or an offline presence (MQTT).
     Status {
         user: String,
         status: String,
         snapshot: bool,
+        online: bool,
     },
     /// The broker acknowledged a subscription.
     Subscribed,
@@ -243,6 +270,7 @@ fn take_mqtt_packet(buf: &mut BytesMut) -> Option<(u8, Bytes)> {
 fn status_of(payload: &[u8], snapshot: bool) -> anyhow::Result<Incoming> {
     let p = pb::Presence::decode(payload)?;
     Ok(Incoming::Status {
+        online: p.availability != pb::Availability::Offline as i32,
         user: p.user_id,
         status: p.status,
         snapshot,
@@ -284,6 +312,8 @@ impl Reader {
             Driver::Native => Ok(match self.next_frame().await?.body {
                 Some(ServerBody::PresenceEvent(e)) => match e.presence {
                     Some(p) => Incoming::Status {
+                        online: e.kind != pb::EventKind::Offline as i32
+                            && p.availability != pb::Availability::Offline as i32,
                         user: e.user_id,
                         status: p.status,
                         snapshot: false,
@@ -335,6 +365,7 @@ impl Reader {
                     user,
                     status,
                     snapshot: true,
+                    ..
                 } => snapshot.push((user, status)),
                 _ => {}
             }
@@ -459,8 +490,16 @@ impl Generator {
         format!("{}-{name}", self.prefix)
     }
 
-    fn source(&self, i: usize) -> Option<SocketAddr> {
-        if self.args.sources <= 1 || !self.args.addr.ip().is_loopback() {
+    /// The node watching connection `i` goes to: `--watch-addr`s round-robin, else `--addr`.
+    fn watch_addr(&self, i: usize) -> SocketAddr {
+        match self.args.watch_addrs.len() {
+            0 => self.args.addr,
+            n => self.args.watch_addrs[i % n],
+        }
+    }
+
+    fn source(&self, addr: SocketAddr, i: usize) -> Option<SocketAddr> {
+        if self.args.sources <= 1 || !addr.ip().is_loopback() {
             return None;
         }
         let host = 1 + (i % self.args.sources as usize) as u8;
@@ -470,9 +509,8 @@ impl Generator {
         ))
     }
 
-    async fn transport(&self, i: usize) -> anyhow::Result<Stream> {
-        let addr = self.args.addr;
-        let tcp = match self.source(i) {
+    async fn transport(&self, addr: SocketAddr, i: usize) -> anyhow::Result<Stream> {
+        let tcp = match self.source(addr, i) {
             Some(local) => {
                 let socket = tokio::net::TcpSocket::new_v4()?;
                 socket.bind(local)?;
@@ -494,8 +532,18 @@ impl Generator {
     /// Opens connection `i` as `user` and waits for the broker's acceptance. MQTT connections
     /// carry a retained Last Will saying the user is offline.
     async fn open(&self, i: usize, user: &str) -> anyhow::Result<(Reader, Writer)> {
+        self.open_at(self.args.addr, i, user).await
+    }
+
+    /// `open` on the broker (node) at `addr`.
+    async fn open_at(
+        &self,
+        addr: SocketAddr,
+        i: usize,
+        user: &str,
+    ) -> anyhow::Result<(Reader, Writer)> {
         let driver = self.args.driver;
-        let (read, write) = tokio::io::split(self.transport(i).await?);
+        let (read, write) = tokio::io::split(self.transport(addr, i).await?);
         let mut reader = Reader {
             driver,
             half: read,
@@ -553,9 +601,19 @@ impl Generator {
     /// `open`, retried a few times (a broker may drop connections under a connect burst;
     /// Mosquitto does), each retry counted so the report shows it.
     async fn open_retrying(&self, i: usize, user: &str) -> anyhow::Result<(Reader, Writer)> {
+        self.open_retrying_at(self.args.addr, i, user).await
+    }
+
+    /// `open_retrying` on the broker (node) at `addr`.
+    async fn open_retrying_at(
+        &self,
+        addr: SocketAddr,
+        i: usize,
+        user: &str,
+    ) -> anyhow::Result<(Reader, Writer)> {
         let mut attempt = 0;
         loop {
-            match self.open(i, user).await {
+            match self.open_at(addr, i, user).await {
                 Ok(c) => return Ok(c),
                 Err(e) if attempt >= 5 => return Err(e).with_context(|| format!("connection {i}")),
                 Err(_) => {
@@ -567,11 +625,21 @@ impl Generator {
         }
     }
 
-    /// Opens connection `i` for each user, `--connect-concurrency` at a time, each subscribed
-    /// to `watch(i)` when that is not empty.
+    /// Opens connection `i` for each user on `--addr`, `--connect-concurrency` at a time, each
+    /// subscribed to `watch(i)` when that is not empty.
     async fn open_all(
         &self,
         users: &[String],
+        watch: impl Fn(usize) -> Vec<String>,
+    ) -> anyhow::Result<Vec<(Reader, Writer)>> {
+        self.open_all_at(users, |_| self.args.addr, watch).await
+    }
+
+    /// `open_all` with connection `i` on the broker (node) at `addr(i)`.
+    async fn open_all_at(
+        &self,
+        users: &[String],
+        addr: impl Fn(usize) -> SocketAddr,
         watch: impl Fn(usize) -> Vec<String>,
     ) -> anyhow::Result<Vec<(Reader, Writer)>> {
         let in_flight = self.args.connect_concurrency.max(1);
@@ -580,8 +648,9 @@ impl Generator {
             let chunk = chunk_start..(chunk_start + in_flight).min(users.len());
             let opening = chunk.map(|i| {
                 let targets = watch(i);
+                let at = addr(i);
                 async move {
-                    let (mut r, mut w) = self.open_retrying(i, &users[i]).await?;
+                    let (mut r, mut w) = self.open_retrying_at(at, i, &users[i]).await?;
                     if !targets.is_empty() {
                         w.subscribe(&targets).await?;
                         r.until_snapshot().await?;
@@ -816,15 +885,30 @@ async fn fanout(
     let star = g.user("star");
     let rss_before = g.rss();
     let users: Vec<String> = (0..watchers).map(|i| g.user(format!("w{i}"))).collect();
-    let conns = g.open_all(&users, |_| vec![star.clone()]).await?;
+    let conns = g
+        .open_all_at(&users, |i| g.watch_addr(i), |_| vec![star.clone()])
+        .await?;
     let rss_connected = g.rss();
     let (publisher_reader, mut publisher) = g.open_retrying(watchers, &star).await?;
     let publisher_drain = drain(publisher_reader);
-    // Writers stay open (held here) while their readers are driven in groups.
+    // Writers stay open (held here) while their readers are driven in groups, the groups of
+    // each watch address apart so each address gets its own figures.
     let (readers, _writers): (Vec<_>, Vec<_>) = conns.into_iter().unzip();
+    let nodes = g.args.watch_addrs.len().max(1);
+    let mut by_node: Vec<Vec<Reader>> = (0..nodes).map(|_| Vec::new()).collect();
+    for (i, r) in readers.into_iter().enumerate() {
+        by_node[i % nodes].push(r);
+    }
     let stop = CancellationToken::new();
     let total = Arc::new(AtomicU64::new(0));
-    let groups = spawn_groups(g.args.per_task, readers, 1, Some(changes), &stop, &total);
+    let node_groups: Vec<_> = by_node
+        .into_iter()
+        .map(|rs| {
+            let n = rs.len();
+            let groups = spawn_groups(g.args.per_task, rs, 1, Some(changes), &stop, &total);
+            (n, groups)
+        })
+        .collect();
     quiesce().await;
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
@@ -835,13 +919,27 @@ async fn fanout(
     }
     let expected = watchers as u64 * changes;
     settle(&total, expected, Duration::from_secs(10), &stop).await;
-    let seen = collect(groups).await?;
+    let mut seen = Seen::new();
+    let mut per_node = Vec::new();
+    for (k, (n, groups)) in node_groups.into_iter().enumerate() {
+        let s = collect(groups).await?;
+        let mut node = serde_json::Map::new();
+        node.insert("addr".into(), g.watch_addr(k).to_string().into());
+        node.insert("watchers".into(), n.into());
+        latency_fields(&mut node, &s, n as u64 * changes, started);
+        per_node.push(serde_json::Value::from(node));
+        seen.add(&s);
+    }
     publisher_drain.abort();
     let mut m = g.report("fanout");
     m.insert("watchers".into(), watchers.into());
     m.insert("changes".into(), changes.into());
     m.insert("rate_per_sec".into(), rate.into());
     latency_fields(&mut m, &seen, expected, started);
+    if !g.args.watch_addrs.is_empty() {
+        m.insert("publisher_addr".into(), g.args.addr.to_string().into());
+        m.insert("by_watch_addr".into(), per_node.into());
+    }
     m.insert(
         "final_state_ratio".into(),
         (seen.finals as f64 / watchers as f64).into(),
@@ -1054,10 +1152,195 @@ async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::
     Ok(m.into())
 }
 
+/// A node-death watcher: subscribes to every device (in requests of at most 100 ids, the
+/// default `max_ids_per_request`) before the devices connect.
+async fn death_watcher(
+    g: &Generator,
+    i: usize,
+    devices: &[String],
+) -> anyhow::Result<(Reader, Writer)> {
+    let (mut r, mut w) = g
+        .open_retrying_at(g.watch_addr(i), i, &g.user(format!("dw{i}")))
+        .await?;
+    for chunk in devices.chunks(100) {
+        w.subscribe(chunk).await?;
+        r.until_snapshot().await?;
+    }
+    Ok((r, w))
+}
+
+/// Reads `reader` until every user in `devices` was seen online (`online`) or offline, or the
+/// connection fails; with `since`, the time from it to each OFFLINE goes into `times` (µs).
+/// Returns the time from `since` at which the last one was seen, if all were.
+async fn await_all(
+    reader: &mut Reader,
+    devices: &std::collections::HashSet<String>,
+    online: bool,
+    since: Option<Instant>,
+    times: &mut Histogram<u64>,
+) -> anyhow::Result<Option<Duration>> {
+    let mut left = devices.clone();
+    while !left.is_empty() {
+        if let Incoming::Status {
+            user,
+            online: is_online,
+            snapshot: false,
+            ..
+        } = reader.next().await?
+        {
+            if is_online == online && left.remove(&user) {
+                if let Some(since) = since {
+                    let _ = times.record((since.elapsed().as_micros() as u64).max(1));
+                }
+            }
+        }
+    }
+    Ok(since.map(|s| s.elapsed()))
+}
+
+async fn node_death(
+    g: &Generator,
+    devices: usize,
+    watchers: usize,
+    kill_pid: u32,
+    timeout: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    if g.args.watch_addrs.contains(&g.args.addr) {
+        bail!("node-death: the watchers must be on other nodes than --addr, which is killed");
+    }
+    let names: Vec<String> = (0..devices).map(|i| g.user(format!("d{i}"))).collect();
+    let set: std::collections::HashSet<String> = names.iter().cloned().collect();
+    let in_flight = g.args.connect_concurrency.max(1);
+    let mut conns = Vec::with_capacity(watchers);
+    for start in (0..watchers).step_by(in_flight) {
+        let each = (start..(start + in_flight).min(watchers)).map(|i| death_watcher(g, i, &names));
+        for c in futures_util::future::join_all(each).await {
+            conns.push(c?);
+        }
+    }
+    let (mut readers, _writers): (Vec<_>, Vec<_>) = conns.into_iter().unzip();
+    // Every watcher follows its own socket while the devices connect on the doomed node.
+    let set = Arc::new(set);
+    let online = readers.drain(..).map(|mut r| {
+        let set = set.clone();
+        tokio::spawn(async move {
+            let mut unused = new_histogram();
+            let r2 = await_all(&mut r, &set, true, None, &mut unused).await;
+            r2.map(|_| r)
+        })
+    });
+    let online: Vec<_> = online.collect();
+    let connect_started = Instant::now();
+    let held = g.open_all(&names, |_| Vec::new()).await?;
+    let mut readers = Vec::with_capacity(watchers);
+    for h in online {
+        let r = tokio::time::timeout(Duration::from_secs(60), h)
+            .await
+            .context("watchers did not see every device online within 60 s")???;
+        readers.push(r);
+    }
+    let all_online = connect_started.elapsed();
+    // Let the setup's last heartbeats and acknowledgements pass before the kill.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &kill_pid.to_string()])
+        .status()
+        .context("running kill")?;
+    if !status.success() {
+        bail!("kill -KILL {kill_pid} failed: {status}");
+    }
+    let kill_returned = killed_at.elapsed();
+    let waits = readers.into_iter().map(|mut r| {
+        let set = set.clone();
+        tokio::spawn(async move {
+            let mut times = new_histogram();
+            let done = tokio::time::timeout(
+                timeout,
+                await_all(&mut r, &set, false, Some(killed_at), &mut times),
+            )
+            .await;
+            let done = match done {
+                Ok(Ok(done)) => done,
+                _ => None,
+            };
+            (done, times)
+        })
+    });
+    let waits: Vec<_> = waits.collect();
+    let mut times = new_histogram();
+    let mut per_watcher = new_histogram();
+    let mut complete = 0usize;
+    let mut last = Duration::ZERO;
+    for w in waits {
+        let (done, t) = w.await?;
+        let _ = times.add(&t);
+        if let Some(d) = done {
+            complete += 1;
+            last = last.max(d);
+            let _ = per_watcher.record((d.as_micros() as u64).max(1));
+        }
+    }
+    drop(held);
+    let secs = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1e6;
+    let mut m = g.report("node-death");
+    m.insert("devices".into(), devices.into());
+    m.insert("watchers".into(), watchers.into());
+    m.insert("killed_addr".into(), g.args.addr.to_string().into());
+    m.insert(
+        "watch_addrs".into(),
+        (0..g.args.watch_addrs.len().max(1))
+            .map(|k| g.watch_addr(k).to_string())
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    m.insert(
+        "setup_all_online_secs".into(),
+        all_online.as_secs_f64().into(),
+    );
+    m.insert(
+        "kill_command_secs".into(),
+        kill_returned.as_secs_f64().into(),
+    );
+    m.insert("offline_events".into(), times.len().into());
+    m.insert(
+        "offline_events_expected".into(),
+        (devices as u64 * watchers as u64).into(),
+    );
+    m.insert("watchers_complete".into(), complete.into());
+    m.insert(
+        "first_offline_secs".into(),
+        (times.min() as f64 / 1e6).into(),
+    );
+    m.insert("offline_p50_secs".into(), secs(&times, 0.50).into());
+    m.insert("offline_p99_secs".into(), secs(&times, 0.99).into());
+    m.insert(
+        "watcher_done_p50_secs".into(),
+        secs(&per_watcher, 0.50).into(),
+    );
+    m.insert(
+        "all_watchers_offline_secs".into(),
+        (complete == watchers).then_some(last.as_secs_f64()).into(),
+    );
+    m.insert(
+        "connect_retries".into(),
+        CONNECT_RETRIES.load(Ordering::Relaxed).into(),
+    );
+    Ok(m.into())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let workload = args.workload.clone();
+    if !args.watch_addrs.is_empty()
+        && !matches!(
+            workload,
+            Workload::Fanout { .. } | Workload::NodeDeath { .. }
+        )
+    {
+        bail!("--watch-addr applies to fanout and node-death only");
+    }
     let g = Arc::new(Generator::new(args)?);
     let report = match workload {
         Workload::Fanout {
@@ -1073,6 +1356,21 @@ async fn main() -> anyhow::Result<()> {
         } => mix(&g, users, watch, percent_per_sec, seconds).await?,
         Workload::Idle { connections } => idle(&g, connections).await?,
         Workload::Storm { clients } => storm(g.clone(), clients).await?,
+        Workload::NodeDeath {
+            devices,
+            watchers,
+            kill_pid,
+            timeout_secs,
+        } => {
+            node_death(
+                &g,
+                devices,
+                watchers,
+                kill_pid,
+                Duration::from_secs(timeout_secs),
+            )
+            .await?
+        }
     };
     println!("{report}");
     Ok(())

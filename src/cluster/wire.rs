@@ -51,6 +51,20 @@ pub struct Envelope {
     /// A channel membership change.
     #[prost(message, optional, tag = "8")]
     pub channel: Option<ChannelChange>,
+    /// A directed presence for recipients on other nodes.
+    #[prost(message, optional, tag = "9")]
+    pub directed: Option<Directed>,
+}
+
+/// A directed presence: the client event frame, encoded once by the sender's node.
+#[derive(Clone, PartialEq, Message)]
+pub struct Directed {
+    #[prost(string, tag = "1")]
+    pub sender: String,
+    #[prost(bytes = "bytes", tag = "2")]
+    pub frame: bytes::Bytes,
+    #[prost(string, repeated, tag = "3")]
+    pub recipients: Vec<String>,
 }
 
 /// A session's channel membership changed.
@@ -485,6 +499,17 @@ impl Envelope {
                     close: close_to_u32(*close),
                 })
             }
+            ReplicaChange::Directed {
+                sender,
+                frame,
+                recipients,
+            } => {
+                env.directed = Some(Directed {
+                    sender: sender.clone(),
+                    frame: frame.clone(),
+                    recipients: recipients.clone(),
+                })
+            }
             ReplicaChange::ChannelJoin {
                 user_id,
                 device_id,
@@ -577,6 +602,16 @@ impl Envelope {
                 } else {
                     close_from_u32(r.close)
                 },
+            }));
+        }
+        if let Some(d) = &self.directed {
+            if d.sender.is_empty() || d.frame.is_empty() {
+                return Err(WireError::Invalid("empty directed presence"));
+            }
+            return Ok(Some(ReplicaChange::Directed {
+                sender: d.sender.clone(),
+                frame: d.frame.clone(),
+                recipients: d.recipients.clone(),
             }));
         }
         if let Some(c) = &self.channel {

