@@ -853,13 +853,22 @@ impl Registry {
                 return Err(format!("user {user} kept with no device"));
             }
             for (device, d) in &entry.devices {
-                if !conns.insert(d.conn_id) {
-                    return Err(format!("connection {} owns two devices", d.conn_id));
-                }
-                if d.outbound.is_some() == d.lingering.is_some() {
-                    return Err(format!(
-                        "{user}/{device} is both live and lingering, or neither"
-                    ));
+                if d.origin.is_some() {
+                    // Held by another node: no connection here, nothing lingering here.
+                    if d.conn_id != 0 || d.outbound.is_some() || d.lingering.is_some() {
+                        return Err(format!(
+                            "{user}/{device} is held by another node but has a local session"
+                        ));
+                    }
+                } else {
+                    if !conns.insert(d.conn_id) {
+                        return Err(format!("connection {} owns two devices", d.conn_id));
+                    }
+                    if d.outbound.is_some() == d.lingering.is_some() {
+                        return Err(format!(
+                            "{user}/{device} is both live and lingering, or neither"
+                        ));
+                    }
                 }
                 for channel in &d.joined {
                     let member = state
