@@ -336,11 +336,20 @@ impl Client {
         user_ids: &[&str],
         expiry_seconds: u64,
     ) -> Result<pb::SubscribeResult, ClientError> {
-        let body = ClientBody::Subscribe(pb::Subscribe {
+        self.subscribe_with(pb::Subscribe {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
             expiry_seconds,
-        });
-        self.call(body, |b| match b {
+            idempotency_key: String::new(),
+        })
+        .await
+    }
+
+    /// Sends a Subscribe as given (e.g. with an idempotency key for a safe retry).
+    pub async fn subscribe_with(
+        &self,
+        request: pb::Subscribe,
+    ) -> Result<pb::SubscribeResult, ClientError> {
+        self.call(ClientBody::Subscribe(request), |b| match b {
             ServerBody::SubscribeResult(r) => Some(r),
             _ => None,
         })
@@ -354,6 +363,7 @@ impl Client {
     ) -> Result<pb::UnsubscribeResult, ClientError> {
         let body = ClientBody::Unsubscribe(pb::Unsubscribe {
             user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+            idempotency_key: String::new(),
         });
         self.call(body, |b| match b {
             ServerBody::UnsubscribeResult(r) => Some(r),

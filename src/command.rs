@@ -188,11 +188,15 @@ pub enum Command {
         targets: Vec<String>,
         /// Seconds.
         expiry_secs: u64,
+        /// Cluster mode: the client's key for a safe retry.
+        idempotency_key: Option<String>,
     },
     /// Stop watching users.
     Unsubscribe {
         /// Distinct targets.
         targets: Vec<String>,
+        /// Cluster mode: the client's key for a safe retry.
+        idempotency_key: Option<String>,
     },
     /// Page through subscriptions.
     ListSubscriptions {
@@ -309,10 +313,12 @@ impl Command {
                 Command::Subscribe {
                     targets,
                     expiry_secs,
+                    idempotency_key: idempotency_key(s.idempotency_key)?,
                 }
             }
             ClientBody::Unsubscribe(u) => Command::Unsubscribe {
                 targets: parse_ids(u.user_ids, limits)?,
+                idempotency_key: idempotency_key(u.idempotency_key)?,
             },
             ClientBody::ListSubscriptions(l) => Command::ListSubscriptions {
                 after: decode_cursor(&l.cursor)?,
@@ -392,6 +398,19 @@ impl Command {
             }
         })
     }
+}
+
+/// Most bytes of an idempotency key.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 64;
+
+fn idempotency_key(key: String) -> Result<Option<String>, RequestError> {
+    if key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(limit(format!(
+            "idempotency_key is {} bytes; the limit is {MAX_IDEMPOTENCY_KEY_BYTES}",
+            key.len()
+        )));
+    }
+    Ok((!key.is_empty()).then_some(key))
 }
 
 fn channel_id(id: String) -> Result<String, RequestError> {
@@ -704,27 +723,21 @@ pub struct Reply {
 }
 
 /// Cluster mode: a Subscribe or Unsubscribe, checked and turned into the operation every
-/// node applies from the replicated log, with a key that folds a client's retry of the same
-/// request (same device, request id and content) into the first one. `None` for any other
-/// command.
+/// node applies from the replicated log, with the client's retry key when it gave one (hashed
+/// with the user and the request's content, so one user's key never folds another request).
+/// `None` for any other command.
 pub fn logged_op(
     command: &Command,
     session: &Session,
-    request_id: u64,
     limits: &LimitsConfig,
-) -> Option<Result<(LoggedOp, String), RequestError>> {
+) -> Option<Result<(LoggedOp, Option<String>), RequestError>> {
     use sha2::{Digest, Sha256};
     let now_ms = crate::now_ms();
-    let mut key = Sha256::new();
-    key.update(session.user_id.as_bytes());
-    key.update([0]);
-    key.update(session.device_id.as_bytes());
-    key.update([0]);
-    key.update(request_id.to_be_bytes());
-    let op = match command {
+    let (op, client_key) = match command {
         Command::Subscribe {
             targets,
             expiry_secs,
+            idempotency_key,
         } => {
             if targets.contains(&session.user_id) {
                 return Some(Err(RequestError::new(
@@ -732,35 +745,50 @@ pub fn logged_op(
                     "you cannot subscribe to yourself",
                 )));
             }
-            key.update(b"sub");
-            key.update(expiry_secs.to_be_bytes());
-            LoggedOp::Subscribe {
+            let op = LoggedOp::Subscribe {
                 subscriber: session.user_id.clone(),
                 targets: targets.clone(),
                 expires_at_ms: now_ms.saturating_add(expiry_secs.saturating_mul(1000)),
                 now_ms,
                 cap: limits.max_subscriptions as usize,
-            }
+            };
+            (
+                op,
+                idempotency_key.as_ref().map(|k| (k, b"sub", *expiry_secs)),
+            )
         }
-        Command::Unsubscribe { targets } => {
-            key.update(b"unsub");
-            LoggedOp::Unsubscribe {
+        Command::Unsubscribe {
+            targets,
+            idempotency_key,
+        } => {
+            let op = LoggedOp::Unsubscribe {
                 subscriber: session.user_id.clone(),
                 targets: targets.clone(),
                 now_ms,
-            }
+            };
+            (op, idempotency_key.as_ref().map(|k| (k, b"uns", 0)))
         }
         _ => return None,
     };
-    if let LoggedOp::Subscribe { targets, .. } | LoggedOp::Unsubscribe { targets, .. } = &op {
-        for t in targets {
-            key.update(t.as_bytes());
-            key.update([0]);
+    let msg_id = client_key.map(|(key, kind, expiry)| {
+        let mut h = Sha256::new();
+        h.update(session.user_id.as_bytes());
+        h.update([0]);
+        h.update(key.as_bytes());
+        h.update([0]);
+        h.update(kind);
+        h.update(expiry.to_be_bytes());
+        if let LoggedOp::Subscribe { targets, .. } | LoggedOp::Unsubscribe { targets, .. } = &op {
+            for t in targets {
+                h.update(t.as_bytes());
+                h.update([0]);
+            }
         }
-    }
-    let key = key.finalize();
-    let id = key[..16].iter().map(|b| format!("{b:02x}")).collect();
-    Some(Ok((op, id)))
+        let digest = h.finalize();
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        format!("k-{hex}")
+    });
+    Some(Ok((op, msg_id)))
 }
 
 /// The reply to a logged Subscribe or Unsubscribe once it is applied here.
@@ -850,6 +878,7 @@ fn execute_body(
         Command::Subscribe {
             targets,
             expiry_secs,
+            ..
         } => {
             if targets.contains(&session.user_id) {
                 return Err(RequestError::new(
@@ -873,7 +902,7 @@ fn execute_body(
                 subscription_count: outcome.count as u32,
             }))
         }
-        Command::Unsubscribe { targets } => {
+        Command::Unsubscribe { targets, .. } => {
             let (removed, count) =
                 registry
                     .store()

@@ -613,7 +613,7 @@ where
                     continue;
                 };
                 // Boxed like the commit wait: rare, and large inline.
-                match Box::pin(log.submit(&op, &msg_id)).await {
+                match Box::pin(log.submit(&op, msg_id.as_deref())).await {
                     Ok(outcome) => push_reply(
                         outbound,
                         request_id,
@@ -729,7 +729,7 @@ enum Step {
         request_id: u64,
         operation: &'static str,
         op: Box<crate::store::LoggedOp>,
-        msg_id: String,
+        msg_id: Option<String>,
     },
 }
 
@@ -842,7 +842,7 @@ fn handle_frame<R>(
             if let Some(planned) = ctx
                 .sub_log
                 .get()
-                .and_then(|_| command::logged_op(&command, current, request_id, limits))
+                .and_then(|_| command::logged_op(&command, current, limits))
             {
                 match planned {
                     Ok((op, msg_id)) => {

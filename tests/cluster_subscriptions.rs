@@ -99,6 +99,31 @@ async fn a_retried_subscribe_is_folded_and_a_restarted_node_replays() {
         .collect::<Vec<_>>(),
     )
     .await;
+    // A retry with the same idempotency key is applied once: after an unsubscribe, the
+    // repeated request (say its first reply was lost) does not bring the subscription back.
+    let keyed = pb::Subscribe {
+        user_ids: vec!["retried".into()],
+        idempotency_key: "bob-retry-1".into(),
+        ..Default::default()
+    };
+    within(bob.subscribe_with(keyed.clone())).await.unwrap();
+    within(bob.unsubscribe(&["retried"])).await.unwrap();
+    within(bob.subscribe_with(keyed)).await.unwrap();
+    assert!(
+        !listed(&bob).await.contains(&"retried".to_string()),
+        "the retry was applied twice"
+    );
+    // Without a key, the same request from a new connection (request ids start again at 1)
+    // is a new request.
+    let again = n1.connect("bob", "tablet").await;
+    within(again.subscribe(&["u0"])).await.unwrap();
+    within(again.unsubscribe(&["u0"])).await.unwrap();
+    let fresh = n1.connect("bob", "tablet").await;
+    within(fresh.subscribe(&["u0"])).await.unwrap();
+    assert!(
+        listed(&fresh).await.contains(&"u0".to_string()),
+        "a new request was folded"
+    );
     // Node 2 dies and misses changes; on restart it replays only what it lacks.
     n2.kill9().await;
     for i in 0..50 {

@@ -198,6 +198,7 @@ async fn a_request_before_connect_is_a_protocol_violation() {
         body: Some(C::Subscribe(pb::Subscribe {
             user_ids: vec!["bystander".into()],
             expiry_seconds: 0,
+            idempotency_key: String::new(),
         })),
     });
     let frames = exchange(&broker, &frame).await;

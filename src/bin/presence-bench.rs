@@ -400,6 +400,7 @@ impl Writer {
                 self.send_native(ClientBody::Subscribe(pb::Subscribe {
                     user_ids: users.to_vec(),
                     expiry_seconds: 0,
+                    idempotency_key: String::new(),
                 }))
                 .await
             }

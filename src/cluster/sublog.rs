@@ -3,7 +3,8 @@
 //! node applies the stream into its own sled store with the stream sequence in the same batch,
 //! and replays from there at start before its listener opens. A client's request is
 //! acknowledged only after the JetStream ack and this node's apply; without a quorum it gets a
-//! retryable UNAVAILABLE error, never an ack. Retries are folded by message id (JetStream's
+//! retryable UNAVAILABLE error, never an ack. A client retry carrying the same idempotency key
+//! is folded by message id (JetStream's
 //! duplicate window). The log stays bounded: entries older than the longest subscription
 //! expiry age out (they can only describe expired subscriptions), and a subscriber's entries
 //! are rolled up into one snapshot every `ROLLUP_EVERY` operations (guarded by the expected
@@ -68,6 +69,10 @@ struct Shared {
     config: SubLogConfig,
     stop: CancellationToken,
     tasks: TaskTracker,
+    /// This process's start (µs), so message ids of different boots never collide.
+    boot: u64,
+    /// Source of per-call message ids.
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 /// Handle to the log; a cheap clone.
@@ -133,6 +138,8 @@ impl SubLog {
                 config,
                 stop: CancellationToken::new(),
                 tasks: TaskTracker::new(),
+                boot: crate::now_ms() * 1000 + u64::from(std::process::id() % 1000),
+                next_id: std::sync::atomic::AtomicU64::new(0),
             }),
         };
         log.shared.tasks.spawn(apply_loop(log.clone()));
@@ -161,10 +168,26 @@ impl SubLog {
         *self.shared.applied.borrow()
     }
 
-    /// Appends `op` (folded with an earlier append of the same `msg_id`), waits for the
-    /// quorum's ack and this node's apply, and returns what it did here.
-    pub async fn submit(&self, op: &LoggedOp, msg_id: &str) -> Result<LoggedOutcome, SubLogError> {
+    /// Appends `op`, waits for the quorum's ack and this node's apply, and returns what it
+    /// did here. With the client's `retry_key` a repeat within JetStream's duplicate window is
+    /// folded into the first append; without one, only this call's own publish retries are
+    /// (a fresh message id per call).
+    pub async fn submit(
+        &self,
+        op: &LoggedOp,
+        retry_key: Option<&str>,
+    ) -> Result<LoggedOutcome, SubLogError> {
         let s = &self.shared;
+        let msg_id = match retry_key {
+            Some(key) => key.to_string(),
+            None => format!(
+                "n-{}-{}-{}",
+                s.node,
+                s.boot,
+                s.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ),
+        };
+        let msg_id = msg_id.as_str();
         let payload = Bytes::from(LogEntry::from_op(op, &s.node).encode_to_vec());
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, msg_id);
@@ -203,7 +226,7 @@ impl SubLog {
                 let last = last_error.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 unavailable(format!(
                     "no quorum acknowledged in time ({last}); the change may still be applied \
-                     once the log recovers: retry with the same request id (retries are folded)"
+                     once the log recovers: retry with the same idempotency_key (retries are folded)"
                 ))
             })?
             .map_err(unavailable)?;
