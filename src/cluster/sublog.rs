@@ -4,11 +4,11 @@
 //! and replays from there at start before its listener opens. A client's request is
 //! acknowledged only after the JetStream ack and this node's apply; without a quorum it gets a
 //! retryable UNAVAILABLE error, never an ack. A client retry carrying the same idempotency key
-//! is folded by message id (JetStream's
-//! duplicate window). The log stays bounded: entries older than the longest subscription
-//! expiry age out (they can only describe expired subscriptions), and a subscriber's entries
-//! are rolled up into one snapshot every `ROLLUP_EVERY` operations (guarded by the expected
-//! last subject sequence, so a rollup never swallows an operation it has not seen).
+//! is folded by message id (JetStream's duplicate window). The log stays bounded: entries
+//! older than the longest subscription expiry age out (they can only describe expired
+//! subscriptions), and a subscriber's entries are rolled up into one snapshot every
+//! `ROLLUP_EVERY` operations (guarded by the expected last subject sequence, so a rollup never
+//! swallows an operation it has not seen).
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture;
