@@ -519,3 +519,65 @@ async fn a_channel_spread_over_three_nodes_agrees_and_loses_a_dead_node_s_member
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nats_server_dying_under_a_node_loses_no_presence_change() {
+    let mut nats = NatsCluster::start(3).await;
+    // Node 1 talks to NATS server 0 first; node 2 avoids it.
+    let node1 = Node::start(
+        "node1",
+        &[nats.url(0), nats.url(1)],
+        &["--grace-period-ms", GRACE],
+    )
+    .await;
+    let node2 = Node::start(
+        "node2",
+        &[nats.url(1), nats.url(2)],
+        &["--grace-period-ms", GRACE],
+    )
+    .await;
+    let mut watcher = node2.connect("watcher", "w").await;
+    within(watcher.subscribe(&["talker"])).await.unwrap();
+    let talker = node1.connect("talker", "phone").await;
+    let e = common::presence_event_of(&mut watcher, "talker", EventKind::Online).await;
+    let mut last_version = e.version;
+    // 30 changes at 10/s (the publish rate limit), NATS server 0 killed a third of the way.
+    for i in 0..30 {
+        if i == 10 {
+            nats.kill(0).await;
+        }
+        within(talker.set_presence(set_status(&format!("s{i}"))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(105)).await;
+    }
+    // The watcher ends on the last change (a change lost in flight is repaired by a state
+    // transfer), and versions never go back.
+    let started = Instant::now();
+    let mut seen = Vec::new();
+    loop {
+        let e = tokio::time::timeout(Duration::from_secs(10), watcher.next_presence_event())
+            .await
+            .unwrap_or_else(|_| panic!("no s29 within 10 s\n{}", node1.log_text()))
+            .unwrap();
+        assert!(
+            e.version > last_version,
+            "version went back: {} → {}",
+            last_version,
+            e.version
+        );
+        last_version = e.version;
+        let status = e.presence.unwrap().status;
+        seen.push(status.clone());
+        if status == "s29" {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(15));
+    }
+    // The NATS client replays what it buffered while it reconnected: every change arrives.
+    let want: Vec<String> = (0..30).map(|i| format!("s{i}")).collect();
+    assert_eq!(seen, want);
+    let p = within(watcher.get_presence(&["talker"])).await.unwrap();
+    assert_eq!(p[0].status, "s29");
+    assert_eq!(p[0].devices.len(), 1);
+}
