@@ -61,6 +61,11 @@ const SYNC_PAGE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FENCE_RECONNECT_HINT_MS: u64 = 250;
 /// The ticker's period: liveness, expiry and fencing are checked this often.
 const TICK: Duration = Duration::from_millis(100);
+/// A stall of this node's own loop this long (it was stopped or starved) gives every peer a
+/// fresh timeout: the silence was this node's.
+const STALL_RESETS_PEERS: Duration = Duration::from_millis(500);
+/// How long heartbeats keep listing an incarnation declared dead (so it learns and rejoins).
+const DEAD_NOTICE: Duration = Duration::from_secs(60);
 
 /// This node's identity and outgoing sequence, shared by the sink (under the registry lock)
 /// and the shell.
@@ -137,6 +142,8 @@ struct Shared {
     stop: CancellationToken,
     /// Nodes whose digest gauge was set, so a vanished one is reset to 0.
     reported: Mutex<HashSet<String>>,
+    /// A peer's heartbeat listed this node's incarnation as dead: fence and rejoin.
+    buried: AtomicBool,
 }
 
 impl Shared {
@@ -224,6 +231,7 @@ impl Cluster {
             tasks: TaskTracker::new(),
             stop: CancellationToken::new(),
             reported: Mutex::new(HashSet::new()),
+            buried: AtomicBool::new(false),
         });
         // The event callback holds its own `Link`; mirror it into the shared one.
         shared.tasks.spawn(mirror_link(shared.clone(), link));
@@ -403,6 +411,15 @@ async fn receive(shared: Arc<Shared>, mut subscription: async_nats::Subscriber) 
         }
         let origin = envelope.origin();
         if let Some(hb) = &envelope.heartbeat {
+            let me = shared.outgoing.origin();
+            let buried = hb
+                .dead_nodes
+                .iter()
+                .zip(&hb.dead_incarnations)
+                .any(|(node, inc)| *node == me.node && *inc == me.incarnation);
+            if buried && !shared.buried.swap(true, Ordering::Relaxed) {
+                tracing::warn!(peer = %origin.node, "a peer declared this node dead: rejoining");
+            }
             let registry = &shared.registry;
             let verdict = shared.peers().on_heartbeat(
                 &origin,
@@ -576,6 +593,7 @@ async fn answer_sync(shared: Arc<Shared>, mut requests: async_nats::Subscriber) 
 enum FenceCause {
     NatsLost,
     ClockJump,
+    DeclaredDead,
 }
 
 impl FenceCause {
@@ -583,6 +601,7 @@ impl FenceCause {
         match self {
             FenceCause::NatsLost => "nats_lost",
             FenceCause::ClockJump => "clock_jump",
+            FenceCause::DeclaredDead => "declared_dead",
         }
     }
 }
@@ -604,11 +623,17 @@ async fn tick(shared: Arc<Shared>) {
         let stalled = now.saturating_duration_since(last_tick);
         last_tick = now;
         let down_for = shared.link.down_for(now);
+        if stalled >= STALL_RESETS_PEERS {
+            // This node was not running: the peers' silence meanwhile says nothing about them.
+            shared.peers().link_restored(now);
+        }
         if fenced.is_none() {
             let cause = if stalled >= fence_after {
                 Some(FenceCause::ClockJump)
             } else if down_for.is_some_and(|d| d >= fence_after) {
                 Some(FenceCause::NatsLost)
+            } else if shared.buried.load(Ordering::Relaxed) {
+                Some(FenceCause::DeclaredDead)
             } else {
                 None
             };
@@ -620,6 +645,9 @@ async fn tick(shared: Arc<Shared>) {
                     ),
                     FenceCause::NatsLost => {
                         "this node lost its cluster link: reconnect to another node".to_string()
+                    }
+                    FenceCause::DeclaredDead => {
+                        "the cluster declared this node dead: reconnect to another node".to_string()
                     }
                 };
                 let closed = shared.registry.fence(&reason, FENCE_RECONNECT_HINT_MS);
@@ -643,6 +671,7 @@ async fn tick(shared: Arc<Shared>) {
                 .unwrap_or_else(|p| p.into_inner()) = origin.clone();
             shared.outgoing.seq.store(0, Ordering::Relaxed);
             shared.peers().reset();
+            shared.buried.store(false, Ordering::Relaxed);
             shared.registry.unfence();
             metrics::gauge!(m::CLUSTER_FENCED).set(0.0);
             tracing::info!(incarnation = origin.incarnation, "rejoined the cluster");
@@ -679,10 +708,15 @@ async fn send_heartbeat(shared: &Shared) {
         incarnation: origin.incarnation,
         seq,
         sent_ms: crate::now_ms(),
-        heartbeat: Some(Heartbeat {
-            digest,
-            sessions: sessions as u64,
-            hlc: shared.registry.clock(),
+        heartbeat: Some({
+            let dead = shared.peers().recently_dead(Instant::now(), DEAD_NOTICE);
+            Heartbeat {
+                digest,
+                sessions: sessions as u64,
+                hlc: shared.registry.clock(),
+                dead_nodes: dead.iter().map(|o| o.node.clone()).collect(),
+                dead_incarnations: dead.iter().map(|o| o.incarnation).collect(),
+            }
         }),
         ..Envelope::default()
     };

@@ -217,8 +217,9 @@ impl Peers {
         silent
     }
 
-    /// The link came back: every peer gets a full timeout from now before it can be declared
-    /// dead (nothing could be heard while the link was down).
+    /// The link came back, or this node's own loop was stalled: every peer gets a full
+    /// timeout from now before it can be declared dead (nothing could be heard meanwhile, so
+    /// the silence says nothing about them).
     pub fn link_restored(&mut self, now: Instant) {
         for p in self.peers.values_mut() {
             p.last_heard = now;
@@ -229,6 +230,17 @@ impl Peers {
     /// from each again); dead incarnations stay remembered.
     pub fn reset(&mut self) {
         self.peers.clear();
+    }
+
+    /// Incarnations declared dead within `window`: heartbeats carry them, so a node that was
+    /// declared dead without noticing (a pause shorter than its own fencing threshold, a
+    /// one-way partition) learns it and rejoins under a new incarnation.
+    pub fn recently_dead(&self, now: Instant, window: Duration) -> Vec<Origin> {
+        self.dead
+            .iter()
+            .filter(|(_, t)| now.saturating_duration_since(**t) < window)
+            .map(|(o, _)| o.clone())
+            .collect()
     }
 
     /// Live peers, for a join that waits for their state.

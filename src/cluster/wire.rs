@@ -166,6 +166,12 @@ pub struct Heartbeat {
     /// The sender's hybrid logical clock.
     #[prost(uint64, tag = "3")]
     pub hlc: u64,
+    /// Incarnations the sender declared dead in the last minute (node ids)...
+    #[prost(string, repeated, tag = "4")]
+    pub dead_nodes: Vec<String>,
+    /// ...and their incarnations, in the same order.
+    #[prost(uint64, repeated, tag = "5")]
+    pub dead_incarnations: Vec<u64>,
 }
 
 /// Asks a node for its sessions after a cursor.

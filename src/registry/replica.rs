@@ -168,7 +168,7 @@ impl Hlc {
         let now = super::now_micros();
         let mut last = self.0.load(Ordering::Relaxed);
         loop {
-            let next = (last + 1).max(now);
+            let next = last.saturating_add(1).max(now);
             match self
                 .0
                 .compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed)
@@ -211,6 +211,25 @@ pub(crate) struct ReplicaState {
     expiries: VecDeque<(Instant, String, String, u64, OfflineReason)>,
     /// How long a dead node's devices stay visible (the session grace period).
     grace: Duration,
+}
+
+/// How far ahead of this node's wall clock a remote epoch or version may be (clock skew
+/// between nodes).
+pub(crate) const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Whether the change's epochs and versions are within [`MAX_CLOCK_SKEW`] of this node's
+/// clock.
+fn clock_plausible(change: &ReplicaChange) -> bool {
+    let limit = super::now_micros().saturating_add(MAX_CLOCK_SKEW.as_micros() as u64);
+    let values: [u64; 2] = match change {
+        ReplicaChange::Upsert(r) => [r.epoch.max(r.rev), r.user.version],
+        ReplicaChange::Remove { epoch, version, .. } => [*epoch, *version],
+        ReplicaChange::ChannelJoin { epoch, .. }
+        | ReplicaChange::ChannelLeave { epoch, .. }
+        | ReplicaChange::ChannelState { epoch, .. } => [*epoch, 0],
+        ReplicaChange::Directed { .. } => [0, 0],
+    };
+    values.iter().all(|v| *v <= limit)
 }
 
 /// Whether `origin` holds (user, device) here under `epoch` (channel changes apply only to
@@ -360,6 +379,13 @@ impl Registry {
         change: ReplicaChange,
         received_at: Instant,
     ) -> bool {
+        if !clock_plausible(&change) {
+            // A clock value far ahead of this node's would drag every later version and epoch
+            // up with it (and an overflow would wrap them): refuse it.
+            metrics::counter!(crate::metrics::CLUSTER_DELTAS, "direction" => "invalid")
+                .increment(1);
+            return false;
+        }
         let mut state = self.state();
         if state.replica.fenced.is_some() {
             return false;
