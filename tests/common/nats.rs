@@ -10,7 +10,7 @@ use std::fs::{File, OpenOptions};
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
@@ -95,6 +95,15 @@ struct Node {
 pub struct NatsCluster {
     nodes: Vec<Node>,
     dir: tempfile::TempDir,
+    /// Held while this cluster lives: one cluster test at a time per test binary. Each starts
+    /// three NATS servers and up to three presenced nodes; two at once starve a 2-core machine
+    /// past the 3 s liveness timeout, and the tests measure timing.
+    _serial: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+fn serial() -> Arc<tokio::sync::Mutex<()>> {
+    static SERIAL: OnceLock<Arc<tokio::sync::Mutex<()>>> = OnceLock::new();
+    SERIAL.get_or_init(Default::default).clone()
 }
 
 impl NatsCluster {
@@ -108,6 +117,7 @@ impl NatsCluster {
     pub async fn start_with(n: usize, sync_interval: &str) -> NatsCluster {
         assert!(n >= 1, "a cluster has at least one server");
         check_binary();
+        let guard = serial().lock_owned().await;
         // A port picked free can be taken by someone else before the server binds it: then
         // that server exits at once, and the whole cluster starts again on fresh ports.
         let mut tries = 0;
@@ -132,6 +142,7 @@ impl NatsCluster {
                 continue;
             }
             cluster.jetstream_until(&clients, n, deadline).await;
+            cluster._serial = Some(guard);
             return cluster;
         }
     }
@@ -178,7 +189,11 @@ impl NatsCluster {
                 }
             })
             .collect();
-        let mut cluster = NatsCluster { nodes, dir };
+        let mut cluster = NatsCluster {
+            nodes,
+            dir,
+            _serial: None,
+        };
         for i in 0..n {
             cluster.spawn(i);
         }
