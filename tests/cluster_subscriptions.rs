@@ -254,3 +254,13 @@ async fn wait_holds(node: &Node, user: &str, acked: &[String], refused: &[String
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lone_nats_server_gets_a_one_replica_log_and_works() {
+    let nats = NatsCluster::start(1).await;
+    let n = Node::start("solo", &nats.urls(), &[]).await;
+    assert!(n.log_text().contains("not clustered"), "{}", n.log_text());
+    let bob = n.connect("bob", "phone").await;
+    within(bob.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(listed(&bob).await, ["alice"]);
+}

@@ -73,7 +73,8 @@ const DEAD_NOTICE: Duration = Duration::from_secs(60);
 struct Outgoing {
     origin: Mutex<Origin>,
     seq: AtomicU64,
-    tx: mpsc::Sender<Bytes>,
+    /// Encoded envelopes, and whether each is a heartbeat (counted apart from deltas).
+    tx: mpsc::Sender<(Bytes, bool)>,
 }
 
 impl Outgoing {
@@ -92,7 +93,7 @@ impl ReplicationSink for Outgoing {
         let bytes = Bytes::from(Envelope::delta(&origin, seq, &change).encode_to_vec());
         // Never waits: a full queue loses this delta, and the receivers see the gap in the
         // sequence numbers and fetch this node's state instead.
-        if self.tx.try_send(bytes).is_err() {
+        if self.tx.try_send((bytes, false)).is_err() {
             metrics::counter!(m::CLUSTER_DELTAS, "direction" => "dropped").increment(1);
         }
     }
@@ -365,25 +366,27 @@ async fn mirror_link(shared: Arc<Shared>, events: Arc<Link>) {
     }
 }
 
-async fn publish(shared: Arc<Shared>, mut rx: mpsc::Receiver<Bytes>) {
+async fn publish(shared: Arc<Shared>, mut rx: mpsc::Receiver<(Bytes, bool)>) {
     let subject = shared.subjects.replication.clone();
     loop {
-        let bytes = tokio::select! {
+        let (bytes, heartbeat) = tokio::select! {
             _ = shared.stop.cancelled() => break,
             b = rx.recv() => match b { Some(b) => b, None => return },
         };
-        send(&shared, &subject, bytes).await;
+        send(&shared, &subject, bytes, heartbeat).await;
     }
     // Stopping: what is queued still goes out (the sessions' ends at shutdown).
-    while let Ok(bytes) = rx.try_recv() {
-        send(&shared, &subject, bytes).await;
+    while let Ok((bytes, heartbeat)) = rx.try_recv() {
+        send(&shared, &subject, bytes, heartbeat).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), shared.client.flush()).await;
 }
 
-async fn send(shared: &Shared, subject: &str, bytes: Bytes) {
+async fn send(shared: &Shared, subject: &str, bytes: Bytes, heartbeat: bool) {
     match shared.client.publish(subject.to_string(), bytes).await {
+        Ok(()) if heartbeat => {}
         Ok(()) => metrics::counter!(m::CLUSTER_DELTAS, "direction" => "out").increment(1),
+        Err(_) if heartbeat => {}
         Err(e) => {
             metrics::counter!(m::CLUSTER_DELTAS, "direction" => "dropped").increment(1);
             tracing::debug!("cannot publish a delta: {e}");
@@ -726,12 +729,20 @@ async fn send_heartbeat(shared: &Shared) {
     // Heartbeats take the deltas' queue, behind every delta up to `seq`, so a receiver that
     // has applied those can compare digests. A queue full for this long is a stalled link.
     let bytes = Bytes::from(envelope.encode_to_vec());
-    let _ = tokio::time::timeout(Duration::from_millis(500), shared.outgoing.tx.send(bytes)).await;
+    let _ = tokio::time::timeout(
+        Duration::from_millis(500),
+        shared.outgoing.tx.send((bytes, true)),
+    )
+    .await;
 }
 
 /// Sets the digest gauges: this node's view of each peer's sessions (0 for a peer gone).
 fn publish_digests(shared: &Shared, origin: &Origin) {
-    let digests = shared.registry.digests(origin);
+    let mut digests = shared.registry.digests(origin);
+    // A live peer with no sessions has digest 0: shown too, so agreement can be checked.
+    for node in shared.peers().live_nodes() {
+        digests.entry(node).or_insert(0);
+    }
     let mut reported = shared.reported.lock().unwrap_or_else(|p| p.into_inner());
     for node in reported.iter().filter(|n| !digests.contains_key(*n)) {
         metrics::gauge!(m::CLUSTER_PEER_DIGEST, "node" => node.clone()).set(0.0);

@@ -60,6 +60,11 @@ impl Peers {
         self.peers.len()
     }
 
+    /// The live peers' node ids.
+    pub fn live_nodes(&self) -> Vec<String> {
+        self.peers.keys().cloned().collect()
+    }
+
     /// Dead incarnations remembered.
     pub fn dead(&self) -> usize {
         self.dead.len()

@@ -38,6 +38,8 @@ pub enum SubLogError {
 
 /// Operations of one subscriber between rollups.
 pub const ROLLUP_EVERY: u32 = 64;
+/// How long a read waits for this node to catch up with the log.
+pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Outcomes kept for operations applied here (a waiting request reads its own).
 const OUTCOMES_KEPT: usize = 16_384;
 
@@ -96,34 +98,46 @@ impl SubLog {
             .build(client);
         let stream_name = subjects.stream();
         let deadline = Instant::now() + config.replay_timeout;
-        let mut stream = loop {
-            let created = js
-                .get_or_create_stream(stream::Config {
-                    name: stream_name.clone(),
-                    subjects: vec![subjects.log_all.clone()],
-                    num_replicas: config.replicas,
-                    max_age: config.max_age,
-                    duplicate_window: Duration::from_secs(120),
-                    allow_rollup: true,
-                    storage: stream::StorageType::File,
-                    ..Default::default()
-                })
-                .await;
-            match created {
-                Ok(s) => break s,
+        // A lone NATS server (no cluster) cannot hold more than one replica.
+        let replicas = if js.client().server_info().cluster.is_none() && config.replicas > 1 {
+            tracing::warn!(
+                configured = config.replicas,
+                "the NATS server is not clustered: the subscription log gets 1 replica (use a \
+                 3-server NATS cluster in production)"
+            );
+            1
+        } else {
+            config.replicas
+        };
+        // Several nodes may create the stream at once on a fresh NATS cluster: creating it and
+        // reading its position are retried together until the deadline.
+        let last = loop {
+            let attempt = async {
+                let mut stream = js
+                    .get_or_create_stream(stream::Config {
+                        name: stream_name.clone(),
+                        subjects: vec![subjects.log_all.clone()],
+                        num_replicas: replicas,
+                        max_age: config.max_age,
+                        duplicate_window: Duration::from_secs(120),
+                        allow_rollup: true,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info = stream.info().await.map_err(|e| e.to_string())?;
+                Ok::<u64, String>(info.state.last_sequence)
+            };
+            match attempt.await {
+                Ok(last) => break last,
                 Err(e) if Instant::now() < deadline => {
                     tracing::warn!("subscription log not ready yet: {e}");
                     tokio::time::sleep(Duration::from_millis(250)).await;
                 }
-                Err(e) => return Err(SubLogError::Unavailable(e.to_string())),
+                Err(e) => return Err(SubLogError::Unavailable(e)),
             }
         };
-        let last = stream
-            .info()
-            .await
-            .map_err(|e| SubLogError::Unavailable(e.to_string()))?
-            .state
-            .last_sequence;
         let (applied, _) = watch::channel(store.applied_seq());
         let log = SubLog {
             shared: Arc::new(Shared {
@@ -246,6 +260,36 @@ impl SubLog {
             .get(&seq)
             .cloned();
         Ok(outcome.unwrap_or_else(|| fallback_outcome(op, s.store.as_ref())))
+    }
+
+    /// Waits (at most `CATCH_UP_TIMEOUT`) until this node has applied every entry the log
+    /// holds now: a read after it sees every change acknowledged anywhere before it.
+    pub async fn catch_up(&self) -> Result<(), SubLogError> {
+        let s = &self.shared;
+        let wait = async {
+            let mut stream =
+                s.js.get_stream(&s.stream_name)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            let mut rx = s.applied.subscribe();
+            rx.wait_for(|&a| a >= last)
+                .await
+                .map(|_| ())
+                .map_err(|_| "the log applier stopped".to_string())
+        };
+        match tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SubLogError::Unavailable(e)),
+            Err(_) => Err(SubLogError::Unavailable(format!(
+                "this node has not caught up with the subscription log within {CATCH_UP_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Stops applying.
