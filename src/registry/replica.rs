@@ -211,6 +211,8 @@ pub(crate) struct ReplicaState {
     expiries: VecDeque<(Instant, String, String, u64, OfflineReason)>,
     /// How long a dead node's devices stay visible (the session grace period).
     grace: Duration,
+    /// Cluster mode is on (a sink is set): a single node keeps no digests.
+    enabled: bool,
 }
 
 /// How far ahead of this node's wall clock a remote epoch or version may be (clock skew
@@ -261,6 +263,9 @@ impl ReplicaState {
         epoch: u64,
         rev: u64,
     ) {
+        if !self.enabled {
+            return;
+        }
         let h = device_hash(user, device, epoch, rev);
         match origin {
             None => self.local_digest ^= h,
@@ -331,7 +336,11 @@ pub struct LocalPage {
 impl Registry {
     /// Connects the registry to the cluster link. Set once, before any session exists.
     pub fn set_replication(&self, sink: Arc<dyn ReplicationSink>, grace: Duration) {
-        self.state().replica.grace = grace;
+        {
+            let mut state = self.state();
+            state.replica.grace = grace;
+            state.replica.enabled = true;
+        }
         if self.shared.sink.set(sink).is_err() {
             tracing::warn!("replication sink already set");
         }
