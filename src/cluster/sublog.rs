@@ -414,20 +414,16 @@ fn apply_one(log: &SubLog, seq: u64, payload: &[u8]) {
     let subscriber = op.subscriber().to_string();
     let due = {
         let mut counts = s.since_rollup.lock().unwrap_or_else(|p| p.into_inner());
-        if matches!(op, LoggedOp::Snapshot { .. }) {
+        let n = counts.entry(subscriber.clone()).or_default();
+        *n += 1;
+        // A snapshot restarts the count; so does a rollup this node starts now.
+        let due = *n >= ROLLUP_EVERY && origin == s.node;
+        if due || matches!(op, LoggedOp::Snapshot { .. }) {
             counts.remove(&subscriber);
-            false
-        } else {
-            let n = counts.entry(subscriber.clone()).or_default();
-            *n += 1;
-            *n >= ROLLUP_EVERY && origin == s.node
         }
+        due && !matches!(op, LoggedOp::Snapshot { .. })
     };
     if due {
-        s.since_rollup
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&subscriber);
         s.tasks.spawn(rollup(log.clone(), subscriber, seq));
     }
 }
