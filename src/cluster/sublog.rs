@@ -40,6 +40,10 @@ pub enum SubLogError {
 pub const ROLLUP_EVERY: u32 = 64;
 /// How long a read waits for this node to catch up with the log.
 pub const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a waiter lets the consumer deliver before it asks for a fresh consumer (an
+/// ordered consumer can sit silent for many seconds after the log lost and regained its
+/// quorum; a fresh one starts at this node's position at once).
+const KICK_AFTER: Duration = Duration::from_millis(400);
 /// Outcomes kept for operations applied here (a waiting request reads its own).
 const OUTCOMES_KEPT: usize = 16_384;
 
@@ -70,6 +74,10 @@ struct Shared {
     since_rollup: Mutex<HashMap<String, u32>>,
     config: SubLogConfig,
     stop: CancellationToken,
+    /// Asks the applier to drop its consumer and create a fresh one from the store's position.
+    kick: tokio::sync::Notify,
+    /// When the last kick was asked for (ms since the epoch).
+    last_kick_ms: std::sync::atomic::AtomicU64,
     tasks: TaskTracker,
     /// This process's start (µs), so message ids of different boots never collide.
     boot: u64,
@@ -151,6 +159,8 @@ impl SubLog {
                 since_rollup: Mutex::new(HashMap::new()),
                 config,
                 stop: CancellationToken::new(),
+                kick: tokio::sync::Notify::new(),
+                last_kick_ms: std::sync::atomic::AtomicU64::new(0),
                 tasks: TaskTracker::new(),
                 boot: crate::now_ms() * 1000 + u64::from(std::process::id() % 1000),
                 next_id: std::sync::atomic::AtomicU64::new(0),
@@ -245,12 +255,14 @@ impl SubLog {
             })?
             .map_err(unavailable)?;
         let seq = ack.sequence;
-        let mut rx = s.applied.subscribe();
-        tokio::time::timeout(s.config.apply_timeout, rx.wait_for(|&a| a >= seq))
+        self.wait_applied(seq, s.config.apply_timeout)
             .await
-            .map_err(|_| unavailable(format!("stored as #{seq} but not yet applied here")))?
-            .map_err(|_| unavailable("the log applier stopped".to_string()))
-            .map(|_| ())?;
+            .map_err(|e| match e {
+                WaitError::Timeout => {
+                    unavailable(format!("stored as #{seq} but not yet applied here"))
+                }
+                WaitError::Stopped => unavailable("the log applier stopped".to_string()),
+            })?;
         metrics::counter!(m::CLUSTER_LOG_OPS, "result" => if ack.duplicate { "duplicate" } else { "ok" })
             .increment(1);
         let outcome = s
@@ -277,11 +289,13 @@ impl SubLog {
                 .map_err(|e| e.to_string())?
                 .state
                 .last_sequence;
-            let mut rx = s.applied.subscribe();
-            rx.wait_for(|&a| a >= last)
-                .await
-                .map(|_| ())
-                .map_err(|_| "the log applier stopped".to_string())
+            match self.wait_applied(last, CATCH_UP_TIMEOUT).await {
+                Ok(()) => Ok(()),
+                Err(WaitError::Stopped) => Err("the log applier stopped".to_string()),
+                Err(WaitError::Timeout) => Err(format!(
+                    "this node has not caught up with the subscription log within {CATCH_UP_TIMEOUT:?}"
+                )),
+            }
         };
         match tokio::time::timeout(CATCH_UP_TIMEOUT, wait).await {
             Ok(Ok(())) => Ok(()),
@@ -292,12 +306,60 @@ impl SubLog {
         }
     }
 
+    /// Waits until this node has applied `seq`. A consumer that has not delivered within
+    /// `KICK_AFTER` is replaced (once per wait), so a stalled consumer costs a waiter well
+    /// under a second instead of the consumer's own heartbeat-miss detection.
+    async fn wait_applied(&self, seq: u64, timeout: Duration) -> Result<(), WaitError> {
+        let s = &self.shared;
+        let mut rx = s.applied.subscribe();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let first = deadline.min(tokio::time::Instant::now() + KICK_AFTER);
+        match tokio::time::timeout_at(first, rx.wait_for(|&a| a >= seq)).await {
+            Ok(r) => return r.map(|_| ()).map_err(|_| WaitError::Stopped),
+            Err(_) if first >= deadline => return Err(WaitError::Timeout),
+            Err(_) => {}
+        }
+        // At most one replacement per `KICK_AFTER`, however many requests wait.
+        let now = crate::now_ms();
+        let last = s.last_kick_ms.load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= KICK_AFTER.as_millis() as u64
+            && s.last_kick_ms
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "consumer_replaced").increment(1);
+            tracing::debug!(
+                seq,
+                applied = *rx.borrow(),
+                "subscription log consumer silent: replacing it"
+            );
+            s.kick.notify_one();
+        }
+        let result = match tokio::time::timeout_at(deadline, rx.wait_for(|&a| a >= seq)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(WaitError::Stopped),
+            Err(_) => Err(WaitError::Timeout),
+        };
+        result
+    }
+
     /// Stops applying.
     pub async fn stop(&self) {
         self.shared.stop.cancel();
         self.shared.tasks.close();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.shared.tasks.wait()).await;
     }
+}
+
+/// Why `wait_applied` gave up.
+enum WaitError {
+    Timeout,
+    Stopped,
 }
 
 /// The outcome of an operation whose own was forgotten (a retry long after): the state now.
@@ -317,7 +379,7 @@ fn fallback_outcome(op: &LoggedOp, store: &dyn SubscriptionStore) -> LoggedOutco
 }
 
 /// Follows the stream from the store's position with an ordered consumer (re-created after
-/// an error), applying each entry in order.
+/// an error, or when a waiter finds it silent), applying each entry in order.
 async fn apply_loop(log: SubLog) {
     let s = &log.shared;
     loop {
@@ -353,6 +415,7 @@ async fn apply_loop(log: SubLog) {
         loop {
             let next = tokio::select! {
                 _ = s.stop.cancelled() => return,
+                _ = s.kick.notified() => break,
                 n = messages.next() => n,
             };
             let message = match next {
