@@ -413,7 +413,7 @@ fn idempotency_key(key: String) -> Result<Option<String>, RequestError> {
     Ok((!key.is_empty()).then_some(key))
 }
 
-fn channel_id(id: String) -> Result<String, RequestError> {
+pub(crate) fn channel_id(id: String) -> Result<String, RequestError> {
     check_user_id(&id)
         .map_err(|reason| bad(format!("channel id: {}", reason.replace("user id", "id"))))?;
     Ok(id)
@@ -427,7 +427,7 @@ fn optional_user(id: String) -> Result<Option<String>, RequestError> {
     Ok(Some(id))
 }
 
-fn page_size(requested: u32, limits: &LimitsConfig) -> Result<usize, RequestError> {
+pub(crate) fn page_size(requested: u32, limits: &LimitsConfig) -> Result<usize, RequestError> {
     Ok(match requested {
         0 => limits.max_page_size,
         n if n > limits.max_page_size => {
@@ -470,7 +470,7 @@ fn invalid_id(reason: String) -> RequestError {
     RequestError::new(pb::ErrorCode::InvalidUserId, reason)
 }
 
-fn check_id_count(n: usize, limits: &LimitsConfig) -> Result<(), RequestError> {
+pub(crate) fn check_id_count(n: usize, limits: &LimitsConfig) -> Result<(), RequestError> {
     if n > limits.max_ids_per_request as usize {
         return Err(RequestError::new(
             pb::ErrorCode::TooManyIds,
@@ -484,7 +484,10 @@ fn check_id_count(n: usize, limits: &LimitsConfig) -> Result<(), RequestError> {
 }
 
 /// Checks count and form, and folds duplicates keeping first occurrences.
-fn parse_ids(ids: Vec<String>, limits: &LimitsConfig) -> Result<Vec<String>, RequestError> {
+pub(crate) fn parse_ids(
+    ids: Vec<String>,
+    limits: &LimitsConfig,
+) -> Result<Vec<String>, RequestError> {
     check_id_count(ids.len(), limits)?;
     let mut out: Vec<String> = Vec::with_capacity(ids.len());
     for id in ids {
@@ -506,7 +509,7 @@ fn check_len(what: &str, value: &str, max: u32) -> Result<(), RequestError> {
     Ok(())
 }
 
-fn parse_change(
+pub(crate) fn parse_change(
     p: &pb::SetPresence,
     limits: &LimitsConfig,
 ) -> Result<PresenceChange, RequestError> {
@@ -592,7 +595,7 @@ fn bad_cursor() -> RequestError {
     )
 }
 
-fn encode_cursor(after: &str) -> String {
+pub(crate) fn encode_cursor(after: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{CURSOR_PREFIX}{after}"))
 }
 
@@ -605,7 +608,7 @@ fn open_cursor(cursor: &str, prefix: &str) -> Result<String, RequestError> {
         .ok_or_else(bad_cursor)
 }
 
-fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
+pub(crate) fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
     if cursor.is_empty() {
         return Ok(None);
     }
@@ -614,11 +617,11 @@ fn decode_cursor(cursor: &str) -> Result<Option<String>, RequestError> {
     Ok(Some(after))
 }
 
-fn encode_member_cursor(user: &str, device: &str) -> String {
+pub(crate) fn encode_member_cursor(user: &str, device: &str) -> String {
     URL_SAFE_NO_PAD.encode(format!("{MEMBER_CURSOR_PREFIX}{user}\0{device}"))
 }
 
-fn decode_member_cursor(cursor: &str) -> Result<Option<(String, String)>, RequestError> {
+pub(crate) fn decode_member_cursor(cursor: &str) -> Result<Option<(String, String)>, RequestError> {
     if cursor.is_empty() {
         return Ok(None);
     }
@@ -660,6 +663,34 @@ pub fn connect(
             format!("token subject: {r}"),
         )
     })?;
+    let now_secs = crate::now_ms() / 1000;
+    let max_life = config.auth.max_token_lifetime_secs;
+    if claims.exp > now_secs.saturating_add(max_life) {
+        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "lifetime").increment(1);
+        return Err(RequestError::new(
+            pb::ErrorCode::Unauthenticated,
+            format!(
+                "token exp {} is more than auth.max_token_lifetime_secs ({max_life}) ahead",
+                claims.exp
+            ),
+        ));
+    }
+    if let Some(before_ms) = registry
+        .store()
+        .tokens_revoked_before(&claims.sub, crate::now_ms())
+    {
+        let issued_ms = claims.iat.unwrap_or(0).saturating_mul(1000);
+        if issued_ms < before_ms {
+            metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "revoked").increment(1);
+            return Err(RequestError::new(
+                pb::ErrorCode::TokenRevoked,
+                format!(
+                    "tokens of this user issued before {before_ms} ms were revoked (this one: {}); get a fresh token",
+                    claims.iat.map_or("no iat".to_string(), |i| format!("iat {i} s"))
+                ),
+            ));
+        }
+    }
     let device_id = match claims.did {
         Some(did) => did,
         None if request.device_id.is_empty() => "default".to_string(),

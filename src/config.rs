@@ -66,6 +66,11 @@ pub struct Config {
     /// Cluster mode on NATS; absent: a single node that needs no NATS.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterConfig>,
+    /// The admin HTTP API for the application's backend; serves once a key is configured.
+    pub admin: crate::admin::AdminConfig,
+    /// Webhook endpoints (`[[webhooks]]`), each with its own queue and delivery task.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
 }
 
 impl Default for Config {
@@ -82,6 +87,8 @@ impl Default for Config {
             fanout: FanoutConfig::default(),
             channels: ChannelsConfig::default(),
             cluster: None,
+            admin: crate::admin::AdminConfig::default(),
+            webhooks: Vec::new(),
         }
     }
 }
@@ -131,6 +138,9 @@ pub struct AuthConfig {
     pub issuer: Option<String>,
     /// When set, tokens must carry this `aud` (a string, or an array containing it).
     pub audience: Option<String>,
+    /// Longest token lifetime accepted: a token whose `exp` is further ahead is refused. Also
+    /// how long an admin revocation is kept (no token issued before it can outlive it).
+    pub max_token_lifetime_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -141,6 +151,7 @@ impl Default for AuthConfig {
             leeway_secs: 0,
             issuer: None,
             audience: None,
+            max_token_lifetime_secs: 30 * 86_400,
         }
     }
 }
@@ -543,8 +554,15 @@ impl Config {
                 return bad("cluster.delta_queue must be at least 1".into());
             }
         }
+        self.admin.validate().map_err(ConfigError::Invalid)?;
+        for (i, w) in self.webhooks.iter().enumerate() {
+            w.validate(i).map_err(ConfigError::Invalid)?;
+        }
         let s = &self.session;
         let l = &self.limits;
+        if self.auth.max_token_lifetime_secs == 0 {
+            return bad("auth.max_token_lifetime_secs must be positive".into());
+        }
         if self.auth.secrets.is_empty() {
             return bad("auth.secrets must hold at least one key".into());
         }

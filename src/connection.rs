@@ -68,6 +68,8 @@ pub struct ConnectionContext {
     pub next_conn_id: AtomicU64,
     /// Cluster mode: the replicated subscription log that Subscribe/Unsubscribe go through.
     pub sub_log: std::sync::OnceLock<crate::cluster::sublog::SubLog>,
+    /// Cluster mode: sends admin changes to the node holding a user's sessions.
+    pub forwarder: std::sync::OnceLock<crate::cluster::forward::Forwarder>,
     /// Group commit for subscription changes.
     pub committer: Committer,
     /// Failed-Connect delays and bans per address.
@@ -103,6 +105,7 @@ impl ConnectionContext {
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
             sub_log: std::sync::OnceLock::new(),
+            forwarder: std::sync::OnceLock::new(),
             committer,
             auth_guard: AuthGuard::new(config.auth_guard()),
             registry,

@@ -22,11 +22,15 @@
 //! | [`connection`] | one task per client: handshake, session, reader loop and writer in one task, a guard that cleans up however it ends |
 //! | [`server`] | listener, connection permits, shutdown |
 //! | [`cluster`] | cluster mode on NATS: the link, delta publisher and receiver, heartbeats, peer liveness, state transfer, fencing |
+//! | [`events`] | the backend event catalogue, its JSON shape, and the bus that numbers events for webhooks and `GET /v1/events` |
+//! | [`webhooks`] | `[[webhooks]]` endpoints: bounded queues, batching, Standard Webhooks signing, retries |
+//! | [`admin`] | the admin HTTP API (axum) for the application's backend |
 //! | [`metrics`] | metric names, the Prometheus exporter and its HTTP endpoint |
 //! | [`config`] | `Config` with embedded defaults, TOML loading and validation |
 //! | [`client`] | the Rust client used by the tests, `presencectl` and benchmarks |
 
 pub mod address;
+pub mod admin;
 pub mod auth;
 pub mod auth_guard;
 pub mod client;
@@ -35,6 +39,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod outbound;
@@ -43,6 +48,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod tls_stream;
+pub mod webhooks;
 pub mod wire;
 
 /// Protobuf types generated from `proto/presence/v1/presence.proto` (see that file for the

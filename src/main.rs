@@ -136,6 +136,8 @@ async fn main() -> anyhow::Result<()> {
         listen = %server.local_addr(),
         plain = ?server.plain_addr(),
         metrics = ?server.metrics_addr().map(|a| format!("http://{a}/metrics")),
+        admin = ?server.admin_addr().map(|a| format!("admin://{a}")),
+        webhooks = config.webhooks.len(),
         data_dir = %config.data_dir.display(),
         cluster = ?server.cluster_origin().map(|o| o.node),
         "presenced is accepting clients"

@@ -85,6 +85,12 @@ pub const CLUSTER_PEER_DIGEST: &str = "presence_cluster_peer_digest";
 /// Cluster mode: subscription-log operations, by result (`ok`, `duplicate`, `unavailable`,
 /// `rollup`, `invalid`).
 pub const CLUSTER_LOG_OPS: &str = "presence_cluster_log_operations_total";
+/// Admin API requests, by HTTP status.
+pub const ADMIN_REQUESTS: &str = "presence_admin_requests_total";
+/// Admin API requests refused for an unknown or missing key.
+pub const ADMIN_AUTH_FAILURES: &str = "presence_admin_auth_failures_total";
+/// Backend events numbered by the event bus, by type.
+pub const EVENTS: &str = "presence_events_total";
 /// Cluster mode: the last subscription-log sequence applied into this node's store.
 pub const CLUSTER_LOG_APPLIED: &str = "presence_cluster_log_applied_sequence";
 
@@ -180,6 +186,13 @@ fn describe() {
         "Sessions held by other nodes, replicated here"
     );
     describe_counter!(CLUSTER_LOG_OPS, "Subscription-log operations, by result");
+    describe_counter!(EVENTS, "Backend events (webhooks, GET /v1/events), by type");
+    crate::webhooks::describe();
+    describe_counter!(ADMIN_REQUESTS, "Admin API requests, by HTTP status");
+    describe_counter!(
+        ADMIN_AUTH_FAILURES,
+        "Admin API requests with a missing or unknown key"
+    );
     describe_gauge!(
         CLUSTER_LOG_APPLIED,
         "Last subscription-log sequence applied here"

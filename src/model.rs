@@ -257,6 +257,8 @@ pub enum CloseKind {
     DeviceLimit,
     /// Cluster mode: the node fenced itself; reconnect to another node.
     NodeUnavailable,
+    /// The application's backend ended the session (admin disconnect, token revocation).
+    Kicked,
 }
 
 impl CloseKind {
@@ -276,6 +278,7 @@ impl CloseKind {
             CloseKind::NodeUnavailable => "node_unavailable",
             CloseKind::TokenExpired => "token_expired",
             CloseKind::DeviceLimit => "device_limit",
+            CloseKind::Kicked => "kicked",
         }
     }
 }

@@ -16,14 +16,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::address::{AddressLimits, AddressLimitsConfig, AddressPermit};
+use crate::admin::AdminApi;
 use crate::cluster::Cluster;
 use crate::command::TokenBucket;
 use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
+use crate::events::EventBus;
 use crate::metrics as m;
 use crate::registry::Registry;
 use crate::store::{SledStore, StoreError, SubscriptionStore};
 use crate::tls::{self, TlsError};
+use crate::webhooks::Webhooks;
 
 /// Why the server could not start or stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,12 @@ pub struct Server {
     address_limits: AddressLimits,
     /// The cluster link, in cluster mode.
     cluster: Option<Cluster>,
+    /// Numbers backend events for webhooks and the admin API's replay.
+    events: Arc<EventBus>,
+    /// Webhook delivery, started by `run`.
+    webhooks: Webhooks,
+    /// The admin API, when a key is configured.
+    admin: Option<AdminApi>,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -119,8 +128,17 @@ impl Server {
             max_tracked: AddressLimitsConfig::tracked_bound(config.limits.max_connections),
         });
         let cluster_config = config.cluster.clone();
+        let admin_config = config.admin.clone();
+        let (webhooks, sinks) = Webhooks::new(&config.webhooks);
         let grace = config.grace_period();
-        let max_expiry = Duration::from_secs(config.limits.max_expiry_secs);
+        // The log keeps entries as long as they can matter: subscriptions until they expire,
+        // revocations until no token issued before them can be valid.
+        let max_expiry = Duration::from_secs(
+            config
+                .limits
+                .max_expiry_secs
+                .max(config.auth.max_token_lifetime_secs),
+        );
         let ctx = Arc::new(ConnectionContext::new(config, store));
         // Cluster mode joins before the listener accepts anyone: the node then answers with
         // the cluster's presence from its first client on.
@@ -133,10 +151,21 @@ impl Server {
                 let cluster =
                     Cluster::start(&c, node, ctx.registry.clone(), grace, max_expiry).await?;
                 let _ = ctx.sub_log.set(cluster.sub_log().clone());
+                let _ = ctx.forwarder.set(cluster.forwarder().clone());
                 Some(cluster)
             }
             None => None,
         };
+        // A new epoch per boot (µs): `server.started` carries it, event ids start from it.
+        let node = cluster.as_ref().map(|c| c.origin().node.to_string());
+        let events = Arc::new(EventBus::new(crate::now_ms() * 1000, node, sinks));
+        ctx.registry.set_observer(events.clone());
+        let admin = AdminApi::bind(&admin_config, ctx.clone(), events.clone())
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: admin_config.listen,
+                source,
+            })?;
         Ok(Server {
             listener,
             plain_listener,
@@ -146,6 +175,9 @@ impl Server {
             connection_permits,
             address_limits,
             cluster,
+            events,
+            webhooks,
+            admin,
         })
     }
 
@@ -170,6 +202,16 @@ impl Server {
             .and_then(|l| l.local_addr().ok())
     }
 
+    /// The admin API's address, when it is on.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().and_then(AdminApi::local_addr)
+    }
+
+    /// The bus that numbers backend events (webhooks, `GET /v1/events`).
+    pub fn events(&self) -> Arc<EventBus> {
+        self.events.clone()
+    }
+
     /// This node's id and incarnation in cluster mode.
     pub fn cluster_origin(&self) -> Option<crate::registry::Origin> {
         self.cluster.as_ref().map(Cluster::origin)
@@ -189,6 +231,10 @@ impl Server {
             background.spawn(m::serve(listener, m::install(), ctx.shutdown.clone()));
         }
         background.spawn(sweep_expired(ctx.clone()));
+        if let Some(admin) = self.admin {
+            background.spawn(admin.serve(ctx.shutdown.clone()));
+        }
+        background.spawn(self.webhooks.run(ctx.shutdown.clone()));
         background.spawn(channel_intervals(ctx.clone()));
         if let Some(listener) = self.plain_listener {
             let ctx = ctx.clone();

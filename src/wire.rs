@@ -97,6 +97,7 @@ pub fn close_code_to_pb(kind: CloseKind) -> pb::CloseCode {
         CloseKind::Overloaded => pb::CloseCode::Overloaded,
         CloseKind::TokenExpired => pb::CloseCode::TokenExpired,
         CloseKind::DeviceLimit => pb::CloseCode::DeviceLimit,
+        CloseKind::Kicked => pb::CloseCode::Kicked,
         CloseKind::NodeUnavailable => pb::CloseCode::NodeUnavailable,
     }
 }

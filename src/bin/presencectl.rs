@@ -1,8 +1,11 @@
 //! `presencectl`: a developer's command line for presenced. Mints tokens from the configured
 //! secret (the dev secret by default), connects as any user over TLS, publishes presence,
 //! subscribes, queries, lists subscriptions and watches users, printing JSON lines. With no
-//! flags it talks to a default local broker (127.0.0.1:7883, the dev CA).
+//! flags it talks to a default local broker (127.0.0.1:7883, the dev CA). `admin` calls the
+//! admin HTTP API with a key; `webhook-listen` is a local webhook receiver that verifies each
+//! request's signature and prints its events. It holds no state beyond one command.
 
+use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -157,6 +160,36 @@ enum Command {
         user: String,
         channel: String,
     },
+    /// Receive webhooks: verify each POST (any path) with the given secrets, answer 204 (401
+    /// on a bad signature, the reason on stderr) and print each event as one JSON line.
+    WebhookListen {
+        /// Address to listen on (port 0 picks one; the address is printed on stderr).
+        #[arg(long, default_value = "127.0.0.1:9466")]
+        listen: SocketAddr,
+        /// KEY_ID=SECRET as configured in `[[webhooks]]`; repeat during a key rotation.
+        #[arg(
+            long = "secret",
+            id = "secret",
+            value_name = "KEY_ID=SECRET",
+            required = true
+        )]
+        webhook_secrets: Vec<String>,
+        /// Largest accepted difference between `webhook-timestamp` and this clock, seconds.
+        #[arg(long, default_value_t = presenced::webhooks::DEFAULT_TOLERANCE_SECS)]
+        tolerance_secs: u64,
+    },
+    /// Call the admin HTTP API; prints the JSON reply, or the JSON error on stderr with exit
+    /// code 1.
+    Admin {
+        /// Base URL of the admin API.
+        #[arg(long, default_value = "http://127.0.0.1:9465")]
+        url: String,
+        /// Admin key (sent as `Authorization: Bearer`).
+        #[arg(long, env = "PRESENCE_ADMIN_KEY", hide_env_values = true)]
+        key: String,
+        #[command(subcommand)]
+        op: AdminOp,
+    },
     /// Send a directed presence to some users.
     Direct {
         #[arg(long)]
@@ -168,6 +201,227 @@ enum Command {
         #[arg(required = true)]
         targets: Vec<String>,
     },
+}
+
+/// One admin API call.
+#[derive(Debug, Subcommand)]
+enum AdminOp {
+    /// Presence of users (`POST /v1/presence:query`).
+    Query {
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Which of these users are online (`POST /v1/presence:online`).
+    Online {
+        #[arg(required = true)]
+        users: Vec<String>,
+    },
+    /// Disconnect a user's sessions, or one device (`POST /v1/users/{user}/disconnect`).
+    Kick {
+        user: String,
+        /// Only this device.
+        #[arg(long = "device", id = "device")]
+        kick_device: Option<String>,
+        /// Reason given to the client.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Refuse the user's tokens issued before a time (`POST /v1/users/{user}/revoke`).
+    Revoke {
+        user: String,
+        /// Milliseconds since the epoch; default: now (decided by the broker).
+        #[arg(long)]
+        before_ms: Option<u64>,
+    },
+}
+
+/// `value` percent-encoded as one URL path segment: everything but the unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`) is escaped, so `/`, `?`, `#`, `%` and spaces in a user id cannot
+/// change the path. `.` and `..` are refused: URL parsers resolve them even when escaped.
+fn path_segment(value: &str) -> anyhow::Result<String> {
+    if value.is_empty() || value == "." || value == ".." {
+        bail!("{value:?} cannot be used as a URL path segment");
+    }
+    let mut out = String::with_capacity(value.len());
+    for b in value.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    Ok(out)
+}
+
+/// The path and JSON body of an admin call.
+fn admin_request(op: &AdminOp) -> anyhow::Result<(String, Value)> {
+    Ok(match op {
+        AdminOp::Query { users } => ("/v1/presence:query".into(), json!({ "users": users })),
+        AdminOp::Online { users } => ("/v1/presence:online".into(), json!({ "users": users })),
+        AdminOp::Kick {
+            user,
+            kick_device,
+            reason,
+        } => {
+            let mut body = serde_json::Map::new();
+            if let Some(d) = kick_device {
+                body.insert("device".into(), json!(d));
+            }
+            if let Some(r) = reason {
+                body.insert("reason".into(), json!(r));
+            }
+            (
+                format!("/v1/users/{}/disconnect", path_segment(user)?),
+                Value::Object(body),
+            )
+        }
+        AdminOp::Revoke { user, before_ms } => {
+            let mut body = serde_json::Map::new();
+            if let Some(ms) = before_ms {
+                body.insert("before_ms".into(), json!(ms));
+            }
+            (
+                format!("/v1/users/{}/revoke", path_segment(user)?),
+                Value::Object(body),
+            )
+        }
+    })
+}
+
+/// Runs one admin call; a non-2xx reply prints its body on stderr and exits with code 1.
+async fn admin(url: &str, key: &str, op: &AdminOp) -> anyhow::Result<()> {
+    let (path, body) = admin_request(op)?;
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(60))
+        .build()?;
+    let target = format!("{}{path}", url.trim_end_matches('/'));
+    let response = client
+        .post(&target)
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the admin API at {url}"))?;
+    let status = response.status();
+    let text = response.text().await?;
+    let shown = match serde_json::from_str::<Value>(&text) {
+        Ok(value) => serde_json::to_string_pretty(&value)?,
+        Err(_) => text,
+    };
+    if status.is_success() {
+        if !shown.is_empty() {
+            println!("{shown}");
+        }
+        Ok(())
+    } else {
+        eprintln!("{shown}");
+        eprintln!("presencectl: admin API answered {status}");
+        std::process::exit(1);
+    }
+}
+
+/// Parses `KEY_ID=SECRET` pairs.
+fn parse_secrets(pairs: &[String]) -> anyhow::Result<BTreeMap<String, String>> {
+    pairs
+        .iter()
+        .map(|pair| {
+            pair.split_once('=')
+                .filter(|(k, v)| !k.is_empty() && !v.is_empty())
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .context("--secret takes KEY_ID=SECRET")
+        })
+        .collect()
+}
+
+/// What `webhook-listen` checks requests with.
+#[derive(Debug)]
+struct Listener {
+    secrets: BTreeMap<String, String>,
+    tolerance_secs: u64,
+}
+
+/// Verifies one webhook request and prints its events; the status to answer.
+fn receive_webhook(
+    listener: &Listener,
+    method: &axum::http::Method,
+    headers: &axum::http::HeaderMap,
+    body: &[u8],
+) -> axum::http::StatusCode {
+    use axum::http::StatusCode;
+    use presenced::webhooks::{headers as h, verify, SignedHeaders};
+    if method != axum::http::Method::POST {
+        return StatusCode::METHOD_NOT_ALLOWED;
+    }
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let signed = SignedHeaders {
+        id: header(h::ID),
+        timestamp: header(h::TIMESTAMP),
+        signature: header(h::SIGNATURE),
+    };
+    let now = presenced::now_ms() / 1000;
+    if let Err(e) = verify(
+        &listener.secrets,
+        signed,
+        body,
+        now,
+        listener.tolerance_secs,
+    ) {
+        eprintln!("presencectl: refused webhook {:?}: {e}", signed.id);
+        return StatusCode::UNAUTHORIZED;
+    }
+    let events = match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(mut o)) => match o.remove("events") {
+            Some(Value::Array(events)) => events,
+            _ => Vec::new(),
+        },
+        _ => {
+            eprintln!(
+                "presencectl: webhook {:?} is not {{\"events\": [...]}}",
+                signed.id
+            );
+            return StatusCode::BAD_REQUEST;
+        }
+    };
+    // Each event as received, one per line (keys come out in alphabetical order: a
+    // `serde_json::Value` does not keep the sender's order).
+    let mut out = std::io::stdout().lock();
+    for event in events {
+        use std::io::Write;
+        let _ = writeln!(out, "{event}");
+    }
+    StatusCode::NO_CONTENT
+}
+
+/// Serves `webhook-listen` until Ctrl-C.
+async fn webhook_listen(addr: SocketAddr, listener: Listener) -> anyhow::Result<()> {
+    let listener = Arc::new(listener);
+    let app = axum::Router::new().fallback(
+        move |method: axum::http::Method,
+              headers: axum::http::HeaderMap,
+              body: axum::body::Bytes| {
+            let listener = listener.clone();
+            async move { receive_webhook(&listener, &method, &headers, &body) }
+        },
+    );
+    let socket = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    eprintln!(
+        "presencectl: listening for webhooks on http://{}",
+        socket.local_addr()?
+    );
+    axum::serve(socket, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
 }
 
 fn availability_name(value: i32) -> &'static str {
@@ -380,6 +634,18 @@ fn refs(targets: &[String]) -> Vec<&str> {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.command {
+        Command::WebhookListen {
+            listen,
+            webhook_secrets,
+            tolerance_secs,
+        } => {
+            let listener = Listener {
+                secrets: parse_secrets(webhook_secrets)?,
+                tolerance_secs: *tolerance_secs,
+            };
+            webhook_listen(*listen, listener).await?;
+        }
+        Command::Admin { url, key, op } => admin(url, key, op).await?,
         Command::Token { user, ttl } => println!("{}", cli.token_for(user, *ttl)),
         Command::Watch { user, targets } => {
             let client = cli.connect(user).await?;
@@ -539,4 +805,73 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "presencectl",
+            "webhook-listen",
+            "--secret",
+            "k1=whsec_abc",
+            "--secret",
+            "k2=raw",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::WebhookListen {
+                webhook_secrets, ..
+            } => {
+                let s = parse_secrets(&webhook_secrets).unwrap();
+                assert_eq!(s["k1"], "whsec_abc");
+                assert_eq!(s["k2"], "raw");
+            }
+            other => panic!("{other:?}"),
+        }
+        let cli = Cli::try_parse_from([
+            "presencectl",
+            "admin",
+            "--key",
+            "k",
+            "kick",
+            "al/ice",
+            "--device",
+            "d1",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Admin { op, .. } => {
+                let (path, body) = admin_request(&op).unwrap();
+                assert_eq!(path, "/v1/users/al%2Fice/disconnect");
+                assert_eq!(body, json!({"device": "d1"}));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(parse_secrets(&["nokey".into()]).is_err());
+    }
+
+    #[test]
+    fn path_segments_escape_everything_but_unreserved_characters() {
+        assert_eq!(path_segment("alice-1.x_~").unwrap(), "alice-1.x_~");
+        assert_eq!(
+            path_segment("a/b?c#d%e f").unwrap(),
+            "a%2Fb%3Fc%23d%25e%20f"
+        );
+        assert_eq!(path_segment("é").unwrap(), "%C3%A9");
+        for bad in ["", ".", ".."] {
+            assert!(path_segment(bad).is_err(), "{bad:?}");
+        }
+        let (path, body) = admin_request(&AdminOp::Revoke {
+            user: "..x".into(),
+            before_ms: None,
+        })
+        .unwrap();
+        assert_eq!((path.as_str(), body), ("/v1/users/..x/revoke", json!({})));
+    }
 }

@@ -7,6 +7,7 @@
 //! Everything that decides lives in synchronous code (`peers`, `registry::replica`); this
 //! module only moves bytes and time.
 
+pub mod forward;
 pub mod peers;
 pub mod sublog;
 pub mod wire;
@@ -158,6 +159,7 @@ impl Shared {
 pub struct Cluster {
     shared: Arc<Shared>,
     sub_log: SubLog,
+    forwarder: forward::Forwarder,
 }
 
 impl Cluster {
@@ -242,6 +244,14 @@ impl Cluster {
             .tasks
             .spawn(answer_sync(shared.clone(), sync_requests));
         shared.tasks.spawn(tick(shared.clone()));
+        shared.tasks.spawn(forward::answer(
+            shared.client.clone(),
+            config.subject_prefix.clone(),
+            shared.node.clone(),
+            shared.registry.clone(),
+            shared.stop.clone(),
+        ));
+        let forwarder = forward::Forwarder::new(shared.client.clone(), &config.subject_prefix);
         metrics::gauge!(m::CLUSTER_FENCED).set(0.0);
         // Join: hear the peers, fetch their sessions, then open.
         tokio::time::sleep(Duration::from_millis(config.join_wait_ms)).await;
@@ -255,12 +265,21 @@ impl Cluster {
             nats = ?shared.client.server_info().server_name,
             "joined the cluster"
         );
-        Ok(Cluster { shared, sub_log })
+        Ok(Cluster {
+            shared,
+            sub_log,
+            forwarder,
+        })
     }
 
     /// The replicated subscription log.
     pub fn sub_log(&self) -> &SubLog {
         &self.sub_log
+    }
+
+    /// Sends admin changes to the nodes holding sessions.
+    pub fn forwarder(&self) -> &forward::Forwarder {
+        &self.forwarder
     }
 
     /// This node's current identity.

@@ -222,7 +222,7 @@ impl SubLog {
         // Retried with the same message id until the deadline: while a stream leader is
         // being elected the publish fails fast ("no responders"), and a duplicate of an entry
         // that did land is folded by JetStream.
-        let subject = s.subjects.log(op.subscriber());
+        let subject = s.subjects.log_for(op);
         let last_error = Mutex::new(String::from("no answer"));
         let ack = async {
             loop {
@@ -375,6 +375,9 @@ fn fallback_outcome(op: &LoggedOp, store: &dyn SubscriptionStore) -> LoggedOutco
         }),
         LoggedOp::Unsubscribe { .. } => LoggedOutcome::Unsubscribed(0, count),
         LoggedOp::Snapshot { .. } => LoggedOutcome::Replaced,
+        LoggedOp::Revoke { user, .. } => {
+            LoggedOutcome::Revoked(store.tokens_revoked_before(user, 0).unwrap_or(0))
+        }
     }
 }
 
@@ -457,6 +460,7 @@ fn apply_one(log: &SubLog, seq: u64, payload: &[u8]) {
         }
     };
     let (op, origin) = entry;
+    let counts_for_rollup = !matches!(op, LoggedOp::Revoke { .. });
     match s.store.apply_logged(&op, seq) {
         Ok(outcome) => {
             let mut outcomes = s.outcomes.lock().unwrap_or_else(|p| p.into_inner());
@@ -474,6 +478,9 @@ fn apply_one(log: &SubLog, seq: u64, payload: &[u8]) {
     }
     s.applied.send_replace(seq);
     metrics::gauge!(m::CLUSTER_LOG_APPLIED).set(seq as f64);
+    if !counts_for_rollup {
+        return;
+    }
     let subscriber = op.subscriber().to_string();
     let due = {
         let mut counts = s.since_rollup.lock().unwrap_or_else(|p| p.into_inner());

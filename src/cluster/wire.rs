@@ -132,6 +132,9 @@ pub struct Record {
     pub channels: Vec<MembershipRecord>,
     #[prost(bool, tag = "15")]
     pub has_channels: bool,
+    /// The holder lost the connection; the device is in its grace period there.
+    #[prost(bool, tag = "16")]
+    pub lingering: bool,
 }
 
 /// A session's end.
@@ -260,6 +263,15 @@ impl LogEntry {
                 e.targets = targets.clone();
                 e.now_ms = *now_ms;
             }
+            LoggedOp::Revoke {
+                before_ms,
+                until_ms,
+                ..
+            } => {
+                e.kind = 4;
+                e.now_ms = *before_ms;
+                e.expires_at_ms = *until_ms;
+            }
             LoggedOp::Snapshot { entries, .. } => {
                 e.kind = 3;
                 e.targets = entries.iter().map(|(t, _)| t.clone()).collect();
@@ -286,6 +298,11 @@ impl LogEntry {
                 subscriber: self.subscriber,
                 targets: self.targets,
                 now_ms: self.now_ms,
+            },
+            4 => LoggedOp::Revoke {
+                user: self.subscriber,
+                before_ms: self.now_ms,
+                until_ms: self.expires_at_ms,
             },
             3 if self.expiries.len() == self.targets.len() => LoggedOp::Snapshot {
                 subscriber: self.subscriber,
@@ -339,6 +356,17 @@ impl Subjects {
     /// The subscription-log subject of one subscriber (its rollups replace only its entries).
     pub fn log(&self, subscriber: &str) -> String {
         format!("{}.subs.{}", self.prefix, subject_token(subscriber))
+    }
+
+    /// The subject an operation is appended on: the subscriber's, except revocations, which
+    /// get their own (a subscriber's rollup replaces only its subscription entries).
+    pub fn log_for(&self, op: &LoggedOp) -> String {
+        match op {
+            LoggedOp::Revoke { user, .. } => {
+                format!("{}.subs.{}.revoke", self.prefix, subject_token(user))
+            }
+            _ => self.log(op.subscriber()),
+        }
     }
 
     /// The JetStream stream holding the subscription log.
@@ -400,6 +428,7 @@ fn close_from_u32(v: u32) -> Option<CloseKind> {
     use crate::pb::CloseCode as P;
     match P::try_from(v as i32).ok()? {
         P::DeviceLimit => Some(CloseKind::DeviceLimit),
+        P::Kicked => Some(CloseKind::Kicked),
         P::TakenOver => Some(CloseKind::TakenOver),
         P::TokenExpired => Some(CloseKind::TokenExpired),
         _ => Some(CloseKind::TakenOver),
@@ -424,6 +453,7 @@ impl Record {
             user_data: r.user.user_data.clone(),
             version: r.user.version,
             has_channels: r.channels.is_some(),
+            lingering: r.lingering,
             channels: r
                 .channels
                 .iter()
@@ -470,6 +500,7 @@ impl Record {
             } else {
                 None
             },
+            lingering: self.lingering,
         })
     }
 }
@@ -697,6 +728,7 @@ mod tests {
                 version: 11,
             },
             channels: Some(vec![("lobby".into(), BTreeMap::new(), 3)]),
+            lingering: true,
         };
         for change in [
             ReplicaChange::Upsert(record),

@@ -10,6 +10,7 @@ use std::ops::Bound;
 use std::time::Instant;
 
 use super::{DeviceEntry, FanoutTally, Registry, RegistryError, ReplicaChange, State};
+use crate::events::Transition;
 use crate::model::{
     merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch, OfflineReason,
 };
@@ -198,6 +199,21 @@ impl Registry {
         let first_device = *devices_in == 1;
         let member = ch.view(&key, true);
         let occupancy = ch.occupancy();
+        let now_occupied = ch.members.len() == 1;
+        if is_local(state, user_id, device_id) {
+            if now_occupied {
+                self.observe(|| Transition::ChannelOccupied {
+                    channel: channel.to_string(),
+                    user: user_id.to_string(),
+                });
+            }
+            self.observe(|| Transition::MemberJoined {
+                channel: channel.to_string(),
+                user: user_id.to_string(),
+                device: device_id.to_string(),
+                occupancy,
+            });
+        }
         let user_event = first_device.then_some(ChannelEventKind::Online);
         self.emit_member_then_user(
             state,
@@ -650,6 +666,22 @@ impl Registry {
             };
             (view, last_device, ch.members.is_empty())
         };
+        if departure != Departure::Silent && is_local(state, user_id, device_id) {
+            let occupancy = state.channels.get(channel).map_or(0, |c| c.occupancy());
+            self.observe(|| Transition::MemberLeft {
+                channel: channel.to_string(),
+                user: user_id.to_string(),
+                device: device_id.to_string(),
+                occupancy,
+                timeout: departure == Departure::Timeout,
+            });
+            if now_empty {
+                self.observe(|| Transition::ChannelVacated {
+                    channel: channel.to_string(),
+                    user: user_id.to_string(),
+                });
+            }
+        }
         let kind = match departure {
             Departure::Leave => Some(ChannelEventKind::Leave),
             Departure::Timeout => Some(ChannelEventKind::Timeout),
@@ -820,6 +852,15 @@ impl Registry {
         }
         self.finish_fanout(tally);
     }
+}
+
+/// True when (user, device) is a session this node holds (its transitions are reported here).
+fn is_local(state: &State, user_id: &str, device_id: &str) -> bool {
+    state
+        .users
+        .get(user_id)
+        .and_then(|e| e.devices.get(device_id))
+        .is_some_and(|d| d.origin.is_none())
 }
 
 fn remove_watcher(state: &mut State, channel: &str, user_id: &str, device_id: &str) {

@@ -9,9 +9,11 @@
 //! here too, under that lock, when a new device attaches: the user's oldest session is closed
 //! to make room, or the new one is refused (`RegistryOptions::device_limit_policy`).
 
+mod admin;
 mod channels;
 mod replica;
 
+pub use admin::{AdminError, OnlineStatus};
 pub use channels::{ChannelOutcome, WhoNowPage};
 pub use replica::{
     DeviceRecord, LocalPage, Membership, Origin, ReplicaChange, ReplicationSink, UserFields,
@@ -25,6 +27,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::config::DeviceLimitPolicy;
+use crate::events::{Transition, TransitionObserver};
 use crate::model::{
     Availability, ChannelEventView, CloseKind, DeviceSnapshot, EventKind, EventView, OfflineReason,
     PresenceChange, PresenceSnapshot,
@@ -106,6 +109,8 @@ struct DeviceEntry {
     watching: BTreeSet<String>,
     /// The node holding the session, `None` for this one (cluster mode).
     origin: Option<Arc<Origin>>,
+    /// Held by another node that lost its connection and keeps it for the grace period.
+    remote_grace: bool,
     /// The session's fencing epoch: a hybrid-logical-clock value above any earlier session's
     /// of this (user, device); an older epoch never overwrites a newer one.
     epoch: u64,
@@ -162,6 +167,10 @@ impl DeviceMap {
 
     fn iter(&self) -> impl Iterator<Item = (&String, &DeviceEntry)> {
         self.0.iter().map(|(id, d)| (id, d))
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = (&String, &mut DeviceEntry)> {
+        self.0.iter_mut().map(|(id, d)| (&*id, d))
     }
 
     fn values(&self) -> impl Iterator<Item = &DeviceEntry> {
@@ -254,6 +263,9 @@ struct Shared {
     sink: std::sync::OnceLock<Arc<dyn ReplicationSink>>,
     /// The hybrid logical clock behind versions and epochs, in microseconds.
     hlc: replica::Hlc,
+    /// Told of every transition a backend cares about (webhooks, `GET /v1/events`), under
+    /// the state lock so they arrive in registry order.
+    observer: std::sync::OnceLock<Arc<dyn TransitionObserver>>,
 }
 
 impl Drop for Shared {
@@ -347,7 +359,24 @@ impl Registry {
                 options,
                 sink: std::sync::OnceLock::new(),
                 hlc: replica::Hlc::default(),
+                observer: std::sync::OnceLock::new(),
             }),
+        }
+    }
+
+    /// Installs the observer of transitions (once; later calls are ignored with a warning).
+    /// Only transitions made on this node are reported: in cluster mode each one is reported
+    /// by the node that made it, so the cluster reports it once.
+    pub fn set_observer(&self, observer: Arc<dyn TransitionObserver>) {
+        if self.shared.observer.set(observer).is_err() {
+            tracing::warn!("transition observer already set");
+        }
+    }
+
+    /// Reports a transition when an observer is installed (built only then).
+    fn observe(&self, build: impl FnOnce() -> Transition) {
+        if let Some(observer) = self.shared.observer.get() {
+            observer.observe(build());
         }
     }
 
@@ -475,6 +504,7 @@ impl Registry {
                         joined: BTreeSet::new(),
                         watching: BTreeSet::new(),
                         origin: None,
+                        remote_grace: false,
                         epoch,
                         rev: 0,
                     },
@@ -525,6 +555,18 @@ impl Registry {
                 Some(attach.outbound.id()),
                 attach.received_at,
             );
+            self.observe(|| match kind {
+                EventKind::Online => Transition::UserOnline(snapshot.clone()),
+                _ => Transition::UserUpdated(snapshot.clone()),
+            });
+        }
+        if new_device {
+            self.observe(|| Transition::DeviceConnected {
+                user: attach.user_id.clone(),
+                device: attach.device_id.clone(),
+                platform: attach.platform.clone(),
+                version: snapshot.version,
+            });
         }
         publish_online_gauge(&mut state);
         Ok(Attached {
@@ -630,6 +672,7 @@ impl Registry {
             device_id,
         };
         self.fanout(&state, &event, Some(conn_id), received_at);
+        self.observe(|| Transition::UserUpdated(snapshot.clone()));
         Ok(snapshot)
     }
 
@@ -676,6 +719,8 @@ impl Registry {
         };
         device.outbound = None;
         device.lingering = Some(reason);
+        // The other nodes learn it is in its grace period (the backend's online check).
+        self.emit_upsert(&state, user_id, device_id);
         true
     }
 
@@ -818,6 +863,28 @@ impl Registry {
         } else {
             EventKind::Update
         };
+        // Reported by the node that ended the session (a shutdown voids everything at once:
+        // the next boot's `server.started` says so).
+        if matches!(by, RemovedBy::Local { .. }) && reason != OfflineReason::ServerShutdown {
+            self.observe(|| Transition::DeviceDisconnected {
+                user: user_id.to_string(),
+                device: device_id.to_string(),
+                reason,
+                version,
+            });
+            self.observe(|| {
+                if last_device {
+                    Transition::UserOffline {
+                        user: user_id.to_string(),
+                        version,
+                        last_seen_ms,
+                        reason,
+                    }
+                } else {
+                    Transition::UserUpdated(snapshot.clone())
+                }
+            });
+        }
         let broadcast = broadcast
             && reason != OfflineReason::ServerShutdown
             && (kind != EventKind::Offline || self.shared.options.offline_broadcast);

@@ -66,6 +66,8 @@ pub struct DeviceRecord {
     /// The session's channel memberships: listed in a state transfer (the receiver makes its
     /// replica match), `None` in a delta (memberships travel as their own changes).
     pub channels: Option<Vec<Membership>>,
+    /// The holder lost the device's connection and keeps it for the grace period.
+    pub lingering: bool,
 }
 
 /// One channel membership of a session: channel, member state, join time (ms).
@@ -366,6 +368,7 @@ impl Registry {
                 version: entry.presence.version,
             },
             channels: None,
+            lingering: device.lingering.is_some(),
         })
     }
 
@@ -527,11 +530,12 @@ impl Registry {
                 if holder.is_none() {
                     if let Some(outbound) = outbound {
                         let kind = close.unwrap_or(CloseKind::TakenOver);
-                        let close = self.shared.encoder.close(
-                            kind,
-                            "the session was closed by another node of the cluster",
-                            0,
-                        );
+                        let text = if kind == CloseKind::Kicked {
+                            "the application's backend ended this session"
+                        } else {
+                            "the session was closed by another node of the cluster"
+                        };
+                        let close = self.shared.encoder.close(kind, text, 0);
                         if outbound.close(Some(Item::reply(close, "close"))) {
                             metrics::counter!(crate::metrics::CLOSES, "code" => kind.metric_label())
                                 .increment(1);
@@ -580,6 +584,14 @@ impl Registry {
             Some((Some(o), epoch, rev))
                 if **o == *origin && *epoch == record.epoch && *rev == record.rev =>
             {
+                // Only the connection may have changed (lost: the grace period runs there).
+                if let Some(d) = state
+                    .users
+                    .get_mut(user_id)
+                    .and_then(|e| e.devices.get_mut(device_id))
+                {
+                    d.remote_grace = record.lingering;
+                }
                 // A repeat (state transfer of an applied delta): only the memberships may
                 // differ (a lost channel delta).
                 if let Some(channels) = &record.channels {
@@ -648,6 +660,7 @@ impl Registry {
                 changed |= device.availability != record.availability
                     || device.platform != record.platform;
                 device.origin = Some(origin);
+                device.remote_grace = record.lingering;
                 device.epoch = record.epoch;
                 device.rev = record.rev;
                 device.platform = record.platform.clone();
@@ -669,6 +682,7 @@ impl Registry {
                         joined: Default::default(),
                         watching: Default::default(),
                         origin: Some(origin),
+                        remote_grace: record.lingering,
                         epoch: record.epoch,
                         rev: record.rev,
                     },

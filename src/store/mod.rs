@@ -92,6 +92,15 @@ pub enum LoggedOp {
         /// (target, expires_at_ms), every one.
         entries: Vec<(String, u64)>,
     },
+    /// [`SubscriptionStore::revoke_tokens`] (the admin API's revoke, cluster-wide).
+    Revoke {
+        /// The user whose tokens are revoked.
+        user: String,
+        /// Tokens issued before this (ms) are refused.
+        before_ms: u64,
+        /// Kept until (ms).
+        until_ms: u64,
+    },
 }
 
 impl LoggedOp {
@@ -101,6 +110,7 @@ impl LoggedOp {
             LoggedOp::Subscribe { subscriber, .. }
             | LoggedOp::Unsubscribe { subscriber, .. }
             | LoggedOp::Snapshot { subscriber, .. } => subscriber,
+            LoggedOp::Revoke { user, .. } => user,
         }
     }
 }
@@ -114,11 +124,18 @@ pub enum LoggedOutcome {
     Unsubscribed(usize, usize),
     /// A snapshot replaced the list.
     Replaced,
+    /// A revocation; the cut-off now in force.
+    Revoked(u64),
 }
 
 /// Applies `op` through the plain trait methods (stores without a log position).
 pub fn apply_op(store: &dyn SubscriptionStore, op: &LoggedOp) -> Result<LoggedOutcome, StoreError> {
     Ok(match op {
+        LoggedOp::Revoke {
+            user,
+            before_ms,
+            until_ms,
+        } => LoggedOutcome::Revoked(store.revoke_tokens(user, *before_ms, *until_ms)?),
         LoggedOp::Subscribe {
             subscriber,
             targets,
@@ -234,6 +251,13 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     /// When `user` was last online, if ever recorded.
     fn last_seen(&self, user: &str) -> Option<u64>;
 
+    /// Refuses `user`'s tokens issued before `before_ms` until `until_ms` (the longest token
+    /// lifetime from now); durable once `flush` returns. Returns the cut-off now in force.
+    fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError>;
+
+    /// The cut-off in force for `user` at `now_ms`: tokens with an earlier `iat` are refused.
+    fn tokens_revoked_before(&self, user: &str, now_ms: u64) -> Option<u64>;
+
     /// Makes everything applied so far durable. Blocking: call it off the async threads (the
     /// `Committer` does).
     fn flush(&self) -> Result<(), StoreError>;
@@ -276,6 +300,8 @@ pub struct Edges {
     reverse: HashMap<String, HashMap<String, u64>>,
     /// user → last seen, ms.
     last_seen: HashMap<String, u64>,
+    /// user → (tokens issued before this are refused, ms; kept until, ms).
+    revoked: HashMap<String, (u64, u64)>,
     /// Edges held.
     edges: usize,
     /// No edge expires before this: the minute sweep skips the scan (which holds the lock that
@@ -454,6 +480,36 @@ impl Edges {
     pub fn last_seen(&self, user: &str) -> Option<u64> {
         self.last_seen.get(user).copied()
     }
+
+    /// Records a revocation; a later one never lowers an earlier cut-off. Returns what is
+    /// kept: (cut-off, kept until).
+    pub fn set_revoked(&mut self, user: &str, before_ms: u64, until_ms: u64) -> (u64, u64) {
+        let slot = self.revoked.entry(user.to_string()).or_insert((0, 0));
+        *slot = (slot.0.max(before_ms), slot.1.max(until_ms));
+        *slot
+    }
+
+    /// The revocation cut-off of `user`, unless it has lapsed at `now_ms`.
+    pub fn revoked_before(&self, user: &str, now_ms: u64) -> Option<u64> {
+        self.revoked
+            .get(user)
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(before, _)| *before)
+    }
+
+    /// Forgets lapsed revocations; returns the users forgotten.
+    pub fn sweep_revoked(&mut self, now_ms: u64) -> Vec<String> {
+        let lapsed: Vec<String> = self
+            .revoked
+            .iter()
+            .filter(|(_, (_, until))| *until <= now_ms)
+            .map(|(u, _)| u.clone())
+            .collect();
+        for u in &lapsed {
+            self.revoked.remove(u);
+        }
+        lapsed
+    }
 }
 
 impl MemoryStore {
@@ -533,6 +589,7 @@ impl SubscriptionStore for MemoryStore {
 
     fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
         let mut edges = self.edges();
+        edges.sweep_revoked(now_ms);
         let expired = edges.expired(now_ms);
         for (s, t) in &expired {
             edges.remove(s, t);
@@ -548,6 +605,14 @@ impl SubscriptionStore for MemoryStore {
 
     fn last_seen(&self, user: &str) -> Option<u64> {
         self.edges().last_seen(user)
+    }
+
+    fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
+        Ok(self.edges().set_revoked(user, before_ms, until_ms).0)
+    }
+
+    fn tokens_revoked_before(&self, user: &str, now_ms: u64) -> Option<u64> {
+        self.edges().revoked_before(user, now_ms)
     }
 
     fn as_dyn(&self) -> &dyn SubscriptionStore {

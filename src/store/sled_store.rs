@@ -21,6 +21,8 @@ pub const FORMAT_VERSION: u64 = 1;
 const META_TREE: &str = "meta";
 const EDGES_TREE: &str = "edges";
 const LAST_SEEN_TREE: &str = "last_seen";
+/// user → 16 bytes: tokens issued before (ms, big-endian), kept until (ms, big-endian).
+const REVOKED_TREE: &str = "revoked";
 const FORMAT_KEY: &[u8] = b"format";
 const FORWARD: u8 = b'f';
 const REVERSE: u8 = b'r';
@@ -36,6 +38,7 @@ pub struct SledStore {
     db: sled::Db,
     edges_tree: sled::Tree,
     last_seen_tree: sled::Tree,
+    revoked_tree: sled::Tree,
     /// The in-memory image; its lock also orders writes to `edges_tree`.
     image: Mutex<Edges>,
     /// Cluster mode: the last log operation applied (see `APPLIED_SEQ_KEY`).
@@ -77,6 +80,7 @@ impl SledStore {
         let meta = tree(META_TREE)?;
         let edges_tree = tree(EDGES_TREE)?;
         let last_seen_tree = tree(LAST_SEEN_TREE)?;
+        let revoked_tree = tree(REVOKED_TREE)?;
         match meta.get(FORMAT_KEY).map_err(|e| classify(&shown, e))? {
             None if edges_tree.is_empty() && last_seen_tree.is_empty() => {
                 meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
@@ -106,7 +110,20 @@ impl SledStore {
                 }
             },
         }
-        let image = load(&shown, &edges_tree, &last_seen_tree)?;
+        let mut image = load(&shown, &edges_tree, &last_seen_tree)?;
+        for item in revoked_tree.iter() {
+            let (key, value) = item.map_err(|e| classify(&shown, e))?;
+            let (Ok(user), Ok(v)) = (std::str::from_utf8(&key), <[u8; 16]>::try_from(&value[..]))
+            else {
+                return Err(StoreError::Corrupt {
+                    path: shown.clone(),
+                    detail: "a revocation record is malformed".into(),
+                });
+            };
+            let before = u64::from_be_bytes(v[..8].try_into().unwrap_or_default());
+            let until = u64::from_be_bytes(v[8..].try_into().unwrap_or_default());
+            image.set_revoked(user, before, until);
+        }
         publish_gauge(&image);
         metrics::gauge!(crate::metrics::STORE_RECOVERY_SECONDS)
             .set(started.elapsed().as_secs_f64());
@@ -125,6 +142,7 @@ impl SledStore {
             db,
             edges_tree,
             last_seen_tree,
+            revoked_tree,
             image: Mutex::new(image),
             applied_seq: std::sync::atomic::AtomicU64::new(applied_seq),
             path: shown,
@@ -341,6 +359,11 @@ impl SubscriptionStore for SledStore {
 
     fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError> {
         let mut image = self.image();
+        for user in image.sweep_revoked(now_ms) {
+            self.revoked_tree
+                .remove(user.as_bytes())
+                .map_err(|e| self.backend(e))?;
+        }
         let expired = image.expired(now_ms);
         if expired.is_empty() {
             return Ok(0);
@@ -374,6 +397,22 @@ impl SubscriptionStore for SledStore {
 
     fn last_seen(&self, user: &str) -> Option<u64> {
         self.image().last_seen(user)
+    }
+
+    fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
+        let mut image = self.image();
+        let (before, until) = image.set_revoked(user, before_ms, until_ms);
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&before.to_be_bytes());
+        value[8..].copy_from_slice(&until.to_be_bytes());
+        self.revoked_tree
+            .insert(user.as_bytes(), &value)
+            .map_err(|e| self.backend(e))?;
+        Ok(before)
+    }
+
+    fn tokens_revoked_before(&self, user: &str, now_ms: u64) -> Option<u64> {
+        self.image().revoked_before(user, now_ms)
     }
 
     fn flush(&self) -> Result<(), StoreError> {
@@ -454,6 +493,19 @@ impl SubscriptionStore for SledStore {
                     image.insert(subscriber, target, *expires_at_ms);
                 }
                 LoggedOutcome::Replaced
+            }
+            LoggedOp::Revoke {
+                user,
+                before_ms,
+                until_ms,
+            } => {
+                drop(image);
+                // Idempotent (the later cut-off wins), so a replay after a crash between the
+                // two writes only repeats it.
+                let cut = self.revoke_tokens(user, *before_ms, *until_ms)?;
+                image = self.image();
+                self.write_batch(user, &[], &[], Some(seq))?;
+                LoggedOutcome::Revoked(cut)
             }
         };
         self.applied_seq

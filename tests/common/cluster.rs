@@ -19,6 +19,9 @@ pub struct Node {
     pub pid: u32,
     pub addr: SocketAddr,
     pub metrics: SocketAddr,
+    /// The admin API, when the node's config turns it on.
+    #[allow(dead_code)]
+    pub admin: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
     pub data_dir: tempfile::TempDir,
 }
@@ -69,7 +72,7 @@ impl Node {
         let pid = child.id().expect("pid");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (addr, metrics) = loop {
+        let (addr, metrics, admin) = loop {
             let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
                 .await
                 .expect("node starts within 30 s")
@@ -85,7 +88,8 @@ impl Node {
                 let addr = parse_after(&line, "listen=").unwrap().parse().unwrap();
                 let metrics = parse_after(&line, "http://").unwrap();
                 let metrics = metrics.trim_end_matches("/metrics").parse().unwrap();
-                break (addr, metrics);
+                let admin = parse_after(&line, "admin://").map(|a| a.parse().unwrap());
+                break (addr, metrics, admin);
             }
         };
         let sink = log.clone();
@@ -100,6 +104,7 @@ impl Node {
             pid,
             addr,
             metrics,
+            admin,
             log,
             data_dir,
         }

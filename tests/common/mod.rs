@@ -21,6 +21,8 @@ pub struct Broker {
     pub addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
     pub plain_addr: Option<SocketAddr>,
+    #[allow(dead_code)]
+    pub admin_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub registry: presenced::registry::Registry,
     pub task: Option<JoinHandle<()>>,
@@ -73,6 +75,7 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
     let addr = server.local_addr();
     let metrics_addr = server.metrics_addr();
     let plain_addr = server.plain_addr();
+    let admin_addr = server.admin_addr();
     let registry = server.registry();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -83,6 +86,7 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
         addr,
         metrics_addr,
         plain_addr,
+        admin_addr,
         shutdown,
         registry,
         task: Some(task),

@@ -1,0 +1,729 @@
+//! The admin API's operations, versioned under `/v1`: presence query and online check,
+//! channel members and occupancy, where-now, disconnect, token revocation, presence on a
+//! user's behalf, subscriptions on a user's behalf, and the event replay long-poll. Each
+//! handler checks its key first, then parses the body strictly (unknown fields refused, the
+//! reason names the field) and validates ids with the same rules and caps as the wire
+//! protocol.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::{AdminState, ApiError, Scope, MAX_BODY_BYTES};
+use crate::cluster::forward::ForwardError;
+use crate::command::{self, RequestError};
+use crate::config::LimitsConfig;
+use crate::events::PresenceJson;
+use crate::model::check_user_id;
+use crate::pb;
+use crate::registry::AdminError;
+use crate::store::LoggedOp;
+
+/// Most users per presence query.
+pub const MAX_QUERY_USERS: u32 = 500;
+/// Most users per online check.
+pub const MAX_ONLINE_USERS: u32 = 1_000;
+/// Most channels per occupancy query.
+pub const MAX_OCCUPANCY_CHANNELS: usize = 100;
+
+type Shared = State<Arc<AdminState>>;
+type Reply = Result<Json<Value>, ApiError>;
+
+pub(super) fn router(state: Arc<AdminState>) -> Router {
+    Router::new()
+        .route("/v1/presence:query", post(presence_query))
+        .route("/v1/presence:online", post(presence_online))
+        .route("/v1/channels:occupancy", post(channels_occupancy))
+        .route("/v1/channels/{channel}/members", get(channel_members))
+        .route("/v1/users/{user}/channels", get(where_now))
+        .route("/v1/users/{user}/disconnect", post(disconnect))
+        .route("/v1/users/{user}/revoke", post(revoke))
+        .route("/v1/users/{user}/presence", post(set_presence))
+        .route(
+            "/v1/users/{user}/subscriptions",
+            post(change_subscriptions).get(list_subscriptions),
+        )
+        .route("/v1/events", get(events))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(count))
+        .with_state(state)
+}
+
+/// Counts every request by its answer's status, and gives every error the JSON shape: the
+/// framework's own refusals (405, a path that does not decode, ...) come as plain text.
+async fn count(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let response = next.run(request).await;
+    let status = response.status();
+    metrics::counter!(crate::metrics::ADMIN_REQUESTS, "status" => status.as_str().to_string())
+        .increment(1);
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if status.is_success() || is_json {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let reason = if text.is_empty() {
+        status.canonical_reason().unwrap_or("refused").to_string()
+    } else {
+        text
+    };
+    let code = match status {
+        StatusCode::TOO_MANY_REQUESTS => pb::ErrorCode::RateLimited,
+        StatusCode::PAYLOAD_TOO_LARGE => pb::ErrorCode::LimitExceeded,
+        s if s.is_server_error() => pb::ErrorCode::Internal,
+        _ => pb::ErrorCode::BadRequest,
+    };
+    axum::response::IntoResponse::into_response(ApiError::new(status, code, reason))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        pb::ErrorCode::BadRequest,
+        "no such operation (see the README's admin API reference)",
+    )
+}
+
+/// Parses a JSON body strictly; an oversized body is 413.
+fn body<T: DeserializeOwned>(raw: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let raw = raw.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                pb::ErrorCode::LimitExceeded,
+                format!("the body exceeds {MAX_BODY_BYTES} bytes"),
+            )
+        } else {
+            ApiError::bad(format!("cannot read the body: {e}"))
+        }
+    })?;
+    let raw: &[u8] = if raw.is_empty() { b"{}" } else { &raw };
+    serde_json::from_slice(raw).map_err(|e| ApiError::bad(format!("body: {e}")))
+}
+
+/// Query parameters, refusing names not in `allowed`.
+fn params(
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+    allowed: &[&str],
+) -> Result<HashMap<String, String>, ApiError> {
+    let Query(map) = query.map_err(|e| ApiError::bad(format!("query string: {e}")))?;
+    if let Some(unknown) = map.keys().find(|k| !allowed.contains(&k.as_str())) {
+        return Err(ApiError::bad(format!(
+            "unknown query parameter {unknown:?} (allowed: {})",
+            allowed.join(", ")
+        )));
+    }
+    Ok(map)
+}
+
+fn number<T: std::str::FromStr>(
+    params: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<T>, ApiError> {
+    params
+        .get(name)
+        .map(|v| {
+            v.parse()
+                .map_err(|_| ApiError::bad(format!("{name} must be a non-negative integer")))
+        })
+        .transpose()
+}
+
+fn user_path(user: &str) -> Result<String, ApiError> {
+    check_user_id(user).map_err(|r| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            pb::ErrorCode::InvalidUserId,
+            format!("path user: {r}"),
+        )
+    })?;
+    Ok(user.to_string())
+}
+
+/// The client limits with `cap` ids per request.
+fn limits_with(state: &AdminState, cap: u32) -> LimitsConfig {
+    LimitsConfig {
+        max_ids_per_request: cap,
+        ..state.ctx.config.limits.clone()
+    }
+}
+
+fn users_field(state: &AdminState, users: Vec<String>, cap: u32) -> Result<Vec<String>, ApiError> {
+    command::parse_ids(users, &limits_with(state, cap)).map_err(|e| {
+        ApiError::from(RequestError {
+            reason: format!("users: {}", e.reason),
+            ..e
+        })
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UsersBody {
+    users: Vec<String>,
+}
+
+async fn presence_query(
+    State(state): Shared,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let b: UsersBody = body(raw)?;
+    let users = users_field(&state, b.users, MAX_QUERY_USERS)?;
+    let presences: Vec<PresenceJson> = state
+        .ctx
+        .registry
+        .snapshots(&users)
+        .iter()
+        .map(PresenceJson::from)
+        .collect();
+    Ok(Json(json!({ "presences": presences })))
+}
+
+async fn presence_online(
+    State(state): Shared,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let b: UsersBody = body(raw)?;
+    let users = users_field(&state, b.users, MAX_ONLINE_USERS)?;
+    let status: BTreeMap<String, &str> = users
+        .iter()
+        .cloned()
+        .zip(
+            state
+                .ctx
+                .registry
+                .online_status(&users)
+                .into_iter()
+                .map(|s| s.name()),
+        )
+        .collect();
+    Ok(Json(json!({ "status": status })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelsBody {
+    channels: Vec<String>,
+}
+
+fn channel_field(name: &str, channel: String) -> Result<String, ApiError> {
+    command::channel_id(channel).map_err(|e| {
+        ApiError::from(RequestError {
+            reason: format!("{name}: {}", e.reason),
+            ..e
+        })
+    })
+}
+
+async fn channels_occupancy(
+    State(state): Shared,
+    headers: HeaderMap,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let b: ChannelsBody = body(raw)?;
+    if b.channels.len() > MAX_OCCUPANCY_CHANNELS {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            pb::ErrorCode::TooManyIds,
+            format!(
+                "channels: {} ids; at most {MAX_OCCUPANCY_CHANNELS} per request",
+                b.channels.len()
+            ),
+        ));
+    }
+    let mut occupancy = BTreeMap::new();
+    for channel in b.channels {
+        let channel = channel_field("channels", channel)?;
+        let page = state.ctx.registry.who_now(&channel, None, 0, false);
+        occupancy.insert(
+            channel,
+            json!({ "occupancy": page.occupancy, "member_count": page.member_count }),
+        );
+    }
+    Ok(Json(json!({ "channels": occupancy })))
+}
+
+#[derive(Serialize)]
+struct MemberJson {
+    user: String,
+    device: String,
+    joined_at_ms: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    state: Option<BTreeMap<String, String>>,
+}
+
+async fn channel_members(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(channel): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let q = params(query, &["cursor", "limit", "state"])?;
+    let channel = channel_field("path channel", channel)?;
+    let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
+    let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
+    let with_state = match q.get("state").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::bad("state must be true or false")),
+    };
+    let after = command::decode_member_cursor(q.get("cursor").map_or("", String::as_str))
+        .map_err(ApiError::from)?;
+    let page = state
+        .ctx
+        .registry
+        .who_now(&channel, after, limit, with_state);
+    let members: Vec<MemberJson> = page
+        .members
+        .into_iter()
+        .map(|m| MemberJson {
+            user: m.user_id,
+            device: m.device_id,
+            joined_at_ms: m.joined_at_ms,
+            state: with_state.then_some(m.state),
+        })
+        .collect();
+    let next_cursor = page
+        .next_after
+        .map(|(u, d)| command::encode_member_cursor(&u, &d))
+        .unwrap_or_default();
+    Ok(Json(json!({
+        "channel": channel,
+        "occupancy": page.occupancy,
+        "member_count": page.member_count,
+        "members": members,
+        "next_cursor": next_cursor,
+    })))
+}
+
+async fn where_now(State(state): Shared, headers: HeaderMap, Path(user): Path<String>) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let user = user_path(&user)?;
+    let channels = state.ctx.registry.where_now(&user);
+    Ok(Json(json!({ "user": user, "channels": channels })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct DisconnectBody {
+    device: Option<String>,
+    reason: Option<String>,
+}
+
+/// Longest reason text passed on to the client's Close.
+const MAX_REASON_BYTES: usize = 256;
+
+async fn disconnect(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Write)?;
+    let user = user_path(&user)?;
+    let b: DisconnectBody = body(raw)?;
+    if let Some(d) = &b.device {
+        if d.is_empty() || d.len() > 128 || d.chars().any(char::is_control) {
+            return Err(ApiError::bad(
+                "device must be 1-128 bytes without control characters",
+            ));
+        }
+    }
+    let reason = b
+        .reason
+        .unwrap_or_else(|| "disconnected by the application's backend".to_string());
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(ApiError::bad(format!(
+            "reason must be at most {MAX_REASON_BYTES} bytes"
+        )));
+    }
+    let ended = state.ctx.registry.kick(&user, b.device.as_deref(), &reason);
+    Ok(Json(json!({ "user": user, "disconnected": ended })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RevokeBody {
+    before_ms: Option<u64>,
+    reason: Option<String>,
+}
+
+async fn revoke(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Write)?;
+    let user = user_path(&user)?;
+    let b: RevokeBody = body(raw)?;
+    let now = crate::now_ms();
+    let before_ms = b.before_ms.unwrap_or(now);
+    if before_ms > now + 60_000 {
+        return Err(ApiError::bad(
+            "before_ms is more than a minute in the future",
+        ));
+    }
+    // Kept as long as any token issued before the cut-off can still be valid.
+    let until_ms = before_ms.saturating_add(state.ctx.config.auth.max_token_lifetime_secs * 1000);
+    let reason = b
+        .reason
+        .unwrap_or_else(|| "this user's tokens were revoked".to_string());
+    if reason.len() > MAX_REASON_BYTES {
+        return Err(ApiError::bad(format!(
+            "reason must be at most {MAX_REASON_BYTES} bytes"
+        )));
+    }
+    // Durable before the answer: the replicated log in cluster mode (every node applies it),
+    // else this node's store and a commit.
+    let op = LoggedOp::Revoke {
+        user: user.clone(),
+        before_ms,
+        until_ms,
+    };
+    let stored = match apply_subscription_op(&state, op).await? {
+        crate::store::LoggedOutcome::Revoked(cut) => cut,
+        other => {
+            return Err(ApiError::from(RequestError::new(
+                pb::ErrorCode::Internal,
+                format!("unexpected outcome {other:?}"),
+            )))
+        }
+    };
+    let ended = state.ctx.registry.kick(&user, None, &reason);
+    Ok(Json(json!({
+        "user": user,
+        "revoked_before_ms": stored,
+        "expires_at_ms": until_ms,
+        "disconnected": ended,
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PresenceBody {
+    availability: Option<String>,
+    show: Option<u32>,
+    status: Option<String>,
+    description: Option<String>,
+    state: BTreeMap<String, String>,
+    replace_state: bool,
+}
+
+async fn set_presence(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Write)?;
+    let user = user_path(&user)?;
+    let b: PresenceBody = body(raw)?;
+    let availability = match b.availability.as_deref() {
+        None => pb::Availability::Unspecified,
+        Some(name) => match crate::model::Availability::parse(name) {
+            Some(a) if a != crate::model::Availability::Offline => {
+                crate::wire::availability_to_pb(a)
+            }
+            _ => {
+                return Err(ApiError::bad(
+                    "availability must be online, away, xa or dnd",
+                ))
+            }
+        },
+    };
+    let change = command::parse_change(
+        &pb::SetPresence {
+            availability: availability as i32,
+            show: b.show,
+            status: b.status,
+            description: b.description,
+            state: b.state.into_iter().collect(),
+            replace_state: b.replace_state,
+        },
+        &state.ctx.config.limits,
+    )
+    .map_err(ApiError::from)?;
+    let refused = |e: AdminError| match e {
+        AdminError::NotFound(reason) => {
+            ApiError::new(StatusCode::NOT_FOUND, pb::ErrorCode::NotConnected, reason)
+        }
+        AdminError::Limit(reason) => ApiError::new(
+            StatusCode::BAD_REQUEST,
+            pb::ErrorCode::LimitExceeded,
+            reason,
+        ),
+    };
+    let registry = &state.ctx.registry;
+    // Each device has one writer, the node holding it: the change is applied here for the
+    // devices held here and sent to every other node holding one.
+    let (local, remote) = registry.holders(&user);
+    let forwarder = state.ctx.forwarder.get();
+    if !local && (remote.is_empty() || forwarder.is_none()) {
+        return Err(refused(AdminError::NotFound(format!(
+            "user {user:?} has no live session"
+        ))));
+    }
+    let mut version = 0;
+    let mut applied = false;
+    if local {
+        match registry.set_presence_for(&user, &change) {
+            Ok(p) => {
+                version = p.version;
+                applied = true;
+            }
+            // Gone meanwhile: the other holders may still take it.
+            Err(AdminError::NotFound(_)) if !remote.is_empty() => {}
+            Err(e) => return Err(refused(e)),
+        }
+    }
+    if let Some(forwarder) = forwarder {
+        for node in &remote {
+            match forwarder.set_presence(node, &user, &change).await {
+                Ok(v) => {
+                    version = version.max(v);
+                    applied = true;
+                }
+                Err(ForwardError::Refused(AdminError::NotFound(_))) => {}
+                Err(ForwardError::Refused(e)) => return Err(refused(e)),
+                Err(e @ ForwardError::Unavailable { .. }) => {
+                    return Err(ApiError::from(RequestError {
+                        retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+                        ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
+                    }))
+                }
+            }
+        }
+    }
+    if !applied {
+        return Err(refused(AdminError::NotFound(format!(
+            "user {user:?} has no live session"
+        ))));
+    }
+    // Answer with this node's view once it shows the holders' change (bounded).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut presence = registry.snapshot(&user);
+    while presence.version < version && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        presence = registry.snapshot(&user);
+    }
+    Ok(Json(json!({ "presence": PresenceJson::from(&presence) })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct SubscriptionsBody {
+    add: Vec<String>,
+    remove: Vec<String>,
+    expiry_secs: Option<u64>,
+}
+
+/// Applies `op` the way a client's request is applied: through the replicated log in cluster
+/// mode, else in the store followed by a group commit. Acknowledged means durable. (Also
+/// revocations, which travel the same log.)
+async fn apply_subscription_op(
+    state: &AdminState,
+    op: LoggedOp,
+) -> Result<crate::store::LoggedOutcome, ApiError> {
+    if let Some(log) = state.ctx.sub_log.get() {
+        return log.submit(&op, None).await.map_err(|e| {
+            ApiError::from(RequestError {
+                retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+                ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
+            })
+        });
+    }
+    let outcome = crate::store::apply_op(state.ctx.registry.store().as_dyn(), &op)
+        .map_err(|e| ApiError::from(RequestError::from(e)))?;
+    state
+        .ctx
+        .committer
+        .commit()
+        .await
+        .map_err(|e| ApiError::from(RequestError::from(e)))?;
+    Ok(outcome)
+}
+
+async fn change_subscriptions(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Write)?;
+    let user = user_path(&user)?;
+    let b: SubscriptionsBody = body(raw)?;
+    let limits = &state.ctx.config.limits;
+    let field = |name: &str, ids: Vec<String>| {
+        command::parse_ids(ids, limits).map_err(|e| {
+            ApiError::from(RequestError {
+                reason: format!("{name}: {}", e.reason),
+                ..e
+            })
+        })
+    };
+    let add = field("add", b.add)?;
+    let remove = field("remove", b.remove)?;
+    if add.is_empty() && remove.is_empty() {
+        return Err(ApiError::bad("add and remove are both empty"));
+    }
+    if add.contains(&user) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            pb::ErrorCode::SelfSubscription,
+            "add: a user cannot subscribe to itself",
+        ));
+    }
+    let expiry_secs = match b.expiry_secs {
+        None | Some(0) => limits.default_expiry_secs,
+        Some(e) if e > limits.max_expiry_secs => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                pb::ErrorCode::LimitExceeded,
+                format!(
+                    "expiry_secs {e} exceeds the limit of {}",
+                    limits.max_expiry_secs
+                ),
+            ))
+        }
+        Some(e) => e,
+    };
+    let now_ms = crate::now_ms();
+    let mut reply = json!({ "user": user });
+    if !remove.is_empty() {
+        let outcome = apply_subscription_op(
+            &state,
+            LoggedOp::Unsubscribe {
+                subscriber: user.clone(),
+                targets: remove,
+                now_ms,
+            },
+        )
+        .await?;
+        if let crate::store::LoggedOutcome::Unsubscribed(removed, count) = outcome {
+            reply["removed"] = json!(removed);
+            reply["subscription_count"] = json!(count);
+        }
+    }
+    if !add.is_empty() {
+        let expires_at_ms = now_ms.saturating_add(expiry_secs.saturating_mul(1000));
+        let outcome = apply_subscription_op(
+            &state,
+            LoggedOp::Subscribe {
+                subscriber: user.clone(),
+                targets: add.clone(),
+                expires_at_ms,
+                now_ms,
+                cap: limits.max_subscriptions as usize,
+            },
+        )
+        .await?;
+        if let crate::store::LoggedOutcome::Subscribed(o) = outcome {
+            reply["added"] = json!(add);
+            reply["expires_at_ms"] = json!(expires_at_ms);
+            reply["evicted"] = json!(o.evicted);
+            reply["subscription_count"] = json!(o.count);
+        }
+    }
+    Ok(Json(reply))
+}
+
+async fn list_subscriptions(
+    State(state): Shared,
+    headers: HeaderMap,
+    Path(user): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let user = user_path(&user)?;
+    let q = params(query, &["cursor", "limit"])?;
+    let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
+    let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
+    let after = command::decode_cursor(q.get("cursor").map_or("", String::as_str))
+        .map_err(ApiError::from)?;
+    if let Some(log) = state.ctx.sub_log.get() {
+        log.catch_up().await.map_err(|e| {
+            ApiError::from(RequestError {
+                retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+                ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
+            })
+        })?;
+    }
+    let page = state
+        .ctx
+        .registry
+        .store()
+        .list(&user, after.as_deref(), limit, crate::now_ms())
+        .map_err(|e| ApiError::from(RequestError::from(e)))?;
+    let next_cursor = match (page.has_more, page.entries.last()) {
+        (true, Some((last, _))) => command::encode_cursor(last),
+        _ => String::new(),
+    };
+    let subscriptions: Vec<Value> = page
+        .entries
+        .into_iter()
+        .map(|(u, exp)| json!({ "user": u, "expires_at_ms": exp }))
+        .collect();
+    Ok(Json(json!({
+        "user": user,
+        "subscriptions": subscriptions,
+        "next_cursor": next_cursor,
+        "total": page.total,
+    })))
+}
+
+/// Most events per `GET /v1/events` page.
+pub const MAX_EVENTS_PAGE: usize = 1_000;
+
+async fn events(
+    State(state): Shared,
+    headers: HeaderMap,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    state.authorize(&headers, Scope::Read)?;
+    let q = params(query, &["after", "limit", "wait_ms"])?;
+    let after = number::<u64>(&q, "after")?.unwrap_or(0);
+    let limit = number::<usize>(&q, "limit")?.unwrap_or(100);
+    if !(1..=MAX_EVENTS_PAGE).contains(&limit) {
+        return Err(ApiError::bad(format!(
+            "limit must be 1..={MAX_EVENTS_PAGE}"
+        )));
+    }
+    let wait_ms = number::<u64>(&q, "wait_ms")?.unwrap_or(0);
+    if wait_ms > state.config().max_wait_ms {
+        return Err(ApiError::bad(format!(
+            "wait_ms must be at most {}",
+            state.config().max_wait_ms
+        )));
+    }
+    let page = tokio::select! {
+        page = state.events.wait_page(after, limit, Duration::from_millis(wait_ms)) => page,
+        _ = state.ctx.shutdown.cancelled() => state.events.page(after, limit),
+    };
+    Ok(Json(serde_json::to_value(page).unwrap_or(Value::Null)))
+}
