@@ -443,6 +443,11 @@ pub struct ClusterConfig {
     /// Use only `nats_urls`, never the other servers a NATS cluster advertises (for a node
     /// that must reach NATS through one path, e.g. a proxy or a fixed set of routes).
     pub ignore_discovered_servers: bool,
+    /// How long the cluster's event log keeps backend events (`GET /v1/events` on any node,
+    /// and where a new webhook deliverer resumes).
+    pub event_retention_secs: u64,
+    /// Most events the cluster's event log keeps (the oldest go first).
+    pub event_log_max_events: i64,
 }
 
 impl Default for ClusterConfig {
@@ -461,6 +466,8 @@ impl Default for ClusterConfig {
             subscription_replicas: 3,
             log_ack_timeout_ms: 3_000,
             log_replay_timeout_ms: 120_000,
+            event_retention_secs: 3_600,
+            event_log_max_events: 1_000_000,
         }
     }
 }
@@ -549,6 +556,12 @@ impl Config {
             }
             if !(1..=5).contains(&c.subscription_replicas) {
                 return bad("cluster.subscription_replicas must be 1 to 5".into());
+            }
+            if c.event_retention_secs == 0 || c.event_log_max_events < 1_000 {
+                return bad(
+                    "cluster.event_retention_secs must be positive and cluster.event_log_max_events at least 1000"
+                        .into(),
+                );
             }
             if c.delta_queue == 0 {
                 return bad("cluster.delta_queue must be at least 1".into());

@@ -89,6 +89,8 @@ pub const CLUSTER_LOG_OPS: &str = "presence_cluster_log_operations_total";
 pub const ADMIN_REQUESTS: &str = "presence_admin_requests_total";
 /// Admin API requests refused for an unknown or missing key.
 pub const ADMIN_AUTH_FAILURES: &str = "presence_admin_auth_failures_total";
+/// Backend events lost before the event log (cluster mode), by reason.
+pub const EVENTS_DROPPED: &str = "presence_events_dropped_total";
 /// Backend events numbered by the event bus, by type.
 pub const EVENTS: &str = "presence_events_total";
 /// Cluster mode: the last subscription-log sequence applied into this node's store.
@@ -188,6 +190,10 @@ fn describe() {
     describe_counter!(CLUSTER_LOG_OPS, "Subscription-log operations, by result");
     describe_counter!(EVENTS, "Backend events (webhooks, GET /v1/events), by type");
     crate::webhooks::describe();
+    describe_counter!(
+        EVENTS_DROPPED,
+        "Cluster mode: backend events lost before the event log, by reason"
+    );
     describe_counter!(ADMIN_REQUESTS, "Admin API requests, by HTTP status");
     describe_counter!(
         ADMIN_AUTH_FAILURES,

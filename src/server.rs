@@ -157,8 +157,22 @@ impl Server {
             None => None,
         };
         // A new epoch per boot (µs): `server.started` carries it, event ids start from it.
-        let node = cluster.as_ref().map(|c| c.origin().node.to_string());
-        let events = Arc::new(EventBus::new(crate::now_ms() * 1000, node, sinks));
+        let boot = crate::now_ms() * 1000;
+        let events = match &cluster {
+            None => Arc::new(EventBus::new(boot, None, sinks)),
+            Some(cluster) => {
+                // Cluster mode: events go through the cluster's event log, numbered there,
+                // and one node delivers the webhooks.
+                let (outbox, pending) =
+                    tokio::sync::mpsc::channel(crate::cluster::events::OUTBOX_CAPACITY);
+                let node = cluster.origin().node.to_string();
+                let bus = Arc::new(EventBus::clustered(boot, node, sinks, outbox));
+                cluster
+                    .start_events(bus.clone(), pending, webhooks.progress())
+                    .await?;
+                bus
+            }
+        };
         ctx.registry.set_observer(events.clone());
         let admin = AdminApi::bind(&admin_config, ctx.clone(), events.clone())
             .await

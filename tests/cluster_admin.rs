@@ -3,11 +3,13 @@
 //! watchers everywhere, at once); the online check sees another node's grace period; a
 //! revocation made on one node is refused by every node, also after a restart; subscriptions
 //! made on a user's behalf on one node are listed by another; presence set on a user's behalf
-//! through one node is applied by the node holding the session.
+//! through one node is applied by the node holding the session. Webhook events go out once
+//! per cluster (by one node, another one after it dies) and any node replays them.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::cluster::Node;
@@ -186,4 +188,141 @@ async fn any_node_answers_for_the_cluster() {
     let (s, v) = post(a2, "/v1/users/nobody/presence", json!({"status": "x"})).await;
     assert_eq!(s, 404, "{v}");
     drop(n1);
+}
+
+/// A webhook receiver on loopback that records every event it is sent.
+async fn receiver() -> (SocketAddr, Arc<Mutex<Vec<Value>>>) {
+    let seen: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = seen.clone();
+    let app = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            let sink = sink.clone();
+            async move {
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                sink.lock()
+                    .unwrap()
+                    .extend(v["events"].as_array().unwrap().iter().cloned());
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, seen)
+}
+
+fn events_of(seen: &Mutex<Vec<Value>>, kind: &str, user: &str) -> Vec<Value> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == kind && e["user"] == user)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_cluster_sends_each_event_once_and_any_node_replays_them() {
+    let nats = NatsCluster::start(1).await;
+    let (hook, seen) = receiver().await;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[admin.keys.ops]\nkey = \"{KEY}\"\nscope = \"write\"\n\
+             [[webhooks]]\nurl = \"http://{hook}/hook\"\nlinger_ms = 20\n\
+             [webhooks.secrets]\nk1 = \"a-raw-secret-of-at-least-16-bytes\"\n"
+        ),
+    )
+    .unwrap();
+    let path = file.path().to_str().unwrap().to_string();
+    let args = ["--config", path.as_str(), "--grace-period-ms", "1000"];
+    let mut n1 = Node::start("node1", &nats.urls(), &args).await;
+    let n2 = Node::start("node2", &nats.urls(), &args).await;
+    let (a1, a2) = (n1.admin.unwrap(), n2.admin.unwrap());
+    let _alice = n1.connect("alice", "phone").await;
+    let _bob = n2.connect("bob", "phone").await;
+    eventually("both user.online events delivered", || async {
+        !events_of(&seen, "user.online", "alice").is_empty()
+            && !events_of(&seen, "user.online", "bob").is_empty()
+    })
+    .await;
+    // Both nodes have the webhook configured; only one delivers. Any node replays the
+    // cluster's events with the same numbering.
+    let page = |addr: SocketAddr| async move {
+        call(
+            addr,
+            reqwest::Method::GET,
+            "/v1/events?after=0&limit=1000",
+            Value::Null,
+        )
+        .await
+        .1
+    };
+    let ids_seqs = |v: &Value| -> Vec<(String, u64)> {
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["id"].as_str().unwrap().to_string(),
+                    e["seq"].as_u64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let mut p1 = page(a1).await;
+    let mut p2 = page(a2).await;
+    let started = Instant::now();
+    while ids_seqs(&p1) != ids_seqs(&p2) {
+        assert!(started.elapsed() < Duration::from_secs(10), "{p1}\n{p2}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        p1 = page(a1).await;
+        p2 = page(a2).await;
+    }
+    let online: Vec<&Value> = p2["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == "user.online")
+        .collect();
+    assert_eq!(online.len(), 2, "{p2}");
+    let alice_online = online.iter().find(|e| e["user"] == "alice").unwrap();
+    assert_eq!(alice_online["node"], "node1");
+    assert_eq!(p1["epoch"], p2["epoch"]);
+    // node1 (the smallest id, the deliverer) dies: node2 takes over delivery, and alice
+    // going offline after her grace period is reported once, by the survivor.
+    n1.kill9().await;
+    let _carol = n2.connect("carol", "phone").await;
+    let started = Instant::now();
+    while events_of(&seen, "user.online", "carol").is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "carol's user.online never delivered by node2:\n{}\n{}\n{:?}",
+            n2.log_text(),
+            page(a2).await,
+            seen.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eventually("alice's user.offline delivered", || async {
+        !events_of(&seen, "user.offline", "alice").is_empty()
+    })
+    .await;
+    // At-least-once: the successor may repeat what node1 delivered after it last recorded
+    // its progress (never more than once more), and nothing after the failover repeats.
+    let all = seen.lock().unwrap().clone();
+    let mut count: std::collections::BTreeMap<&str, usize> = Default::default();
+    for e in &all {
+        *count.entry(e["id"].as_str().unwrap()).or_default() += 1;
+    }
+    assert!(count.values().all(|&n| n <= 2), "{all:?}");
+    assert_eq!(events_of(&seen, "user.online", "carol").len(), 1, "{all:?}");
+    assert_eq!(
+        events_of(&seen, "user.offline", "alice").len(),
+        1,
+        "{all:?}"
+    );
 }

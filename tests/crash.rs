@@ -4,7 +4,9 @@
 //! checks every subscriber's list: every acknowledged change is there, and the one request that
 //! was in flight is either wholly applied or not at all. 200 cycles by default, which CI runs;
 //! set `PRESENCE_CRASH_CYCLES=5000` to run it by hand for longer (and `PRESENCE_CRASH_SEED` to
-//! replay a failure: the seed is printed with every result).
+//! replay a failure: the seed is printed with every result). One more subscriber's changes are
+//! made by the app's backend through the admin API (`POST /v1/users/{u}/subscriptions`),
+//! whose 200 promises the same durability.
 
 mod common;
 
@@ -16,6 +18,9 @@ use common::*;
 use presenced::client::{Client, ClientOptions};
 
 const SUBSCRIBERS: usize = 4;
+/// The subscriber whose changes go through the admin API (after the wire clients').
+const API_SUBSCRIBER: usize = SUBSCRIBERS;
+const ADMIN_KEY: &str = "crash-admin-key-0123456789abcdef0123456789";
 const TARGETS: u64 = 12;
 
 #[derive(Debug, Clone)]
@@ -58,6 +63,18 @@ async fn client(
     Client::connect(ClientOptions::new(addr, token(user)).device(device)).await
 }
 
+/// A random batch of 1-4 targets, subscribed (2 in 3) or unsubscribed.
+fn random_op(rng: &mut Rng) -> Op {
+    let batch: Vec<String> = (0..1 + rng.below(4))
+        .map(|_| format!("t{}", rng.below(TARGETS)))
+        .collect();
+    if rng.below(3) == 0 {
+        Op::Unsubscribe(batch)
+    } else {
+        Op::Subscribe(batch)
+    }
+}
+
 /// Streams random batches until the connection dies or `limit` requests were acknowledged.
 async fn stream(addr: SocketAddr, who: usize, mut model: Model, seed: u64) -> Model {
     let mut rng = Rng(seed | 1);
@@ -65,19 +82,45 @@ async fn stream(addr: SocketAddr, who: usize, mut model: Model, seed: u64) -> Mo
         return model;
     };
     for _ in 0..10_000 {
-        let batch: Vec<String> = (0..1 + rng.below(4))
-            .map(|_| format!("t{}", rng.below(TARGETS)))
-            .collect();
+        let op = random_op(&mut rng);
+        let (Op::Subscribe(batch) | Op::Unsubscribe(batch)) = &op;
         let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
-        let op = if rng.below(3) == 0 {
-            Op::Unsubscribe(batch.clone())
-        } else {
-            Op::Subscribe(batch.clone())
-        };
         model.pending = Some(op.clone());
         let acked = match &op {
             Op::Subscribe(_) => client.subscribe(&refs).await.is_ok(),
             Op::Unsubscribe(_) => client.unsubscribe(&refs).await.is_ok(),
+        };
+        if !acked {
+            return model;
+        }
+        model.acked = op.applied_to(&model.acked);
+        model.pending = None;
+        model.acked_ops += 1;
+    }
+    model
+}
+
+/// The same through the admin API: a 200 is an acknowledgement.
+async fn stream_api(admin: SocketAddr, who: usize, mut model: Model, seed: u64) -> Model {
+    let mut rng = Rng(seed | 1);
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{admin}/v1/users/{}/subscriptions", user(who));
+    for _ in 0..10_000 {
+        let op = random_op(&mut rng);
+        let body = match &op {
+            Op::Unsubscribe(batch) => serde_json::json!({ "remove": batch }),
+            Op::Subscribe(batch) => serde_json::json!({ "add": batch }),
+        };
+        model.pending = Some(op.clone());
+        let acked = match http
+            .post(&url)
+            .bearer_auth(ADMIN_KEY)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) => r.status().is_success(),
+            Err(_) => false,
         };
         if !acked {
             return model;
@@ -126,33 +169,61 @@ async fn acknowledged_changes_survive_sigkill() {
         .unwrap_or_else(presenced::now_ms);
     let mut rng = Rng(seed | 1);
     let dir = tempfile::tempdir().unwrap();
-    let mut models: Vec<Model> = (0..SUBSCRIBERS).map(|_| Model::default()).collect();
+    let config = dir.path().join("admin.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n[admin.keys.crash]\nkey = \"{ADMIN_KEY}\"\nscope = \"write\"\n"
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let data = dir.path().join("data");
+    let mut models: Vec<Model> = (0..=SUBSCRIBERS).map(|_| Model::default()).collect();
     let mut acked_total = 0;
+    let mut api_acked = 0;
     for cycle in 0..cycles {
+        let spawned = spawn_presenced(&data, &["--config", &config]).await;
+        let admin = spawned.admin().expect("the admin API is on");
         let Spawned {
             mut child, addr, ..
-        } = spawn_presenced(dir.path(), &[]).await;
+        } = spawned;
         verify(addr, &mut models, cycle, seed).await;
         let workers: Vec<_> = models
             .drain(..)
             .enumerate()
-            .map(|(i, m)| tokio::spawn(stream(addr, i, m, rng.next())))
+            .map(|(i, m)| {
+                if i == API_SUBSCRIBER {
+                    tokio::spawn(stream_api(admin, i, m, rng.next()))
+                } else {
+                    tokio::spawn(stream(addr, i, m, rng.next()))
+                }
+            })
             .collect();
         // A random moment: sometimes before any request completes, sometimes well into them.
         tokio::time::sleep(Duration::from_millis(rng.below(60))).await;
         child.start_kill().unwrap();
         within(child.wait()).await.unwrap();
-        for w in workers {
+        for (i, w) in workers.into_iter().enumerate() {
             let m = within(w).await.unwrap();
             acked_total += m.acked_ops;
+            if i == API_SUBSCRIBER {
+                api_acked += m.acked_ops;
+            }
             models.push(Model { acked_ops: 0, ..m });
         }
     }
-    let last = spawn_presenced(dir.path(), &[]).await;
+    let last = spawn_presenced(&data, &["--config", &config]).await;
     verify(last.addr, &mut models, cycles, seed).await;
     assert!(
         acked_total > cycles,
         "only {acked_total} acknowledged changes in {cycles} cycles: the test exercised nothing"
     );
-    eprintln!("{cycles} SIGKILL cycles, {acked_total} acknowledged changes verified (seed {seed})");
+    assert!(
+        api_acked > cycles / 4,
+        "only {api_acked} changes acknowledged through the admin API in {cycles} cycles"
+    );
+    eprintln!(
+        "{cycles} SIGKILL cycles, {acked_total} acknowledged changes verified, {api_acked} of them made through the admin API (seed {seed})"
+    );
 }

@@ -7,6 +7,7 @@
 //! Everything that decides lives in synchronous code (`peers`, `registry::replica`); this
 //! module only moves bytes and time.
 
+pub mod events;
 pub mod forward;
 pub mod peers;
 pub mod sublog;
@@ -50,6 +51,9 @@ pub enum ClusterError {
     /// A subscription could not be made.
     #[error("NATS subscription failed: {0}")]
     Subscribe(String),
+    /// The event log (backend events) could not start.
+    #[error("{0}")]
+    EventLog(String),
 }
 
 /// Sessions per state-transfer page (well under NATS's 1 MiB default payload even with full
@@ -275,6 +279,49 @@ impl Cluster {
     /// The replicated subscription log.
     pub fn sub_log(&self) -> &SubLog {
         &self.sub_log
+    }
+
+    /// Starts cluster mode's event log: `outbox` (this node's events, from a bus made with
+    /// [`crate::events::EventBus::clustered`]) is appended to the cluster's stream, the
+    /// stream is followed into `bus`, and the live node with the smallest id delivers the
+    /// webhooks of `progress`.
+    pub async fn start_events(
+        &self,
+        bus: Arc<crate::events::EventBus>,
+        outbox: mpsc::Receiver<crate::events::Event>,
+        progress: crate::webhooks::Progress,
+    ) -> Result<(), ClusterError> {
+        let shared = self.shared.clone();
+        let deliverer: events::Deliverer = Arc::new(move || {
+            shared.link.up.load(Ordering::Relaxed)
+                && !shared.registry.is_fenced()
+                && shared.peers().live_nodes().iter().all(|n| *n > shared.node)
+        });
+        let c = &self.shared.config;
+        let replicas = if self.shared.client.server_info().cluster.is_none() {
+            1
+        } else {
+            c.subscription_replicas
+        };
+        events::start(
+            self.shared.client.clone(),
+            &c.subject_prefix,
+            &self.shared.node,
+            bus,
+            outbox,
+            progress,
+            deliverer,
+            events::EventLogConfig {
+                replicas,
+                max_age: Duration::from_secs(c.event_retention_secs),
+                max_msgs: c.event_log_max_events,
+            },
+            self.shared.stop.clone(),
+            &self.shared.tasks,
+            Instant::now() + Duration::from_millis(c.log_replay_timeout_ms),
+        )
+        .await
+        .map_err(ClusterError::EventLog)
     }
 
     /// Sends admin changes to the nodes holding sessions.

@@ -371,6 +371,11 @@ impl Subjects {
 
     /// The JetStream stream holding the subscription log.
     pub fn stream(&self) -> String {
+        self.stream_named("SUBSCRIPTIONS")
+    }
+
+    /// A JetStream stream's name under this prefix: `<PREFIX>_<suffix>`.
+    pub fn stream_named(&self, suffix: &str) -> String {
         let name: String = self
             .prefix
             .chars()
@@ -382,7 +387,7 @@ impl Subjects {
                 }
             })
             .collect();
-        format!("{name}_SUBSCRIPTIONS")
+        format!("{name}_{suffix}")
     }
 
     /// Where `node` answers state transfer requests.

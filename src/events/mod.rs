@@ -272,6 +272,13 @@ pub enum Transition {
 pub trait TransitionObserver: Send + Sync + fmt::Debug {
     /// One transition, in registry order.
     fn observe(&self, transition: Transition);
+
+    /// A transition every node of a cluster sees and reports (a dead node's session expiring
+    /// on each survivor): `key` is the same on every node, so the cluster keeps one.
+    fn observe_keyed(&self, transition: Transition, key: &str) {
+        let _ = key;
+        self.observe(transition);
+    }
 }
 
 /// One numbered event, as webhooks and `GET /v1/events` carry it.
@@ -472,15 +479,28 @@ struct BusState {
 }
 
 /// Numbers events, keeps the latest [`RECENT_EVENTS`] for replays and hands each to the sinks.
+///
+/// In cluster mode ([`EventBus::clustered`]) the bus numbers nothing itself: this node's
+/// events go to the cluster's event log (a JetStream stream, `cluster::events`), and every
+/// node's bus is fed back the whole cluster's events in log order ([`EventBus::append`]),
+/// numbered by the log. Only the node chosen to deliver webhooks feeds its sinks
+/// ([`EventBus::set_delivering`]), so each event is sent once by the cluster.
 #[derive(Debug)]
 pub struct EventBus {
-    epoch: u64,
+    epoch: std::sync::atomic::AtomicU64,
+    boot: u64,
     node: Option<String>,
     capacity: usize,
     state: Mutex<BusState>,
     sinks: Vec<Arc<dyn EventSink>>,
     /// The last sequence number published (long-polls wait on it).
     published: tokio::sync::watch::Sender<u64>,
+    /// Cluster mode: where this node's events go (the event log's publisher).
+    outbox: Option<tokio::sync::mpsc::Sender<Event>>,
+    /// Cluster mode: ids of this node's events (`<node>-<boot>-<n>`).
+    next_local: std::sync::atomic::AtomicU64,
+    /// Cluster mode: whether this node feeds its sinks (delivers webhooks).
+    delivering: std::sync::atomic::AtomicBool,
 }
 
 /// A page of `GET /v1/events`.
@@ -511,8 +531,24 @@ impl EventBus {
         sinks: Vec<Arc<dyn EventSink>>,
         capacity: usize,
     ) -> EventBus {
-        let bus = EventBus {
-            epoch,
+        let bus = EventBus::empty(epoch, node, sinks, capacity, None);
+        bus.publish(Event {
+            epoch: Some(epoch),
+            ..Event::bare(EventType::ServerStarted, None, 0)
+        });
+        bus
+    }
+
+    fn empty(
+        epoch: u64,
+        node: Option<String>,
+        sinks: Vec<Arc<dyn EventSink>>,
+        capacity: usize,
+        outbox: Option<tokio::sync::mpsc::Sender<Event>>,
+    ) -> EventBus {
+        EventBus {
+            epoch: std::sync::atomic::AtomicU64::new(epoch),
+            boot: epoch,
             node,
             capacity: capacity.max(1),
             state: Mutex::new(BusState {
@@ -521,26 +557,72 @@ impl EventBus {
             }),
             sinks,
             published: tokio::sync::watch::channel(0).0,
-        };
+            delivering: std::sync::atomic::AtomicBool::new(outbox.is_none()),
+            outbox,
+            next_local: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Cluster mode: a bus that sends this node's events to `outbox` (the cluster's event
+    /// log) and is fed the cluster's events back through [`EventBus::append`]. Its
+    /// `server.started` (with this boot's `epoch` and the node) goes to the log first. It
+    /// feeds its sinks only after [`EventBus::set_delivering`].
+    pub fn clustered(
+        boot: u64,
+        node: String,
+        sinks: Vec<Arc<dyn EventSink>>,
+        outbox: tokio::sync::mpsc::Sender<Event>,
+    ) -> EventBus {
+        let bus = EventBus::empty(boot, Some(node), sinks, RECENT_EVENTS, Some(outbox));
         bus.publish(Event {
-            epoch: Some(epoch),
+            epoch: Some(boot),
             ..Event::bare(EventType::ServerStarted, None, 0)
         });
         bus
     }
 
-    /// This boot's epoch.
+    /// The epoch of the numbering: this boot's on a single node; in cluster mode the event
+    /// log's creation time (a new one when the log was recreated and numbers start over).
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.epoch.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Numbers `event`, keeps it for replays and offers it to every sink.
+    /// Cluster mode: the event log's epoch (its creation time).
+    pub fn set_epoch(&self, epoch: u64) {
+        self.epoch
+            .store(epoch, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Numbers `event`, keeps it for replays and offers it to every sink. In cluster mode it
+    /// goes to the event log instead (and comes back through [`EventBus::append`]); when the
+    /// log's queue is full it is dropped and counted.
     pub fn publish(&self, mut event: Event) {
+        if let Some(outbox) = &self.outbox {
+            if event.id.is_empty() {
+                let n = self
+                    .next_local
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                event.id = format!("{}-{:x}-{n}", self.node.as_deref().unwrap_or(""), self.boot);
+            }
+            if event.ts_ms == 0 {
+                event.ts_ms = crate::now_ms();
+            }
+            event.node.clone_from(&self.node);
+            let kind = event.kind;
+            if outbox.try_send(event).is_err() {
+                metrics::counter!(crate::metrics::EVENTS_DROPPED, "reason" => "log_queue_full")
+                    .increment(1);
+            } else {
+                metrics::counter!(crate::metrics::EVENTS, "type" => kind.name()).increment(1);
+            }
+            return;
+        }
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let seq = state.next_seq;
         state.next_seq += 1;
         event.seq = seq;
-        event.id = format!("{:x}-{seq}", self.epoch);
+        event.id = format!("{:x}-{seq}", self.boot);
         if event.ts_ms == 0 {
             event.ts_ms = crate::now_ms();
         }
@@ -560,11 +642,86 @@ impl EventBus {
         self.published.send_replace(seq);
     }
 
+    /// Cluster mode: one event of the cluster's log, numbered by it (`event.seq`), in log
+    /// order. Kept for replays, and offered to the sinks when this node delivers webhooks.
+    /// An event at or below the last one kept (a consumer restarted) is skipped.
+    pub fn append(&self, event: Event) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state
+            .recent
+            .back()
+            .is_some_and(|last| last.seq >= event.seq)
+        {
+            return;
+        }
+        let seq = event.seq;
+        state.next_seq = seq + 1;
+        let event = Arc::new(event);
+        if state.recent.len() >= self.capacity {
+            state.recent.pop_front();
+        }
+        state.recent.push_back(event.clone());
+        if self.delivering.load(std::sync::atomic::Ordering::Relaxed) {
+            for sink in &self.sinks {
+                sink.offer(&event);
+            }
+        }
+        drop(state);
+        self.published.send_replace(seq);
+    }
+
+    /// Cluster mode: starts or stops feeding the sinks. On start, sink `i` is first offered
+    /// the kept events after `from[i]` (where the previous deliverer stopped); when those are
+    /// no longer kept, a `sync.required` says how many were lost.
+    pub fn set_delivering(&self, on: bool, from: &[u64]) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let was = self
+            .delivering
+            .swap(on, std::sync::atomic::Ordering::Relaxed);
+        if !on || was {
+            return;
+        }
+        let oldest = state.recent.front().map_or(state.next_seq, |e| e.seq);
+        for (i, sink) in self.sinks.iter().enumerate() {
+            let after = from.get(i).copied().unwrap_or(0);
+            if after > 0 && after + 1 < oldest {
+                let lost = oldest - after - 1;
+                sink.offer(&Arc::new(Event {
+                    id: format!(
+                        "{}-{:x}-sync-{after}",
+                        self.node.as_deref().unwrap_or(""),
+                        self.boot
+                    ),
+                    dropped: Some(lost),
+                    first_lost_seq: Some(after + 1),
+                    ts_ms: crate::now_ms(),
+                    node: self.node.clone(),
+                    ..Event::bare(EventType::SyncRequired, None, 0)
+                }));
+            }
+            let start = state.recent.partition_point(|e| e.seq <= after);
+            for event in state.recent.range(start..) {
+                sink.offer(event);
+            }
+        }
+    }
+
+    /// The highest `seq` kept (0 when none).
+    pub fn last_seq(&self) -> u64 {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.recent.back().map_or(0, |e| e.seq)
+    }
+
+    /// Cluster mode: whether this node feeds its sinks.
+    pub fn is_delivering(&self) -> bool {
+        self.delivering.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Events with `seq > after`, at most `limit`.
     pub fn page(&self, after: u64, limit: usize) -> EventPage {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let oldest_seq = state.recent.front().map_or(state.next_seq, |e| e.seq);
-        let skip = after.saturating_sub(oldest_seq.saturating_sub(1)) as usize;
+        let skip = state.recent.partition_point(|e| e.seq <= after);
         let events: Vec<Event> = state
             .recent
             .iter()
@@ -577,7 +734,7 @@ impl EventBus {
             events,
             next_after,
             oldest_seq,
-            epoch: self.epoch,
+            epoch: self.epoch(),
         }
     }
 
@@ -597,6 +754,15 @@ impl EventBus {
 impl TransitionObserver for EventBus {
     fn observe(&self, transition: Transition) {
         self.publish(transition.into_event());
+    }
+
+    fn observe_keyed(&self, transition: Transition, key: &str) {
+        let mut event = transition.into_event();
+        if self.outbox.is_some() {
+            // The same id on every node: the event log keeps the first (message id).
+            event.id = format!("x-{key}-{}", event.kind.name());
+        }
+        self.publish(event);
     }
 }
 

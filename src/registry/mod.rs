@@ -318,8 +318,11 @@ enum RemovedBy {
     Local { close: Option<CloseKind> },
     /// A delta from the node holding it, with that node's version and last-seen time.
     Remote { version: u64, last_seen_ms: u64 },
-    /// This node's own bookkeeping (a dead node's devices expiring, fencing): no delta.
+    /// This node's own bookkeeping (fencing, a state transfer's correction): no delta.
     Silent,
+    /// A dead node's device whose grace period ran out, removed by every surviving node: no
+    /// delta, and its events are reported under a key every node computes alike.
+    Expired,
 }
 
 /// Per-fanout counts, recorded once per fanout rather than per delivery.
@@ -377,6 +380,17 @@ impl Registry {
     fn observe(&self, build: impl FnOnce() -> Transition) {
         if let Some(observer) = self.shared.observer.get() {
             observer.observe(build());
+        }
+    }
+
+    /// Reports a transition every node reports alike, under `key` (see
+    /// [`TransitionObserver::observe_keyed`]).
+    fn observe_keyed(&self, key: Option<&str>, build: impl FnOnce() -> Transition) {
+        if let Some(observer) = self.shared.observer.get() {
+            match key {
+                Some(key) => observer.observe_keyed(build(), key),
+                None => observer.observe(build()),
+            }
         }
     }
 
@@ -811,7 +825,7 @@ impl Registry {
                 self.shared.hlc.observe(version);
                 (version, last_seen_ms)
             }
-            RemovedBy::Local { .. } | RemovedBy::Silent => {
+            RemovedBy::Local { .. } | RemovedBy::Silent | RemovedBy::Expired => {
                 (self.shared.hlc.tick(), crate::now_ms())
             }
         };
@@ -841,7 +855,7 @@ impl Registry {
             };
             // Fencing and a dead node's expiry are bookkeeping, not the session's end
             // everywhere: only an end told by the holder (or decided here) is a tombstone.
-            if !matches!(by, RemovedBy::Silent) {
+            if !matches!(by, RemovedBy::Silent | RemovedBy::Expired) {
                 state
                     .replica
                     .tombstone(user_id, device_id, epoch, received_at);
@@ -864,15 +878,30 @@ impl Registry {
             EventKind::Update
         };
         // Reported by the node that ended the session (a shutdown voids everything at once:
-        // the next boot's `server.started` says so).
-        if matches!(by, RemovedBy::Local { .. }) && reason != OfflineReason::ServerShutdown {
-            self.observe(|| Transition::DeviceDisconnected {
+        // the next boot's `server.started` says so); a dead node's session by every survivor
+        // under one key, so the cluster keeps one report.
+        let key = matches!(by, RemovedBy::Expired).then(|| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            h.update(user_id.as_bytes());
+            h.update([0]);
+            h.update(device_id.as_bytes());
+            h.update([0]);
+            h.update(device.epoch.to_be_bytes());
+            h.finalize()[..12]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        });
+        let reported = matches!(by, RemovedBy::Local { .. } | RemovedBy::Expired);
+        if reported && reason != OfflineReason::ServerShutdown {
+            self.observe_keyed(key.as_deref(), || Transition::DeviceDisconnected {
                 user: user_id.to_string(),
                 device: device_id.to_string(),
                 reason,
                 version,
             });
-            self.observe(|| {
+            self.observe_keyed(key.as_deref(), || {
                 if last_device {
                     Transition::UserOffline {
                         user: user_id.to_string(),

@@ -820,7 +820,7 @@ impl Registry {
                     reason,
                     None,
                     now,
-                    RemovedBy::Silent,
+                    RemovedBy::Expired,
                     true,
                 );
                 state.replica.tombstone(&user, &device, epoch, now);

@@ -144,6 +144,9 @@ pub(crate) struct Endpoint {
     target: Option<Target>,
     /// This endpoint's metric handles.
     metrics: EndpointMetrics,
+    /// The highest event `seq` a 2xx acknowledged (cluster mode: where the next deliverer
+    /// starts).
+    delivered_seq: std::sync::atomic::AtomicU64,
 }
 
 /// `host:port/path` of `url`, without userinfo, query or fragment.
@@ -223,6 +226,7 @@ impl Endpoint {
             max_event_age_ms: config.max_event_age_ms,
             target,
             metrics,
+            delivered_seq: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -415,7 +419,17 @@ impl Endpoint {
         }
     }
 
+    /// The highest event `seq` a 2xx acknowledged.
+    pub(crate) fn delivered_seq(&self) -> u64 {
+        self.delivered_seq
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn acknowledged(&self, events: &[Arc<Event>]) {
+        if let Some(top) = events.iter().map(|e| e.seq).max() {
+            self.delivered_seq
+                .fetch_max(top, std::sync::atomic::Ordering::Relaxed);
+        }
         self.metrics.ok.increment(1);
         let now = now_ms();
         let mut delivered = 0;

@@ -108,6 +108,23 @@ pub fn describe() {
     describe_gauge!(names::DISABLED, "1 when a webhook endpoint is disabled");
 }
 
+/// Each endpoint's delivery progress; a cheap clone.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    endpoints: Vec<Arc<delivery::Endpoint>>,
+}
+
+impl Progress {
+    /// Per endpoint, in configuration order: its label and the highest event `seq` a 2xx
+    /// acknowledged (0: none yet).
+    pub fn delivered(&self) -> Vec<(String, u64)> {
+        self.endpoints
+            .iter()
+            .map(|e| (e.label().to_string(), e.delivered_seq()))
+            .collect()
+    }
+}
+
 /// Every configured endpoint's queue and delivery task. Create it after the metrics recorder
 /// is installed (`Server::bind` does so first): each endpoint registers its metric handles
 /// once, in [`Webhooks::new`].
@@ -130,6 +147,14 @@ impl Webhooks {
             .map(|e| e.clone() as Arc<dyn EventSink>)
             .collect();
         (Webhooks { endpoints }, sinks)
+    }
+
+    /// A handle that reads each endpoint's delivery progress while [`Webhooks::run`] runs
+    /// (cluster mode records it, so the next deliverer starts where this one stopped).
+    pub fn progress(&self) -> Progress {
+        Progress {
+            endpoints: self.endpoints.clone(),
+        }
     }
 
     /// The metric labels of the endpoints, in configuration order.

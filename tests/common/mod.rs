@@ -199,6 +199,19 @@ pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spaw
     }
 }
 
+impl Spawned {
+    /// The admin API's address, when the process's config turned it on.
+    #[allow(dead_code)]
+    pub fn admin(&self) -> Option<SocketAddr> {
+        let line = self.early_log.last()?;
+        let rest = line.split("admin://").nth(1)?;
+        rest.split(|c: char| c == '"' || c.is_whitespace() || c == ')')
+            .next()?
+            .parse()
+            .ok()
+    }
+}
+
 pub fn channel_kind(e: &presenced::pb::ChannelEvent) -> presenced::pb::ChannelEventKind {
     presenced::pb::ChannelEventKind::try_from(e.kind).unwrap()
 }
