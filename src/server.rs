@@ -157,7 +157,10 @@ impl Server {
             None => None,
         };
         // A new epoch per boot (µs): `server.started` carries it, event ids start from it.
-        let boot = crate::now_ms() * 1000;
+        let boot = ctx
+            .registry
+            .store()
+            .next_boot_epoch(crate::now_ms() * 1000)?;
         let events = match &cluster {
             None => Arc::new(EventBus::new(boot, None, sinks)),
             Some(cluster) => {

@@ -1,14 +1,16 @@
 //! Signed webhooks end to end: a real broker feeds its event bus into webhook endpoints that
 //! POST to a scripted loopback receiver (raw HTTP/1.1 on tokio, one request per connection, so
-//! it can answer any status, delay, count requests in flight, and stop accepting by dropping
-//! its listener). Retries keep their `webhook-id`, `Retry-After` is honoured, 410 disables an
-//! endpoint, one request is in flight at a time, signatures verify during a key rotation, a
-//! flap within the grace period sends nothing, an outage loses nothing the queue can hold, and
-//! an overflowing queue reports exactly what it lost with one `sync.required`.
+//! it can answer any status, delay or never answer, count requests in flight, and stop
+//! accepting by dropping its listener). Retries keep their `webhook-id`, `Retry-After` is
+//! honoured, 410 disables an endpoint, one request is in flight at a time, signatures verify
+//! during a key rotation, a flap within the grace period sends nothing, a 30 s outage loses
+//! nothing the queue can hold, an overflowing queue reports exactly what it lost with one
+//! `sync.required`, a receiver that never answers does not slow presence fanout, and after a
+//! SIGKILL the real binary's first webhook is a `server.started` with a new epoch.
 //!
-//! Every wait is a bounded poll; the only sleeps are a receiver's scripted answer delay and
-//! the length of a simulated outage (a few seconds here, where production outages worth the
-//! test last ~30 s: the retry backoff caps at 30 s, so a longer outage only adds waiting).
+//! Every wait is a bounded poll; the only sleeps are a receiver's scripted answer delay, the
+//! pacing of the churn during the simulated outage and the outage's length (30 s; the retry
+//! backoff caps at 30 s, so deliveries resume at most 30 s after it ends).
 
 mod common;
 
@@ -50,6 +52,8 @@ enum Reply {
     Slow(u16, Duration),
     /// That status with a JSON body.
     Json(u16, &'static str),
+    /// Reads the request, records it (status 0) and never answers; the connection stays open.
+    Hang,
 }
 
 /// One request as the receiver saw it.
@@ -170,6 +174,23 @@ impl Receiver {
         self.state.lock().unwrap().max_in_flight
     }
 
+    fn in_flight(&self) -> usize {
+        self.state.lock().unwrap().in_flight
+    }
+
+    /// Asserts that nothing listens on the receiver's address: a connection is refused.
+    async fn assert_refusing(&self) {
+        match within(TcpStream::connect(self.addr)).await {
+            Err(e) => assert_eq!(
+                e.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "connecting to {}: {e}",
+                self.addr
+            ),
+            Ok(_) => panic!("{} accepted a connection during the outage", self.addr),
+        }
+    }
+
     /// Events of acknowledged (2xx) requests, in delivery order.
     fn delivered(&self) -> Vec<Value> {
         self.seen()
@@ -261,6 +282,7 @@ async fn answer(mut socket: TcpStream, state: Arc<Mutex<ReceiverState>>) {
         let status = match reply {
             Reply::Status(c) | Reply::RetryAfter(c, _) | Reply::Slow(c, _) | Reply::Json(c, _) => c,
             Reply::Redirect => 307,
+            Reply::Hang => 0,
         };
         s.in_flight += 1;
         s.max_in_flight = s.max_in_flight.max(s.in_flight);
@@ -282,6 +304,8 @@ async fn answer(mut socket: TcpStream, state: Arc<Mutex<ReceiverState>>) {
     };
     let delay = match reply {
         Reply::Slow(_, slow) => delay + slow,
+        // Holds the socket open, unanswered, until the test's runtime ends.
+        Reply::Hang => std::future::pending().await,
         _ => delay,
     };
     if !delay.is_zero() {
@@ -296,6 +320,7 @@ async fn answer(mut socket: TcpStream, state: Arc<Mutex<ReceiverState>>) {
             "",
         ),
         Reply::Json(c, json) => (c, "Content-Type: application/json\r\n".to_string(), json),
+        Reply::Hang => unreachable!("a hanging request is never answered"),
     };
     let response = format!(
         "HTTP/1.1 {status} Scripted\r\nContent-Length: {}\r\nConnection: close\r\n{extra}\r\n{body}",
@@ -1041,7 +1066,7 @@ async fn a_flap_within_the_grace_period_sends_nothing() {
 // ---------------------------------------------------------------------------------------------
 // 5. An outage the queue can hold loses nothing.
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outage_the_queue_can_hold_loses_nothing() {
     // Every type but user.updated (which is coalesced, by design), so every event the bus
     // numbered must arrive.
@@ -1050,43 +1075,86 @@ async fn an_outage_the_queue_can_hold_loses_nothing() {
         .filter(|t| *t != EventType::UserUpdated)
         .collect();
     let mut receiver = Receiver::start().await;
-    receiver.script(&[Reply::Status(503)]);
+    // Every request gets a 503 until the receiver goes down.
+    receiver.set_default(Reply::Status(503));
     let hooks = vec![hook(&receiver, &types)];
     let broker = Node::start(|c| {
         roomy(c);
         c.webhooks = hooks;
     })
     .await;
-    // The first batch gets a 503, then the receiver stops accepting connections.
+    // The first batch (server.started) gets a 503, then the receiver's listener is dropped:
+    // connections are refused (not accepted and left hanging) for the whole outage.
     receiver
         .until("the 503", SECS_10, |s| s.first().map(|_| ()))
         .await;
     receiver.stop_accepting().await;
+    receiver.set_default(Reply::Status(204));
     let down_at = Instant::now();
-    // 500 users churn meanwhile: all connect, every other one leaves.
+    receiver.assert_refusing().await;
+    let seen_before = receiver.seen().len();
+    assert!(
+        receiver.seen().iter().all(|s| s.status == 503),
+        "nothing was acknowledged before the outage"
+    );
+
+    // 500 users churn through the outage: ten waves of 50, about 2.7 s apart; in each wave
+    // all connect and every other one leaves. (The pacing spreads the load over the outage;
+    // nothing waits on it.)
+    const OUTAGE: Duration = Duration::from_secs(30);
     let users: Vec<String> = (0..500).map(|i| format!("churn{i:03}")).collect();
-    let clients = connect_all(&broker, &users, 32).await;
-    let mut i: usize = 0;
-    let staying = for_each(clients, 32, move |c| {
-        i += 1;
-        let leave = i.is_multiple_of(2);
-        async move {
-            if leave {
-                within(c.disconnect()).await.unwrap();
-                None
-            } else {
-                Some(c)
-            }
-        }
-    })
-    .await;
-    assert_eq!(staying.len(), 250);
-    // The outage lasts at least 5 s (a stand-in for ~30 s; see the module doc).
-    let outage = Duration::from_secs(5);
-    if let Some(rest) = outage.checked_sub(down_at.elapsed()) {
-        tokio::time::sleep(rest).await;
+    let mut staying = Vec::new();
+    for (wave, group) in users.chunks(50).enumerate() {
+        tokio::time::sleep_until((down_at + OUTAGE * wave as u32 * 9 / 100).into()).await;
+        let clients = connect_all(&broker, group, 25).await;
+        let mut i: usize = 0;
+        staying.extend(
+            for_each(clients, 25, move |c| {
+                i += 1;
+                let leave = i.is_multiple_of(2);
+                async move {
+                    if leave {
+                        within(c.disconnect()).await.unwrap();
+                        None
+                    } else {
+                        Some(c)
+                    }
+                }
+            })
+            .await,
+        );
     }
+    assert_eq!(staying.len(), 250);
+    assert!(
+        down_at.elapsed() < OUTAGE,
+        "the churn took {:?}, longer than the outage",
+        down_at.elapsed()
+    );
+    tokio::time::sleep_until((down_at + OUTAGE).into()).await;
+    // Still refusing at the end, nothing got through, and the broker kept trying (the 503 and
+    // at least one refused connection count as retries).
+    receiver.assert_refusing().await;
+    assert_eq!(
+        receiver.seen().len(),
+        seen_before,
+        "a request during the outage"
+    );
+    let label = receiver.label();
+    let l = [("endpoint", label.as_str())];
+    let retries = metric(
+        &broker,
+        "presence_webhook_batches_total",
+        &[("endpoint", &label), ("result", "retry")],
+    )
+    .await;
+    assert!(
+        retries >= Some(2.0),
+        "retries during the outage: {retries:?}"
+    );
+    let depth = metric(&broker, "presence_webhook_queue_depth", &l).await;
+    assert!(depth >= Some(1000.0), "queued during the outage: {depth:?}");
     receiver.resume().await;
+    let up_at = Instant::now();
 
     let page = broker.bus.page(0, RECENT_EVENTS);
     let expected: Vec<&Event> = page
@@ -1096,11 +1164,18 @@ async fn an_outage_the_queue_can_hold_loses_nothing() {
         .collect();
     assert!(expected.len() > 1000, "{} events", expected.len());
     let last_id = expected.last().unwrap().id.clone();
+    // The backoff may be anywhere up to its 30 s cap when the receiver comes back.
     receiver
-        .until_delivered("the last event", Duration::from_secs(45), |e| {
+        .until_delivered("the last event", Duration::from_secs(75), |e| {
             e["id"] == last_id.as_str()
         })
         .await;
+    eprintln!(
+        "outage {:?}; {} events delivered {:?} after the receiver came back; {retries:?} retries",
+        up_at - down_at,
+        expected.len(),
+        up_at.elapsed()
+    );
     let delivered = receiver.delivered();
     let mut ids = HashSet::new();
     for e in &delivered {
@@ -1115,8 +1190,6 @@ async fn an_outage_the_queue_can_hold_loses_nothing() {
     }
     assert_eq!(ids.len(), expected.len());
     assert_versions_never_go_down(&delivered);
-    let label = receiver.label();
-    let l = [("endpoint", label.as_str())];
     assert_eq!(
         metric(&broker, "presence_webhook_dropped_total", &l).await,
         Some(0.0)
@@ -1290,4 +1363,201 @@ async fn an_overflowing_queue_keeps_final_states_and_reports_its_losses_once() {
     drop(marker);
     drop(connected);
     broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A receiver that never answers does not slow presence fanout.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hanging_receiver_does_not_slow_fanout() {
+    const WATCHERS: usize = 20;
+    const CHANGES: usize = 500;
+    let receiver = Receiver::start().await;
+    receiver.set_default(Reply::Hang);
+    let mut config = hook(&receiver, &PRESENCE);
+    config.timeout_ms = 60_000;
+    let broker = Node::start(|c| {
+        // The publisher's 500 changes are within its publish rate limit.
+        roomy(c);
+        c.webhooks = vec![config];
+    })
+    .await;
+    // The first batch (server.started) is accepted and never answered: every later event
+    // waits behind it for up to a minute.
+    receiver
+        .until("the hanging request", SECS_10, |s| s.first().map(|_| ()))
+        .await;
+
+    let publisher = broker.connect("publisher").await;
+    let names: Vec<String> = (0..WATCHERS).map(|i| format!("watcher{i:02}")).collect();
+    let watchers = connect_all(&broker, &names, WATCHERS).await;
+    for w in &watchers {
+        within(w.subscribe(&["publisher"])).await.unwrap();
+    }
+    // Each watcher reads the publisher's updates until the last status, keeping the versions.
+    let last_status = format!("s{}", CHANGES - 1);
+    let readers: Vec<_> = watchers
+        .into_iter()
+        .map(|mut w| {
+            let last_status = last_status.clone();
+            tokio::spawn(async move {
+                let mut versions = Vec::new();
+                loop {
+                    let e = w
+                        .next_presence_event()
+                        .await
+                        .expect("the watcher stays connected");
+                    if e.user_id != "publisher" {
+                        continue;
+                    }
+                    versions.push(e.version);
+                    if e.presence.is_some_and(|p| p.status == last_status) {
+                        return (w, versions);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(30);
+    let mut final_version = 0;
+    for i in 0..CHANGES {
+        let p = tokio::time::timeout_at(
+            deadline.into(),
+            publisher.set_presence(status(&format!("s{i}"))),
+        )
+        .await
+        .expect("the publisher's changes are answered within 30 s")
+        .unwrap();
+        assert!(p.version > final_version);
+        final_version = p.version;
+    }
+    let published_in = started.elapsed();
+    let mut received = Vec::new();
+    let mut kept = Vec::new();
+    for (reader, name) in readers.into_iter().zip(&names) {
+        let (w, versions) = tokio::time::timeout_at(deadline.into(), reader)
+            .await
+            .unwrap_or_else(|_| panic!("{name} has the last update within 30 s"))
+            .unwrap();
+        assert_eq!(versions.last(), Some(&final_version), "{name}");
+        assert!(
+            versions.windows(2).all(|p| p[0] < p[1]),
+            "{name}: versions go up"
+        );
+        received.push(versions.len());
+        kept.push(w);
+    }
+    eprintln!(
+        "{CHANGES} changes published in {published_in:?}, fanned out to {WATCHERS} watchers in \
+         {:?} ({}..={} updates each; fewer means coalesced)",
+        started.elapsed(),
+        received.iter().min().unwrap(),
+        received.iter().max().unwrap()
+    );
+
+    // All the while, the one request stayed in flight, unanswered, and the events queued.
+    let seen = receiver.seen();
+    assert_eq!(seen.len(), 1, "one request, still waiting for its answer");
+    assert!(seen[0].answered.is_none());
+    assert_eq!(kind(&seen[0].events()[0]), "server.started");
+    assert_eq!(receiver.in_flight(), 1);
+    let label = receiver.label();
+    let l = [("endpoint", label.as_str())];
+    let depth = metric(&broker, "presence_webhook_queue_depth", &l)
+        .await
+        .unwrap_or(0.0);
+    // At least the user.online of the publisher and each watcher (never coalesced).
+    assert!(depth >= (WATCHERS + 1) as f64, "queue depth {depth}");
+    assert_eq!(
+        metric(&broker, "presence_webhook_dropped_total", &l).await,
+        Some(0.0)
+    );
+    drop(kept);
+    drop(publisher);
+    broker.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 8. After a SIGKILL, the real binary's first webhook is server.started with a new epoch.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_sigkill_and_restart_the_first_webhook_is_server_started_with_a_new_epoch() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("webhooks.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[webhooks]]\nurl = \"{}\"\nevents = [\"user.online\", \"user.offline\"]\n\
+             linger_ms = 20\ntimeout_ms = 2000\n[webhooks.secrets]\nk1 = \"{K1}\"\n",
+            receiver.url()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_string();
+    let data = dir.path().join("data");
+    let secrets = BTreeMap::from([("k1".to_string(), K1.to_string())]);
+    let verifies = |s: &Seen| {
+        let signed = SignedHeaders {
+            id: s.header("webhook-id"),
+            timestamp: s.header("webhook-timestamp"),
+            signature: s.header("webhook-signature"),
+        };
+        verify(&secrets, signed, &s.body, now_secs(), 300)
+    };
+
+    let first = spawn_presenced(&data, &["--config", &config]).await;
+    let started = receiver
+        .until("the first server.started", SECS_10, |s| {
+            s.iter()
+                .filter(|r| r.ok())
+                .flat_map(Seen::events)
+                .find(|e| kind(e) == "server.started")
+        })
+        .await;
+    let epoch = started["epoch"]
+        .as_u64()
+        .expect("server.started has an epoch");
+    let alice = within(Client::connect(
+        ClientOptions::new(first.addr, token("alice")).device("phone"),
+    ))
+    .await
+    .unwrap();
+    receiver
+        .until_delivered("alice online", SECS_10, |e| is(e, "user.online", "alice"))
+        .await;
+    let Spawned { mut child, .. } = first;
+    child.start_kill().unwrap(); // SIGKILL
+    let exit = within(child.wait()).await.unwrap();
+    assert!(!exit.success(), "killed: {exit:?}");
+    drop(alice);
+    let before = receiver.seen().len();
+
+    let second = spawn_presenced(&data, &["--config", &config]).await;
+    let s = receiver
+        .until("the first request after the restart", SECS_10, |s| {
+            s.get(before).cloned()
+        })
+        .await;
+    let events = s.events();
+    assert_eq!(kind(&events[0]), "server.started", "{events:?}");
+    let new_epoch = events[0]["epoch"].as_u64().expect("an epoch");
+    assert!(new_epoch > epoch, "epoch {new_epoch} after {epoch}");
+    assert_ne!(events[0]["id"], started["id"]);
+    assert_eq!(events[0]["seq"], 1);
+    assert_eq!(verifies(&s), Ok(()));
+    // The new boot goes on delivering.
+    let _bob = within(Client::connect(
+        ClientOptions::new(second.addr, token("bob")).device("phone"),
+    ))
+    .await
+    .unwrap();
+    receiver
+        .until_delivered("bob online", SECS_10, |e| is(e, "user.online", "bob"))
+        .await;
+    let Spawned { mut child, .. } = second;
+    child.start_kill().unwrap();
+    within(child.wait()).await.unwrap();
 }

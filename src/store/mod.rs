@@ -258,6 +258,13 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     /// The cut-off in force for `user` at `now_ms`: tokens with an earlier `iat` are refused.
     fn tokens_revoked_before(&self, user: &str, now_ms: u64) -> Option<u64>;
 
+    /// This boot's epoch for backend events: `now_us`, or one more than the last boot's when
+    /// the clock stepped back, so epochs (and event ids) never repeat across restarts. A
+    /// durable store remembers it.
+    fn next_boot_epoch(&self, now_us: u64) -> Result<u64, StoreError> {
+        Ok(now_us)
+    }
+
     /// Makes everything applied so far durable. Blocking: call it off the async threads (the
     /// `Committer` does).
     fn flush(&self) -> Result<(), StoreError>;

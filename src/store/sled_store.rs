@@ -24,6 +24,8 @@ const LAST_SEEN_TREE: &str = "last_seen";
 /// user → 16 bytes: tokens issued before (ms, big-endian), kept until (ms, big-endian).
 const REVOKED_TREE: &str = "revoked";
 const FORMAT_KEY: &[u8] = b"format";
+/// The last boot's event epoch (µs, big-endian).
+const BOOT_EPOCH_KEY: &[u8] = b"boot_epoch";
 const FORWARD: u8 = b'f';
 const REVERSE: u8 = b'r';
 /// Cluster mode: the last subscription-log operation applied, in the edges tree (outside the
@@ -399,6 +401,20 @@ impl SubscriptionStore for SledStore {
         self.image().last_seen(user)
     }
 
+    fn next_boot_epoch(&self, now_us: u64) -> Result<u64, StoreError> {
+        let meta = self.db.open_tree(META_TREE).map_err(|e| self.backend(e))?;
+        let last = meta
+            .get(BOOT_EPOCH_KEY)
+            .map_err(|e| self.backend(e))?
+            .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+            .map_or(0, u64::from_be_bytes);
+        let epoch = now_us.max(last + 1);
+        meta.insert(BOOT_EPOCH_KEY, &epoch.to_be_bytes())
+            .map_err(|e| self.backend(e))?;
+        self.db.flush().map_err(|e| self.backend(e))?;
+        Ok(epoch)
+    }
+
     fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError> {
         let mut image = self.image();
         let (before, until) = image.set_revoked(user, before_ms, until_ms);
@@ -551,6 +567,19 @@ mod tests {
         assert_eq!(page.entries, vec![("x".to_string(), 200)]);
         assert_eq!(store.last_seen("x"), Some(42));
         assert_eq!(store.total(), 2);
+    }
+
+    #[test]
+    fn boot_epochs_only_grow_even_when_the_clock_steps_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            assert_eq!(store.next_boot_epoch(1_000).unwrap(), 1_000);
+        }
+        let store = SledStore::open(dir.path()).unwrap();
+        // The clock went back: the next epoch is still above the last one.
+        assert_eq!(store.next_boot_epoch(500).unwrap(), 1_001);
+        assert_eq!(store.next_boot_epoch(5_000).unwrap(), 5_000);
     }
 
     #[test]
