@@ -48,8 +48,25 @@ CONF
 done
 
 urls=(--cluster-nats nats://127.0.0.1:4222 --cluster-nats nats://127.0.0.1:4223 --cluster-nats nats://127.0.0.1:4224)
+# Optional backend side: ADMIN_KEY (>= 32 bytes) turns on each node's admin API on
+# 9465 / 9475 / 9485; WEBHOOK_URL (and WEBHOOK_SECRET, default below) adds the same webhook to
+# every node (the cluster delivers each event once).
+for i in 0 1 2; do
+  conf="$dir/node$((i + 1)).toml"
+  : >"$conf"
+  if [ -n "${ADMIN_KEY:-}" ]; then
+    printf '[admin]\nlisten = "127.0.0.1:%s"\n[admin.keys.local]\nkey = "%s"\nscope = "write"\n' \
+      "$((9465 + 10 * i))" "$ADMIN_KEY" >>"$conf"
+  fi
+  if [ -n "${WEBHOOK_URL:-}" ]; then
+    printf '[[webhooks]]\nurl = "%s"\n[webhooks.secrets]\nk1 = "%s"\n' \
+      "$WEBHOOK_URL" "${WEBHOOK_SECRET:-local-cluster-webhook-secret}" >>"$conf"
+  fi
+done
+
 for i in 0 1 2; do
   "$bin/presenced" \
+    --config "$dir/node$((i + 1)).toml" \
     --listen "127.0.0.1:$((7883 + 10 * i))" \
     --metrics-listen "127.0.0.1:$((9464 + 10 * i))" \
     --data-dir "$dir/node$((i + 1))" \
@@ -77,6 +94,14 @@ try:
   $bin/presencectl --server 127.0.0.1:7893 watch --user bob alice        # on node2
   $bin/presencectl --server 127.0.0.1:7883 set --user alice --status hi  # on node1
   curl -s http://127.0.0.1:9474/metrics | grep presence_cluster
-Ctrl-C stops all six processes.
 MSG
+if [ -n "${ADMIN_KEY:-}" ]; then
+  cat <<MSG
+admin API: http://127.0.0.1:9465 / 9475 / 9485 (key from ADMIN_KEY), e.g.
+  $bin/presencectl admin --url http://127.0.0.1:9475 --key "\$ADMIN_KEY" online alice bob
+  curl -s -H "Authorization: Bearer \$ADMIN_KEY" 'http://127.0.0.1:9485/v1/events?after=0'
+MSG
+fi
+echo "Ctrl-C stops all six processes."
+
 wait

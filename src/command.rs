@@ -665,12 +665,17 @@ pub fn connect(
     })?;
     let now_secs = crate::now_ms() / 1000;
     let max_life = config.auth.max_token_lifetime_secs;
-    if claims.exp > now_secs.saturating_add(max_life) {
+    // Measured from iat when there is one: a token may never outlive a revocation, which is
+    // kept max_life from its cut-off.
+    let issued = claims.iat.unwrap_or(now_secs).min(now_secs);
+    if claims.exp > issued.saturating_add(max_life)
+        || claims.exp > now_secs.saturating_add(max_life)
+    {
         metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "lifetime").increment(1);
         return Err(RequestError::new(
             pb::ErrorCode::Unauthenticated,
             format!(
-                "token exp {} is more than auth.max_token_lifetime_secs ({max_life}) ahead",
+                "token lifetime too long: exp {} is more than auth.max_token_lifetime_secs ({max_life}) after its iat or now",
                 claims.exp
             ),
         ));

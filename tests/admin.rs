@@ -263,7 +263,7 @@ async fn query_and_online_match_what_clients_see() {
             break;
         }
         assert!(started.elapsed().as_secs() < 5, "{v}");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     drop(alice);
 }
@@ -503,4 +503,150 @@ async fn the_event_replay_starts_with_server_started_and_long_polls() {
         .unwrap_or_else(|| panic!("{v}"));
     assert_eq!(offline["reason"], "disconnect");
     assert!(offline["version"].as_u64().unwrap() > 0);
+}
+
+/// Reads what the server sends on `stream` until it closes or `limit` passes; `None` when it
+/// neither answered nor closed in time.
+async fn read_until_close(stream: &mut tokio::net::TcpStream, limit: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(Ok(n)) => {
+                got.extend_from_slice(&buf[..n]);
+                if got.windows(4).any(|w| w == b"\r\n\r\n") && !got.is_empty() {
+                    return Some(String::from_utf8_lossy(&got).into_owned());
+                }
+            }
+            Err(_) => return None,
+        }
+    }
+}
+
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+#[tokio::test]
+async fn no_body_is_read_before_the_key_is_checked() {
+    // Found by review: every handler read (up to 256 KiB of) the body before checking the
+    // key, so unauthenticated peers could make the broker hold hundreds of MB.
+    let broker = common::start(tight).await;
+    let addr = broker.admin_addr.unwrap();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/presence:query HTTP/1.1\r\nHost: x\r\nContent-Length: 262144\r\n\
+          Content-Type: application/json\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let answer = read_until_close(&mut s, Duration::from_secs(3))
+        .await
+        .expect("answered without waiting for the body");
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    // With the key, the body is awaited (and a missing one runs into the deadline).
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/presence:query HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {WRITE_KEY}\r\n\
+             Content-Length: 100\r\n\r\n{{\"users\""
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let answer = read_until_close(&mut s, Duration::from_secs(5))
+        .await
+        .expect("the body deadline (1 s here) answers");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+}
+
+fn tight(c: &mut Config) {
+    with_admin(c);
+    c.admin.request_timeout_ms = 1_000;
+    c.admin.max_connections = 3;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_and_connections_are_capped() {
+    let broker = common::start(tight).await;
+    let addr = broker.admin_addr.unwrap();
+    // Headers that never finish: closed at the deadline.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    read_until_close(&mut slow, Duration::from_secs(5))
+        .await
+        .expect("closed at the header deadline");
+    assert!(started.elapsed() < Duration::from_secs(4));
+    // Three idle connections fill the cap; a fourth is closed at once, unanswered.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let mut fourth = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = fourth
+        .write_all(b"GET /v1/events HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let answer = read_until_close(&mut fourth, Duration::from_secs(3))
+        .await
+        .expect("closed");
+    assert_eq!(answer, "", "the fourth connection is not served");
+    // The idle ones time out too, and the API serves again.
+    drop(idle);
+    let api = Api::new(addr);
+    let started = std::time::Instant::now();
+    loop {
+        let (s, _) = api.get("/v1/events?after=0&limit=1").await;
+        if s == 200 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // A connection stuck in its headers does not hold up shutdown.
+    let mut stuck = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stuck
+        .write_all(b"POST /v1/presence:query HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    within(broker.stop()).await;
+}
+
+#[tokio::test]
+async fn a_token_may_not_outlive_a_revocation() {
+    // Found by review: the lifetime cap was measured from now, so a token with exp - iat
+    // beyond it was refused at first, then accepted, also after its revocation lapsed.
+    let broker = common::start(|c| {
+        with_admin(c);
+        c.auth.max_token_lifetime_secs = 20;
+    })
+    .await;
+    let now = common::now_secs();
+    let long = presenced::auth::mint(
+        presenced::config::DEV_SECRET.as_bytes(),
+        Some(presenced::config::DEV_KID),
+        &presenced::auth::Claims {
+            iat: Some(now - 10),
+            ..common::claims("ivy", now + 15)
+        },
+    );
+    let options = presenced::client::ClientOptions::new(broker.addr, long);
+    match within(presenced::client::Client::connect(options)).await {
+        Err(presenced::client::ClientError::Server(e)) => {
+            assert_eq!(common::code(&e), pb::ErrorCode::Unauthenticated, "{e:?}");
+            assert!(e.reason.contains("lifetime"), "{e:?}");
+        }
+        other => panic!("a 25 s token under a 20 s cap: {:?}", other.map(|_| ())),
+    }
+    // A revocation older than any live token is refused as pointless.
+    let api = Api::new(broker.admin_addr.unwrap());
+    let (s, v) = api
+        .post("/v1/users/ivy/revoke", json!({"before_ms": 1000}))
+        .await;
+    assert_eq!((s, error_code(&v)), (400, "BAD_REQUEST"), "{v}");
 }

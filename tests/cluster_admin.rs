@@ -241,7 +241,8 @@ async fn the_cluster_sends_each_event_once_and_any_node_replays_them() {
     let mut n1 = Node::start("node1", &nats.urls(), &args).await;
     let n2 = Node::start("node2", &nats.urls(), &args).await;
     let (a1, a2) = (n1.admin.unwrap(), n2.admin.unwrap());
-    let _alice = n1.connect("alice", "phone").await;
+    let alice = n1.connect("alice", "phone").await;
+    within(alice.join("lobby", &[])).await.unwrap();
     let _bob = n2.connect("bob", "phone").await;
     eventually("both user.online events delivered", || async {
         !events_of(&seen, "user.online", "alice").is_empty()
@@ -325,4 +326,17 @@ async fn the_cluster_sends_each_event_once_and_any_node_replays_them() {
         1,
         "{all:?}"
     );
+    // Her channel emptied when her node died: reported once too.
+    let vacated = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["type"] == "channel.vacated" && e["channel"] == "lobby")
+            .count()
+    };
+    eventually("lobby's channel.vacated delivered", || async {
+        vacated() > 0
+    })
+    .await;
+    assert_eq!(vacated(), 1, "{:?}", seen.lock().unwrap());
 }

@@ -1160,6 +1160,7 @@ async fn an_outage_the_queue_can_hold_loses_nothing() {
     let expected: Vec<&Event> = page
         .events
         .iter()
+        .map(|e| &**e)
         .filter(|e| types.contains(&e.kind))
         .collect();
     assert!(expected.len() > 1000, "{} events", expected.len());

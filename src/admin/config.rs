@@ -43,6 +43,12 @@ pub struct AdminConfig {
     pub burst: u32,
     /// Longest `wait_ms` a `GET /v1/events` long-poll may ask for.
     pub max_wait_ms: u64,
+    /// Open connections to the API at once (more are closed at accept).
+    pub max_connections: usize,
+    /// Requests of one key being served at once, long-polls included (more get 429).
+    pub max_in_flight_per_key: usize,
+    /// A request's headers, and then its body, must each arrive within this.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for AdminConfig {
@@ -53,6 +59,9 @@ impl Default for AdminConfig {
             rate_per_sec: 100,
             burst: 200,
             max_wait_ms: 30_000,
+            max_connections: 256,
+            max_in_flight_per_key: 32,
+            request_timeout_ms: 10_000,
         }
     }
 }
@@ -82,6 +91,14 @@ impl AdminConfig {
         }
         if self.rate_per_sec == 0 || self.burst == 0 {
             return Err("admin.rate_per_sec and admin.burst must be positive".into());
+        }
+        if self.max_connections == 0 || self.max_in_flight_per_key == 0 {
+            return Err(
+                "admin.max_connections and admin.max_in_flight_per_key must be positive".into(),
+            );
+        }
+        if !(100..=120_000).contains(&self.request_timeout_ms) {
+            return Err("admin.request_timeout_ms must be 100..=120000".into());
         }
         if self.max_wait_ms > 120_000 {
             return Err("admin.max_wait_ms must be at most 120000".into());

@@ -1,26 +1,32 @@
 //! The admin HTTP API for the application's backend: axum on its own listener, off until a
-//! key is configured. This file owns the shell: the listener and shutdown, key checks
-//! (constant time, scoped read/write), the per-key rate limit, the body cap and the JSON error
-//! shape (`{"error": {"code", "code_number", "reason"}}` with the wire protocol's error codes).
-//! The operations themselves are in `routes`.
+//! key is configured. This file owns the shell: its accept loop (at most `max_connections`
+//! connections, headers within `request_timeout_ms` and `MAX_HEADER_BYTES`, shutdown bounded by
+//! `SHUTDOWN_GRACE`), key checks on the headers before any body is read (constant time, scoped
+//! read/write), the per-key rate limit and in-flight cap, the body cap and deadline, and the
+//! JSON error shape (`{"error": {"code", "code_number", "reason"}}` with the wire protocol's
+//! error codes). The operations themselves are in `routes`.
 
 mod config;
 mod routes;
 
-pub use routes::{MAX_EVENTS_PAGE, MAX_OCCUPANCY_CHANNELS, MAX_ONLINE_USERS, MAX_QUERY_USERS};
+pub use routes::{
+    MAX_EVENTS_PAGE, MAX_EVENTS_PAGE_BYTES, MAX_OCCUPANCY_CHANNELS, MAX_ONLINE_USERS,
+    MAX_QUERY_USERS,
+};
 
 pub use config::{AdminConfig, AdminKey, Scope, MIN_KEY_BYTES};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::command::{RequestError, TokenBucket};
@@ -30,6 +36,10 @@ use crate::pb;
 
 /// Largest request body, in bytes.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Most bytes of headers buffered per connection (beyond: 431).
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// At shutdown, open requests get this long to finish before connections are dropped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// An API error: an HTTP status, a wire-protocol error code and a reason naming the field.
 #[derive(Debug, Clone)]
@@ -107,6 +117,8 @@ struct Key {
     name: String,
     digest: [u8; 32],
     scope: Scope,
+    /// Requests of this key being served (long-polls included).
+    in_flight: Arc<Semaphore>,
 }
 
 /// What every handler shares.
@@ -120,9 +132,14 @@ pub(crate) struct AdminState {
 }
 
 impl AdminState {
-    /// Checks the bearer key (constant time, every key compared), its scope and its rate.
-    /// Returns the key's name.
-    pub(crate) fn authorize(&self, headers: &HeaderMap, needs: Scope) -> Result<String, ApiError> {
+    /// Checks the bearer key (constant time, every key compared), its scope, its rate and
+    /// its requests in flight. Returns the key's name and its in-flight permit, held until
+    /// the answer is made.
+    pub(crate) fn authorize(
+        &self,
+        headers: &HeaderMap,
+        needs: Scope,
+    ) -> Result<(String, OwnedSemaphorePermit), ApiError> {
         let unauthorized = |reason: &str| {
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -130,13 +147,17 @@ impl AdminState {
                 reason,
             )
         };
+        let failed = |reason: &str| {
+            metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
+            unauthorized(reason)
+        };
         let presented = headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or_else(|| unauthorized("missing Authorization: Bearer <admin key>"))?
+            .ok_or_else(|| failed("missing Authorization: Bearer <admin key>"))?
             .as_bytes();
         let secret = presented
             .strip_prefix(b"Bearer ")
-            .ok_or_else(|| unauthorized("Authorization must be Bearer <admin key>"))?;
+            .ok_or_else(|| failed("Authorization must be Bearer <admin key>"))?;
         let digest: [u8; 32] = Sha256::digest(secret).into();
         // Every key is compared, whichever matches, so timing says nothing about which.
         let mut found: Option<&Key> = None;
@@ -145,10 +166,7 @@ impl AdminState {
                 found = Some(key);
             }
         }
-        let key = found.ok_or_else(|| {
-            metrics::counter!(crate::metrics::ADMIN_AUTH_FAILURES).increment(1);
-            unauthorized("unknown admin key")
-        })?;
+        let key = found.ok_or_else(|| failed("unknown admin key"))?;
         if needs == Scope::Write && key.scope != Scope::Write {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
@@ -176,7 +194,20 @@ impl AdminState {
             e.retry_after_secs = Some(wait.as_millis().div_ceil(1000) as u64);
             return Err(e);
         }
-        Ok(key.name.clone())
+        drop(buckets);
+        let permit = key.in_flight.clone().try_acquire_owned().map_err(|_| {
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                pb::ErrorCode::RateLimited,
+                format!(
+                    "key {:?} has {} requests in flight (admin.max_in_flight_per_key)",
+                    key.name, self.config.max_in_flight_per_key
+                ),
+            );
+            e.retry_after_secs = Some(1);
+            e
+        })?;
+        Ok((key.name.clone(), permit))
     }
 
     /// The configuration of the API.
@@ -200,6 +231,7 @@ fn state(config: &AdminConfig, ctx: Arc<ConnectionContext>, events: Arc<EventBus
             name: name.clone(),
             digest: Sha256::digest(k.key.as_bytes()).into(),
             scope: k.scope,
+            in_flight: Arc::new(Semaphore::new(config.max_in_flight_per_key)),
         })
         .collect();
     AdminState {
@@ -243,15 +275,57 @@ impl AdminApi {
         self.listener.local_addr().ok()
     }
 
-    /// Serves until `shutdown` is cancelled.
+    /// Serves until `shutdown` is cancelled; then open requests get `SHUTDOWN_GRACE`.
     pub async fn serve(self, shutdown: CancellationToken) {
-        let app = routes::router(self.state);
+        let app = routes::router(self.state.clone());
+        let connections = Arc::new(Semaphore::new(self.state.config.max_connections));
+        let tasks = tokio_util::task::TaskTracker::new();
         tracing::info!(addr = ?self.listener.local_addr().ok(), "admin API listening");
-        let result = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(e) = result {
-            tracing::error!("admin API stopped: {e}");
+        loop {
+            let accepted = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            let (stream, _peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: pause rather than spin.
+                    tracing::warn!("admin API accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = connections.clone().try_acquire_owned() else {
+                metrics::counter!(crate::metrics::ADMIN_REQUESTS, "status" => "refused_connection")
+                    .increment(1);
+                drop(stream);
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let timeout = Duration::from_millis(self.state.config.request_timeout_ms);
+            let shutdown = shutdown.clone();
+            tasks.spawn(async move {
+                let _permit = permit;
+                let _ = stream.set_nodelay(true);
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(timeout)
+                    .max_buf_size(MAX_HEADER_BYTES)
+                    .keep_alive(true);
+                let connection =
+                    builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                tokio::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = tokio::time::timeout(SHUTDOWN_GRACE, connection).await;
+                    }
+                }
+            });
         }
+        tasks.close();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE * 2, tasks.wait()).await;
     }
 }

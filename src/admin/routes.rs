@@ -12,7 +12,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::de::DeserializeOwned;
@@ -56,8 +56,69 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
         .route("/v1/events", get(events))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(axum::middleware::from_fn(count))
         .with_state(state)
+}
+
+/// The scope an operation needs: reads are GETs and the three POST queries.
+fn scope_for(method: &axum::http::Method, path: &str) -> Scope {
+    let query = matches!(
+        path,
+        "/v1/presence:query" | "/v1/presence:online" | "/v1/channels:occupancy"
+    );
+    if method == axum::http::Method::POST && !query {
+        Scope::Write
+    } else {
+        Scope::Read
+    }
+}
+
+/// Checks the key on the headers alone, before any body is read (an unauthenticated peer
+/// never gets its body buffered), then reads the body within `BODY_TIMEOUT` and the size cap.
+/// The key's in-flight permit is held until the answer is made.
+async fn guard(
+    State(state): Shared,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let needs = scope_for(request.method(), request.uri().path());
+    let permit = match state.authorize(request.headers(), needs) {
+        Ok((_, permit)) => permit,
+        Err(e) => return e.into_response(),
+    };
+    let (parts, body) = request.into_parts();
+    let body_timeout = Duration::from_millis(state.config().request_timeout_ms);
+    let bytes = match tokio::time::timeout(body_timeout, axum::body::to_bytes(body, MAX_BODY_BYTES))
+        .await
+    {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(_)) => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                pb::ErrorCode::LimitExceeded,
+                format!("the body exceeds {MAX_BODY_BYTES} bytes, or could not be read"),
+            )
+            .into_response()
+        }
+        Err(_) => {
+            return ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                pb::ErrorCode::BadRequest,
+                format!("the body did not arrive within {body_timeout:?}"),
+            )
+            .into_response()
+        }
+    };
+    let response = next
+        .run(axum::extract::Request::from_parts(
+            parts,
+            axum::body::Body::from(bytes),
+        ))
+        .await;
+    drop(permit);
+    response
 }
 
 /// Counts every request by its answer's status, and gives every error the JSON shape: the
@@ -142,8 +203,11 @@ fn number<T: std::str::FromStr>(
     params
         .get(name)
         .map(|v| {
-            v.parse()
-                .map_err(|_| ApiError::bad(format!("{name} must be a non-negative integer")))
+            v.parse().map_err(|_| {
+                ApiError::bad(format!(
+                    "{name} must be a non-negative integer within range, not {v:?}"
+                ))
+            })
         })
         .transpose()
 }
@@ -182,12 +246,7 @@ struct UsersBody {
     users: Vec<String>,
 }
 
-async fn presence_query(
-    State(state): Shared,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
+async fn presence_query(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
     let b: UsersBody = body(raw)?;
     let users = users_field(&state, b.users, MAX_QUERY_USERS)?;
     let presences: Vec<PresenceJson> = state
@@ -200,12 +259,7 @@ async fn presence_query(
     Ok(Json(json!({ "presences": presences })))
 }
 
-async fn presence_online(
-    State(state): Shared,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
+async fn presence_online(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
     let b: UsersBody = body(raw)?;
     let users = users_field(&state, b.users, MAX_ONLINE_USERS)?;
     let status: BTreeMap<String, &str> = users
@@ -238,12 +292,7 @@ fn channel_field(name: &str, channel: String) -> Result<String, ApiError> {
     })
 }
 
-async fn channels_occupancy(
-    State(state): Shared,
-    headers: HeaderMap,
-    raw: Result<Bytes, BytesRejection>,
-) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
+async fn channels_occupancy(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
     let b: ChannelsBody = body(raw)?;
     if b.channels.len() > MAX_OCCUPANCY_CHANNELS {
         return Err(ApiError::new(
@@ -278,11 +327,9 @@ struct MemberJson {
 
 async fn channel_members(
     State(state): Shared,
-    headers: HeaderMap,
     Path(channel): Path<String>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
     let q = params(query, &["cursor", "limit", "state"])?;
     let channel = channel_field("path channel", channel)?;
     let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
@@ -321,8 +368,7 @@ async fn channel_members(
     })))
 }
 
-async fn where_now(State(state): Shared, headers: HeaderMap, Path(user): Path<String>) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
+async fn where_now(State(state): Shared, Path(user): Path<String>) -> Reply {
     let user = user_path(&user)?;
     let channels = state.ctx.registry.where_now(&user);
     Ok(Json(json!({ "user": user, "channels": channels })))
@@ -340,11 +386,9 @@ const MAX_REASON_BYTES: usize = 256;
 
 async fn disconnect(
     State(state): Shared,
-    headers: HeaderMap,
     Path(user): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Write)?;
     let user = user_path(&user)?;
     let b: DisconnectBody = body(raw)?;
     if let Some(d) = &b.device {
@@ -375,22 +419,27 @@ struct RevokeBody {
 
 async fn revoke(
     State(state): Shared,
-    headers: HeaderMap,
     Path(user): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Write)?;
     let user = user_path(&user)?;
     let b: RevokeBody = body(raw)?;
     let now = crate::now_ms();
     let before_ms = b.before_ms.unwrap_or(now);
+    let max_life_ms = state.ctx.config.auth.max_token_lifetime_secs * 1000;
+    if before_ms.saturating_add(max_life_ms) <= now {
+        return Err(ApiError::bad(format!(
+            "before_ms {before_ms} is more than auth.max_token_lifetime_secs ago: every token \
+             issued before it has expired already"
+        )));
+    }
     if before_ms > now + 60_000 {
         return Err(ApiError::bad(
             "before_ms is more than a minute in the future",
         ));
     }
     // Kept as long as any token issued before the cut-off can still be valid.
-    let until_ms = before_ms.saturating_add(state.ctx.config.auth.max_token_lifetime_secs * 1000);
+    let until_ms = before_ms.saturating_add(max_life_ms);
     let reason = b
         .reason
         .unwrap_or_else(|| "this user's tokens were revoked".to_string());
@@ -437,11 +486,9 @@ struct PresenceBody {
 
 async fn set_presence(
     State(state): Shared,
-    headers: HeaderMap,
     Path(user): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Write)?;
     let user = user_path(&user)?;
     let b: PresenceBody = body(raw)?;
     let availability = match b.availability.as_deref() {
@@ -551,10 +598,17 @@ async fn apply_subscription_op(
     op: LoggedOp,
 ) -> Result<crate::store::LoggedOutcome, ApiError> {
     if let Some(log) = state.ctx.sub_log.get() {
-        return log.submit(&op, None).await.map_err(|e| {
+        return log.submit(&op, None).await.map_err(|_| {
+            // The log's own reason speaks of the wire protocol's idempotency key; every admin
+            // change is idempotent as it stands (add, remove, revoke), so a plain retry folds.
             ApiError::from(RequestError {
                 retry_after_ms: command::UNAVAILABLE_RETRY_MS,
-                ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
+                ..RequestError::new(
+                    pb::ErrorCode::Unavailable,
+                    "the replicated log has no quorum: nothing is acknowledged; the change may \
+                     still land once it recovers. Retry the same request after Retry-After \
+                     (it is idempotent)",
+                )
             })
         });
     }
@@ -571,11 +625,9 @@ async fn apply_subscription_op(
 
 async fn change_subscriptions(
     State(state): Shared,
-    headers: HeaderMap,
     Path(user): Path<String>,
     raw: Result<Bytes, BytesRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Write)?;
     let user = user_path(&user)?;
     let b: SubscriptionsBody = body(raw)?;
     let limits = &state.ctx.config.limits;
@@ -614,7 +666,15 @@ async fn change_subscriptions(
         Some(e) => e,
     };
     let now_ms = crate::now_ms();
-    let mut reply = json!({ "user": user });
+    // Every key is always there: what was not asked for is empty (expires_at_ms 0).
+    let mut reply = json!({
+        "user": user,
+        "added": [],
+        "removed": 0,
+        "evicted": [],
+        "expires_at_ms": 0,
+        "subscription_count": 0,
+    });
     if !remove.is_empty() {
         let outcome = apply_subscription_op(
             &state,
@@ -655,11 +715,9 @@ async fn change_subscriptions(
 
 async fn list_subscriptions(
     State(state): Shared,
-    headers: HeaderMap,
     Path(user): Path<String>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
     let user = user_path(&user)?;
     let q = params(query, &["cursor", "limit"])?;
     let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
@@ -697,15 +755,15 @@ async fn list_subscriptions(
     })))
 }
 
+/// Most bytes of events per `GET /v1/events` page (at least one event is always sent).
+pub const MAX_EVENTS_PAGE_BYTES: usize = 1024 * 1024;
 /// Most events per `GET /v1/events` page.
 pub const MAX_EVENTS_PAGE: usize = 1_000;
 
 async fn events(
     State(state): Shared,
-    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    state.authorize(&headers, Scope::Read)?;
     let q = params(query, &["after", "limit", "wait_ms"])?;
     let after = number::<u64>(&q, "after")?.unwrap_or(0);
     let limit = number::<usize>(&q, "limit")?.unwrap_or(100);
@@ -721,9 +779,21 @@ async fn events(
             state.config().max_wait_ms
         )));
     }
-    let page = tokio::select! {
+    let mut page = tokio::select! {
         page = state.events.wait_page(after, limit, Duration::from_millis(wait_ms)) => page,
         _ = state.ctx.shutdown.cancelled() => state.events.page(after, limit),
     };
+    // A page stops at MAX_EVENTS_PAGE_BYTES of events (at least one): events can be large.
+    let mut bytes = 0;
+    let mut keep = 0;
+    for event in &page.events {
+        bytes += serde_json::to_vec(&**event).map_or(0, |v| v.len());
+        if keep > 0 && bytes > MAX_EVENTS_PAGE_BYTES {
+            break;
+        }
+        keep += 1;
+    }
+    page.events.truncate(keep);
+    page.next_after = page.events.last().map_or(after, |e| e.seq);
     Ok(Json(serde_json::to_value(page).unwrap_or(Value::Null)))
 }

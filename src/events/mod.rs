@@ -195,12 +195,9 @@ pub enum Transition {
     UserOnline(PresenceSnapshot),
     /// The user's last device is gone.
     UserOffline {
-        /// The user.
-        user: String,
-        /// The user's version after the change.
-        version: u64,
-        /// When the user was last seen (now).
-        last_seen_ms: u64,
+        /// The presence watchers are sent with OFFLINE (no devices, last-seen now; the
+        /// user-level fields as they were).
+        presence: PresenceSnapshot,
         /// Why the last device went.
         reason: OfflineReason,
     },
@@ -393,19 +390,15 @@ impl Transition {
                 presence: Some(PresenceJson::from(&p)),
                 ..Event::bare(EventType::UserUpdated, Some(p.user_id.clone()), p.version)
             },
-            Transition::UserOffline {
-                user,
-                version,
-                last_seen_ms,
-                reason,
-            } => Event {
+            Transition::UserOffline { presence, reason } => Event {
                 reason: Some(reason_name(reason).to_string()),
-                last_seen_ms: Some(last_seen_ms),
-                presence: Some(PresenceJson::from(&PresenceSnapshot {
-                    version,
-                    ..PresenceSnapshot::offline(&user, last_seen_ms)
-                })),
-                ..Event::bare(EventType::UserOffline, Some(user), version)
+                last_seen_ms: Some(presence.last_seen_ms),
+                presence: Some(PresenceJson::from(&presence)),
+                ..Event::bare(
+                    EventType::UserOffline,
+                    Some(presence.user_id.clone()),
+                    presence.version,
+                )
             },
             Transition::DeviceConnected {
                 user,
@@ -506,8 +499,8 @@ pub struct EventBus {
 /// A page of `GET /v1/events`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventPage {
-    /// Events with `seq > after`, oldest first.
-    pub events: Vec<Event>,
+    /// Events with `seq > after`, oldest first (shared with the bus: a page copies no event).
+    pub events: Vec<Arc<Event>>,
     /// Pass as `after` for the next page.
     pub next_after: u64,
     /// The oldest `seq` still held: when it is above `after + 1`, events were missed.
@@ -722,12 +715,12 @@ impl EventBus {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let oldest_seq = state.recent.front().map_or(state.next_seq, |e| e.seq);
         let skip = state.recent.partition_point(|e| e.seq <= after);
-        let events: Vec<Event> = state
+        let events: Vec<Arc<Event>> = state
             .recent
             .iter()
             .skip(skip)
             .take(limit)
-            .map(|e| Event::clone(e))
+            .cloned()
             .collect();
         let next_after = events.last().map_or(after, |e| e.seq);
         EventPage {
@@ -820,7 +813,7 @@ mod tests {
         assert_eq!(json["epoch"], 7);
         assert!(json.get("user").is_none());
         let back: Event = serde_json::from_value(json).unwrap();
-        assert_eq!(back, page.events[0]);
+        assert_eq!(back, *page.events[0]);
         assert!(serde_json::from_str::<EventType>("\"user.nope\"").is_err());
     }
 }

@@ -666,9 +666,17 @@ impl Registry {
             };
             (view, last_device, ch.members.is_empty())
         };
-        if departure != Departure::Silent && is_local(state, user_id, device_id) {
+        // Reported by the node holding the session, or (a dead node's) by every survivor
+        // under one key per channel.
+        let expired_key = state
+            .reporting_expired
+            .as_ref()
+            .map(|k| format!("{k}-{}", super::expiry_key(channel, "", 0)));
+        if departure != Departure::Silent
+            && (expired_key.is_some() || is_local(state, user_id, device_id))
+        {
             let occupancy = state.channels.get(channel).map_or(0, |c| c.occupancy());
-            self.observe(|| Transition::MemberLeft {
+            self.observe_keyed(expired_key.as_deref(), || Transition::MemberLeft {
                 channel: channel.to_string(),
                 user: user_id.to_string(),
                 device: device_id.to_string(),
@@ -676,7 +684,7 @@ impl Registry {
                 timeout: departure == Departure::Timeout,
             });
             if now_empty {
-                self.observe(|| Transition::ChannelVacated {
+                self.observe_keyed(expired_key.as_deref(), || Transition::ChannelVacated {
                     channel: channel.to_string(),
                     user: user_id.to_string(),
                 });

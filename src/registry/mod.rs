@@ -251,6 +251,9 @@ struct State {
     online_reported: usize,
     /// Cluster-mode replica bookkeeping (tombstones, digests, remote expiries, fencing).
     replica: replica::ReplicaState,
+    /// While a dead node's device is being removed: the key its transitions are reported
+    /// under (every survivor reports them alike; see `RemovedBy::Expired`).
+    reporting_expired: Option<String>,
 }
 
 #[derive(Debug)]
@@ -814,7 +817,17 @@ impl Registry {
         by: RemovedBy,
         broadcast: bool,
     ) -> Option<DeviceEntry> {
+        let key = match by {
+            RemovedBy::Expired => state
+                .users
+                .get(user_id)
+                .and_then(|e| e.devices.get(device_id))
+                .map(|d| expiry_key(user_id, device_id, d.epoch)),
+            _ => None,
+        };
+        state.reporting_expired.clone_from(&key);
         self.leave_all_channels(state, user_id, device_id, reason, received_at);
+        state.reporting_expired = None;
         let entry = state.users.get_mut(user_id)?;
         let device = entry.devices.remove(device_id)?;
         let (tick, last_seen_ms) = match by {
@@ -880,19 +893,6 @@ impl Registry {
         // Reported by the node that ended the session (a shutdown voids everything at once:
         // the next boot's `server.started` says so); a dead node's session by every survivor
         // under one key, so the cluster keeps one report.
-        let key = matches!(by, RemovedBy::Expired).then(|| {
-            use sha2::{Digest, Sha256};
-            let mut h = Sha256::new();
-            h.update(user_id.as_bytes());
-            h.update([0]);
-            h.update(device_id.as_bytes());
-            h.update([0]);
-            h.update(device.epoch.to_be_bytes());
-            h.finalize()[..12]
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        });
         let reported = matches!(by, RemovedBy::Local { .. } | RemovedBy::Expired);
         if reported && reason != OfflineReason::ServerShutdown {
             self.observe_keyed(key.as_deref(), || Transition::DeviceDisconnected {
@@ -904,9 +904,7 @@ impl Registry {
             self.observe_keyed(key.as_deref(), || {
                 if last_device {
                     Transition::UserOffline {
-                        user: user_id.to_string(),
-                        version,
-                        last_seen_ms,
+                        presence: snapshot.clone(),
                         reason,
                     }
                 } else {
@@ -1106,6 +1104,21 @@ impl Registry {
             }
         }
     }
+}
+
+/// The report key of a dead node's device expiring (the same on every survivor).
+fn expiry_key(user_id: &str, device_id: &str, epoch: u64) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(user_id.as_bytes());
+    h.update([0]);
+    h.update(device_id.as_bytes());
+    h.update([0]);
+    h.update(epoch.to_be_bytes());
+    h.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn publish_online_gauge(state: &mut State) {

@@ -398,6 +398,8 @@ impl Endpoint {
                 .get(RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
+                // 0 would retry at once, without end: the jittered backoff decides then.
+                .filter(|secs| *secs > 0)
                 .map(|secs| Duration::from_secs(secs).min(RETRY_AFTER_CAP)),
             _ => None,
         };
