@@ -150,6 +150,8 @@ fuzz_target!(|steps: Vec<Step>| {
                             cs.iter().take(3).map(|c| format!("c{}", c % 3)).collect();
                         names.into_iter().map(|c| (c, BTreeMap::new(), 1)).collect()
                     }),
+                    // The holder's grace period: every other status (a lost connection there).
+                    lingering: status % 2 == 1,
                 };
                 apply(&registry, &origin(node, inc), ReplicaChange::Upsert(record), now);
             }
