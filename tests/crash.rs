@@ -51,6 +51,19 @@ struct Model {
     acked_ops: usize,
 }
 
+impl Model {
+    /// Records the answer to `op`: acknowledged, it is applied; not, it stays pending (the
+    /// broker died). Returns whether to go on.
+    fn settle(&mut self, op: &Op, acked: bool) -> bool {
+        if acked {
+            self.acked = op.applied_to(&self.acked);
+            self.pending = None;
+            self.acked_ops += 1;
+        }
+        acked
+    }
+}
+
 fn user(i: usize) -> String {
     format!("s{i}")
 }
@@ -90,12 +103,9 @@ async fn stream(addr: SocketAddr, who: usize, mut model: Model, seed: u64) -> Mo
             Op::Subscribe(_) => client.subscribe(&refs).await.is_ok(),
             Op::Unsubscribe(_) => client.unsubscribe(&refs).await.is_ok(),
         };
-        if !acked {
+        if !model.settle(&op, acked) {
             return model;
         }
-        model.acked = op.applied_to(&model.acked);
-        model.pending = None;
-        model.acked_ops += 1;
     }
     model
 }
@@ -122,12 +132,9 @@ async fn stream_api(admin: SocketAddr, who: usize, mut model: Model, seed: u64) 
             Ok(r) => r.status().is_success(),
             Err(_) => false,
         };
-        if !acked {
+        if !model.settle(&op, acked) {
             return model;
         }
-        model.acked = op.applied_to(&model.acked);
-        model.pending = None;
-        model.acked_ops += 1;
     }
     model
 }

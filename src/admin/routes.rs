@@ -231,13 +231,24 @@ fn limits_with(state: &AdminState, cap: u32) -> LimitsConfig {
     }
 }
 
-fn users_field(state: &AdminState, users: Vec<String>, cap: u32) -> Result<Vec<String>, ApiError> {
-    command::parse_ids(users, &limits_with(state, cap)).map_err(|e| {
-        ApiError::from(RequestError {
-            reason: format!("users: {}", e.reason),
-            ..e
-        })
+/// A validation error of the body field `name`: the reason names it.
+fn in_field(name: &str, e: RequestError) -> ApiError {
+    ApiError::from(RequestError {
+        reason: format!("{name}: {}", e.reason),
+        ..e
     })
+}
+
+/// 503 UNAVAILABLE with the wire protocol's retry hint.
+fn unavailable(reason: impl Into<String>) -> ApiError {
+    ApiError::from(RequestError {
+        retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+        ..RequestError::new(pb::ErrorCode::Unavailable, reason)
+    })
+}
+
+fn users_field(state: &AdminState, users: Vec<String>, cap: u32) -> Result<Vec<String>, ApiError> {
+    command::parse_ids(users, &limits_with(state, cap)).map_err(|e| in_field("users", e))
 }
 
 #[derive(Deserialize)]
@@ -284,12 +295,7 @@ struct ChannelsBody {
 }
 
 fn channel_field(name: &str, channel: String) -> Result<String, ApiError> {
-    command::channel_id(channel).map_err(|e| {
-        ApiError::from(RequestError {
-            reason: format!("{name}: {}", e.reason),
-            ..e
-        })
-    })
+    command::channel_id(channel).map_err(|e| in_field(name, e))
 }
 
 async fn channels_occupancy(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
@@ -559,10 +565,7 @@ async fn set_presence(
                 Err(ForwardError::Refused(AdminError::NotFound(_))) => {}
                 Err(ForwardError::Refused(e)) => return Err(refused(e)),
                 Err(e @ ForwardError::Unavailable { .. }) => {
-                    return Err(ApiError::from(RequestError {
-                        retry_after_ms: command::UNAVAILABLE_RETRY_MS,
-                        ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
-                    }))
+                    return Err(unavailable(e.to_string()))
                 }
             }
         }
@@ -601,15 +604,11 @@ async fn apply_subscription_op(
         return log.submit(&op, None).await.map_err(|_| {
             // The log's own reason speaks of the wire protocol's idempotency key; every admin
             // change is idempotent as it stands (add, remove, revoke), so a plain retry folds.
-            ApiError::from(RequestError {
-                retry_after_ms: command::UNAVAILABLE_RETRY_MS,
-                ..RequestError::new(
-                    pb::ErrorCode::Unavailable,
-                    "the replicated log has no quorum: nothing is acknowledged; the change may \
-                     still land once it recovers. Retry the same request after Retry-After \
-                     (it is idempotent)",
-                )
-            })
+            unavailable(
+                "the replicated log has no quorum: nothing is acknowledged; the change may \
+                 still land once it recovers. Retry the same request after Retry-After \
+                 (it is idempotent)",
+            )
         });
     }
     let outcome = crate::store::apply_op(state.ctx.registry.store().as_dyn(), &op)
@@ -632,12 +631,7 @@ async fn change_subscriptions(
     let b: SubscriptionsBody = body(raw)?;
     let limits = &state.ctx.config.limits;
     let field = |name: &str, ids: Vec<String>| {
-        command::parse_ids(ids, limits).map_err(|e| {
-            ApiError::from(RequestError {
-                reason: format!("{name}: {}", e.reason),
-                ..e
-            })
-        })
+        command::parse_ids(ids, limits).map_err(|e| in_field(name, e))
     };
     let add = field("add", b.add)?;
     let remove = field("remove", b.remove)?;
@@ -725,12 +719,9 @@ async fn list_subscriptions(
     let after = command::decode_cursor(q.get("cursor").map_or("", String::as_str))
         .map_err(ApiError::from)?;
     if let Some(log) = state.ctx.sub_log.get() {
-        log.catch_up().await.map_err(|e| {
-            ApiError::from(RequestError {
-                retry_after_ms: command::UNAVAILABLE_RETRY_MS,
-                ..RequestError::new(pb::ErrorCode::Unavailable, e.to_string())
-            })
-        })?;
+        log.catch_up()
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
     }
     let page = state
         .ctx
