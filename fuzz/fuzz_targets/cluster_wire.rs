@@ -1,6 +1,6 @@
 //! What other nodes send over NATS, hostile or garbled, against a real registry in cluster
-//! mode: raw bytes into the envelope, state-transfer page and subscription-log decoders, and
-//! structure-aware deltas (upserts, removals with and without a close, channel joins, leaves
+//! mode: raw bytes into the envelope, state-transfer page, subscription-log and forwarded
+//! admin-change decoders, and structure-aware deltas (upserts, removals with and without a close, channel joins, leaves
 //! and member state, directed presence) from several nodes and incarnations, interleaved with
 //! local sessions, dead-node expiry, reconciliation and fencing. After every step the
 //! registry's invariants hold and nothing panics.
@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use presenced::cluster::forward::ForwardPresence;
 use presenced::cluster::wire::{Envelope, LogEntry, SyncPage};
 use presenced::config::DeviceLimitPolicy;
 use presenced::model::{Availability, CloseKind, OfflineReason, PresenceChange};
@@ -48,6 +49,8 @@ enum Step {
     Raw(Vec<u8>),
     RawPage(Vec<u8>),
     RawLog(Vec<u8>),
+    /// An admin change forwarded by another node (`<prefix>.admin.<node>`), applied here.
+    RawForward(Vec<u8>),
     Upsert { node: u8, inc: u8, user: u8, device: u8, epoch: u8, rev: u8, away: bool, status: u8, channels: Option<Vec<u8>> },
     Remove { node: u8, inc: u8, user: u8, device: u8, epoch: u8, reason: u8, close: bool },
     Join { node: u8, inc: u8, user: u8, device: u8, epoch: u8, channel: u8, value: u8 },
@@ -123,6 +126,14 @@ fuzz_target!(|steps: Vec<Step>| {
                             registry.apply_remote(&o, ReplicaChange::Upsert(r), now);
                         }
                     }
+                }
+            }
+            Step::RawForward(bytes) => {
+                if let Ok((user, change)) = ForwardPresence::decode(bytes.as_slice())
+                    .map_err(|_| ())
+                    .and_then(|f| f.into_change().map_err(|_| ()))
+                {
+                    let _ = registry.set_presence_for(&user, &change);
                 }
             }
             Step::RawLog(bytes) => {
