@@ -26,6 +26,29 @@ use crate::tls;
 /// The client codec: decodes server frames, encodes client frames.
 pub type ClientCodec = DelimitedCodec<pb::ServerFrame, pb::ClientFrame>;
 
+/// A connection's byte stream: TLS, or a WebSocket seen through [`ws_connect`]'s pump.
+pub trait Io:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static
+{
+}
+impl<
+        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + std::fmt::Debug + Send + Unpin + 'static,
+    > Io for T
+{
+}
+
+/// Which listener a client connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// TLS TCP, delimited frames.
+    #[default]
+    Tls,
+    /// wss: TLS, then a WebSocket upgrade at `/v1/ws`, one frame per binary message.
+    Wss,
+    /// ws: a WebSocket upgrade over plain TCP.
+    Ws,
+}
+
 /// Largest server frame the client accepts.
 const MAX_SERVER_FRAME: usize = 1024 * 1024;
 
@@ -77,6 +100,8 @@ pub struct ClientOptions {
     pub event_capacity: usize,
     /// Local address to connect from (any loopback address, for tests of per-address limits).
     pub local_addr: Option<SocketAddr>,
+    /// The listener's transport.
+    pub transport: Transport,
 }
 
 impl ClientOptions {
@@ -94,7 +119,14 @@ impl ClientOptions {
             user_data: Default::default(),
             event_capacity: 1024,
             local_addr: None,
+            transport: Transport::Tls,
         }
+    }
+
+    /// Connects through a WebSocket listener (`Transport::Wss` or `Transport::Ws`) at `addr`.
+    pub fn websocket(mut self, transport: Transport) -> ClientOptions {
+        self.transport = transport;
+        self
     }
 
     /// Sets the device id.
@@ -145,7 +177,7 @@ struct PendingReplies {
 }
 
 type Pending = Arc<Mutex<PendingReplies>>;
-type Writer = FramedWrite<WriteHalf<TlsStream<TcpStream>>, ClientCodec>;
+type Writer = FramedWrite<WriteHalf<Box<dyn Io>>, ClientCodec>;
 
 /// A connected, authenticated session.
 #[derive(Debug)]
@@ -170,13 +202,18 @@ impl Client {
     /// Connects, authenticates and waits for ConnAck. A refused Connect is
     /// `ClientError::Server` with the server's error.
     pub async fn connect(options: ClientOptions) -> Result<Client, ClientError> {
-        let stream = tls_connect_from(
-            options.local_addr,
-            options.addr,
-            &options.server_name,
-            options.tls.clone(),
-        )
-        .await?;
+        let stream: Box<dyn Io> = match options.transport {
+            Transport::Tls => Box::new(
+                tls_connect_from(
+                    options.local_addr,
+                    options.addr,
+                    &options.server_name,
+                    options.tls.clone(),
+                )
+                .await?,
+            ),
+            Transport::Wss | Transport::Ws => Box::new(ws_connect(&options).await?),
+        };
         let (read_half, write_half) = tokio::io::split(stream);
         let mut writer = FramedWrite::new(write_half, ClientCodec::new(MAX_SERVER_FRAME));
         let mut reader = FramedRead::new(read_half, ClientCodec::new(MAX_SERVER_FRAME));
@@ -587,7 +624,7 @@ impl Client {
 }
 
 async fn route_frames(
-    mut reader: FramedRead<ReadHalf<TlsStream<TcpStream>>, ClientCodec>,
+    mut reader: FramedRead<ReadHalf<Box<dyn Io>>, ClientCodec>,
     pending: Pending,
     events: mpsc::Sender<pb::ServerFrame>,
 ) {
@@ -615,6 +652,117 @@ async fn route_frames(
     let mut pending = pending.lock().unwrap_or_else(|p| p.into_inner());
     pending.closed = true;
     pending.waiters.clear();
+}
+
+/// Opens a WebSocket to `options.addr` (wss or ws, as `options.transport` says) with the
+/// `presence.v1` subprotocol, and returns a byte stream of delimited frames: a pump task turns
+/// each frame written into one binary message and each binary message into a delimited frame,
+/// so the rest of the client is the same for every transport. The pump ends, closing the
+/// WebSocket, when the stream is dropped, and ends the stream when the WebSocket closes.
+pub async fn ws_connect(options: &ClientOptions) -> Result<tokio::io::DuplexStream, ClientError> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let tcp = TcpStream::connect(options.addr).await?;
+    tcp.set_nodelay(true)?;
+    let (scheme, stream): (&str, Box<dyn Io>) = match options.transport {
+        Transport::Ws => ("ws", Box::new(tcp)),
+        _ => {
+            let name = tls::server_name(&options.server_name)?;
+            let tls = TlsConnector::from(options.tls.clone())
+                .connect(name, tcp)
+                .await?;
+            ("wss", Box::new(tls))
+        }
+    };
+    let url = format!(
+        "{scheme}://{}:{}{}",
+        options.server_name,
+        options.addr.port(),
+        crate::ws::config::PATH
+    );
+    let mut request = url
+        .into_client_request()
+        .map_err(|e| ClientError::Unexpected(e.to_string()))?;
+    request.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        tokio_tungstenite::tungstenite::http::HeaderValue::from_static(
+            crate::ws::config::SUBPROTOCOL,
+        ),
+    );
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_SERVER_FRAME))
+        .write_buffer_size(0);
+    let (ws, _) = tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+        .await
+        .map_err(|e| ClientError::Unexpected(format!("WebSocket upgrade failed: {e}")))?;
+    let (app, pump_end) = tokio::io::duplex(64 * 1024);
+    tokio::spawn(ws_pump(ws, pump_end));
+    Ok(app)
+}
+
+/// Moves frames between the duplex stream and the WebSocket until either side ends.
+async fn ws_pump(
+    ws: tokio_tungstenite::WebSocketStream<Box<dyn Io>>,
+    end: tokio::io::DuplexStream,
+) {
+    use tokio::io::AsyncWriteExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (read_half, mut write_half) = tokio::io::split(end);
+    let mut frames = FramedRead::new(read_half, RawFrames);
+    loop {
+        tokio::select! {
+            frame = frames.next() => match frame {
+                Some(Ok(payload)) => {
+                    if ws_tx.send(Message::Binary(payload)).await.is_err() {
+                        break;
+                    }
+                }
+                _ => {
+                    let _ = ws_tx.close().await;
+                    break;
+                }
+            },
+            message = ws_rx.next() => match message {
+                Some(Ok(Message::Binary(payload))) => {
+                    let mut prefix = Vec::with_capacity(10 + payload.len());
+                    prost::encoding::encode_varint(payload.len() as u64, &mut prefix);
+                    prefix.extend_from_slice(&payload);
+                    if write_half.write_all(&prefix).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => break,
+            },
+        }
+    }
+    let _ = write_half.shutdown().await;
+}
+
+/// Splits delimited frames into their payloads, for the WebSocket pump.
+struct RawFrames;
+
+impl tokio_util::codec::Decoder for RawFrames {
+    type Item = bytes::Bytes;
+    type Error = std::io::Error;
+
+    fn decode(
+        &mut self,
+        src: &mut bytes::BytesMut,
+    ) -> Result<Option<bytes::Bytes>, std::io::Error> {
+        use bytes::Buf;
+        let mut peek = &src[..];
+        let Ok(len) = prost::encoding::decode_varint(&mut peek) else {
+            // Too short to hold the whole prefix yet (or garbage: the client wrote it).
+            return Ok(None);
+        };
+        let prefix = src.len() - peek.len();
+        if peek.len() < len as usize {
+            return Ok(None);
+        }
+        src.advance(prefix);
+        Ok(Some(src.split_to(len as usize).freeze()))
+    }
 }
 
 fn pairs(state: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {

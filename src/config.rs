@@ -71,6 +71,8 @@ pub struct Config {
     /// Webhook endpoints (`[[webhooks]]`), each with its own queue and delivery task.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// WebSocket listeners for browsers; off until a listen address is set.
+    pub websocket: crate::ws::WebSocketConfig,
 }
 
 impl Default for Config {
@@ -89,6 +91,7 @@ impl Default for Config {
             cluster: None,
             admin: crate::admin::AdminConfig::default(),
             webhooks: Vec::new(),
+            websocket: crate::ws::WebSocketConfig::default(),
         }
     }
 }
@@ -568,6 +571,7 @@ impl Config {
             }
         }
         self.admin.validate().map_err(ConfigError::Invalid)?;
+        self.websocket.validate().map_err(ConfigError::Invalid)?;
         for (i, w) in self.webhooks.iter().enumerate() {
             w.validate(i).map_err(ConfigError::Invalid)?;
         }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::codec::FramedRead;
@@ -211,7 +211,7 @@ pub async fn run_tls<P: Send + 'static>(
 
 /// The TLS handshake under the handshake deadline; `None` when it failed (counted) or the
 /// server is shutting down.
-async fn handshake(
+pub(crate) async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
@@ -294,17 +294,134 @@ where
     P: Send + 'static,
 {
     let (read_half, write_half) = tokio::io::split(stream);
-    session(read_half, write_half, peer, ctx, permit)
+    let source = CodecSource {
+        reader: FramedRead::with_capacity(
+            read_half,
+            ServerCodec::new(ctx.config.limits.max_frame_bytes_pre_auth as usize),
+            READ_BUFFER_BYTES,
+        ),
+    };
+    let sink = StreamSink {
+        socket: write_half,
+        buf: BytesMut::new(),
+    };
+    session(source, sink, peer, ctx, permit)
 }
 
-async fn session<S, P>(
-    read_half: ReadHalf<S>,
-    write_half: WriteHalf<S>,
+/// Where a session's frames come from: the delimited codec over a byte stream (TCP, TLS), or
+/// WebSocket messages (`crate::ws`). Everything above it (deadlines, caps, rate limits, the
+/// session's end) is the same code for every transport.
+pub(crate) trait FrameSource: Unpin + Send {
+    /// The next frame or the end of the session; when `watch_partial`, also `PartialStarted` as
+    /// soon as bytes of an incomplete frame are buffered. Cancel-safe: partial state stays in
+    /// the source.
+    fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        watch_partial: bool,
+    ) -> std::task::Poll<Read>;
+    /// Raises the frame cap once the session is authenticated.
+    fn set_max_frame_bytes(&mut self, max: usize);
+    /// Called after each frame: whether bytes of a further frame are already buffered (then
+    /// the partial-frame deadline keeps running). Gives back buffer memory after a large frame.
+    fn settle(&mut self) -> bool;
+}
+
+/// Where a session's outbound frames go. Items are pre-encoded delimited frames; a transport
+/// with its own message boundaries strips the length prefix. An empty item carries nothing
+/// and only asks the sink to write what its transport has pending (a WebSocket pong).
+pub(crate) trait FrameSink: Unpin + Send {
+    /// Writes `items` and flushes; the bytes put on the socket.
+    fn write_batch<'a>(
+        &'a mut self,
+        items: &'a [Item],
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a;
+    /// Ends the transport after the last batch (TLS close_notify, a WebSocket Close frame).
+    fn finish(&mut self) -> impl std::future::Future<Output = ()> + Send + '_;
+}
+
+/// The TCP/TLS source: the delimited codec over the read half.
+struct CodecSource<R> {
+    reader: FramedRead<R, ServerCodec>,
+}
+
+impl<R: AsyncRead + Unpin + Send> FrameSource for CodecSource<R> {
+    fn poll_frame(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        watch_partial: bool,
+    ) -> std::task::Poll<Read> {
+        match self.reader.poll_next_unpin(cx) {
+            std::task::Poll::Ready(next) => std::task::Poll::Ready(match next {
+                None | Some(Err(CodecError::Io(_))) => {
+                    Read::End(End::Lost(OfflineReason::ConnectionLost))
+                }
+                Some(Err(e @ CodecError::FrameTooLarge { .. })) => {
+                    Read::End(End::Close(CloseKind::FrameTooLarge, e.to_string()))
+                }
+                Some(Err(e)) => Read::End(End::Close(CloseKind::ProtocolViolation, e.to_string())),
+                Some(Ok(frame)) => Read::Frame(frame),
+            }),
+            std::task::Poll::Pending if watch_partial && !self.reader.read_buffer().is_empty() => {
+                std::task::Poll::Ready(Read::PartialStarted)
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn set_max_frame_bytes(&mut self, max: usize) {
+        self.reader.decoder_mut().set_max_frame_bytes(max);
+    }
+
+    fn settle(&mut self) -> bool {
+        if self.reader.read_buffer().is_empty() {
+            if self.reader.read_buffer().capacity() > READ_BUFFER_BYTES {
+                *self.reader.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_BYTES);
+            }
+            false
+        } else {
+            true
+        }
+    }
+}
+
+/// The TCP/TLS sink: a batch gathered into one buffer, one write.
+struct StreamSink<W> {
+    socket: W,
+    buf: BytesMut,
+}
+
+impl<W: AsyncWrite + Unpin + Send> FrameSink for StreamSink<W> {
+    async fn write_batch(&mut self, items: &[Item]) -> std::io::Result<usize> {
+        self.buf.clear();
+        for item in items {
+            self.buf.extend_from_slice(&item.bytes);
+        }
+        self.socket.write_all(&self.buf).await?;
+        self.socket.flush().await?;
+        let n = self.buf.len();
+        // Give back memory after a burst so idle connections stay small.
+        if self.buf.capacity() > IDLE_BUFFER_BYTES {
+            self.buf = BytesMut::new();
+        }
+        Ok(n)
+    }
+
+    async fn finish(&mut self) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.shutdown()).await;
+    }
+}
+
+/// Runs a session over a frame source and sink (any transport) to the end of its grace period.
+pub(crate) async fn session<F, K, P>(
+    source: F,
+    sink: K,
     peer: SocketAddr,
     ctx: Arc<ConnectionContext>,
     permit: P,
 ) where
-    S: AsyncRead + AsyncWrite + Send + 'static,
+    F: FrameSource,
+    K: FrameSink,
     P: Send + 'static,
 {
     let gauge = ConnectionGauge::open();
@@ -321,13 +438,9 @@ async fn session<S, P>(
     );
     // The writer runs in this task beside the reader rather than in a task of its own: one
     // task per connection is half a KiB less for every idle client.
-    let writer = write_loop(write_half, outbound.clone(), config.slow_consumer_timeout());
+    let writer = write_loop(sink, outbound.clone(), config.slow_consumer_timeout());
     tokio::pin!(writer);
-    let mut reader = FramedRead::with_capacity(
-        read_half,
-        ServerCodec::new(config.limits.max_frame_bytes_pre_auth as usize),
-        READ_BUFFER_BYTES,
-    );
+    let mut reader = source;
     // The guard owns the context and the queue for the rest of the session: one copy each.
     let mut guard = SessionGuard {
         ctx,
@@ -455,7 +568,7 @@ async fn session<S, P>(
 
 /// How the reader loop ended.
 #[derive(Debug)]
-enum End {
+pub(crate) enum End {
     /// The client said goodbye.
     Disconnect,
     /// The socket closed or failed, or keepalive silence: offline after the grace period.
@@ -483,16 +596,13 @@ fn push_error(outbound: &Outbound, request_id: u64, operation: &str, error: &Req
     push_reply(outbound, request_id, error.to_body(operation));
 }
 
-async fn read_loop<R>(
-    reader: &mut FramedRead<R, ServerCodec>,
+async fn read_loop<F: FrameSource>(
+    reader: &mut F,
     session: &mut Option<Session>,
     outbound: &Outbound,
     ctx: &ConnectionContext,
     peer: SocketAddr,
-) -> End
-where
-    R: AsyncRead + Unpin,
-{
+) -> End {
     let config = &ctx.config;
     let closed = outbound.closed();
     let started = tokio::time::Instant::now();
@@ -554,34 +664,25 @@ where
             _ = tokio::time::sleep_until(deadline) => return expiry.end(),
             next = next_or_partial(reader, partial_since.is_none()) => next,
         };
-        let next = match next {
-            Read::Frame(next) => next,
+        let frame = match next {
+            Read::Frame(frame) => frame,
+            Read::End(end) => return end,
             Read::PartialStarted => {
                 // Bytes of a frame arrived without completing it: its deadline starts now,
                 // however the bytes were split.
                 partial_since = Some(tokio::time::Instant::now());
                 continue;
             }
-        };
-        let frame = match next {
-            None => return End::Lost(OfflineReason::ConnectionLost),
-            Some(Err(CodecError::Io(_))) => return End::Lost(OfflineReason::ConnectionLost),
-            Some(Err(e @ CodecError::FrameTooLarge { .. })) => {
-                return End::Close(CloseKind::FrameTooLarge, e.to_string())
+            Read::WakeWriter => {
+                // The transport has bytes of its own to send (a WebSocket pong): an empty
+                // item makes the writer write them.
+                outbound.push_reply(Item::reply(bytes::Bytes::new(), "transport"));
+                continue;
             }
-            Some(Err(e)) => return End::Close(CloseKind::ProtocolViolation, e.to_string()),
-            Some(Ok(frame)) => frame,
         };
         let now = tokio::time::Instant::now();
         last_frame = now;
-        partial_since = if reader.read_buffer().is_empty() {
-            if reader.read_buffer().capacity() > READ_BUFFER_BYTES {
-                *reader.read_buffer_mut() = BytesMut::with_capacity(READ_BUFFER_BYTES);
-            }
-            None
-        } else {
-            Some(now)
-        };
+        partial_since = if reader.settle() { Some(now) } else { None };
         match handle_frame(
             frame,
             reader,
@@ -682,28 +783,23 @@ where
     }
 }
 
-/// What the reader produced: a frame (or the end), or the first bytes of a frame.
+/// What a frame source produced.
 #[derive(Debug)]
-enum Read {
-    Frame(Option<Result<pb::ClientFrame, CodecError>>),
+pub(crate) enum Read {
+    /// A complete frame.
+    Frame(pb::ClientFrame),
+    /// The session ends (socket closed, bad bytes, oversized frame).
+    End(End),
+    /// The first bytes of a frame are buffered (armed only when asked for).
     PartialStarted,
+    /// The transport queued bytes of its own (a WebSocket pong) for the writer.
+    WakeWriter,
 }
 
 /// The next frame; when `watch_partial`, also reports the moment bytes of an incomplete frame
-/// sit in the read buffer, so the partial-frame deadline is armed however they arrived.
-/// Cancel-safe: partial-read state stays in the `FramedRead`.
-async fn next_or_partial<R>(reader: &mut FramedRead<R, ServerCodec>, watch_partial: bool) -> Read
-where
-    R: AsyncRead + Unpin,
-{
-    std::future::poll_fn(|cx| match reader.poll_next_unpin(cx) {
-        std::task::Poll::Ready(next) => std::task::Poll::Ready(Read::Frame(next)),
-        std::task::Poll::Pending if watch_partial && !reader.read_buffer().is_empty() => {
-            std::task::Poll::Ready(Read::PartialStarted)
-        }
-        std::task::Poll::Pending => std::task::Poll::Pending,
-    })
-    .await
+/// sit in the source, so the partial-frame deadline is armed however they arrived.
+async fn next_or_partial<F: FrameSource>(reader: &mut F, watch_partial: bool) -> Read {
+    std::future::poll_fn(|cx| reader.poll_frame(cx, watch_partial)).await
 }
 
 /// Which deadline fired.
@@ -775,9 +871,9 @@ enum Step {
     },
 }
 
-fn handle_frame<R>(
+fn handle_frame<F: FrameSource>(
     frame: pb::ClientFrame,
-    reader: &mut FramedRead<R, ServerCodec>,
+    reader: &mut F,
     session: &mut Option<Session>,
     outbound: &Outbound,
     ctx: &ConnectionContext,
@@ -817,9 +913,7 @@ fn handle_frame<R>(
                         // First: events fanned out since the session was registered wait.
                         let kind = wire::server_body_kind(&ack);
                         outbound.push_reply_first(Item::reply(wire::frame(request_id, ack), kind));
-                        reader
-                            .decoder_mut()
-                            .set_max_frame_bytes(limits.max_frame_bytes as usize);
+                        reader.set_max_frame_bytes(limits.max_frame_bytes as usize);
                         *session = Some(new_session);
                         Step::Continue
                     }
@@ -956,32 +1050,21 @@ enum WriterEnd {
     Stalled,
 }
 
-/// Drains `outbound` into the socket, a batch per write, until the close frame has been written
+/// Drains `outbound` into the sink, a batch per write, until the close frame has been written
 /// or the socket fails or stays blocked past `slow_consumer_timeout`.
-async fn write_loop<W>(
-    mut socket: W,
+async fn write_loop<K: FrameSink>(
+    mut sink: K,
     outbound: Outbound,
     slow_consumer_timeout: Duration,
-) -> WriterEnd
-where
-    W: AsyncWrite + Unpin,
-{
+) -> WriterEnd {
     let latency = metrics::histogram!(m::FANOUT_LATENCY_SECONDS);
     let bytes_out = metrics::counter!(m::BYTES_OUT);
-    let mut buf = BytesMut::new();
     let mut kinds = KindCounts::default();
     while let Some(batch) = outbound.next_batch(WRITE_BATCH_BYTES).await {
-        buf.clear();
-        for item in &batch.items {
-            buf.extend_from_slice(&item.bytes);
-        }
-        let written = tokio::time::timeout(slow_consumer_timeout, async {
-            socket.write_all(&buf).await?;
-            socket.flush().await
-        })
-        .await;
-        match written {
-            Ok(Ok(())) => {}
+        let written =
+            tokio::time::timeout(slow_consumer_timeout, sink.write_batch(&batch.items)).await;
+        let written = match written {
+            Ok(Ok(n)) => n,
             Ok(Err(_)) => {
                 outbound.close(None);
                 return WriterEnd::Failed;
@@ -992,25 +1075,21 @@ where
                 }
                 return WriterEnd::Stalled;
             }
-        }
+        };
         let now = Instant::now();
-        for item in &batch.items {
+        for item in batch.items.iter().filter(|i| !i.bytes.is_empty()) {
             if let Some(at) = item.received_at {
                 latency.record(now.saturating_duration_since(at).as_secs_f64());
             }
             kinds.add(item.kind);
         }
         kinds.flush();
-        bytes_out.increment(buf.len() as u64);
+        bytes_out.increment(written as u64);
         if batch.closing {
             break;
         }
-        // Give back memory after a burst so idle connections stay small.
-        if buf.capacity() > IDLE_BUFFER_BYTES {
-            buf = BytesMut::new();
-        }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(1), socket.shutdown()).await;
+    sink.finish().await;
     WriterEnd::Drained
 }
 

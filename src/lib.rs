@@ -20,7 +20,8 @@
 //! | [`tls`] | certificates → `rustls` configs |
 //! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: a synchronous engine with capped buffers (kept only while bytes are in flight) in an async shell; a record-forging client for tests |
 //! | [`connection`] | one task per client: handshake, session, reader loop and writer in one task, a guard that cleans up however it ends |
-//! | [`server`] | listener, connection permits, shutdown |
+//! | [`ws`] | the WebSocket transport for browsers: the upgrade and tungstenite driven over an in-memory pipe (a synchronous engine in an async shell), feeding the same session code |
+//! | [`server`] | listeners, connection permits, shutdown |
 //! | [`cluster`] | cluster mode on NATS: the link, delta publisher and receiver, heartbeats, peer liveness, state transfer, fencing |
 //! | [`events`] | the backend event catalogue, its JSON shape, and the bus that numbers events for webhooks and `GET /v1/events` |
 //! | [`webhooks`] | `[[webhooks]]` endpoints: bounded queues, batching, Standard Webhooks signing, retries |
@@ -50,6 +51,7 @@ pub mod tls;
 pub mod tls_stream;
 pub mod webhooks;
 pub mod wire;
+pub mod ws;
 
 /// Protobuf types generated from `proto/presence/v1/presence.proto` (see that file for the
 /// meaning of every field).

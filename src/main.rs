@@ -24,6 +24,12 @@ struct Flags {
     /// Plain TCP listener for trusted networks and benchmarks.
     #[arg(long)]
     plain_listen: Option<SocketAddr>,
+    /// WebSocket (wss) listener for browsers, on the TLS certificates.
+    #[arg(long, value_name = "ADDR")]
+    ws_listen: Option<SocketAddr>,
+    /// Plain WebSocket (ws) listener, for local development and trusted networks.
+    #[arg(long, value_name = "ADDR")]
+    ws_plain_listen: Option<SocketAddr>,
     /// Metrics endpoint address.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -63,6 +69,12 @@ fn effective_config(flags: &Flags) -> anyhow::Result<Config> {
     }
     if let Some(v) = flags.plain_listen {
         config.plain_listen = Some(v);
+    }
+    if let Some(v) = flags.ws_listen {
+        config.websocket.listen = Some(v);
+    }
+    if let Some(v) = flags.ws_plain_listen {
+        config.websocket.plain_listen = Some(v);
     }
     if let Some(v) = flags.metrics_listen {
         config.metrics.listen = v;
@@ -135,6 +147,8 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(
         listen = %server.local_addr(),
         plain = ?server.plain_addr(),
+        websocket = ?server.ws_addr().map(|a| format!("wss://{a}{}", presenced::ws::config::PATH)),
+        websocket_plain = ?server.ws_plain_addr().map(|a| format!("ws://{a}{}", presenced::ws::config::PATH)),
         metrics = ?server.metrics_addr().map(|a| format!("http://{a}/metrics")),
         admin = ?server.admin_addr().map(|a| format!("admin://{a}")),
         webhooks = config.webhooks.len(),

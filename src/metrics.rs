@@ -44,6 +44,9 @@ pub const TLS_HANDSHAKE_SECONDS: &str = "presence_tls_handshake_duration_seconds
 pub const TLS_HANDSHAKES_IN_FLIGHT: &str = "presence_tls_handshakes_in_flight";
 /// Failed TLS handshakes, by `reason`.
 pub const TLS_HANDSHAKE_FAILURES: &str = "presence_tls_handshake_failures_total";
+/// WebSocket upgrade requests by result (`ok`, `timeout`, `closed`, `bad_request`, `path`,
+/// `origin`, `too_large`, `subprotocol`).
+pub const WS_UPGRADES: &str = "presence_ws_upgrades_total";
 /// From receiving a change to writing it into a watcher's socket.
 pub const FANOUT_LATENCY_SECONDS: &str = "presence_fanout_latency_seconds";
 /// Events handed to watchers' outbound queues (including coalesced ones).
@@ -150,6 +153,10 @@ fn describe() {
     );
     describe_gauge!(TLS_HANDSHAKES_IN_FLIGHT, "TLS handshakes in progress");
     describe_counter!(TLS_HANDSHAKE_FAILURES, "Failed TLS handshakes, by reason");
+    describe_counter!(
+        WS_UPGRADES,
+        "WebSocket upgrade requests by result: ok, or why they were refused"
+    );
     describe_histogram!(
         FANOUT_LATENCY_SECONDS,
         Unit::Seconds,

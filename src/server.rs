@@ -58,6 +58,10 @@ pub enum ServerError {
 pub struct Server {
     listener: TcpListener,
     plain_listener: Option<TcpListener>,
+    /// The wss listener (`[websocket] listen`).
+    ws_listener: Option<TcpListener>,
+    /// The plain ws listener (`[websocket] plain_listen`).
+    ws_plain_listener: Option<TcpListener>,
     metrics_listener: Option<TcpListener>,
     tls_config: Arc<rustls::ServerConfig>,
     ctx: Arc<ConnectionContext>,
@@ -112,6 +116,14 @@ impl Server {
         );
         let listener = bind(config.listen).await?;
         let plain_listener = match config.plain_listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let ws_listener = match config.websocket.listen {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        };
+        let ws_plain_listener = match config.websocket.plain_listen {
             Some(addr) => Some(bind(addr).await?),
             None => None,
         };
@@ -186,6 +198,8 @@ impl Server {
         Ok(Server {
             listener,
             plain_listener,
+            ws_listener,
+            ws_plain_listener,
             metrics_listener,
             tls_config,
             ctx,
@@ -208,6 +222,18 @@ impl Server {
     /// The plain listener's address, when enabled.
     pub fn plain_addr(&self) -> Option<SocketAddr> {
         self.plain_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+    }
+
+    /// The wss listener's address, when enabled.
+    pub fn ws_addr(&self) -> Option<SocketAddr> {
+        self.ws_listener.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The plain ws listener's address, when enabled.
+    pub fn ws_plain_addr(&self) -> Option<SocketAddr> {
+        self.ws_plain_listener
             .as_ref()
             .and_then(|l| l.local_addr().ok())
     }
@@ -253,19 +279,23 @@ impl Server {
         }
         background.spawn(self.webhooks.run(ctx.shutdown.clone()));
         background.spawn(channel_intervals(ctx.clone()));
-        if let Some(listener) = self.plain_listener {
-            let ctx = ctx.clone();
-            let permits = self.connection_permits.clone();
-            let addresses = self.address_limits.clone();
-            background.spawn(accept_loop(listener, None, ctx, permits, addresses));
+        let listeners = [
+            (Some(self.listener), Transport::Tls(self.tls_config.clone())),
+            (self.plain_listener, Transport::Plain),
+            (self.ws_listener, Transport::Wss(self.tls_config.clone())),
+            (self.ws_plain_listener, Transport::Ws),
+        ];
+        for (listener, transport) in listeners {
+            if let Some(listener) = listener {
+                background.spawn(accept_loop(
+                    listener,
+                    transport,
+                    ctx.clone(),
+                    self.connection_permits.clone(),
+                    self.address_limits.clone(),
+                ));
+            }
         }
-        background.spawn(accept_loop(
-            self.listener,
-            Some(self.tls_config),
-            ctx.clone(),
-            self.connection_permits.clone(),
-            self.address_limits.clone(),
-        ));
         background.close();
 
         shutdown.cancelled().await;
@@ -301,13 +331,26 @@ struct ConnectionPermits {
     _address: AddressPermit,
 }
 
+/// What a listener speaks.
+#[derive(Debug, Clone)]
+enum Transport {
+    /// TLS, then delimited frames.
+    Tls(Arc<rustls::ServerConfig>),
+    /// Delimited frames over plain TCP.
+    Plain,
+    /// TLS, then a WebSocket upgrade.
+    Wss(Arc<rustls::ServerConfig>),
+    /// A WebSocket upgrade over plain TCP.
+    Ws,
+}
+
 /// Accepts until shutdown. Each connection passes its address's share first (accept rate, then
 /// connections), then the global accept rate, then the global connection limit; a refused one is
 /// counted by reason and its socket dropped before any TLS. The per-address check comes first so
 /// that a flooding address is refused before it spends the global tokens everyone shares.
 async fn accept_loop(
     listener: TcpListener,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    transport: Transport,
     ctx: Arc<ConnectionContext>,
     permits: Arc<Semaphore>,
     addresses: AddressLimits,
@@ -361,24 +404,37 @@ async fn accept_loop(
             _address: address,
         };
         let _ = socket.set_nodelay(true);
-        spawn_connection(socket, peer, tls.clone(), ctx.clone(), permit);
+        spawn_connection(socket, peer, &transport, ctx.clone(), permit);
     }
 }
 
 fn spawn_connection(
     socket: TcpStream,
     peer: SocketAddr,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    transport: &Transport,
     ctx: Arc<ConnectionContext>,
     permit: ConnectionPermits,
 ) {
     let tracker = ctx.tracker.clone();
-    match tls {
-        Some(tls) => {
-            tracker.spawn(connection::run_tls(socket, peer, tls, ctx, permit));
+    match transport {
+        Transport::Tls(tls) => {
+            tracker.spawn(connection::run_tls(socket, peer, tls.clone(), ctx, permit));
         }
-        None => {
+        Transport::Plain => {
             tracker.spawn(connection::run_session(socket, peer, ctx, permit));
+        }
+        Transport::Wss(tls) => {
+            let tls = tls.clone();
+            tracker.spawn(async move {
+                let Some(stream) = Box::pin(connection::handshake(socket, peer, tls, &ctx)).await
+                else {
+                    return;
+                };
+                crate::ws::run(stream, peer, ctx, permit).await;
+            });
+        }
+        Transport::Ws => {
+            tracker.spawn(crate::ws::run(socket, peer, ctx, permit));
         }
     }
 }

@@ -639,3 +639,57 @@ async fn a_pause_just_under_the_fencing_threshold_never_splits_the_cluster() {
     }
     drop(held_there);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_browser_on_one_node_and_a_phone_on_another_see_each_other_and_take_over() {
+    let nats = NatsCluster::start(3).await;
+    let urls = nats.urls();
+    let web_node = Node::start(
+        "node1",
+        &urls,
+        &["--grace-period-ms", GRACE, "--ws-listen", "127.0.0.1:0"],
+    )
+    .await;
+    let phone_node = Node::start("node2", &urls, &["--grace-period-ms", GRACE]).await;
+    let ws_addr = web_node.ws.expect("the node prints its wss address");
+    let web_options = |user: &str| {
+        presenced::client::ClientOptions::new(ws_addr, common::token(user))
+            .device("browser")
+            .websocket(presenced::client::Transport::Wss)
+    };
+    let mut web = within(Client::connect(web_options("alice"))).await.unwrap();
+    let mut phone = phone_node.connect("bob", "phone").await;
+    within(web.subscribe(&["bob"])).await.unwrap();
+    within(phone.subscribe(&["alice"])).await.unwrap();
+    // bob's change on node2 reaches the browser on node1, and the other way round.
+    within(phone.set_presence(set_status("on the train")))
+        .await
+        .unwrap();
+    let e = loop {
+        let e = within(web.next_presence_event()).await.unwrap();
+        if e.user_id == "bob" && kind(&e) == EventKind::Update {
+            break e;
+        }
+    };
+    assert_eq!(e.presence.unwrap().status, "on the train");
+    within(web.set_presence(set_status("typing")))
+        .await
+        .unwrap();
+    loop {
+        let e = within(phone.next_presence_event()).await.unwrap();
+        if e.user_id == "alice" && kind(&e) == EventKind::Update {
+            assert_eq!(e.presence.unwrap().status, "typing");
+            break;
+        }
+    }
+    // The browser's device reconnecting over TCP on node2 takes the session over: the
+    // WebSocket gets TAKEN_OVER, and bob sees no OFFLINE.
+    let _moved = phone_node.connect("alice", "browser").await;
+    let close = within(web.closed()).await.expect("a close frame");
+    assert_eq!(close_code(&close), CloseCode::TakenOver);
+    let events = events_for(&mut phone, Duration::from_secs(1)).await;
+    assert!(
+        events.iter().all(|e| kind(e) != EventKind::Offline),
+        "{events:?}"
+    );
+}

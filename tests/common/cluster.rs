@@ -22,6 +22,9 @@ pub struct Node {
     /// The admin API, when the node's config turns it on.
     #[allow(dead_code)]
     pub admin: Option<SocketAddr>,
+    /// The wss listener, when started with `--ws-listen`.
+    #[allow(dead_code)]
+    pub ws: Option<SocketAddr>,
     pub log: Arc<Mutex<Vec<String>>>,
     pub data_dir: tempfile::TempDir,
 }
@@ -72,7 +75,7 @@ impl Node {
         let pid = child.id().expect("pid");
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let (addr, metrics, admin) = loop {
+        let (addr, metrics, admin, ws) = loop {
             let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
                 .await
                 .expect("node starts within 30 s")
@@ -89,7 +92,9 @@ impl Node {
                 let metrics = parse_after(&line, "http://").unwrap();
                 let metrics = metrics.trim_end_matches("/metrics").parse().unwrap();
                 let admin = parse_after(&line, "admin://").map(|a| a.parse().unwrap());
-                break (addr, metrics, admin);
+                let ws = parse_after(&line, "wss://")
+                    .map(|a| a.trim_end_matches("/v1/ws").parse().unwrap());
+                break (addr, metrics, admin, ws);
             }
         };
         let sink = log.clone();
@@ -105,6 +110,7 @@ impl Node {
             addr,
             metrics,
             admin,
+            ws,
             log,
             data_dir,
         }

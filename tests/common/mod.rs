@@ -23,6 +23,10 @@ pub struct Broker {
     pub plain_addr: Option<SocketAddr>,
     #[allow(dead_code)]
     pub admin_addr: Option<SocketAddr>,
+    /// The wss listener, when `websocket.listen` is set.
+    pub ws_addr: Option<SocketAddr>,
+    /// The plain ws listener, when `websocket.plain_listen` is set.
+    pub ws_plain_addr: Option<SocketAddr>,
     pub shutdown: CancellationToken,
     pub registry: presenced::registry::Registry,
     pub task: Option<JoinHandle<()>>,
@@ -76,6 +80,8 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
     let metrics_addr = server.metrics_addr();
     let plain_addr = server.plain_addr();
     let admin_addr = server.admin_addr();
+    let ws_addr = server.ws_addr();
+    let ws_plain_addr = server.ws_plain_addr();
     let registry = server.registry();
     let shutdown = CancellationToken::new();
     let token = shutdown.clone();
@@ -87,6 +93,8 @@ pub async fn start_in(data_dir: tempfile::TempDir, tweak: impl FnOnce(&mut Confi
         metrics_addr,
         plain_addr,
         admin_addr,
+        ws_addr,
+        ws_plain_addr,
         shutdown,
         registry,
         task: Some(task),
