@@ -345,6 +345,28 @@ impl Client {
         .await
     }
 
+    /// Sets this connection's delivery contract (background mode).
+    pub async fn set_delivery(
+        &self,
+        request: pb::SetDelivery,
+    ) -> Result<pb::DeliveryResult, ClientError> {
+        self.call(ClientBody::SetDelivery(request), |b| match b {
+            ServerBody::DeliveryResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next batch of held presence events; `Err` with the close frame if the connection
+    /// closes first.
+    pub async fn next_presence_batch(&mut self) -> Result<pb::PresenceBatch, ClientError> {
+        self.next_matching(|b| match b {
+            ServerBody::PresenceBatch(batch) => Some(batch),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for the server's Close frame, skipping events.
     pub async fn closed(&mut self) -> Option<pb::Close> {
         match self.next_matching(|_| None::<()>).await {

@@ -217,6 +217,9 @@ pub enum Command {
         /// The presence to show.
         change: PresenceChange,
     },
+    /// Set this connection's delivery contract (`None`: live); handled by the connection,
+    /// which owns the outbound queue.
+    SetDelivery(Option<crate::delivery::Contract>),
     /// Join a channel with initial member state.
     JoinChannel {
         /// Channel id.
@@ -380,6 +383,7 @@ impl Command {
                 channel: channel_id(g.channel)?,
                 user: optional_user(g.user_id)?,
             },
+            ClientBody::SetDelivery(d) => Command::SetDelivery(parse_delivery(d, limits)?),
             ClientBody::RemoveChannelState(r) => {
                 if r.keys.len() > limits.max_state_pairs as usize {
                     return Err(limit(format!(
@@ -397,6 +401,47 @@ impl Command {
                 }
             }
         })
+    }
+}
+
+/// Longest batch interval of a delivery contract.
+pub const MAX_DELIVERY_INTERVAL_SECS: u32 = 3600;
+
+/// A SetDelivery → the contract (`None`: live).
+fn parse_delivery(
+    d: pb::SetDelivery,
+    limits: &LimitsConfig,
+) -> Result<Option<crate::delivery::Contract>, RequestError> {
+    use crate::delivery::{Contract, Fields};
+    let mode = pb::DeliveryMode::try_from(d.mode).map_err(|_| bad("mode: unknown value"))?;
+    let fields = match pb::FieldSelection::try_from(d.fields) {
+        Ok(pb::FieldSelection::All) => Fields::All,
+        Ok(pb::FieldSelection::Availability) => Fields::Availability,
+        Ok(pb::FieldSelection::AvailabilityAndStatus) => Fields::AvailabilityAndStatus,
+        Err(_) => return Err(bad("fields: unknown value")),
+    };
+    match mode {
+        pb::DeliveryMode::Live => {
+            if d.interval_seconds != 0 || fields != Fields::All || !d.live_user_ids.is_empty() {
+                return Err(bad(
+                    "interval_seconds, fields and live_user_ids apply to BATCHED only",
+                ));
+            }
+            Ok(None)
+        }
+        pb::DeliveryMode::Batched => {
+            if d.interval_seconds == 0 || d.interval_seconds > MAX_DELIVERY_INTERVAL_SECS {
+                return Err(bad(format!(
+                    "interval_seconds must be 1..={MAX_DELIVERY_INTERVAL_SECS} for BATCHED"
+                )));
+            }
+            let live = parse_ids(d.live_user_ids, limits)?;
+            Ok(Some(Contract {
+                interval: std::time::Duration::from_secs(u64::from(d.interval_seconds)),
+                fields,
+                live: live.into_iter().collect(),
+            }))
+        }
     }
 }
 
@@ -895,6 +940,7 @@ fn execute_body(
             server_time_ms: now_ms,
         })),
         Command::Disconnect => Err(bad("disconnect is handled by the connection")),
+        Command::SetDelivery(_) => Err(bad("set_delivery is handled by the connection")),
         Command::SetPresence(change) => {
             session
                 .publish_bucket

@@ -975,6 +975,11 @@ fn handle_frame<F: FrameSource>(
                     "injected panic (session.panic_on_status)"
                 );
             }
+            if let Command::SetDelivery(contract) = command {
+                let reply = set_delivery(contract, outbound, &ctx.registry);
+                push_reply(outbound, request_id, reply);
+                return Step::Continue;
+            }
             if ctx.sub_log.get().is_some() && matches!(command, Command::ListSubscriptions { .. }) {
                 return Step::AfterCatchUp {
                     request_id,
@@ -1018,6 +1023,46 @@ fn handle_frame<F: FrameSource>(
             Step::Continue
         }
     }
+}
+
+/// Puts a delivery contract in force. What an ending batched contract owes goes out first, in
+/// one full-field `PresenceBatch`: the events it held, and the current presence of users whose
+/// trimmed form went out (offline users are left out: their trimmed form is complete). The
+/// reply follows it, so a client that has the reply has a complete view.
+fn set_delivery(
+    contract: Option<crate::delivery::Contract>,
+    outbound: &Outbound,
+    registry: &Registry,
+) -> ServerBody {
+    use crate::delivery::Fields;
+    let result = match &contract {
+        None => pb::DeliveryResult::default(),
+        Some(c) => pb::DeliveryResult {
+            mode: pb::DeliveryMode::Batched as i32,
+            interval_seconds: c.interval.as_secs() as u32,
+            fields: c.fields.to_pb() as i32,
+            live_users: c.live.len() as u32,
+        },
+    };
+    if let Some((mut events, owed)) = outbound.set_delivery(contract) {
+        for snapshot in registry.snapshots(&owed) {
+            if snapshot.availability == crate::model::Availability::Offline {
+                continue;
+            }
+            events.push(pb::PresenceEvent {
+                user_id: snapshot.user_id.clone(),
+                kind: pb::EventKind::Update as i32,
+                presence: Some(wire::presence_to_pb(&snapshot)),
+                reason: 0,
+                version: snapshot.version,
+                device_id: String::new(),
+            });
+        }
+        if !events.is_empty() {
+            outbound.push_reply(crate::delivery::batch_item(events, Fields::All));
+        }
+    }
+    ServerBody::DeliveryResult(result)
 }
 
 /// Per-batch frame counts by kind, so the metric is touched once per kind per batch.

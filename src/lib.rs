@@ -13,6 +13,7 @@
 //! | [`model`] | domain values: availability, presence snapshots, changes, reasons |
 //! | [`registry`] | live presence, sessions and fanout to watchers (no `.await`) |
 //! | [`outbound`] | each connection's bounded outbound queue with coalescing |
+//! | [`delivery`] | a connection's delivery contract (background mode): held, trimmed and batched presence events |
 //! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
 //! | [`address`] | what one address is for per-address limits (IPv4, or an IPv6 /64) |
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
@@ -40,6 +41,7 @@ pub mod codec;
 pub mod command;
 pub mod config;
 pub mod connection;
+pub mod delivery;
 pub mod events;
 pub mod metrics;
 pub mod model;

@@ -84,6 +84,8 @@ struct QueueState {
     replies_pending: usize,
     /// Their bytes.
     reply_bytes_pending: usize,
+    /// A batched delivery contract, while one is in force (background mode).
+    delivery: Option<crate::delivery::Held>,
 }
 
 #[derive(Debug)]
@@ -160,6 +162,19 @@ impl Outbound {
         let mut state = self.state();
         if state.closing {
             return Pushed::Closed;
+        }
+        if let Some(held) = state.delivery.as_mut().filter(|h| h.holds(key, &item)) {
+            return match held.hold(key, item, Instant::now(), self.shared.parked_limit) {
+                Ok(first) => {
+                    drop(state);
+                    if first {
+                        // A batch is now due: the writer sets its timer.
+                        self.shared.ready.notify_one();
+                    }
+                    Pushed::Coalesced
+                }
+                Err(_) => Pushed::Overflow,
+            };
         }
         if let Some(slot) = state.parked.get_mut(key) {
             *slot = item;
@@ -246,6 +261,7 @@ impl Outbound {
         state.closing = true;
         state.close = last;
         state.parked.clear();
+        state.delivery = None;
         drop(state);
         self.shared.closed.cancel();
         self.shared.ready.notify_one();
@@ -272,8 +288,40 @@ impl Outbound {
                 self.shared.space.notify_one();
                 return batch;
             }
-            ready.await;
+            let due = self.state().delivery.as_ref().and_then(|h| h.due());
+            match due {
+                Some(at) => {
+                    tokio::select! {
+                        _ = ready => {}
+                        _ = tokio::time::sleep_until(tokio::time::Instant::from_std(at)) => {}
+                    }
+                }
+                None => ready.await,
+            }
         }
+    }
+
+    /// Sets the delivery contract: `Some` holds and batches watched users' events, `None` is
+    /// live delivery. When a batched contract ends (or is replaced), returns what it owes the
+    /// client in full: the events it held and the users whose trimmed form went out (the
+    /// caller sends their current presence). Held events go out only that way, so the client's
+    /// view is complete once it has them.
+    pub fn set_delivery(
+        &self,
+        contract: Option<crate::delivery::Contract>,
+    ) -> Option<(Vec<crate::pb::PresenceEvent>, Vec<String>)> {
+        let mut state = self.state();
+        if state.closing {
+            return None;
+        }
+        let owed = state.delivery.take().map(crate::delivery::Held::finish);
+        state.delivery = contract.map(crate::delivery::Held::new);
+        owed
+    }
+
+    /// The batched contract in force, if any.
+    pub fn delivery(&self) -> Option<crate::delivery::Contract> {
+        self.state().delivery.as_ref().map(|h| h.contract().clone())
     }
 
     /// `Some(None)` when finished, `Some(Some(batch))` when there is work, `None` when idle.
@@ -284,6 +332,14 @@ impl Outbound {
         }
         let mut batch = Batch::default();
         let mut bytes = 0;
+        if let Some(held) = state.delivery.as_mut() {
+            if held.due().is_some_and(|at| at <= Instant::now()) {
+                if let Some(item) = held.flush() {
+                    bytes += item.bytes.len();
+                    batch.items.push(item);
+                }
+            }
+        }
         while let Some(item) = state.fifo.front() {
             if !batch.items.is_empty() && bytes + item.bytes.len() > max_bytes {
                 break;

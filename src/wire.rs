@@ -156,6 +156,8 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
         Body::WhoNowResult(_) => "who_now_result",
         Body::WhereNowResult(_) => "where_now_result",
         Body::ChannelStateResult(_) => "channel_state_result",
+        Body::PresenceBatch(_) => "presence_batch",
+        Body::DeliveryResult(_) => "delivery_result",
     }
 }
 
@@ -182,6 +184,7 @@ pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
         Some(Body::SetChannelState(_)) => "set_channel_state",
         Some(Body::GetChannelState(_)) => "get_channel_state",
         Some(Body::RemoveChannelState(_)) => "remove_channel_state",
+        Some(Body::SetDelivery(_)) => "set_delivery",
     }
 }
 
