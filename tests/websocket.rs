@@ -557,3 +557,18 @@ async fn an_overflowing_browser_is_a_slow_consumer_like_any_client() {
     }
     assert!(closed, "ivan was closed as a slow consumer");
 }
+
+#[tokio::test]
+async fn a_client_that_offers_only_http_1_1_like_a_browser_is_served_over_wss() {
+    let broker = ws_broker(|_| {}).await;
+    let mut tls = (*presenced::tls::dev_client_config()).clone();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let mut options = presenced::client::ClientOptions::new(broker.ws_addr.unwrap(), token("zoe"))
+        .device("chrome")
+        .websocket(Transport::Wss);
+    options.tls = std::sync::Arc::new(tls);
+    let client = within(Client::connect(options))
+        .await
+        .expect("a browser's ALPN offer is accepted");
+    within(client.ping()).await.unwrap();
+}

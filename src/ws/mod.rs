@@ -36,6 +36,15 @@ const IDLE_BUFFER_BYTES: usize = 1024;
 /// How long a refusal or a final Close frame may take to write.
 const GOODBYE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// The wss listener's TLS configuration: the broker's, with the ALPN ids a WebSocket client
+/// offers. Browsers offer `http/1.1` (and nothing of ours): a server that insists on
+/// `presence/1` would refuse every browser at the handshake.
+pub fn wss_config(tls: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    let mut config = (**tls).clone();
+    config.alpn_protocols = vec![b"http/1.1".to_vec(), crate::tls::ALPN.to_vec()];
+    Arc::new(config)
+}
+
 /// Serves one WebSocket connection over an established stream (TLS for wss, TCP for ws): the
 /// upgrade under the handshake deadline, then the session. `permit` is held until the socket
 /// closes.
@@ -120,6 +129,65 @@ where
     }
 }
 
+/// One binary message → one `ClientFrame`. Protobuf would merge two frames sent in one
+/// message into one (the first request lost without a word), and a TCP client's habit of a
+/// length prefix fails with an obscure reason; both get a reason that says what is wrong.
+pub fn decode_message(bytes: Bytes) -> Result<pb::ClientFrame, String> {
+    if let Some(fields) = top_level_fields(&bytes) {
+        let ids = fields.iter().filter(|&&f| f == 1).count();
+        let bodies = fields.iter().filter(|&&f| f >= 2).count();
+        if ids > 1 || bodies > 1 {
+            return Err(format!(
+                "one message holds more than one frame ({} request ids, {} requests): send each \
+                 frame as its own binary message",
+                ids, bodies
+            ));
+        }
+    }
+    pb::ClientFrame::decode(bytes.clone()).map_err(|e| {
+        let mut rest = &bytes[..];
+        let prefixed = prost::encoding::decode_varint(&mut rest)
+            .is_ok_and(|len| len > 0 && len as usize == rest.len());
+        if prefixed {
+            format!(
+                "malformed frame: {e} (it starts with its own length: a WebSocket message is one \
+                 frame WITHOUT the varint length prefix)"
+            )
+        } else {
+            format!("malformed frame: {e}")
+        }
+    })
+}
+
+/// The field numbers at the top level of a protobuf message, in order; `None` when it does not
+/// parse (prost then says why).
+fn top_level_fields(mut bytes: &[u8]) -> Option<Vec<u64>> {
+    let mut fields = Vec::new();
+    while !bytes.is_empty() {
+        let key = prost::encoding::decode_varint(&mut bytes).ok()?;
+        let skip = match key & 7 {
+            0 => {
+                prost::encoding::decode_varint(&mut bytes).ok()?;
+                0
+            }
+            1 => 8,
+            2 => usize::try_from(prost::encoding::decode_varint(&mut bytes).ok()?).ok()?,
+            5 => 4,
+            _ => return None,
+        };
+        if skip > bytes.len() {
+            return None;
+        }
+        bytes = &bytes[skip..];
+        fields.push(key >> 3);
+        if fields.len() > 64 {
+            // Far more than any frame has: prost decides.
+            return None;
+        }
+    }
+    Some(fields)
+}
+
 fn lock(engine: &Mutex<Engine>) -> MutexGuard<'_, Engine> {
     // A panic while the engine was locked ends this connection's task; nothing else shares it.
     engine
@@ -138,12 +206,9 @@ impl<R: AsyncRead + AsyncWrite + Send + Unpin> FrameSource for WsSource<R> {
         loop {
             let mut engine = lock(&self.engine);
             let read = match engine.read_message() {
-                Ok(Some(Incoming::Binary(bytes))) => Some(match pb::ClientFrame::decode(bytes) {
+                Ok(Some(Incoming::Binary(bytes))) => Some(match decode_message(bytes) {
                     Ok(frame) => Read::Frame(frame),
-                    Err(e) => Read::End(End::Close(
-                        CloseKind::ProtocolViolation,
-                        format!("malformed frame: {e}"),
-                    )),
+                    Err(reason) => Read::End(End::Close(CloseKind::ProtocolViolation, reason)),
                 }),
                 Ok(Some(Incoming::Text)) => Some(Read::End(End::Close(
                     CloseKind::ProtocolViolation,
@@ -269,5 +334,41 @@ impl<W: AsyncRead + AsyncWrite + Send + Unpin> FrameSink for WsSink<W> {
             self.writer.shutdown().await
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(request_id: u64) -> Vec<u8> {
+        pb::ClientFrame {
+            request_id,
+            body: Some(pb::client_frame::Body::Ping(pb::Ping::default())),
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn one_frame_per_message_and_helpful_reasons() {
+        assert_eq!(decode_message(frame(3).into()).unwrap().request_id, 3);
+        let mut two = frame(3);
+        two.extend(frame(4));
+        let reason = decode_message(two.into()).unwrap_err();
+        assert!(reason.contains("more than one frame"), "{reason}");
+        let prefixed = pb::ClientFrame {
+            request_id: 1,
+            body: Some(pb::client_frame::Body::Connect(pb::Connect {
+                token: "x".repeat(40),
+                ..Default::default()
+            })),
+        }
+        .encode_length_delimited_to_vec();
+        let reason = decode_message(prefixed.into()).unwrap_err();
+        assert!(
+            reason.contains("WITHOUT the varint length prefix"),
+            "{reason}"
+        );
+        assert!(top_level_fields(&[0x0b]).is_none(), "groups are not frames");
     }
 }
