@@ -185,6 +185,8 @@ pub struct Client {
     writer: tokio::sync::Mutex<Writer>,
     pending: Pending,
     events: mpsc::Receiver<pb::ServerFrame>,
+    /// Pushed frames taken out of `events` and put back (see `resume`), read first.
+    stash: std::collections::VecDeque<pb::ServerFrame>,
     next_id: AtomicU64,
     /// The task reading the socket; aborted on drop so the socket closes with the client.
     router: tokio::task::JoinHandle<()>,
@@ -251,6 +253,7 @@ impl Client {
             writer: tokio::sync::Mutex::new(writer),
             pending,
             events,
+            stash: Default::default(),
             next_id: AtomicU64::new(2),
             conn_ack,
         })
@@ -306,12 +309,23 @@ impl Client {
     /// The next pushed frame (an event, a reply nobody waited for, or the Close frame), or
     /// `None` once the connection has closed and everything was consumed.
     pub async fn next_event(&mut self) -> Option<pb::ServerFrame> {
+        if let Some(frame) = self.stash.pop_front() {
+            return Some(frame);
+        }
         self.events.recv().await
     }
 
     /// A pushed frame that has already arrived, without waiting.
     pub fn try_next_event(&mut self) -> Option<pb::ServerFrame> {
-        self.events.try_recv().ok()
+        self.stash
+            .pop_front()
+            .or_else(|| self.events.try_recv().ok())
+    }
+
+    fn requeue(&mut self, frames: Vec<pb::ServerFrame>) {
+        for frame in frames.into_iter().rev() {
+            self.stash.push_front(frame);
+        }
     }
 
     /// Skips pushed frames until `pick` accepts one; `Err` with the close frame (or `None`)
@@ -321,7 +335,7 @@ impl Client {
         pick: fn(ServerBody) -> Option<T>,
     ) -> Result<T, ClientError> {
         loop {
-            let Some(frame) = self.events.recv().await else {
+            let Some(frame) = self.next_event().await else {
                 return Err(ClientError::Closed(None));
             };
             match frame.body {
@@ -343,6 +357,47 @@ impl Client {
             _ => None,
         })
         .await
+    }
+
+    /// Resumes from the versions held per user: returns the changed users' presence (from the
+    /// batches sent before the reply) and the reply. Events pushed meanwhile stay queued.
+    pub async fn resume(
+        &mut self,
+        known: &[(String, u64)],
+    ) -> Result<(Vec<pb::PresenceEvent>, pb::ResumeResult), ClientError> {
+        let body = ClientBody::Resume(pb::Resume {
+            known: known
+                .iter()
+                .map(|(user_id, version)| pb::KnownVersion {
+                    user_id: user_id.clone(),
+                    version: *version,
+                })
+                .collect(),
+        });
+        let result = self
+            .call(body, |b| match b {
+                ServerBody::ResumeResult(r) => Some(r),
+                _ => None,
+            })
+            .await?;
+        // The batches came before the reply, so they are all in the event queue now; other
+        // pushed frames keep their place.
+        let mut changed = Vec::new();
+        let mut others = Vec::new();
+        let mut queued: Vec<pb::ServerFrame> = self.stash.drain(..).collect();
+        while let Ok(frame) = self.events.try_recv() {
+            queued.push(frame);
+        }
+        for frame in queued {
+            match frame.body {
+                Some(ServerBody::PresenceBatch(b)) if changed.len() < result.changed as usize => {
+                    changed.extend(b.events)
+                }
+                _ => others.push(frame),
+            }
+        }
+        self.requeue(others);
+        Ok((changed, result))
     }
 
     /// Sets this connection's delivery contract (background mode).

@@ -217,6 +217,11 @@ pub enum Command {
         /// The presence to show.
         change: PresenceChange,
     },
+    /// Send what changed since the versions the client holds; handled by the connection.
+    Resume {
+        /// Version held per user.
+        known: std::collections::HashMap<String, u64>,
+    },
     /// Set this connection's delivery contract (`None`: live); handled by the connection,
     /// which owns the outbound queue.
     SetDelivery(Option<crate::delivery::Contract>),
@@ -384,6 +389,21 @@ impl Command {
                 user: optional_user(g.user_id)?,
             },
             ClientBody::SetDelivery(d) => Command::SetDelivery(parse_delivery(d, limits)?),
+            ClientBody::Resume(r) => {
+                if r.known.len() > limits.max_subscriptions as usize {
+                    return Err(limit(format!(
+                        "known: {} entries; at most {} (limits.max_subscriptions)",
+                        r.known.len(),
+                        limits.max_subscriptions
+                    )));
+                }
+                let mut known = std::collections::HashMap::with_capacity(r.known.len());
+                for k in r.known {
+                    check_user_id(&k.user_id).map_err(invalid_id)?;
+                    known.insert(k.user_id, k.version);
+                }
+                Command::Resume { known }
+            }
             ClientBody::RemoveChannelState(r) => {
                 if r.keys.len() > limits.max_state_pairs as usize {
                     return Err(limit(format!(
@@ -437,7 +457,7 @@ fn parse_delivery(
             }
             let live = parse_ids(d.live_user_ids, limits)?;
             Ok(Some(Contract {
-                interval: std::time::Duration::from_secs(u64::from(d.interval_seconds)),
+                interval: Duration::from_secs(u64::from(d.interval_seconds)),
                 fields,
                 live: live.into_iter().collect(),
             }))
@@ -941,6 +961,7 @@ fn execute_body(
         })),
         Command::Disconnect => Err(bad("disconnect is handled by the connection")),
         Command::SetDelivery(_) => Err(bad("set_delivery is handled by the connection")),
+        Command::Resume { .. } => Err(bad("resume is handled by the connection")),
         Command::SetPresence(change) => {
             session
                 .publish_bucket

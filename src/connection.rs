@@ -717,6 +717,12 @@ async fn read_loop<F: FrameSource>(
                     None => Ok(()),
                 };
                 match (caught_up, session.as_mut()) {
+                    (Ok(()), Some(current)) if matches!(*command, Command::Resume { .. }) => {
+                        match resume(*command, current, outbound, &ctx.registry, &config.limits) {
+                            Ok(reply) => push_reply(outbound, request_id, reply),
+                            Err(e) => push_error(outbound, request_id, operation, &e),
+                        }
+                    }
                     (Ok(()), Some(current)) => match command::execute(
                         *command,
                         current,
@@ -975,6 +981,21 @@ fn handle_frame<F: FrameSource>(
                     "injected panic (session.panic_on_status)"
                 );
             }
+            if matches!(command, Command::Resume { .. }) {
+                // Cluster mode: the subscriptions made elsewhere are applied here first.
+                if ctx.sub_log.get().is_some() {
+                    return Step::AfterCatchUp {
+                        request_id,
+                        operation,
+                        command: Box::new(command),
+                    };
+                }
+                match resume(command, current, outbound, &ctx.registry, limits) {
+                    Ok(reply) => push_reply(outbound, request_id, reply),
+                    Err(e) => push_error(outbound, request_id, operation, &e),
+                }
+                return Step::Continue;
+            }
             if let Command::SetDelivery(contract) = command {
                 let reply = set_delivery(contract, outbound, &ctx.registry);
                 push_reply(outbound, request_id, reply);
@@ -1023,6 +1044,95 @@ fn handle_frame<F: FrameSource>(
             Step::Continue
         }
     }
+}
+
+/// Answers a Resume: every user the session's user watches whose version differs from the one
+/// the client holds goes out in full, in `PresenceBatch` frames of at most a page each, queued
+/// before the returned `ResumeResult`, which tells the client its view is complete.
+fn resume(
+    command: Command,
+    session: &Session,
+    outbound: &Outbound,
+    registry: &Registry,
+    limits: &crate::config::LimitsConfig,
+) -> Result<ServerBody, RequestError> {
+    let Command::Resume { known } = command else {
+        return Err(RequestError::new(pb::ErrorCode::BadRequest, "not a resume"));
+    };
+    let now_ms = crate::now_ms();
+    let store = registry.store();
+    let mut watched: Vec<String> = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let page = store
+            .list(&session.user_id, after.as_deref(), 1000, now_ms)
+            .map_err(|e| RequestError::new(pb::ErrorCode::Internal, e.to_string()))?;
+        after = page.entries.last().map(|(t, _)| t.clone());
+        watched.extend(page.entries.into_iter().map(|(t, _)| t));
+        if !page.has_more || after.is_none() {
+            break;
+        }
+    }
+    let mut changed = Vec::new();
+    let (mut unchanged, mut state_lost) = (0u32, 0u32);
+    for snapshot in registry.snapshots(&watched) {
+        match known.get(&snapshot.user_id) {
+            Some(&held) if held == snapshot.version => unchanged += 1,
+            Some(&held) => {
+                if held > snapshot.version {
+                    state_lost += 1;
+                }
+                changed.push(snapshot);
+            }
+            None => changed.push(snapshot),
+        }
+    }
+    let watched: std::collections::HashSet<&str> = watched.iter().map(String::as_str).collect();
+    let mut unwatched: Vec<String> = known
+        .into_keys()
+        .filter(|u| !watched.contains(u.as_str()))
+        .collect();
+    unwatched.sort();
+    for page in changed.chunks(limits.max_page_size.max(1) as usize) {
+        let events = page
+            .iter()
+            .map(|snapshot| {
+                let online = snapshot.availability != crate::model::Availability::Offline;
+                pb::PresenceEvent {
+                    user_id: snapshot.user_id.clone(),
+                    kind: if online {
+                        pb::EventKind::Online
+                    } else {
+                        pb::EventKind::Offline
+                    } as i32,
+                    presence: Some(wire::presence_to_pb(snapshot)),
+                    reason: 0,
+                    version: snapshot.version,
+                    device_id: String::new(),
+                }
+            })
+            .collect();
+        outbound.push_reply(crate::delivery::batch_item(
+            events,
+            crate::delivery::Fields::All,
+        ));
+    }
+    let why = if state_lost > 0 {
+        format!(
+            "{state_lost} users had a lower version here than yours: the broker lost state \
+             (restarted without its data, or crashed before the change was stored); their \
+             presence was sent in full"
+        )
+    } else {
+        String::new()
+    };
+    Ok(ServerBody::ResumeResult(pb::ResumeResult {
+        changed: changed.len() as u32,
+        unchanged,
+        unwatched_user_ids: unwatched,
+        state_lost,
+        why,
+    }))
 }
 
 /// Puts a delivery contract in force. What an ending batched contract owes goes out first, in

@@ -158,6 +158,7 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
         Body::ChannelStateResult(_) => "channel_state_result",
         Body::PresenceBatch(_) => "presence_batch",
         Body::DeliveryResult(_) => "delivery_result",
+        Body::ResumeResult(_) => "resume_result",
     }
 }
 
@@ -185,6 +186,7 @@ pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
         Some(Body::GetChannelState(_)) => "get_channel_state",
         Some(Body::RemoveChannelState(_)) => "remove_channel_state",
         Some(Body::SetDelivery(_)) => "set_delivery",
+        Some(Body::Resume(_)) => "resume",
     }
 }
 

@@ -847,8 +847,15 @@ impl Registry {
         let mut snapshot = entry.snapshot();
         let last_device = entry.devices.is_empty();
         if last_device {
-            snapshot.last_seen_ms = last_seen_ms;
-            if let Err(e) = self.shared.store.record_last_seen(user_id, last_seen_ms) {
+            // Exactly what GetPresence shows from now on (an offline user keeps no status or
+            // state), so a client's view built from events equals a fresh query.
+            snapshot = PresenceSnapshot::offline(user_id, last_seen_ms);
+            snapshot.version = version;
+            if let Err(e) = self
+                .shared
+                .store
+                .record_last_seen(user_id, last_seen_ms, version)
+            {
                 tracing::warn!(user = user_id, "cannot record last-seen: {e}");
             }
             state.users.remove(user_id);
@@ -937,10 +944,12 @@ impl Registry {
     fn snapshot_locked(&self, state: &State, user_id: &str) -> PresenceSnapshot {
         match state.users.get(user_id) {
             Some(entry) => entry.snapshot(),
-            None => PresenceSnapshot::offline(
-                user_id,
-                self.shared.store.last_seen(user_id).unwrap_or(0),
-            ),
+            None => {
+                let seen = self.shared.store.last_seen(user_id).unwrap_or_default();
+                let mut snapshot = PresenceSnapshot::offline(user_id, seen.at_ms);
+                snapshot.version = seen.version;
+                snapshot
+            }
         }
     }
 

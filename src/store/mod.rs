@@ -203,6 +203,17 @@ pub struct SubscriptionPage {
     pub total: usize,
 }
 
+/// When a user was last online, and the version of the change that took them offline: an
+/// offline user's presence carries that version, so a resuming client can tell whether it
+/// already knows it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastSeen {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The user's version when they went offline (0: not recorded).
+    pub version: u64,
+}
+
 /// Persistent subscription records. Implementations are internally synchronised and cheap to
 /// share behind an `Arc`.
 pub trait SubscriptionStore: Send + Sync + fmt::Debug {
@@ -245,11 +256,13 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     /// Removes every subscription that expired at or before `now_ms`; returns how many.
     fn sweep_expired(&self, now_ms: u64) -> Result<usize, StoreError>;
 
-    /// Remembers when `user` was last online.
-    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError>;
+    /// Remembers when `user` was last online and the version of the change that took them
+    /// offline (neither ever moves backwards).
+    fn record_last_seen(&self, user: &str, at_ms: u64, version: u64) -> Result<(), StoreError>;
 
-    /// When `user` was last online, if ever recorded.
-    fn last_seen(&self, user: &str) -> Option<u64>;
+    /// When `user` was last online and the version they went offline at, if ever recorded
+    /// (the version is 0 when recorded before versions were kept).
+    fn last_seen(&self, user: &str) -> Option<LastSeen>;
 
     /// Refuses `user`'s tokens issued before `before_ms` until `until_ms` (the longest token
     /// lifetime from now); durable once `flush` returns. Returns the cut-off now in force.
@@ -306,7 +319,7 @@ pub struct Edges {
     /// target → subscriber → expires_at_ms, for fanout.
     reverse: HashMap<String, HashMap<String, u64>>,
     /// user → last seen, ms.
-    last_seen: HashMap<String, u64>,
+    last_seen: HashMap<String, LastSeen>,
     /// user → (tokens issued before this are refused, ms; kept until, ms).
     revoked: HashMap<String, (u64, u64)>,
     /// Edges held.
@@ -477,14 +490,17 @@ impl Edges {
         self.edges == 0
     }
 
-    /// Sets a last-seen time (never moving it backwards).
-    pub fn set_last_seen(&mut self, user: &str, at_ms: u64) {
-        let slot = self.last_seen.entry(user.to_string()).or_insert(0);
-        *slot = (*slot).max(at_ms);
+    /// Sets a last-seen time and offline version (neither moving backwards); returns what is
+    /// now held.
+    pub fn set_last_seen(&mut self, user: &str, at_ms: u64, version: u64) -> LastSeen {
+        let slot = self.last_seen.entry(user.to_string()).or_default();
+        slot.at_ms = slot.at_ms.max(at_ms);
+        slot.version = slot.version.max(version);
+        *slot
     }
 
-    /// A last-seen time.
-    pub fn last_seen(&self, user: &str) -> Option<u64> {
+    /// A last-seen time and offline version.
+    pub fn last_seen(&self, user: &str) -> Option<LastSeen> {
         self.last_seen.get(user).copied()
     }
 
@@ -605,12 +621,12 @@ impl SubscriptionStore for MemoryStore {
         Ok(expired.len())
     }
 
-    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
-        self.edges().set_last_seen(user, at_ms);
+    fn record_last_seen(&self, user: &str, at_ms: u64, version: u64) -> Result<(), StoreError> {
+        self.edges().set_last_seen(user, at_ms, version);
         Ok(())
     }
 
-    fn last_seen(&self, user: &str) -> Option<u64> {
+    fn last_seen(&self, user: &str) -> Option<LastSeen> {
         self.edges().last_seen(user)
     }
 
@@ -714,9 +730,15 @@ mod tests {
     #[test]
     fn last_seen_never_moves_back() {
         let s = MemoryStore::new();
-        s.record_last_seen("a", 10).unwrap();
-        s.record_last_seen("a", 5).unwrap();
-        assert_eq!(s.last_seen("a"), Some(10));
+        s.record_last_seen("a", 10, 7).unwrap();
+        s.record_last_seen("a", 5, 3).unwrap();
+        assert_eq!(
+            s.last_seen("a"),
+            Some(LastSeen {
+                at_ms: 10,
+                version: 7
+            })
+        );
         assert_eq!(s.last_seen("b"), None);
     }
 }

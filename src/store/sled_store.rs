@@ -11,8 +11,8 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::{
-    publish_gauge, Edges, LoggedOp, LoggedOutcome, StoreError, SubscribeOutcome, SubscriptionPage,
-    SubscriptionStore,
+    publish_gauge, Edges, LastSeen, LoggedOp, LoggedOutcome, StoreError, SubscribeOutcome,
+    SubscriptionPage, SubscriptionStore,
 };
 
 /// The on-disk format this build writes and reads.
@@ -287,9 +287,16 @@ fn load(
         let (key, value) = item.map_err(|e| classify(path, e))?;
         let user =
             std::str::from_utf8(&key).map_err(|_| corrupt("last-seen key is not UTF-8".into()))?;
-        let at =
-            u64_value(&value).ok_or_else(|| corrupt("last-seen value is not 8 bytes".into()))?;
-        image.set_last_seen(user, at);
+        // 8 bytes (time only, before versions were kept) or 16 (time, then version).
+        let (at, version) = match value.len() {
+            8 => (u64_value(&value), Some(0)),
+            16 => (u64_value(&value[..8]), u64_value(&value[8..])),
+            _ => (None, None),
+        };
+        let (Some(at), Some(version)) = (at, version) else {
+            return Err(corrupt("last-seen value is not 8 or 16 bytes".into()));
+        };
+        image.set_last_seen(user, at, version);
     }
     Ok(image)
 }
@@ -385,19 +392,25 @@ impl SubscriptionStore for SledStore {
         Ok(expired.len())
     }
 
-    fn record_last_seen(&self, user: &str, at_ms: u64) -> Result<(), StoreError> {
+    fn record_last_seen(&self, user: &str, at_ms: u64, version: u64) -> Result<(), StoreError> {
         let mut image = self.image();
-        if image.last_seen(user).is_some_and(|known| known >= at_ms) {
+        if image
+            .last_seen(user)
+            .is_some_and(|known| known.at_ms >= at_ms && known.version >= version)
+        {
             return Ok(());
         }
+        let held = image.set_last_seen(user, at_ms, version);
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&held.at_ms.to_be_bytes());
+        value[8..].copy_from_slice(&held.version.to_be_bytes());
         self.last_seen_tree
-            .insert(user.as_bytes(), &at_ms.to_be_bytes())
+            .insert(user.as_bytes(), &value)
             .map_err(|e| self.backend(e))?;
-        image.set_last_seen(user, at_ms);
         Ok(())
     }
 
-    fn last_seen(&self, user: &str) -> Option<u64> {
+    fn last_seen(&self, user: &str) -> Option<LastSeen> {
         self.image().last_seen(user)
     }
 
@@ -555,7 +568,7 @@ mod tests {
             store.subscribe("a", &ids(&["x", "y"]), 100, 0, 10).unwrap();
             store.subscribe("b", &ids(&["x"]), 200, 0, 10).unwrap();
             store.unsubscribe("a", &ids(&["y"]), 0).unwrap();
-            store.record_last_seen("x", 42).unwrap();
+            store.record_last_seen("x", 42, 9).unwrap();
             store.flush().unwrap();
         }
         let store = SledStore::open(dir.path()).unwrap();
@@ -565,7 +578,13 @@ mod tests {
         assert_eq!(watchers, ["a", "b"]);
         let page = store.list("b", None, 10, 0).unwrap();
         assert_eq!(page.entries, vec![("x".to_string(), 200)]);
-        assert_eq!(store.last_seen("x"), Some(42));
+        assert_eq!(
+            store.last_seen("x"),
+            Some(LastSeen {
+                at_ms: 42,
+                version: 9
+            })
+        );
         assert_eq!(store.total(), 2);
     }
 

@@ -1,0 +1,330 @@
+//! Resume (SPEC §12) against an oracle: random churn (devices coming and going, presence
+//! updates, subscriptions added and removed from the watcher's other device) while a watcher
+//! disconnects and resumes many times, across broker restarts. After each resume, and after
+//! each connected phase, the view the watcher rebuilt from what it received equals a fresh
+//! GetPresence of every user it watches; events arrive in version order per user.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use common::*;
+use presenced::client::Client;
+use presenced::pb::{self, server_frame::Body as S};
+
+const USERS: usize = 10;
+const ROUNDS: usize = 24;
+
+/// A small deterministic generator (the seed is printed, so a failure can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        self.0 >> 33
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn user(i: usize) -> String {
+    format!("u{i}")
+}
+
+/// What the watcher shows for a user: every field a client renders.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Shown {
+    availability: i32,
+    status: String,
+    state: BTreeMap<String, String>,
+    devices: Vec<String>,
+    last_seen_ms: u64,
+    version: u64,
+}
+
+fn shown(p: &pb::Presence) -> Shown {
+    let mut devices: Vec<String> = p.devices.iter().map(|d| d.device_id.clone()).collect();
+    devices.sort();
+    Shown {
+        availability: p.availability,
+        status: p.status.clone(),
+        state: p.state.clone().into_iter().collect(),
+        devices,
+        last_seen_ms: p.last_seen_ms,
+        version: p.version,
+    }
+}
+
+/// The watcher's view, rebuilt from snapshots, events and resume batches.
+#[derive(Default)]
+struct View {
+    users: HashMap<String, Shown>,
+}
+
+impl View {
+    /// Applies an event; panics if it is older than what is held (out of version order).
+    fn apply_event(&mut self, e: &pb::PresenceEvent, strict: bool) {
+        if e.kind == pb::EventKind::Directed as i32 {
+            return;
+        }
+        let Some(p) = &e.presence else { return };
+        let next = shown(p);
+        if let Some(held) = self.users.get(&e.user_id) {
+            if strict {
+                assert!(
+                    next.version > held.version,
+                    "{}: event version {} after {} (out of order)",
+                    e.user_id,
+                    next.version,
+                    held.version
+                );
+            } else if next.version < held.version {
+                return;
+            }
+        }
+        self.users.insert(e.user_id.clone(), next);
+    }
+
+    fn known(&self) -> Vec<(String, u64)> {
+        self.users
+            .iter()
+            .map(|(u, s)| (u.clone(), s.version))
+            .collect()
+    }
+}
+
+async fn watched(client: &Client) -> Vec<String> {
+    let mut out: Vec<String> = within(client.all_subscriptions())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.user_id)
+        .collect();
+    out.sort();
+    out
+}
+
+/// Asserts the view equals the broker's answer for every watched user; while `connected`,
+/// first takes the events still on their way (bounded: up to 10 s).
+async fn check(view: &mut View, watcher: &mut Client, connected: bool, context: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let users = watched(watcher).await;
+        let refs: Vec<&str> = users.iter().map(String::as_str).collect();
+        let truth: HashMap<String, Shown> = if refs.is_empty() {
+            HashMap::new()
+        } else {
+            within(watcher.get_presence(&refs))
+                .await
+                .unwrap()
+                .iter()
+                .map(|p| (p.user_id.clone(), shown(p)))
+                .collect()
+        };
+        // While connected, a user the watcher's other device subscribed to is not pushed to
+        // this one until it changes (a Resume fetches it): compare the users the view holds.
+        let truth: HashMap<String, Shown> = if connected {
+            truth
+                .into_iter()
+                .filter(|(u, _)| view.users.contains_key(u))
+                .collect()
+        } else {
+            truth
+        };
+        let mine: HashMap<String, Shown> = view
+            .users
+            .iter()
+            .filter(|(u, _)| truth.contains_key(*u))
+            .map(|(u, s)| (u.clone(), s.clone()))
+            .collect();
+        if mine == truth {
+            return;
+        }
+        if !connected || tokio::time::Instant::now() > deadline {
+            let diff: Vec<_> = truth
+                .iter()
+                .filter(|(u, s)| mine.get(*u) != Some(s))
+                .map(|(u, s)| format!("{u}: broker {s:?} / view {:?}", mine.get(u)))
+                .collect();
+            panic!(
+                "{context}: the view differs from GetPresence:\n{}",
+                diff.join("\n")
+            );
+        }
+        // Events still on their way: take them, in order.
+        match tokio::time::timeout_at(deadline, watcher.next_event()).await {
+            Ok(Some(frame)) => apply_frame(view, &frame),
+            Ok(None) => panic!("{context}: the watcher's connection closed"),
+            Err(_) => {}
+        }
+    }
+}
+
+fn apply_frame(view: &mut View, frame: &pb::ServerFrame) {
+    match &frame.body {
+        Some(S::PresenceEvent(e)) => view.apply_event(e, true),
+        Some(S::PresenceBatch(b)) => b.events.iter().for_each(|e| view.apply_event(e, false)),
+        _ => {}
+    }
+}
+
+/// One random step of churn by the watched users (devices `a`/`b`) or the watcher's tablet.
+async fn churn(
+    rng: &mut Rng,
+    broker: &Broker,
+    devices: &mut HashMap<(usize, char), Client>,
+    tablet: &Client,
+) {
+    let u = rng.below(USERS);
+    let d = if rng.below(2) == 0 { 'a' } else { 'b' };
+    match rng.below(10) {
+        0..=2 => {
+            if let Some(c) = devices.remove(&(u, d)) {
+                let _ = within(c.disconnect()).await;
+            } else {
+                let c = connect_device(broker, &user(u), &d.to_string()).await;
+                devices.insert((u, d), c);
+            }
+        }
+        3..=7 => {
+            if let Some(c) = devices.get(&(u, d)) {
+                let availability = [
+                    pb::Availability::Online,
+                    pb::Availability::Away,
+                    pb::Availability::Dnd,
+                    pb::Availability::Xa,
+                ][rng.below(4)];
+                within(c.set_presence(pb::SetPresence {
+                    availability: availability as i32,
+                    status: Some(format!("s{}", rng.below(1000))),
+                    state: [("k".to_string(), format!("{}", rng.below(50)))].into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            }
+        }
+        8 => {
+            within(tablet.subscribe(&[&user(u)])).await.unwrap();
+        }
+        _ => {
+            within(tablet.unsubscribe(&[&user(u)])).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_view_always_equals_get_presence_across_reconnects_and_restarts() {
+    let seed = presenced::now_ms();
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+    let tweak = |c: &mut presenced::Config| {
+        c.session.grace_period_ms = 0;
+        c.limits.publish_rate_per_sec = 100_000;
+        c.limits.publish_burst = 100_000;
+        c.limits.request_rate_per_sec = 100_000;
+        c.limits.request_burst = 100_000;
+    };
+    let mut broker = start(tweak).await;
+    let mut devices: HashMap<(usize, char), Client> = HashMap::new();
+    let mut tablet = connect_device(&broker, "watcher", "tablet").await;
+    let half: Vec<String> = (0..USERS / 2).map(user).collect();
+    let refs: Vec<&str> = half.iter().map(String::as_str).collect();
+    within(tablet.subscribe(&refs)).await.unwrap();
+
+    let mut view = View::default();
+    let mut totals = (0u32, 0u32);
+    for round in 0..ROUNDS {
+        // Connected phase: churn while the watcher receives events.
+        let mut watcher = connect_device(&broker, "watcher", "phone").await;
+        let (changed, result) = within(watcher.resume(&view.known())).await.unwrap();
+        for e in &changed {
+            view.apply_event(e, false);
+        }
+        for u in &result.unwatched_user_ids {
+            view.users.remove(u);
+        }
+        totals.0 += result.changed;
+        totals.1 += result.unchanged;
+        check(
+            &mut view,
+            &mut watcher,
+            false,
+            &format!("round {round}: after resume"),
+        )
+        .await;
+        for _ in 0..15 {
+            churn(&mut rng, &broker, &mut devices, &tablet).await;
+            while let Some(frame) = watcher.try_next_event() {
+                apply_frame(&mut view, &frame);
+            }
+        }
+        check(
+            &mut view,
+            &mut watcher,
+            true,
+            &format!("round {round}: connected"),
+        )
+        .await;
+        drop(watcher);
+
+        // Disconnected phase: churn the watcher misses, sometimes across a restart.
+        for _ in 0..15 {
+            churn(&mut rng, &broker, &mut devices, &tablet).await;
+        }
+        if round % 6 == 5 {
+            devices.clear();
+            drop(tablet);
+            let data = broker.stop_keeping_data().await;
+            broker = start_in(data, tweak).await;
+            tablet = connect_device(&broker, "watcher", "tablet").await;
+        }
+    }
+    eprintln!(
+        "resumes: {} users sent, {} unchanged (not sent)",
+        totals.0, totals.1
+    );
+    assert!(totals.1 > 0, "some users were not sent again");
+}
+
+#[tokio::test]
+async fn a_resume_sends_only_what_changed_and_names_what_is_no_longer_watched() {
+    let broker = start(|_| {}).await;
+    let mut watcher = connect(&broker, "w").await;
+    within(watcher.subscribe(&["a", "b", "c"])).await.unwrap();
+    let a = connect(&broker, "a").await;
+    let (all, result) = within(watcher.resume(&[])).await.unwrap();
+    assert_eq!((result.changed, result.unchanged), (3, 0));
+    let mut versions: HashMap<String, u64> =
+        all.iter().map(|e| (e.user_id.clone(), e.version)).collect();
+    versions.insert("gone".into(), 5);
+    drop(watcher);
+    within(a.set_presence(pb::SetPresence {
+        status: Some("new".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let mut watcher = connect(&broker, "w").await;
+    let known: Vec<(String, u64)> = versions.into_iter().collect();
+    let (changed, result) = within(watcher.resume(&known)).await.unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].user_id, "a");
+    assert_eq!(changed[0].presence.as_ref().unwrap().status, "new");
+    assert_eq!((result.changed, result.unchanged), (1, 2));
+    assert_eq!(result.unwatched_user_ids, ["gone"]);
+    assert_eq!(result.state_lost, 0);
+    // A version the broker never reached: state lost, sent in full, said so.
+    let (changed, result) = within(watcher.resume(&[("b".into(), u64::MAX)]))
+        .await
+        .unwrap();
+    assert_eq!(result.state_lost, 1);
+    assert!(result.why.contains("lost state"), "{}", result.why);
+    assert_eq!(changed.len(), 3, "b in full, a and c not listed: in full");
+}
