@@ -693,3 +693,57 @@ async fn a_browser_on_one_node_and_a_phone_on_another_see_each_other_and_take_ov
         "{events:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_watcher_resumes_and_batches_on_another_node() {
+    let nats = NatsCluster::start(3).await;
+    let nodes = nodes(&nats, 3).await;
+    let a = nodes[1].connect("ra", "phone").await;
+    let b = nodes[1].connect("rb", "phone").await;
+    let mut watcher = nodes[0].connect("rw", "phone").await;
+    within(watcher.subscribe(&["ra", "rb", "rc"]))
+        .await
+        .unwrap();
+    let (all, first) = within(watcher.resume(&[])).await.unwrap();
+    assert_eq!(first.changed, 3, "{all:?}");
+    let known: Vec<(String, u64)> = all.iter().map(|e| (e.user_id.clone(), e.version)).collect();
+    drop(watcher);
+
+    within(a.set_presence(set_status("moved on")))
+        .await
+        .unwrap();
+    // node3 has the change once its replica does: wait for it there (bounded).
+    let asker = nodes[2].connect("asker", "q").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while within(asker.get_presence(&["ra"])).await.unwrap()[0].status != "moved on" {
+        assert!(Instant::now() < deadline, "node3 never saw the change");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut watcher = nodes[2].connect("rw", "phone").await;
+    let (changed, result) = within(watcher.resume(&known)).await.unwrap();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0].user_id, "ra");
+    assert_eq!((result.changed, result.unchanged), (1, 2));
+
+    // Background mode on node3 for changes made on node2.
+    within(watcher.set_delivery(pb::SetDelivery {
+        mode: pb::DeliveryMode::Batched as i32,
+        interval_seconds: 1,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    for i in 0..3 {
+        within(b.set_presence(set_status(&format!("b{i}"))))
+            .await
+            .unwrap();
+    }
+    let batch = within(watcher.next_presence_batch()).await.unwrap();
+    let last = batch
+        .events
+        .iter()
+        .rfind(|e| e.user_id == "rb")
+        .expect("rb in the batch");
+    assert_eq!(last.presence.as_ref().unwrap().status, "b2");
+    assert_eq!(batch.events.iter().filter(|e| e.user_id == "rb").count(), 1);
+}
