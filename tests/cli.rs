@@ -240,3 +240,82 @@ async fn a_watch_outlives_many_keepalives_because_it_pings() {
         }
     }
 }
+
+async fn next_json(lines: &mut Lines) -> Value {
+    let line = within(lines.next_line())
+        .await
+        .unwrap()
+        .expect("presencectl is still running");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"))
+}
+
+#[tokio::test]
+async fn watch_resume_prints_what_changed_since_the_file_and_background_prints_batches() {
+    let broker = start(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bob.resume");
+    let file_arg = file.to_str().unwrap();
+    let alice = connect(&broker, "alice").await;
+    let _carol = connect(&broker, "carol").await;
+    let spawn = |extra: &[&str]| {
+        let mut args = vec!["watch", "--user", "bob"];
+        args.extend_from_slice(extra);
+        args.extend(["alice", "carol"]);
+        let mut child = ctl(&broker)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, lines)
+    };
+    // First run: nothing to resume from.
+    let (mut watch, mut lines) = spawn(&["--resume", file_arg]);
+    let first = next_json(&mut lines).await;
+    assert_eq!(first["event"], "full_snapshot", "{first}");
+    assert_eq!(first["users"], 2);
+    for _ in 0..2 {
+        assert_eq!(next_json(&mut lines).await["event"], "snapshot");
+    }
+    // Events move the file's versions on.
+    within(alice.set_presence(presenced::pb::SetPresence {
+        status: Some("seen live".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut lines).await["event"], "update");
+    watch.kill().await.unwrap();
+    let _ = watch.wait().await;
+
+    // While it is not running, alice changes; carol does not.
+    within(alice.set_presence(presenced::pb::SetPresence {
+        status: Some("missed".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let (mut watch, mut lines) = spawn(&["--resume", file_arg, "--background", "1"]);
+    let first = next_json(&mut lines).await;
+    assert_eq!(first["event"], "resumed", "{first}");
+    assert_eq!(
+        (first["changed"].as_u64(), first["unchanged"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let snapshot = next_json(&mut lines).await;
+    assert_eq!(snapshot["user"], "alice");
+    assert_eq!(snapshot["presence"]["status"], "missed");
+    // Background: three changes arrive as one batch with the latest.
+    for status in ["b1", "b2", "b3"] {
+        within(alice.set_presence(presenced::pb::SetPresence {
+            status: Some(status.into()),
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
+    }
+    let batched = next_json(&mut lines).await;
+    assert_eq!(batched["batch"], true, "{batched}");
+    assert_eq!(batched["presence"]["status"], "b3", "{batched}");
+    watch.kill().await.unwrap();
+}

@@ -68,6 +68,15 @@ enum Command {
     Watch {
         #[arg(long)]
         user: String,
+        /// Keep the versions seen in FILE (JSON); on start and after each reconnect, resume
+        /// from them: print `{"event":"resumed",...}` or `{"event":"full_snapshot",...}`, then
+        /// only the users that changed. Reconnects by itself when the connection drops.
+        #[arg(long, value_name = "FILE")]
+        resume: Option<PathBuf>,
+        /// Background mode: at most one batch of changes per SECONDS (1-3600); each batch's
+        /// events are printed when it arrives.
+        #[arg(long, value_name = "SECONDS")]
+        background: Option<u32>,
         /// Users to watch.
         #[arg(required = true)]
         targets: Vec<String>,
@@ -565,6 +574,149 @@ async fn hold_until_ctrl_c(mut client: Client, kind: Events) -> anyhow::Result<(
     Ok(())
 }
 
+/// The versions `watch --resume` keeps: user → version.
+fn load_versions(path: &std::path::Path) -> anyhow::Result<BTreeMap<String, u64>> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+            .ok()
+            .and_then(|v| v.get("versions").cloned())
+            .and_then(|v| serde_json::from_value(v).ok())
+            .with_context(|| format!("{} is not a presencectl resume file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Writes the versions atomically (a temporary file renamed over the old one).
+fn save_versions(path: &std::path::Path, versions: &BTreeMap<String, u64>) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, json!({ "versions": versions }).to_string())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// `watch` with `--resume` and/or `--background`: subscribes, resumes from the file's versions
+/// (or prints full snapshots), optionally sets a batched contract, then prints events and
+/// batches; with `--resume`, reconnects with a backoff when the connection drops and resumes
+/// again. Pings at half the keepalive.
+async fn watch(
+    cli: &Cli,
+    user: &str,
+    targets: &[String],
+    resume: Option<&std::path::Path>,
+    background: Option<u32>,
+) -> anyhow::Result<()> {
+    let mut versions = match resume {
+        Some(path) => load_versions(path)?,
+        None => BTreeMap::new(),
+    };
+    let mut backoff = std::time::Duration::from_millis(250);
+    loop {
+        let mut client = match cli.connect(user).await {
+            Ok(client) => client,
+            Err(e) if resume.is_some() => {
+                eprintln!("{e:#}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        backoff = std::time::Duration::from_millis(250);
+        client.subscribe(&refs(targets)).await?;
+        let known: Vec<(String, u64)> = versions.iter().map(|(u, v)| (u.clone(), *v)).collect();
+        let (changed, result) = client.resume(&known).await?;
+        if known.is_empty() || result.state_lost > 0 {
+            let why = if known.is_empty() {
+                "no resume state yet".to_string()
+            } else {
+                result.why.clone()
+            };
+            print(json!({"event": "full_snapshot", "why": why, "users": changed.len()}));
+        } else {
+            print(json!({
+                "event": "resumed",
+                "changed": result.changed,
+                "unchanged": result.unchanged,
+                "unwatched": result.unwatched_user_ids,
+            }));
+        }
+        for u in &result.unwatched_user_ids {
+            versions.remove(u);
+        }
+        for e in &changed {
+            print(
+                json!({"event": "snapshot", "user": e.user_id, "version": e.version,
+                "presence": e.presence.as_ref().map(presence_json)}),
+            );
+            versions.insert(e.user_id.clone(), e.version);
+        }
+        if let Some(path) = resume {
+            save_versions(path, &versions)?;
+        }
+        if let Some(seconds) = background {
+            client
+                .set_delivery(pb::SetDelivery {
+                    mode: pb::DeliveryMode::Batched as i32,
+                    interval_seconds: seconds,
+                    ..Default::default()
+                })
+                .await?;
+        }
+        let every =
+            std::time::Duration::from_secs(u64::from(client.conn_ack.keepalive_seconds.max(2)) / 2);
+        let mut ping_at = tokio::time::Instant::now() + every;
+        let lost = loop {
+            let frame = tokio::select! {
+                f = tokio::time::timeout_at(ping_at, client.next_event()) => f,
+                _ = tokio::signal::ctrl_c() => {
+                    client.disconnect().await?;
+                    return Ok(());
+                }
+            };
+            let events = match frame {
+                Err(_) => Vec::new(),
+                Ok(None) => break "connection closed".to_string(),
+                Ok(Some(frame)) => match frame.body {
+                    Some(pb::server_frame::Body::PresenceEvent(e)) => vec![(e, false)],
+                    Some(pb::server_frame::Body::PresenceBatch(b)) => {
+                        b.events.into_iter().map(|e| (e, true)).collect()
+                    }
+                    Some(pb::server_frame::Body::Close(c)) => break c.reason,
+                    _ => Vec::new(),
+                },
+            };
+            let changed = !events.is_empty();
+            for (e, batched) in events {
+                let mut line = event_json(&e);
+                if batched {
+                    line["batch"] = json!(true);
+                }
+                print(line);
+                if e.kind != pb::EventKind::Directed as i32 {
+                    versions.insert(e.user_id.clone(), e.version);
+                }
+            }
+            if let (Some(path), true) = (resume, changed) {
+                save_versions(path, &versions)?;
+            }
+            if tokio::time::Instant::now() >= ping_at {
+                if client.ping().await.is_err() {
+                    break "ping failed".to_string();
+                }
+                ping_at = tokio::time::Instant::now() + every;
+            }
+        };
+        if resume.is_none() {
+            bail!("connection lost: {lost}");
+        }
+        eprintln!("connection lost ({lost}); reconnecting and resuming");
+    }
+}
+
 fn event_json(e: &pb::PresenceEvent) -> Value {
     let kind = match pb::EventKind::try_from(e.kind) {
         Ok(pb::EventKind::Online) => "online",
@@ -667,7 +819,15 @@ async fn main() -> anyhow::Result<()> {
             web::serve(*listen, web::Site::open(dir, proto)?).await?;
         }
         Command::Token { user, ttl } => println!("{}", cli.token_for(user, *ttl)),
-        Command::Watch { user, targets } => {
+        Command::Watch {
+            user,
+            resume,
+            background,
+            targets,
+        } if resume.is_some() || background.is_some() => {
+            watch(&cli, user, targets, resume.as_deref(), *background).await?;
+        }
+        Command::Watch { user, targets, .. } => {
             let client = cli.connect(user).await?;
             let result = client.subscribe(&refs(targets)).await?;
             for p in &result.presences {
