@@ -6,8 +6,10 @@
 # brokers, runs the suite, stops both by PID and prints markdown tables (bench/report.py).
 # For presenced fanout runs it also reads the broker's own presence_fanout_latency_seconds
 # histogram to compare with the client-measured latency. Idle memory and the reconnect storm run
-# on freshly started brokers. By hand only: never in CI.
-#   bench/run.sh                                 # the suite (about 25 minutes)
+# on freshly started brokers. Then bench/ws.sh compares presenced's WebSocket listeners (wss, ws)
+# with its TCP ones (tls, plain) on one broker. By hand only: never in CI.
+#   bench/run.sh                                 # the suite (about 30 minutes)
+#   NO_WS=1 bench/run.sh                         # without the WebSocket comparison
 #   QUICK=1 bench/run.sh                         # a short smoke of the same steps
 #   IDLE="1000 5000 10000 19000" bench/run.sh    # idle-memory sizes
 #   NATIVE_RATES="200 400" MQTT_RATES="25 50" bench/run.sh   # fanout-1,000 offered rates
@@ -18,7 +20,7 @@ root=$PWD
 if ! command -v mosquitto >/dev/null 2>&1; then
   apt-get update -q && apt-get install -y -q mosquitto
 fi
-cargo build --release -q --bin presenced --bin presence-bench
+cargo build --release -q --bins
 work=$(mktemp -d)
 presenced_pid=""
 mosquitto_pid=""
@@ -155,3 +157,9 @@ for n in ${IDLE:-$([ -n "${QUICK:-}" ] && echo 200 || echo "1000 5000 10000 1900
 done
 
 python3 bench/report.py tables "$results"
+
+# WebSocket vs TCP: its own broker (all four listeners), after the brokers above stopped.
+if [ -z "${NO_WS:-}" ]; then
+  echo
+  NO_BUILD=1 bench/ws.sh
+fi

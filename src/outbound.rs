@@ -84,8 +84,9 @@ struct QueueState {
     replies_pending: usize,
     /// Their bytes.
     reply_bytes_pending: usize,
-    /// A batched delivery contract, while one is in force (background mode).
-    delivery: Option<crate::delivery::Held>,
+    /// A batched delivery contract, while one is in force (background mode); boxed, so
+    /// connections without one (most) pay a pointer.
+    delivery: Option<Box<crate::delivery::Held>>,
 }
 
 #[derive(Debug)]
@@ -314,8 +315,8 @@ impl Outbound {
         if state.closing {
             return None;
         }
-        let owed = state.delivery.take().map(crate::delivery::Held::finish);
-        state.delivery = contract.map(crate::delivery::Held::new);
+        let owed = state.delivery.take().map(|held| held.finish());
+        state.delivery = contract.map(|c| Box::new(crate::delivery::Held::new(c)));
         owed
     }
 

@@ -104,3 +104,53 @@ async fn storm_restores_every_client_snapshot() {
     assert_eq!(report["restored"], 20, "{report}");
     assert!(report["all_restored_secs"].as_f64().unwrap() > 0.0);
 }
+
+fn started_with_websockets(config: &mut presenced::config::Config) {
+    config.websocket.listen = Some("127.0.0.1:0".parse().unwrap());
+    config.websocket.plain_listen = Some("127.0.0.1:0".parse().unwrap());
+}
+
+#[tokio::test]
+async fn fanout_and_idle_work_over_wss_and_ws() {
+    let broker = start(started_with_websockets).await;
+    let wss = broker.ws_addr.unwrap().to_string();
+    let ws = broker.ws_plain_addr.unwrap().to_string();
+    for (transport, addr) in [("wss", wss.as_str()), ("ws", ws.as_str())] {
+        let report = bench(&[
+            "--transport",
+            transport,
+            "--addr",
+            addr,
+            "--per-task",
+            "2",
+            "fanout",
+            "--watchers",
+            "5",
+            "--changes",
+            "10",
+            "--rate",
+            "5",
+        ])
+        .await;
+        assert_eq!(report["transport"], transport);
+        assert_eq!(report["deliveries"], 50, "{report}");
+        assert_eq!(report["delivery_ratio"], 1.0);
+        assert_eq!(report["final_state_ratio"], 1.0);
+    }
+    // The broker runs inside this test process, so its RSS is ours.
+    let pid = std::process::id().to_string();
+    let report = bench(&[
+        "--transport",
+        "wss",
+        "--addr",
+        &wss,
+        "--pid",
+        &pid,
+        "idle",
+        "--connections",
+        "10",
+    ])
+    .await;
+    assert_eq!(report["transport"], "wss");
+    assert_eq!(report["connections"], 10);
+}

@@ -1,6 +1,7 @@
 //! `presence-bench`: a load generator that runs the same presence workloads against presenced's
 //! native protocol or an MQTT 3.1.1 broker doing presence the MQTT way (a retained
-//! `presence/<user>` topic per user, Last Will = offline), over TLS or plain TCP, with the same
+//! `presence/<user>` topic per user, Last Will = offline), over TLS or plain TCP (and, for the
+//! native protocol, over WebSocket: wss or ws, one frame per binary message), with the same
 //! payload bytes (an encoded `Presence` whose status carries a sequence number and a send
 //! timestamp). Connections are raw sockets driven many per task (one task per group, not per
 //! connection), so the generator stays light next to the broker. Prints one JSON line per run:
@@ -11,6 +12,10 @@
 //! `node-death` on other nodes than the publisher (`--addr`), so a run measures the cross-node
 //! hop; `node-death` SIGKILLs a node holding many devices and measures how long the watchers on
 //! the other nodes take to learn that every device went offline.
+//!
+//! WebSocket (`--transport wss|ws`): the upgrade is tokio-tungstenite's client handshake; after
+//! it the connection is framed by the small client-side framer below (see `WsFraming`), so a
+//! WebSocket connection is read and written through the same byte-level halves as a TCP one.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -31,6 +36,38 @@ use prost::Message;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio_util::codec::{Decoder, Encoder};
 use tokio_util::sync::CancellationToken;
+
+/// The listener a run connects to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    /// TLS TCP (the broker's `listen`).
+    Tls,
+    /// Plain TCP (`plain_listen`).
+    Plain,
+    /// WebSocket over TLS (`[websocket] listen`), native driver only.
+    Wss,
+    /// WebSocket over plain TCP (`[websocket] plain_listen`), native driver only.
+    Ws,
+}
+
+impl Transport {
+    fn tls(self) -> bool {
+        matches!(self, Transport::Tls | Transport::Wss)
+    }
+
+    fn websocket(self) -> bool {
+        matches!(self, Transport::Wss | Transport::Ws)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Tls => "tls",
+            Transport::Plain => "plain",
+            Transport::Wss => "wss",
+            Transport::Ws => "ws",
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Driver {
@@ -56,8 +93,12 @@ struct Args {
     /// and node-death's watchers. Default: `--addr`. Other workloads refuse it.
     #[arg(long = "watch-addr", value_name = "ADDR")]
     watch_addrs: Vec<SocketAddr>,
-    /// Plain TCP instead of TLS (the broker's plaintext listener).
-    #[arg(long)]
+    /// The listener `--addr` (and `--watch-addr`) point at: TLS, plain TCP, or WebSocket over
+    /// TLS (wss) or plain TCP (ws) at `/v1/ws` with the `presence.v1` subprotocol.
+    #[arg(long, value_enum, default_value = "tls")]
+    transport: Transport,
+    /// Same as `--transport plain` (kept for existing scripts).
+    #[arg(long, conflicts_with = "transport")]
     plain: bool,
     /// CA to trust (the embedded dev CA when the file is missing).
     #[arg(long, default_value = "certs-dev/ca.pem")]
@@ -209,12 +250,132 @@ struct Reader {
     half: ReadHalf<Stream>,
     buf: BytesMut,
     codec: ClientCodec,
+    /// WebSocket transports: the framing state (`None` on TCP, where frames are delimited).
+    ws: Option<WsFraming>,
 }
 
 struct Writer {
     driver: Driver,
-    half: WriteHalf<Stream>,
+    /// Shared with the reader on WebSocket transports, which answers Pings and Closes itself.
+    out: Arc<tokio::sync::Mutex<Out>>,
+    websocket: bool,
     next_id: u64,
+}
+
+/// A connection's write half.
+struct Out {
+    half: WriteHalf<Stream>,
+    /// xorshift64 state for WebSocket masking keys.
+    mask_state: u64,
+}
+
+impl Out {
+    /// Writes `bytes` and flushes them out of the TLS layer.
+    async fn write(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.half.write_all(bytes).await?;
+        self.half.flush().await?;
+        Ok(())
+    }
+
+    /// Writes one masked WebSocket frame (FIN set) with `opcode` and `payload`.
+    async fn write_ws(&mut self, opcode: u8, payload: &[u8]) -> anyhow::Result<()> {
+        // The key only has to be fresh per frame for the server's unmasking to cost what it
+        // costs a browser; RFC 6455's unpredictability (against proxy cache poisoning) does not
+        // matter on loopback, so a xorshift stands in for a CSPRNG.
+        self.mask_state ^= self.mask_state << 13;
+        self.mask_state ^= self.mask_state >> 7;
+        self.mask_state ^= self.mask_state << 17;
+        let frame = ws_frame(opcode, payload, (self.mask_state as u32).to_be_bytes());
+        self.write(&frame).await
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket framing, client side.
+//
+// Why a framer here rather than tokio-tungstenite's `WebSocketStream` after the upgrade: the
+// generator drives raw connections, 250 per task, each read through its own `BytesMut` and
+// written through its own half, and measures latency where a frame comes out of that buffer.
+// A `WebSocketStream` per connection would add, on the same 2 cores as the broker, a BiLock
+// between its split halves, waker proxies on every poll, a `Message` per frame and a read
+// buffer of its own (128 KiB by default) per connection: client costs that the WebSocket
+// figures would then carry and the TCP ones not. With this framer a server frame costs the
+// client a 2-4 byte header parse more than a delimited frame, and a client frame its masking,
+// so wss/tls and ws/plain ratios measure the broker's WebSocket path. The upgrade itself is
+// tungstenite's client handshake (`Generator::upgrade`).
+// ---------------------------------------------------------------------------------------------
+
+const WS_CONTINUATION: u8 = 0x0;
+const WS_TEXT: u8 = 0x1;
+const WS_BINARY: u8 = 0x2;
+const WS_CLOSE: u8 = 0x8;
+const WS_PING: u8 = 0x9;
+const WS_PONG: u8 = 0xA;
+
+/// Largest message (and frame) accepted from the broker, as for delimited frames.
+const MAX_SERVER_MESSAGE: usize = 1024 * 1024;
+
+/// A client frame: FIN, `opcode`, the mask bit and key, and `payload` masked with it.
+fn ws_frame(opcode: u8, payload: &[u8], key: [u8; 4]) -> BytesMut {
+    let mut out = BytesMut::with_capacity(payload.len() + 14);
+    out.put_u8(0x80 | opcode);
+    match payload.len() {
+        n if n < 126 => out.put_u8(0x80 | n as u8),
+        n if n <= u16::MAX as usize => {
+            out.put_u8(0x80 | 126);
+            out.put_u16(n as u16);
+        }
+        n => {
+            out.put_u8(0x80 | 127);
+            out.put_u64(n as u64);
+        }
+    }
+    out.put_slice(&key);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    out
+}
+
+/// One whole server frame from the front of `buf`: (FIN, opcode, payload); `None` until it is
+/// all there. Server frames must be unmasked, with no reserved bits (no extension was
+/// negotiated), at most `MAX_SERVER_MESSAGE` bytes.
+fn take_ws_frame(buf: &mut BytesMut) -> anyhow::Result<Option<(bool, u8, Bytes)>> {
+    let (Some(&b0), Some(&b1)) = (buf.first(), buf.get(1)) else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        bail!("WebSocket frame with reserved bits set: {b0:#04x}");
+    }
+    if b1 & 0x80 != 0 {
+        bail!("masked WebSocket frame from the server");
+    }
+    let (header, len) = match b1 & 0x7f {
+        126 if buf.len() >= 4 => (4, u16::from_be_bytes([buf[2], buf[3]]) as u64),
+        127 if buf.len() >= 10 => (10, u64::from_be_bytes(buf[2..10].try_into()?)),
+        126 | 127 => return Ok(None),
+        n => (2, n as u64),
+    };
+    if len > MAX_SERVER_MESSAGE as u64 {
+        bail!("WebSocket frame of {len} bytes from the server");
+    }
+    let len = len as usize;
+    if buf.len() < header + len {
+        buf.reserve(header + len - buf.len());
+        return Ok(None);
+    }
+    buf.advance(header);
+    Ok(Some((
+        b0 & 0x80 != 0,
+        b0 & 0x0f,
+        buf.split_to(len).freeze(),
+    )))
+}
+
+/// A WebSocket connection's read side: fragments of a message in progress, and the write half
+/// for the answers to control frames.
+struct WsFraming {
+    out: Arc<tokio::sync::Mutex<Out>>,
+    /// The opcode and bytes of a fragmented message so far.
+    fragments: Option<(u8, BytesMut)>,
 }
 
 fn put_remaining_length(buf: &mut BytesMut, mut n: usize) {
@@ -286,8 +447,66 @@ impl Reader {
         Ok(())
     }
 
+    /// The next binary WebSocket message, answering Pings and the broker's Close on the way.
+    async fn next_ws_message(&mut self) -> anyhow::Result<Bytes> {
+        loop {
+            let Some((fin, opcode, payload)) = take_ws_frame(&mut self.buf)? else {
+                self.fill().await?;
+                continue;
+            };
+            let ws = self.ws.as_mut().context("not a WebSocket connection")?;
+            match opcode {
+                WS_PING => {
+                    if payload.len() > 125 {
+                        bail!("WebSocket Ping of {} bytes", payload.len());
+                    }
+                    ws.out.lock().await.write_ws(WS_PONG, &payload).await?;
+                }
+                WS_PONG => {}
+                WS_CLOSE => {
+                    // Echo the close (best effort), as RFC 6455 asks, then end the connection.
+                    let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
+                    let reason = String::from_utf8_lossy(payload.get(2..).unwrap_or_default());
+                    let echo = payload.get(..2).unwrap_or_default();
+                    let _ = ws.out.lock().await.write_ws(WS_CLOSE, echo).await;
+                    bail!("closed by the broker: WebSocket close {code:?} {reason:?}");
+                }
+                WS_BINARY | WS_TEXT if fin && ws.fragments.is_none() => {
+                    if opcode == WS_TEXT {
+                        bail!("text message from the broker");
+                    }
+                    return Ok(payload);
+                }
+                WS_BINARY | WS_TEXT if ws.fragments.is_none() => {
+                    ws.fragments = Some((opcode, BytesMut::from(&payload[..])));
+                }
+                WS_CONTINUATION if ws.fragments.is_some() => {
+                    let Some((first, mut message)) = ws.fragments.take() else {
+                        unreachable!("checked by the guard");
+                    };
+                    if message.len() + payload.len() > MAX_SERVER_MESSAGE {
+                        bail!("fragmented WebSocket message over {MAX_SERVER_MESSAGE} bytes");
+                    }
+                    message.extend_from_slice(&payload);
+                    if !fin {
+                        ws.fragments = Some((first, message));
+                    } else if first == WS_TEXT {
+                        bail!("text message from the broker");
+                    } else {
+                        return Ok(message.freeze());
+                    }
+                }
+                other => bail!("unexpected WebSocket opcode {other:#x} (fin {fin})"),
+            }
+        }
+    }
+
     /// The next native frame.
     async fn next_frame(&mut self) -> anyhow::Result<pb::ServerFrame> {
+        if self.ws.is_some() {
+            let message = self.next_ws_message().await?;
+            return Ok(pb::ServerFrame::decode(message)?);
+        }
         loop {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(frame);
@@ -376,21 +595,22 @@ impl Reader {
 impl Writer {
     /// Writes `bytes` and flushes them out of the TLS layer.
     async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
-        self.half.write_all(bytes).await?;
-        self.half.flush().await?;
-        Ok(())
+        self.out.lock().await.write(bytes).await
     }
 
+    /// Sends one native frame: length-delimited on TCP, one binary message on WebSocket.
     async fn send_native(&mut self, body: ClientBody) -> anyhow::Result<()> {
         self.next_id += 1;
+        let frame = pb::ClientFrame {
+            request_id: self.next_id,
+            body: Some(body),
+        };
+        if self.websocket {
+            let payload = frame.encode_to_vec();
+            return self.out.lock().await.write_ws(WS_BINARY, &payload).await;
+        }
         let mut buf = BytesMut::new();
-        ClientCodec::new(usize::MAX).encode(
-            pb::ClientFrame {
-                request_id: self.next_id,
-                body: Some(body),
-            },
-            &mut buf,
-        )?;
+        ClientCodec::new(usize::MAX).encode(frame, &mut buf)?;
         self.send(&buf).await
     }
 
@@ -460,20 +680,33 @@ static CONNECT_RETRIES: AtomicU64 = AtomicU64::new(0);
 
 struct Generator {
     args: Args,
+    /// `--transport`, or `plain` with `--plain`.
+    transport: Transport,
     tls: Arc<rustls::ClientConfig>,
     prefix: String,
 }
 
 impl Generator {
     fn new(args: Args) -> anyhow::Result<Generator> {
+        let transport = if args.plain {
+            Transport::Plain
+        } else {
+            args.transport
+        };
+        if transport.websocket() && args.driver != Driver::Native {
+            bail!("--transport {} needs --driver native", transport.name());
+        }
         let config = if args.ca.exists() {
             presenced::tls::client_config_from_file(&args.ca)?
         } else {
             presenced::tls::dev_client_config()
         };
         let mut config = (*config).clone();
-        if args.driver == Driver::Mqtt {
-            // MQTT brokers speak no presence/1 ALPN.
+        if args.driver == Driver::Mqtt || transport.websocket() {
+            // MQTT brokers speak no presence/1 ALPN, and a WebSocket is HTTP/1.1 underneath. A
+            // browser offers `http/1.1`, which presenced's wss listener refuses today (its TLS
+            // configuration lists only presence/1); offering none is accepted by both and costs
+            // the same.
             config.alpn_protocols.clear();
         }
         let prefix = args
@@ -482,6 +715,7 @@ impl Generator {
             .unwrap_or_else(|| format!("r{}", now_ns() / 1_000_000 % 100_000_000));
         Ok(Generator {
             args,
+            transport,
             tls: Arc::new(config),
             prefix,
         })
@@ -510,7 +744,8 @@ impl Generator {
         ))
     }
 
-    async fn transport(&self, addr: SocketAddr, i: usize) -> anyhow::Result<Stream> {
+    /// Connection `i`'s byte stream to `addr`: TCP, TLS, then the WebSocket upgrade if any.
+    async fn stream(&self, addr: SocketAddr, i: usize) -> anyhow::Result<Stream> {
         let tcp = match self.source(addr, i) {
             Some(local) => {
                 let socket = tokio::net::TcpSocket::new_v4()?;
@@ -520,14 +755,50 @@ impl Generator {
             None => tokio::net::TcpStream::connect(addr).await?,
         };
         tcp.set_nodelay(true)?;
-        if self.args.plain {
-            return Ok(Box::new(tcp));
+        let stream: Stream = if self.transport.tls() {
+            let name = presenced::tls::server_name(&self.args.server_name)?;
+            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+                .connect(name, tcp)
+                .await?;
+            Box::new(tls)
+        } else {
+            Box::new(tcp)
+        };
+        if self.transport.websocket() {
+            return self.upgrade(stream, addr).await;
         }
-        let name = presenced::tls::server_name(&self.args.server_name)?;
-        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
-            .connect(name, tcp)
-            .await?;
-        Ok(Box::new(tls))
+        Ok(stream)
+    }
+
+    /// The WebSocket upgrade at `/v1/ws` with the `presence.v1` subprotocol, by tungstenite's
+    /// client handshake; returns the byte stream behind it, framed from then on by `WsFraming`.
+    /// Nothing is lost with the handshake's buffer: the broker sends nothing after its 101
+    /// response until the client's first frame (it sends a Close only when the subprotocol is
+    /// missing, which the response check below would catch).
+    async fn upgrade(&self, stream: Stream, addr: SocketAddr) -> anyhow::Result<Stream> {
+        use presenced::ws::config::{PATH, SUBPROTOCOL};
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{header, HeaderValue};
+        let scheme = if self.transport.tls() { "wss" } else { "ws" };
+        let url = format!("{scheme}://{}:{}{PATH}", self.args.server_name, addr.port());
+        let mut request = url.into_client_request()?;
+        request.headers_mut().insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+        // The handshake's WebSocket is dropped at once: keep its read buffer small.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, response) =
+            tokio_tungstenite::client_async_with_config(request, stream, Some(config))
+                .await
+                .context("WebSocket upgrade")?;
+        let protocol = response.headers().get(header::SEC_WEBSOCKET_PROTOCOL);
+        if protocol.and_then(|p| p.to_str().ok()) != Some(SUBPROTOCOL) {
+            bail!("the upgrade response did not select {SUBPROTOCOL}: {protocol:?}");
+        }
+        Ok(ws.into_inner())
     }
 
     /// Opens connection `i` as `user` and waits for the broker's acceptance. MQTT connections
@@ -544,16 +815,26 @@ impl Generator {
         user: &str,
     ) -> anyhow::Result<(Reader, Writer)> {
         let driver = self.args.driver;
-        let (read, write) = tokio::io::split(self.transport(addr, i).await?);
+        let (read, write) = tokio::io::split(self.stream(addr, i).await?);
+        let websocket = self.transport.websocket();
+        let out = Arc::new(tokio::sync::Mutex::new(Out {
+            half: write,
+            mask_state: (now_ns() ^ (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1,
+        }));
         let mut reader = Reader {
             driver,
             half: read,
             buf: BytesMut::with_capacity(4096),
-            codec: ClientCodec::new(1024 * 1024),
+            codec: ClientCodec::new(MAX_SERVER_MESSAGE),
+            ws: websocket.then(|| WsFraming {
+                out: out.clone(),
+                fragments: None,
+            }),
         };
         let mut writer = Writer {
             driver,
-            half: write,
+            out,
+            websocket,
             next_id: 0,
         };
         match driver {
@@ -673,10 +954,7 @@ impl Generator {
             format!("{:?}", self.args.driver).to_lowercase().into(),
         );
         m.insert("workload".into(), workload.into());
-        m.insert(
-            "transport".into(),
-            if self.args.plain { "plain" } else { "tls" }.into(),
-        );
+        m.insert("transport".into(), self.transport.name().into());
         m
     }
 
@@ -1375,4 +1653,92 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("{report}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An unmasked (server) frame.
+    fn server_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+        let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+        match payload.len() {
+            n if n < 126 => out.push(n as u8),
+            n if n <= u16::MAX as usize => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn client_frames_are_masked_with_their_key() {
+        for len in [0usize, 5, 125, 126, 300, 70_000] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let key = [0xa1, 0x02, 0x73, 0xf4];
+            let frame = ws_frame(WS_BINARY, &payload, key);
+            assert_eq!(frame[0], 0x82);
+            assert_eq!(frame[1] & 0x80, 0x80, "mask bit");
+            let (header, announced) = match frame[1] & 0x7f {
+                126 => (4, u16::from_be_bytes([frame[2], frame[3]]) as usize),
+                127 => (
+                    10,
+                    u64::from_be_bytes(frame[2..10].try_into().unwrap()) as usize,
+                ),
+                n => (2, n as usize),
+            };
+            assert_eq!(announced, len);
+            assert_eq!(&frame[header..header + 4], &key);
+            let unmasked: Vec<u8> = frame[header + 4..]
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b ^ key[i % 4])
+                .collect();
+            assert_eq!(unmasked, payload);
+        }
+    }
+
+    #[test]
+    fn server_frames_come_out_whole_and_only_whole() {
+        let mut bytes = server_frame(true, WS_BINARY, b"hello");
+        bytes.extend(server_frame(false, WS_BINARY, &[7u8; 200]));
+        bytes.extend(server_frame(true, WS_CONTINUATION, &[8u8; 70_000]));
+        let mut buf = BytesMut::new();
+        let mut frames = Vec::new();
+        // Fed a few bytes at a time, as reads may split them anywhere.
+        for chunk in bytes.chunks(7) {
+            buf.extend_from_slice(chunk);
+            while let Some(frame) = take_ws_frame(&mut buf).unwrap() {
+                frames.push(frame);
+            }
+        }
+        assert!(buf.is_empty());
+        assert_eq!(frames.len(), 3);
+        assert_eq!(frames[0], (true, WS_BINARY, Bytes::from_static(b"hello")));
+        assert_eq!(
+            (frames[1].0, frames[1].1, frames[1].2.len()),
+            (false, WS_BINARY, 200)
+        );
+        assert_eq!(
+            (frames[2].0, frames[2].1, frames[2].2.len()),
+            (true, WS_CONTINUATION, 70_000)
+        );
+    }
+
+    #[test]
+    fn masked_or_oversized_server_frames_are_refused() {
+        let mut masked = BytesMut::from(&[0x82u8, 0x81, 1, 2, 3, 4, 5][..]);
+        assert!(take_ws_frame(&mut masked).is_err());
+        let mut reserved = BytesMut::from(&[0xc2u8, 0x01, 0][..]);
+        assert!(take_ws_frame(&mut reserved).is_err());
+        let mut huge = BytesMut::from(&[0x82u8, 127][..]);
+        huge.extend_from_slice(&(MAX_SERVER_MESSAGE as u64 + 1).to_be_bytes());
+        assert!(take_ws_frame(&mut huge).is_err());
+    }
 }
