@@ -618,9 +618,15 @@ async fn read_loop<F: FrameSource>(
         // Replies are never dropped, so a client that sends requests without reading replies
         // is made to wait here; its socket then stalls and the writer's deadline ends it.
         if outbound.is_backlogged() {
+            // Before Connect the connect deadline still runs: a client that never reads
+            // cannot buy time by filling its queue (WebSocket pongs can do it before auth).
+            let unauthenticated = session.is_none();
             tokio::select! {
                 _ = outbound.wait_for_space() => {}
                 _ = ctx.shutdown.cancelled() => return End::Shutdown,
+                _ = tokio::time::sleep_until(connect_deadline), if unauthenticated => {
+                    return Expiry::Connect.end();
+                }
             }
             if closed.is_cancelled() {
                 return End::OutboundClosed;

@@ -137,6 +137,15 @@ async fn main() -> anyhow::Result<()> {
             "!!! USING THE PUBLIC DEV TOKEN SECRET: anyone can sign in as anyone. Set [auth] secrets for production. !!!"
         );
     }
+    let websocket = &config.websocket;
+    if (websocket.listen.is_some() || websocket.plain_listen.is_some())
+        && websocket.allowed_origins.is_empty()
+    {
+        tracing::warn!(
+            "WebSocket listener on with no [websocket] allowed_origins: any web page can use a \
+             visitor's token against this broker; list your pages' origins in production"
+        );
+    }
     if presenced::tls::uses_dev_certificate(&config.tls) {
         tracing::warn!("using the embedded development TLS certificate (localhost only)");
     }

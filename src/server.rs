@@ -425,16 +425,19 @@ fn spawn_connection(
         }
         Transport::Wss(tls) => {
             let tls = tls.clone();
+            // TLS and the upgrade share one handshake deadline.
+            let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
             tracker.spawn(async move {
                 let Some(stream) = Box::pin(connection::handshake(socket, peer, tls, &ctx)).await
                 else {
                     return;
                 };
-                crate::ws::run(stream, peer, ctx, permit).await;
+                crate::ws::run(stream, peer, ctx, permit, deadline).await;
             });
         }
         Transport::Ws => {
-            tracker.spawn(crate::ws::run(socket, peer, ctx, permit));
+            let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
+            tracker.spawn(crate::ws::run(socket, peer, ctx, permit, deadline));
         }
     }
 }

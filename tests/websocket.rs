@@ -572,3 +572,30 @@ async fn a_client_that_offers_only_http_1_1_like_a_browser_is_served_over_wss() 
         .expect("a browser's ALPN offer is accepted");
     within(client.ping()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_websocket_ping_is_answered_and_never_starts_the_partial_frame_deadline() {
+    let broker = ws_broker(|c| {
+        c.session.partial_frame_timeout_ms = 300;
+    })
+    .await;
+    let addr = broker.ws_plain_addr.unwrap();
+    // A ping after Connect, then silence: the session lives on past the partial-frame deadline.
+    let mut ws = raw_client(addr, Some("presence.v1")).await;
+    ws.send(connect_frame("pinger", 30)).await.unwrap();
+    conn_ack(&mut ws).await;
+    ws.send(Message::Ping(b"hb".to_vec().into())).await.unwrap();
+    assert!(matches!(
+        within(ws.next()).await,
+        Some(Ok(Message::Pong(_)))
+    ));
+    let quiet = tokio::time::timeout(Duration::from_millis(900), ws.next()).await;
+    assert!(quiet.is_err(), "nothing arrives, no close: {quiet:?}");
+    ws.send(binary(2, C::Ping(pb::Ping::default())))
+        .await
+        .unwrap();
+    assert!(matches!(
+        within(ws.next()).await,
+        Some(Ok(Message::Binary(_)))
+    ));
+}

@@ -182,9 +182,11 @@ impl Upgrade {
             .write_buffer_size(0)
             .max_message_size(Some(max_message))
             .max_frame_size(Some(max_message));
+        let mut bounds = Boundaries::default();
+        bounds.feed(&pipe.input);
         let mut engine = Engine {
             ws: WebSocket::from_raw_socket(pipe, Role::Server, Some(config)),
-            fed_since_message: 0,
+            bounds,
         };
         if !subprotocol {
             engine.close(
@@ -261,20 +263,93 @@ pub enum EngineError {
         max: usize,
     },
     /// Broken WebSocket framing (unmasked frame, bad opcode, bad continuation, ...).
-    #[error("WebSocket protocol error: {0}")]
+    #[error("{0}")]
     Protocol(String),
     /// The connection already closed.
     #[error("the WebSocket connection is closed")]
     Closed,
 }
 
+/// Where the client's bytes stand against WebSocket frame boundaries. tungstenite does the
+/// framing; this only follows the frame headers (length and FIN) beside it, to know whether
+/// bytes of an unfinished frame or message are held (the partial-frame deadline) and whether
+/// the engine sits exactly between messages (when its buffers can be given back).
+#[derive(Debug, Default)]
+struct Boundaries {
+    /// The current frame header so far (at most 14 bytes).
+    header: [u8; 14],
+    header_len: u8,
+    /// Payload bytes of the current frame still to come.
+    remaining: u64,
+    /// A data frame without FIN was seen: a fragmented message is unfinished.
+    in_fragmented: bool,
+    /// The largest frame payload since the engine's buffers were last renewed.
+    largest: u64,
+}
+
+impl Boundaries {
+    fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = (bytes.len() as u64).min(self.remaining);
+                self.remaining -= n;
+                bytes = &bytes[n as usize..];
+                continue;
+            }
+            if usize::from(self.header_len) >= self.header.len() {
+                return; // Not a header tungstenite accepts: it ends the connection.
+            }
+            self.header[usize::from(self.header_len)] = bytes[0];
+            self.header_len += 1;
+            bytes = &bytes[1..];
+            if let Some((fin, opcode, len)) =
+                parse_header(&self.header[..usize::from(self.header_len)])
+            {
+                self.header_len = 0;
+                self.remaining = len;
+                self.largest = self.largest.max(len);
+                // Control frames (opcode 8 and up) may sit between fragments.
+                if opcode < 8 {
+                    self.in_fragmented = !fin;
+                }
+            }
+        }
+    }
+
+    /// Bytes of an unfinished frame or message are held.
+    fn partial(&self) -> bool {
+        self.header_len > 0 || self.remaining > 0 || self.in_fragmented
+    }
+}
+
+/// A complete frame header: (FIN, opcode, payload length); `None` while more bytes are needed.
+fn parse_header(h: &[u8]) -> Option<(bool, u8, u64)> {
+    let (&b0, &b1) = (h.first()?, h.get(1)?);
+    let extended = match b1 & 0x7f {
+        126 => 2,
+        127 => 8,
+        _ => 0,
+    };
+    let masked = if b1 & 0x80 != 0 { 4 } else { 0 };
+    if h.len() < 2 + extended + masked {
+        return None;
+    }
+    let len = match extended {
+        0 => u64::from(b1 & 0x7f),
+        2 => u64::from(u16::from_be_bytes([h[2], h[3]])),
+        _ => u64::from_be_bytes(h[2..10].try_into().ok()?),
+    };
+    Some((b0 & 0x80 != 0, b0 & 0x0f, len))
+}
+
+/// A frame payload above this makes the engine renew its buffers once it is between messages.
+const RENEW_AFTER_BYTES: u64 = 4096;
+
 /// A connection after its upgrade: tungstenite over the pipe.
 #[derive(Debug)]
 pub struct Engine {
     ws: WebSocket<Pipe>,
-    /// Bytes fed since the last message came out: when the engine then wants more, a frame is
-    /// incomplete (the partial-frame deadline runs).
-    fed_since_message: usize,
+    bounds: Boundaries,
 }
 
 impl Engine {
@@ -286,12 +361,34 @@ impl Engine {
     /// Bytes read from the socket.
     pub fn feed(&mut self, bytes: &[u8]) {
         self.ws.get_mut().input.extend_from_slice(bytes);
-        self.fed_since_message += bytes.len();
+        self.bounds.feed(bytes);
     }
 
-    /// Whether bytes of an incomplete message have arrived since the last message.
+    /// Whether bytes of an unfinished frame, or an unfinished fragmented message, are held.
     pub fn has_partial(&self) -> bool {
-        self.fed_since_message > 0
+        self.bounds.partial()
+    }
+
+    /// Gives back the read buffer a large message grew, once nothing is held: tungstenite keeps
+    /// its buffer's capacity for the connection's life, so an idle connection would otherwise
+    /// keep its largest message's worth (up to the frame cap). Only between messages, with
+    /// everything read and written, while the connection is open: a new `WebSocket` over the
+    /// same pipe then starts from the same state.
+    fn renew_if_grown(&mut self) {
+        if self.bounds.largest <= RENEW_AFTER_BYTES
+            || self.bounds.partial()
+            || !self.ws.get_ref().input.is_empty()
+            || !self.ws.can_write()
+        {
+            return;
+        }
+        if self.ws.flush().is_err() {
+            return;
+        }
+        let config = *self.ws.get_config();
+        let pipe = std::mem::take(self.ws.get_mut());
+        self.ws = WebSocket::from_raw_socket(pipe, Role::Server, Some(config));
+        self.bounds.largest = 0;
     }
 
     /// The next message, `None` when more bytes are needed.
@@ -309,12 +406,13 @@ impl Engine {
                     Message::Pong(_) | Message::Frame(_) => Incoming::Control,
                     Message::Close(_) => Incoming::Closed,
                 };
-                if !matches!(incoming, Incoming::Control) {
-                    self.fed_since_message = 0;
-                }
                 Ok(Some(incoming))
             }
-            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
+            Err(WsError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                // tungstenite took every byte and returned every complete frame.
+                self.renew_if_grown();
+                Ok(None)
+            }
             Err(WsError::Capacity(e)) => Err(capacity(e)),
             Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => Err(EngineError::Closed),
             Err(e) => Err(EngineError::Protocol(e.to_string())),
@@ -475,6 +573,84 @@ mod tests {
             Some(Incoming::Binary(_))
         ));
         assert!(!engine.has_partial());
+    }
+
+    #[test]
+    fn a_ping_or_pong_is_a_whole_frame_not_a_partial_one() {
+        for opcode in [9u8, 10] {
+            let mut engine = upgraded(&[]);
+            engine.feed(&client_frame(opcode, true, b"hb"));
+            assert!(matches!(engine.read_message(), Ok(Some(Incoming::Control))));
+            assert!(engine.read_message().unwrap().is_none());
+            assert!(
+                !engine.has_partial(),
+                "opcode {opcode}: nothing unfinished is held"
+            );
+        }
+    }
+
+    #[test]
+    fn a_message_followed_by_half_of_the_next_leaves_a_partial() {
+        let mut engine = upgraded(&[]);
+        let mut bytes = client_frame(2, true, b"one");
+        let next = client_frame(2, true, &[5u8; 40]);
+        bytes.extend_from_slice(&next[..10]);
+        engine.feed(&bytes);
+        assert!(matches!(
+            engine.read_message(),
+            Ok(Some(Incoming::Binary(_)))
+        ));
+        assert!(engine.read_message().unwrap().is_none());
+        assert!(engine.has_partial(), "10 bytes of the next frame are held");
+        engine.feed(&next[10..]);
+        assert!(matches!(
+            engine.read_message(),
+            Ok(Some(Incoming::Binary(_)))
+        ));
+        assert!(!engine.has_partial());
+    }
+
+    #[test]
+    fn between_fragments_a_message_is_partial() {
+        let mut engine = upgraded(&[]);
+        engine.feed(&client_frame(2, false, b"ab"));
+        assert!(engine.read_message().unwrap().is_none());
+        assert!(engine.has_partial(), "a fragmented message is unfinished");
+        engine.feed(&client_frame(0, true, b"cd"));
+        match engine.read_message() {
+            Ok(Some(Incoming::Binary(b))) => assert_eq!(&b[..], b"abcd"),
+            other => panic!("{other:?}"),
+        }
+        assert!(!engine.has_partial());
+    }
+
+    #[test]
+    fn after_a_large_message_the_engine_renews_its_buffers_and_goes_on() {
+        let mut bytes = REQUEST.as_bytes().to_vec();
+        bytes.extend_from_slice(&client_frame(2, true, &[1u8; 10_000]));
+        let UpgradeStep::Upgraded(mut engine) =
+            Upgrade::default().feed(&bytes, &WebSocketConfig::default(), 64 * 1024)
+        else {
+            panic!("upgraded")
+        };
+        assert!(
+            matches!(engine.read_message(), Ok(Some(Incoming::Binary(b))) if b.len() == 10_000)
+        );
+        assert!(engine.read_message().unwrap().is_none());
+        assert_eq!(engine.bounds.largest, 0, "renewed");
+        // The new engine keeps the cap in force and the connection's state.
+        engine.feed(&client_frame(2, true, b"next"));
+        assert!(
+            matches!(engine.read_message(), Ok(Some(Incoming::Binary(b))) if &b[..] == b"next")
+        );
+        engine.feed(&client_frame(9, true, b"p"));
+        assert!(matches!(engine.read_message(), Ok(Some(Incoming::Control))));
+        let mut out = Vec::new();
+        engine.take_output(&mut out);
+        assert!(
+            out.windows(3).any(|w| w == [0x8a, 1, b'p']),
+            "the pong: {out:?}"
+        );
     }
 
     #[test]

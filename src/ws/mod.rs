@@ -46,15 +46,21 @@ pub fn wss_config(tls: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> 
 }
 
 /// Serves one WebSocket connection over an established stream (TLS for wss, TCP for ws): the
-/// upgrade under the handshake deadline, then the session. `permit` is held until the socket
+/// upgrade, which must be done by `deadline` (the handshake deadline counted from the accept,
+/// so TLS and the upgrade share it), then the session. `permit` is held until the socket
 /// closes.
-pub async fn run<S, P>(stream: S, peer: SocketAddr, ctx: Arc<ConnectionContext>, permit: P)
-where
+pub async fn run<S, P>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<ConnectionContext>,
+    permit: P,
+    deadline: tokio::time::Instant,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     P: Send + 'static,
 {
     // Boxed like the TLS handshake: its buffers are freed once it is over.
-    let Some((stream, engine)) = Box::pin(upgrade(stream, peer, &ctx)).await else {
+    let Some((stream, engine)) = Box::pin(upgrade(stream, peer, &ctx, deadline)).await else {
         return;
     };
     let (reader, writer) = tokio::io::split(stream);
@@ -74,11 +80,15 @@ where
 
 /// Reads and answers the upgrade request; `None` when it was refused, failed or timed out
 /// (counted by reason), or the client did not ask for the subprotocol (closed with a reason).
-async fn upgrade<S>(mut stream: S, peer: SocketAddr, ctx: &ConnectionContext) -> Option<(S, Engine)>
+async fn upgrade<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    ctx: &ConnectionContext,
+    deadline: tokio::time::Instant,
+) -> Option<(S, Engine)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
     let max_message = ctx.config.limits.max_frame_bytes_pre_auth as usize;
     let mut upgrade = Upgrade::default();
     let mut buf = vec![0u8; READ_CHUNK];
