@@ -282,7 +282,10 @@ impl Server {
         let listeners = [
             (Some(self.listener), Transport::Tls(self.tls_config.clone())),
             (self.plain_listener, Transport::Plain),
-            (self.ws_listener, Transport::Wss(crate::ws::wss_config(&self.tls_config))),
+            (
+                self.ws_listener,
+                Transport::Wss(crate::ws::wss_config(&self.tls_config)),
+            ),
             (self.ws_plain_listener, Transport::Ws),
         ];
         for (listener, transport) in listeners {
