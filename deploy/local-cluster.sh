@@ -72,6 +72,8 @@ for i in 0 1 2; do
     --data-dir "$dir/node$((i + 1))" \
     --node-id "node$((i + 1))" \
     --grace-period-ms "${GRACE_MS:-5000}" \
+    --ws-listen "127.0.0.1:$((7885 + 10 * i))" \
+    --ws-plain-listen "127.0.0.1:$((7886 + 10 * i))" \
     "${urls[@]}" >"$dir/node$((i + 1)).log" 2>&1 &
   pids+=($!)
 done
@@ -87,13 +89,14 @@ done
 
 cat <<MSG
 cluster up (data and logs in $dir):
-  node1  127.0.0.1:7883  metrics http://127.0.0.1:9464/metrics
-  node2  127.0.0.1:7893  metrics http://127.0.0.1:9474/metrics
-  node3  127.0.0.1:7903  metrics http://127.0.0.1:9484/metrics
+  node1  127.0.0.1:7883  wss://127.0.0.1:7885/v1/ws  ws://127.0.0.1:7886/v1/ws  metrics http://127.0.0.1:9464/metrics
+  node2  127.0.0.1:7893  wss://127.0.0.1:7895/v1/ws  ws://127.0.0.1:7896/v1/ws  metrics http://127.0.0.1:9474/metrics
+  node3  127.0.0.1:7903  wss://127.0.0.1:7905/v1/ws  ws://127.0.0.1:7906/v1/ws  metrics http://127.0.0.1:9484/metrics
 try:
   $bin/presencectl --server 127.0.0.1:7893 watch --user bob alice        # on node2
   $bin/presencectl --server 127.0.0.1:7883 set --user alice --status hi  # on node1
   curl -s http://127.0.0.1:9474/metrics | grep presence_cluster
+  $bin/presencectl web   # then open the page with ws://127.0.0.1:7886/v1/ws (node1) or 7896 / 7906
 MSG
 if [ -n "${ADMIN_KEY:-}" ]; then
   cat <<MSG
