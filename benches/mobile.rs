@@ -225,7 +225,7 @@ async fn background_figures(seconds: u64) {
         for (_, w, counts, view) in watchers.iter_mut() {
             record(drain(w, counts), view);
         }
-        if i % 50 == 0 {
+        if i.is_multiple_of(50) {
             // Keepalive (60 s by default): a ping's reply is not an event, so it is not counted.
             for (_, w, _, _) in watchers.iter() {
                 w.ping().await.unwrap();
