@@ -278,12 +278,14 @@
     return row;
   }
 
-  // Applies a user's presence unless its version is not newer than the one shown.
+  // Applies a user's presence unless its version is not newer than the one shown. A subscribe
+  // reply can arrive after an event it does not know about (the reply waits until the
+  // subscription is stored): its older snapshot, even one of version 0 (never seen), is stale.
   function renderWatched(p) {
     if (!app.watched.has(p.user_id)) return;
     const version = num(p.version);
     const last = app.watched.get(p.user_id);
-    if (version !== 0 && version <= last) return;
+    if (last !== 0 && version <= last) return;
     app.watched.set(p.user_id, version);
     const row = watchRow(p.user_id);
     const avail = enumName("Availability", p.availability);
