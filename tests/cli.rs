@@ -305,6 +305,10 @@ async fn watch_resume_prints_what_changed_since_the_file_and_background_prints_b
     let snapshot = next_json(&mut lines).await;
     assert_eq!(snapshot["user"], "alice");
     assert_eq!(snapshot["presence"]["status"], "missed");
+    // The contract is in force once the CLI says so; changes before that line arrive live.
+    let background = next_json(&mut lines).await;
+    assert_eq!(background["event"], "background", "{background}");
+    assert_eq!(background["interval_seconds"], 1);
     // Background: three changes arrive as one batch with the latest.
     for status in ["b1", "b2", "b3"] {
         within(alice.set_presence(presenced::pb::SetPresence {

@@ -73,8 +73,9 @@ enum Command {
         /// only the users that changed. Reconnects by itself when the connection drops.
         #[arg(long, value_name = "FILE")]
         resume: Option<PathBuf>,
-        /// Background mode: at most one batch of changes per SECONDS (1-3600); each batch's
-        /// events are printed when it arrives.
+        /// Background mode: at most one batch of changes per SECONDS (1-3600); prints
+        /// `{"event":"background",...}` once the broker has accepted it, then each batch's
+        /// events (marked `"batch":true`) when it arrives.
         #[arg(long, value_name = "SECONDS")]
         background: Option<u32>,
         /// Users to watch.
@@ -665,6 +666,8 @@ async fn watch(
                     ..Default::default()
                 })
                 .await?;
+            // Say when batching is in force: what changes after this line arrives in batches.
+            print(json!({"event": "background", "interval_seconds": seconds}));
         }
         let every =
             std::time::Duration::from_secs(u64::from(client.conn_ack.keepalive_seconds.max(2)) / 2);
