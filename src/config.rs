@@ -96,15 +96,38 @@ impl Default for Config {
     }
 }
 
-/// Server certificate and key. When both are unset the embedded development certificate for
-/// `localhost`/`127.0.0.1` (the one in `certs-dev/`) is used, with a warning.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+/// Server certificate and key, and session resumption. When both files are unset the embedded
+/// development certificate for `localhost`/`127.0.0.1` (the one in `certs-dev/`) is used, with
+/// a warning.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// PEM certificate chain, server certificate first.
     pub cert: Option<PathBuf>,
     /// PEM private key (PKCS#8, SEC1 or PKCS#1).
     pub key: Option<PathBuf>,
+    /// Issue stateless session tickets (TLS 1.3 and 1.2), so a reconnecting client resumes
+    /// without a certificate signature; the server keeps nothing per connection.
+    pub tickets: bool,
+    /// A file whose bytes (at least 32, surrounding whitespace trimmed) seed the ticket keys;
+    /// nodes with the same file accept each other's tickets, also across restarts. Unset: a
+    /// random key per period in this process, or in cluster mode one shared through NATS.
+    pub ticket_secret_file: Option<PathBuf>,
+    /// Seconds per ticket-key period: tickets are sealed with the current period's key and
+    /// accepted during the next period too, so one lives 1 to 2 periods. Same on every node.
+    pub ticket_rotation_secs: u64,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            cert: None,
+            key: None,
+            tickets: true,
+            ticket_secret_file: None,
+            ticket_rotation_secs: crate::tls_tickets::DEFAULT_ROTATION_SECS,
+        }
+    }
 }
 
 /// The Prometheus metrics endpoint.
@@ -595,6 +618,15 @@ impl Config {
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be set together".into());
         }
+        {
+            use crate::tls_tickets::{MAX_ROTATION_SECS, MIN_ROTATION_SECS};
+            let rotation = self.tls.ticket_rotation_secs;
+            if !(MIN_ROTATION_SECS..=MAX_ROTATION_SECS).contains(&rotation) {
+                return bad(format!(
+                    "tls.ticket_rotation_secs must be in {MIN_ROTATION_SECS}..={MAX_ROTATION_SECS}"
+                ));
+            }
+        }
         if s.keepalive_min_secs == 0 || s.keepalive_min_secs > s.keepalive_max_secs {
             return bad("session.keepalive_min_secs must be in 1..=keepalive_max_secs".into());
         }
@@ -775,5 +807,25 @@ mod tests {
         let mut c = Config::default();
         c.channels.interval_ms = 0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn tls_tickets_are_on_by_default_and_their_rotation_is_bounded() {
+        let c = Config::default();
+        assert!(c.tls.tickets);
+        assert_eq!(c.tls.ticket_rotation_secs, 21_600);
+        let c = Config::from_toml(
+            "[tls]\ntickets = false\nticket_secret_file = \"/etc/presenced/ticket.key\"\nticket_rotation_secs = 3600\n",
+        )
+        .unwrap();
+        assert!(!c.tls.tickets);
+        assert_eq!(c.tls.ticket_rotation_secs, 3600);
+        c.validate().unwrap();
+        for bad in [0, 599, 302_401] {
+            let mut c = Config::default();
+            c.tls.ticket_rotation_secs = bad;
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("tls.ticket_rotation_secs"), "{err}");
+        }
     }
 }

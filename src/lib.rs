@@ -20,6 +20,7 @@
 //! | [`auth_guard`] | per-address auth-failure delays and bans, handshake slots per address |
 //! | [`tls`] | certificates → `rustls` configs |
 //! | [`tls_stream`] | server-side TLS on rustls's unbuffered API: a synchronous engine with capped buffers (kept only while bytes are in flight) in an async shell; a record-forging client for tests |
+//! | [`tls_tickets`] | stateless TLS session tickets: AES-256-GCM under rotating period keys (random, from a secret file, or shared by the cluster) |
 //! | [`connection`] | one task per client: handshake, session, reader loop and writer in one task, a guard that cleans up however it ends |
 //! | [`ws`] | the WebSocket transport for browsers: the upgrade and tungstenite driven over an in-memory pipe (a synchronous engine in an async shell), feeding the same session code |
 //! | [`server`] | listeners, connection permits, shutdown |
@@ -51,6 +52,7 @@ pub mod server;
 pub mod store;
 pub mod tls;
 pub mod tls_stream;
+pub mod tls_tickets;
 pub mod webhooks;
 pub mod wire;
 pub mod ws;

@@ -44,6 +44,15 @@ pub const TLS_HANDSHAKE_SECONDS: &str = "presence_tls_handshake_duration_seconds
 pub const TLS_HANDSHAKES_IN_FLIGHT: &str = "presence_tls_handshakes_in_flight";
 /// Failed TLS handshakes, by `reason`.
 pub const TLS_HANDSHAKE_FAILURES: &str = "presence_tls_handshake_failures_total";
+/// Completed TLS handshakes, by `kind`: `full` (certificate signature; a HelloRetryRequest
+/// counts as full) or `resumed` (a session ticket).
+pub const TLS_HANDSHAKES: &str = "presence_tls_handshakes_total";
+/// Session tickets, by `result`: `issued`, `not_issued` (no key yet, or state too large),
+/// `accepted`, `unknown_key` (expired, or another server's), `invalid` (malformed or forged).
+pub const TLS_TICKETS: &str = "presence_tls_tickets_total";
+/// Cluster mode: rounds of fetching the shared ticket-key secrets from NATS, by `result`
+/// (`ok`, `failed`).
+pub const TLS_TICKET_KEY_SYNCS: &str = "presence_tls_ticket_key_syncs_total";
 /// WebSocket upgrade requests by result (`ok`, `timeout`, `closed`, `bad_request`, `path`,
 /// `origin`, `too_large`, `subprotocol`).
 pub const WS_UPGRADES: &str = "presence_ws_upgrades_total";
@@ -153,6 +162,15 @@ fn describe() {
     );
     describe_gauge!(TLS_HANDSHAKES_IN_FLIGHT, "TLS handshakes in progress");
     describe_counter!(TLS_HANDSHAKE_FAILURES, "Failed TLS handshakes, by reason");
+    describe_counter!(
+        TLS_HANDSHAKES,
+        "Completed TLS handshakes, by kind (full, resumed)"
+    );
+    describe_counter!(TLS_TICKETS, "TLS session tickets, by result");
+    describe_counter!(
+        TLS_TICKET_KEY_SYNCS,
+        "Cluster mode: fetches of the shared ticket-key secrets, by result"
+    );
     describe_counter!(
         WS_UPGRADES,
         "WebSocket upgrade requests by result: ok, or why they were refused"

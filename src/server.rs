@@ -105,7 +105,11 @@ impl Server {
         // The recorder is installed even when the endpoint is off, before any connection
         // exists, so gauges never see a decrement without its increment.
         m::install();
-        let tls_config = tls::server_config(&config.tls)?;
+        // Ticket keys are shared with the cluster link, which installs the cluster's secrets.
+        let tickets =
+            crate::tls_tickets::TicketKeys::from_config(&config.tls, config.cluster.is_some())
+                .map_err(TlsError::from)?;
+        let tls_config = tls::server_config_with_tickets(&config.tls, tickets.clone())?;
         // The store is loaded into memory before any listener exists, so no client can observe
         // a half-loaded subscription set.
         let data_dir = config.data_dir.clone();
@@ -162,6 +166,9 @@ impl Server {
                 });
                 let cluster =
                     Cluster::start(&c, node, ctx.registry.clone(), grace, max_expiry).await?;
+                if let Some(keys) = tickets.filter(|k| k.is_shared()) {
+                    cluster.start_ticket_keys(keys).await;
+                }
                 let _ = ctx.sub_log.set(cluster.sub_log().clone());
                 let _ = ctx.forwarder.set(cluster.forwarder().clone());
                 Some(cluster)

@@ -1,5 +1,6 @@
 //! Certificates → `rustls` configurations, built once at start and shared behind an `Arc`.
-//! TLS 1.3 and 1.2 with the `ring` provider, ALPN `presence/1`. The development CA and server
+//! TLS 1.3 and 1.2 with the `ring` provider, ALPN `presence/1`, stateless session tickets
+//! (`tls_tickets`) unless `[tls] tickets = false`, never 0-RTT. The development CA and server
 //! certificate from `certs-dev/` are embedded so the broker and `presencectl` run with no files
 //! at all; production deployments point `[tls]` at their own. Handshakes themselves run in each
 //! connection's task (see `connection`), never here.
@@ -11,6 +12,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::TlsConfig;
+use crate::tls_tickets::{TicketError, TicketKeys};
 
 /// The ALPN protocol id of this wire protocol.
 pub const ALPN: &[u8] = b"presence/1";
@@ -36,7 +38,22 @@ pub enum TlsError {
     /// rustls refused the material.
     #[error("tls configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The session-ticket keys could not be set up.
+    #[error(transparent)]
+    Tickets(#[from] TicketError),
 }
+
+/// TLS 1.3 tickets sent after each handshake (full or resumed). A client spends one per
+/// resumption (RFC 8446 recommends single use; rustls clients do so), so with one ticket a
+/// reconnect that dies after its ClientHello leaves the phone with none and its next attempt
+/// pays a full handshake; the second ticket covers that, common on mobile networks. Each costs
+/// the server one AES-GCM seal (about a microsecond) and ~200 bytes on the wire; more than two
+/// would only cover parallel connections, which a presence client does not open.
+pub const TLS13_TICKETS_PER_HANDSHAKE: usize = 2;
+
+/// TLS 1.2 sessions remembered by id when tickets are off (one shared, bounded cache, never
+/// per connection). With tickets on, 1.2 clients resume by ticket and nothing is stored.
+pub const TLS12_SESSION_CACHE: usize = 256;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -89,8 +106,18 @@ pub fn uses_dev_certificate(config: &TlsConfig) -> bool {
     config.cert.is_none()
 }
 
-/// The server side: the configured certificate and key, or the embedded dev pair.
+/// The server side: the configured certificate and key, or the embedded dev pair, with the
+/// session tickets `config` asks for (a single node's: see [`server_config_with_tickets`]).
 pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with_tickets(config, TicketKeys::from_config(config, false)?)
+}
+
+/// The server side with `tickets` as its ticket keys (`None`: no tickets, as with
+/// `tickets = false`). The keys are shared with the cluster link in cluster mode.
+pub fn server_config_with_tickets(
+    config: &TlsConfig,
+    tickets: Option<Arc<TicketKeys>>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let (cert_pem, key_pem, origin) = match (&config.cert, &config.key) {
         (Some(cert), Some(key)) => (
             read(cert, "certificate")?,
@@ -112,8 +139,25 @@ pub fn server_config(config: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, Tl
         .with_single_cert(certs, key)?;
     server.alpn_protocols = vec![ALPN.to_vec()];
     server.ignore_client_order = true;
-    // Sessions are long-lived; resumption tickets would only cost memory per connection.
-    server.send_tls13_tickets = 0;
+    match tickets {
+        Some(keys) => {
+            // Stateless: the ticket carries the sealed session, the server keeps nothing.
+            server.ticketer = keys;
+            server.send_tls13_tickets = TLS13_TICKETS_PER_HANDSHAKE;
+            server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        }
+        None => {
+            server.send_tls13_tickets = 0;
+            server.session_storage =
+                rustls::server::ServerSessionMemoryCache::new(TLS12_SESSION_CACHE);
+        }
+    }
+    // No 0-RTT. Early data can be replayed by anyone on the path, and the first frame here is
+    // Connect: a replay would take over the device's live session (and any request after it
+    // could change presence twice). rustls also refuses early data with stateless tickets,
+    // since RFC 8446 8.1's anti-replay needs server state; keep both reasons in mind before
+    // turning it on.
+    server.max_early_data_size = 0;
     Ok(Arc::new(server))
 }
 
@@ -136,10 +180,28 @@ pub fn client_config_from_file(path: &Path) -> Result<Arc<rustls::ClientConfig>,
     client_config_from_pem(&read(path, "CA")?)
 }
 
-/// The client side trusting the embedded development CA.
+/// The client side trusting the embedded development CA. Its resumption store (rustls's
+/// default, 256 sessions in memory) belongs to this value: clients built from one call resume
+/// each other's sessions, clients from separate calls do not.
 pub fn dev_client_config() -> Arc<rustls::ClientConfig> {
     // The embedded CA is part of the build and is checked by the tests; it always parses.
     client_config_from_pem(DEV_CA_PEM).expect("embedded dev CA parses")
+}
+
+/// A copy of `config` with a resumption store of its own holding up to `sessions` sessions (a
+/// simulated phone: tickets it received are offered on its reconnects; 0 turns resumption
+/// off). The copy shares everything else with `config`.
+pub fn with_resumption(
+    config: &rustls::ClientConfig,
+    sessions: usize,
+) -> Arc<rustls::ClientConfig> {
+    let mut config = config.clone();
+    config.resumption = if sessions == 0 {
+        rustls::client::Resumption::disabled()
+    } else {
+        rustls::client::Resumption::in_memory_sessions(sessions)
+    };
+    Arc::new(config)
 }
 
 /// Parses a host name or IP address for SNI and certificate checks.
@@ -162,8 +224,35 @@ mod tests {
         let config = TlsConfig {
             cert: Some("/nonexistent/cert.pem".into()),
             key: Some("/nonexistent/key.pem".into()),
+            ..TlsConfig::default()
         };
         let err = server_config(&config).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/cert.pem"), "{err}");
+        let config = TlsConfig {
+            ticket_secret_file: Some("/nonexistent/ticket.key".into()),
+            ..TlsConfig::default()
+        };
+        let err = server_config(&config).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/ticket.key"), "{err}");
+    }
+
+    #[test]
+    fn tickets_are_stateless_and_never_allow_early_data() {
+        let on = server_config(&TlsConfig::default()).unwrap();
+        assert!(on.ticketer.enabled());
+        assert_eq!(on.send_tls13_tickets, TLS13_TICKETS_PER_HANDSHAKE);
+        assert!(
+            !on.session_storage.can_cache(),
+            "no per-session server memory"
+        );
+        assert_eq!(on.max_early_data_size, 0);
+        let off = server_config(&TlsConfig {
+            tickets: false,
+            ..TlsConfig::default()
+        })
+        .unwrap();
+        assert!(!off.ticketer.enabled());
+        assert_eq!(off.send_tls13_tickets, 0);
+        assert_eq!(off.max_early_data_size, 0);
     }
 }

@@ -3,14 +3,16 @@
 //! replication subject, the receiver that applies other nodes' deltas and heartbeats through
 //! the peer table, the state-transfer responder and requester, and the ticker that sends
 //! heartbeats, declares silent peers dead, expires their sessions after the grace period and
-//! fences this node when its NATS link has been down too long or its own loop was stalled.
-//! Everything that decides lives in synchronous code (`peers`, `registry::replica`); this
-//! module only moves bytes and time.
+//! fences this node when its NATS link has been down too long or its own loop was stalled;
+//! `tickets` shares the TLS session-ticket secrets. Everything that decides lives in
+//! synchronous code (`peers`, `registry::replica`, `tls_tickets`); this module only moves bytes
+//! and time.
 
 pub mod events;
 pub mod forward;
 pub mod peers;
 pub mod sublog;
+pub mod tickets;
 pub mod wire;
 
 use std::collections::HashSet;
@@ -322,6 +324,27 @@ impl Cluster {
         )
         .await
         .map_err(ClusterError::EventLog)
+    }
+
+    /// Shares TLS session-ticket secrets with the other nodes through NATS and installs them
+    /// in `keys` (see [`tickets`]): fetched or created before this returns (waiting at most
+    /// [`tickets::START_WAIT`]), then kept fresh until [`Cluster::stop`]. Without NATS the node
+    /// issues no tickets until they arrive; nothing else depends on them.
+    pub async fn start_ticket_keys(&self, keys: Arc<crate::tls_tickets::TicketKeys>) {
+        let replicas = if self.shared.client.server_info().cluster.is_none() {
+            1
+        } else {
+            self.shared.config.subscription_replicas
+        };
+        tickets::start(
+            self.shared.client.clone(),
+            &self.shared.config.subject_prefix,
+            replicas,
+            keys,
+            self.shared.stop.clone(),
+            &self.shared.tasks,
+        )
+        .await;
     }
 
     /// Sends admin changes to the nodes holding sessions.

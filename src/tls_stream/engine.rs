@@ -193,6 +193,11 @@ impl TlsEngine {
         self.conn.alpn_protocol()
     }
 
+    /// Whether the handshake was full or resumed a session ticket (`None` before it is known).
+    pub fn handshake_kind(&self) -> Option<rustls::HandshakeKind> {
+        self.conn.handshake_kind()
+    }
+
     /// The first error, if the engine failed.
     pub fn error(&self) -> Option<io::Error> {
         self.failed

@@ -6,8 +6,11 @@
 //! commits a handshake slot), [`ClientHello::handshake`] completes the handshake (sending
 //! rustls's alert when it fails), and [`TlsStream`] is the `AsyncRead + AsyncWrite` a session
 //! runs on: it hands over every byte decrypted before a TLS error, then the error, and writes
-//! nothing but the pending alert once the connection has failed. `forge` is a TLS 1.3 client
-//! that writes hand-made records with its own keys, for tests and the fuzz target.
+//! nothing but the pending alert once the connection has failed. The session tickets rustls
+//! issues at the end of a handshake leave with its last flight, before the handshake returns,
+//! so an idle client has them too; each completed handshake is counted by kind (full or
+//! resumed). `forge` is a TLS 1.3 client that writes hand-made records with its own keys, for
+//! tests and the fuzz target.
 
 pub mod engine;
 pub mod forge;
@@ -81,6 +84,8 @@ impl ClientHello {
                     return Err(e);
                 }
                 Ok(Status::Open) => {
+                    // Everything rustls queued with the handshake's end (its Finished, or the
+                    // session tickets after the client's) has been written by `send_all`.
                     sent?;
                     break;
                 }
@@ -99,6 +104,11 @@ impl ClientHello {
                 }
             }
         }
+        let kind = match engine.handshake_kind() {
+            Some(rustls::HandshakeKind::Resumed) => "resumed",
+            _ => "full",
+        };
+        metrics::counter!(crate::metrics::TLS_HANDSHAKES, "kind" => kind).increment(1);
         Ok(TlsStream {
             tcp,
             engine,
@@ -119,6 +129,11 @@ impl TlsStream {
     /// The ALPN protocol agreed in the handshake.
     pub fn alpn_protocol(&self) -> Option<&[u8]> {
         self.engine.alpn_protocol()
+    }
+
+    /// True when the handshake resumed a session (a ticket) instead of a full handshake.
+    pub fn resumed(&self) -> bool {
+        self.engine.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
     }
 
     /// Writes unsent ciphertext until none is left or the socket would block.
@@ -237,12 +252,19 @@ mod tests {
     use tokio::net::TcpListener;
 
     async fn pair() -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let server_config =
             crate::tls::server_config(&crate::config::TlsConfig::default()).unwrap();
+        pair_with(server_config, crate::tls::dev_client_config()).await
+    }
+
+    async fn pair_with(
+        server_config: Arc<rustls::ServerConfig>,
+        client_config: Arc<rustls::ClientConfig>,
+    ) -> (TlsStream, tokio_rustls::client::TlsStream<TcpStream>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
         let client = tokio::spawn(async move {
-            crate::client::tls_connect(addr, "localhost", crate::tls::dev_client_config())
+            crate::client::tls_connect(addr, "localhost", client_config)
                 .await
                 .unwrap()
         });
@@ -294,6 +316,32 @@ mod tests {
         server.read_to_end(&mut tail).await.unwrap();
         assert!(tail.is_empty());
         assert_eq!(server.engine.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_next_connection_resumes_with_a_ticket_from_the_first() {
+        let server_config =
+            crate::tls::server_config(&crate::config::TlsConfig::default()).unwrap();
+        let client_config = crate::tls::with_resumption(&crate::tls::dev_client_config(), 8);
+        for (round, resumed) in [(0u8, false), (1, true), (2, true)] {
+            let (mut server, mut client) =
+                pair_with(server_config.clone(), client_config.clone()).await;
+            assert_eq!(server.resumed(), resumed, "round {round}");
+            let kind = client.get_ref().1.handshake_kind();
+            let expected = if resumed {
+                rustls::HandshakeKind::Resumed
+            } else {
+                rustls::HandshakeKind::Full
+            };
+            assert_eq!(kind, Some(expected), "round {round}");
+            // The tickets precede this byte, so the client has them once it reads it.
+            server.write_all(&[round]).await.unwrap();
+            server.flush().await.unwrap();
+            let mut byte = [0u8; 1];
+            client.read_exact(&mut byte).await.unwrap();
+            assert_eq!(byte, [round]);
+            assert_eq!(server.engine.capacity(), 0, "nothing kept for the tickets");
+        }
     }
 
     #[tokio::test]
