@@ -159,6 +159,7 @@ async fn resume_figures() {
                     version: *v,
                 })
                 .collect(),
+            ..Default::default()
         })),
     }
     .encoded_len();

@@ -360,9 +360,44 @@ impl Client {
     }
 
     /// Resumes from the versions held per user: returns the changed users' presence (from the
-    /// batches sent before the reply) and the reply. Events pushed meanwhile stay queued.
+    /// batches sent before each reply) and one reply summing every page's (`complete` set).
+    /// A list that does not fit one frame (the session's `max_frame_bytes` and
+    /// `max_subscriptions`) goes out in pages by user-id range, one Resume each, as the proto
+    /// describes. Events pushed meanwhile stay queued.
     pub async fn resume(
         &mut self,
+        known: &[(String, u64)],
+    ) -> Result<(Vec<pb::PresenceEvent>, pb::ResumeResult), ClientError> {
+        let limits = self.conn_ack.limits.unwrap_or_default();
+        let budget = (limits.max_frame_bytes as usize).saturating_sub(RESUME_FRAME_SLACK);
+        let mut sorted = known.to_vec();
+        sorted.sort();
+        sorted.dedup_by(|a, b| a.0 == b.0);
+        let pages = resume_pages(&sorted, budget, limits.max_subscriptions as usize);
+        let mut total = pb::ResumeResult::default();
+        let mut changed = Vec::new();
+        let mut why = Vec::new();
+        for (after, through, entries) in pages {
+            let (events, result) = self.resume_page(after, through, entries).await?;
+            changed.extend(events);
+            total.changed += result.changed;
+            total.unchanged += result.unchanged;
+            total.state_lost += result.state_lost;
+            total.unwatched_user_ids.extend(result.unwatched_user_ids);
+            total.complete = result.complete;
+            if !result.why.is_empty() {
+                why.push(result.why);
+            }
+        }
+        total.why = why.join("; ");
+        Ok((changed, total))
+    }
+
+    /// One Resume page: the users in `after` < user <= `through` (`""`: open).
+    pub async fn resume_page(
+        &mut self,
+        after: String,
+        through: String,
         known: &[(String, u64)],
     ) -> Result<(Vec<pb::PresenceEvent>, pb::ResumeResult), ClientError> {
         let body = ClientBody::Resume(pb::Resume {
@@ -373,6 +408,8 @@ impl Client {
                     version: *version,
                 })
                 .collect(),
+            after_user_id: after,
+            through_user_id: through,
         });
         let result = self
             .call(body, |b| match b {
@@ -847,4 +884,100 @@ fn pairs(state: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// Bytes of a Resume frame kept free for everything but the entries: the frame's length
+/// prefix, request id and envelope, and both range bounds (user ids are at most 256 bytes).
+const RESUME_FRAME_SLACK: usize = 1024;
+
+/// One Resume page: (after, through, the entries in that range).
+pub type ResumePage<'a> = (String, String, &'a [(String, u64)]);
+
+/// Splits `sorted` (by user id, no duplicates) into Resume pages of at most `budget` encoded
+/// bytes of entries and `max_entries` entries: (after, through, entries), the first page from
+/// the start (`after` empty), each next one after the previous one's last user, the last one to
+/// the end (`through` empty). An empty list is one page covering everything.
+pub fn resume_pages(
+    sorted: &[(String, u64)],
+    budget: usize,
+    max_entries: usize,
+) -> Vec<ResumePage<'_>> {
+    use prost::Message;
+    let (budget, max_entries) = (budget.max(1), max_entries.max(1));
+    let mut pages = Vec::new();
+    let (mut start, mut bytes) = (0usize, 0usize);
+    let mut after = String::new();
+    for (i, (user_id, version)) in sorted.iter().enumerate() {
+        let entry = pb::KnownVersion {
+            user_id: user_id.clone(),
+            version: *version,
+        }
+        .encoded_len();
+        // The entry's tag and length prefix.
+        let entry = entry + 1 + prost::length_delimiter_len(entry);
+        if i > start && (bytes + entry > budget || i - start >= max_entries) {
+            let through = sorted[i - 1].0.clone();
+            pages.push((after, through.clone(), &sorted[start..i]));
+            after = through;
+            (start, bytes) = (i, 0);
+        }
+        bytes += entry;
+    }
+    pages.push((after, String::new(), &sorted[start..]));
+    pages
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resume_pages_cover_every_user_once_in_ranges_that_fit() {
+        let known: Vec<(String, u64)> = (0..5000)
+            .map(|i| (format!("user{i:05}"), u64::MAX - i))
+            .collect();
+        let pages = resume_pages(&known, 64 * 1024 - RESUME_FRAME_SLACK, 10_000);
+        assert!(pages.len() > 1, "5,000 entries do not fit one frame");
+        assert_eq!(pages.first().unwrap().0, "");
+        assert_eq!(pages.last().unwrap().1, "");
+        let mut seen = 0;
+        for (i, (after, through, entries)) in pages.iter().enumerate() {
+            let frame = pb::Resume {
+                known: entries
+                    .iter()
+                    .map(|(u, v)| pb::KnownVersion {
+                        user_id: u.clone(),
+                        version: *v,
+                    })
+                    .collect(),
+                after_user_id: after.clone(),
+                through_user_id: through.clone(),
+            };
+            let frame = pb::ClientFrame {
+                request_id: u64::MAX,
+                body: Some(ClientBody::Resume(frame)),
+            };
+            assert!(
+                prost::Message::encoded_len(&frame) + 10 <= 64 * 1024,
+                "fits a frame"
+            );
+            for (u, _) in entries.iter() {
+                assert!(crate::command::in_range(
+                    u,
+                    Some(after.as_str()).filter(|a| !a.is_empty()),
+                    Some(through.as_str()).filter(|t| !t.is_empty()),
+                ));
+            }
+            if i + 1 < pages.len() {
+                assert_eq!(&pages[i + 1].0, through, "ranges are contiguous");
+            }
+            seen += entries.len();
+        }
+        assert_eq!(seen, known.len());
+        // The entry cap applies too, and an empty list is one open page.
+        assert_eq!(resume_pages(&known[..10], usize::MAX, 3).len(), 4);
+        let none = resume_pages(&[], 1000, 10);
+        assert_eq!(none.len(), 1);
+        assert!(none[0].0.is_empty() && none[0].1.is_empty() && none[0].2.is_empty());
+    }
 }

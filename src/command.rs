@@ -219,8 +219,12 @@ pub enum Command {
     },
     /// Send what changed since the versions the client holds; handled by the connection.
     Resume {
-        /// Version held per user.
+        /// Version held per user, each inside the range.
         known: std::collections::HashMap<String, u64>,
+        /// The page's range: user ids above `after` (exclusive; `None`: from the first)...
+        after: Option<String>,
+        /// ...up to `through` (inclusive; `None`: to the last).
+        through: Option<String>,
     },
     /// Set this connection's delivery contract (`None`: live); handled by the connection,
     /// which owns the outbound queue.
@@ -397,12 +401,34 @@ impl Command {
                         limits.max_subscriptions
                     )));
                 }
+                let after = optional_user(r.after_user_id)?;
+                let through = optional_user(r.through_user_id)?;
+                if let (Some(a), Some(t)) = (&after, &through) {
+                    if a >= t {
+                        return Err(bad(format!(
+                            "after_user_id {a:?} must sort before through_user_id {t:?}"
+                        )));
+                    }
+                }
                 let mut known = std::collections::HashMap::with_capacity(r.known.len());
                 for k in r.known {
                     check_user_id(&k.user_id).map_err(invalid_id)?;
+                    if !in_range(&k.user_id, after.as_deref(), through.as_deref()) {
+                        return Err(bad(format!(
+                            "known user {:?} is outside this page's range (after_user_id \
+                             {:?}, through_user_id {:?})",
+                            k.user_id,
+                            after.as_deref().unwrap_or(""),
+                            through.as_deref().unwrap_or("")
+                        )));
+                    }
                     known.insert(k.user_id, k.version);
                 }
-                Command::Resume { known }
+                Command::Resume {
+                    known,
+                    after,
+                    through,
+                }
             }
             ClientBody::RemoveChannelState(r) => {
                 if r.keys.len() > limits.max_state_pairs as usize {
@@ -482,6 +508,11 @@ pub(crate) fn channel_id(id: String) -> Result<String, RequestError> {
     check_user_id(&id)
         .map_err(|reason| bad(format!("channel id: {}", reason.replace("user id", "id"))))?;
     Ok(id)
+}
+
+/// Whether `user` is in the page range `after` < user <= `through` (a missing bound is open).
+pub(crate) fn in_range(user: &str, after: Option<&str>, through: Option<&str>) -> bool {
+    after.is_none_or(|a| user > a) && through.is_none_or(|t| user <= t)
 }
 
 fn optional_user(id: String) -> Result<Option<String>, RequestError> {

@@ -1062,19 +1062,30 @@ fn resume(
     registry: &Registry,
     limits: &crate::config::LimitsConfig,
 ) -> Result<ServerBody, RequestError> {
-    let Command::Resume { known } = command else {
+    let Command::Resume {
+        known,
+        after: range_after,
+        through: range_through,
+    } = command
+    else {
         return Err(RequestError::new(pb::ErrorCode::BadRequest, "not a resume"));
     };
     let now_ms = crate::now_ms();
     let store = registry.store();
+    // The watched users in this page's range (the store lists them in user-id order).
     let mut watched: Vec<String> = Vec::new();
-    let mut after: Option<String> = None;
-    loop {
+    let mut after = range_after.clone();
+    'pages: loop {
         let page = store
             .list(&session.user_id, after.as_deref(), 1000, now_ms)
             .map_err(|e| RequestError::new(pb::ErrorCode::Internal, e.to_string()))?;
         after = page.entries.last().map(|(t, _)| t.clone());
-        watched.extend(page.entries.into_iter().map(|(t, _)| t));
+        for (target, _) in page.entries {
+            if range_through.as_deref().is_some_and(|t| target.as_str() > t) {
+                break 'pages;
+            }
+            watched.push(target);
+        }
         if !page.has_more || after.is_none() {
             break;
         }
@@ -1138,6 +1149,9 @@ fn resume(
         unwatched_user_ids: unwatched,
         state_lost,
         why,
+        complete: range_through.is_none(),
+        after_user_id: range_after.unwrap_or_default(),
+        through_user_id: range_through.unwrap_or_default(),
     }))
 }
 

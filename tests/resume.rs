@@ -328,3 +328,93 @@ async fn a_resume_sends_only_what_changed_and_names_what_is_no_longer_watched() 
     assert!(result.why.contains("lost state"), "{}", result.why);
     assert_eq!(changed.len(), 3, "b in full, a and c not listed: in full");
 }
+
+/// A watched list larger than one frame resumes in pages by user-id range: the client splits
+/// it, each page is answered for its range alone, and the last page's reply says the view is
+/// complete. Bad ranges are refused with a reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_too_large_for_one_frame_resumes_in_pages() {
+    let broker = start(|c| {
+        c.limits.request_rate_per_sec = 100_000;
+        c.limits.request_burst = 100_000;
+    })
+    .await;
+    let mut watcher = connect(&broker, "w").await;
+    let max = watcher.conn_ack.limits.unwrap();
+    let count = max.max_subscriptions as usize;
+    // Long ids: the list is about three frames' worth.
+    let users: Vec<String> = (0..count)
+        .map(|i| format!("a-user-with-a-rather-long-identifier-{i:05}"))
+        .collect();
+    for chunk in users.chunks(max.max_ids_per_request as usize) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        within(watcher.subscribe(&refs)).await.unwrap();
+    }
+    let (all, first) = within(watcher.resume(&[])).await.unwrap();
+    assert_eq!((first.changed as usize, all.len()), (count, count));
+    assert!(first.complete);
+    let known: Vec<(String, u64)> = all.iter().map(|e| (e.user_id.clone(), e.version)).collect();
+    let bytes: usize = known.iter().map(|(u, _)| u.len() + 14).sum();
+    assert!(
+        bytes > 2 * max.max_frame_bytes as usize,
+        "the list must need several frames"
+    );
+    drop(watcher);
+
+    // Three users change while the watcher is away, one in each part of the list.
+    let moved = [&users[5], &users[count / 2], &users[count - 1]];
+    let mut online = Vec::new();
+    for u in moved {
+        online.push(connect(&broker, u).await);
+    }
+    let mut watcher = connect(&broker, "w").await;
+    let (changed, result) = within(watcher.resume(&known)).await.unwrap();
+    let mut ids: Vec<&str> = changed.iter().map(|e| e.user_id.as_str()).collect();
+    ids.sort();
+    assert_eq!(ids, moved.map(String::as_str));
+    assert_eq!(
+        (result.changed as usize, result.unchanged as usize),
+        (3, count - 3)
+    );
+    assert!(result.complete && result.unwatched_user_ids.is_empty());
+
+    // One middle page alone answers for its range only.
+    let (lo, hi) = (count / 3, 2 * count / 3);
+    let page = &known[lo + 1..=hi];
+    let (changed, result) =
+        within(watcher.resume_page(known[lo].0.clone(), known[hi].0.clone(), page))
+            .await
+            .unwrap();
+    assert_eq!(
+        changed.len(),
+        1,
+        "only the middle user changed in this range"
+    );
+    assert_eq!(changed[0].user_id, *moved[1]);
+    assert_eq!(result.unchanged as usize, page.len() - 1);
+    assert!(!result.complete);
+    assert_eq!(
+        (
+            result.after_user_id.as_str(),
+            result.through_user_id.as_str()
+        ),
+        (known[lo].0.as_str(), known[hi].0.as_str())
+    );
+
+    // A listed user outside the range, and an empty range, are refused.
+    let outside = server_error(
+        within(watcher.resume_page(known[lo].0.clone(), known[hi].0.clone(), &known[..1])).await,
+    );
+    assert_eq!(code(&outside), pb::ErrorCode::BadRequest);
+    assert!(outside.reason.contains("outside"), "{}", outside.reason);
+    let backwards = server_error(
+        within(watcher.resume_page(known[hi].0.clone(), known[lo].0.clone(), &[])).await,
+    );
+    assert_eq!(code(&backwards), pb::ErrorCode::BadRequest);
+    assert!(
+        backwards.reason.contains("sort before"),
+        "{}",
+        backwards.reason
+    );
+    drop(online);
+}
