@@ -73,6 +73,8 @@ pub struct Config {
     pub webhooks: Vec<crate::webhooks::WebhookConfig>,
     /// WebSocket listeners for browsers; off until a listen address is set.
     pub websocket: crate::ws::WebSocketConfig,
+    /// Privacy caps: block lists, approvals, pending requests.
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 impl Default for Config {
@@ -92,6 +94,7 @@ impl Default for Config {
             admin: crate::admin::AdminConfig::default(),
             webhooks: Vec::new(),
             websocket: crate::ws::WebSocketConfig::default(),
+            privacy: crate::privacy::PrivacyConfig::default(),
         }
     }
 }
@@ -547,6 +550,7 @@ impl Config {
     /// Checks every value; the broker refuses to start on an error.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        self.privacy.validate().map_err(ConfigError::Invalid)?;
         if let Some(c) = &self.cluster {
             if c.nats_urls.is_empty() {
                 return bad("cluster.nats_urls must name at least one NATS server".into());

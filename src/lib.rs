@@ -14,6 +14,7 @@
 //! | [`registry`] | live presence, sessions and fanout to watchers (no `.await`) |
 //! | [`outbound`] | each connection's bounded outbound queue with coalescing |
 //! | [`delivery`] | a connection's delivery contract (background mode): held, trimmed and batched presence events |
+//! | [`privacy`] | privacy settings, blocks and approvals, and the one rule that decides what a viewer is shown of a user (SPEC §13) |
 //! | [`store`] | the `SubscriptionStore` interface and its in-memory implementation |
 //! | [`address`] | what one address is for per-address limits (IPv4, or an IPv6 /64) |
 //! | [`auth`] | HMAC-SHA256 (JWT HS256) token minting and verification |
@@ -47,6 +48,7 @@ pub mod events;
 pub mod metrics;
 pub mod model;
 pub mod outbound;
+pub mod privacy;
 pub mod registry;
 pub mod server;
 pub mod store;
