@@ -566,6 +566,57 @@ impl Client {
         .await
     }
 
+    /// Turns user-level invisibility on or off.
+    pub async fn set_invisible(&self, on: bool) -> Result<pb::SetInvisibleResult, ClientError> {
+        let body = ClientBody::SetInvisible(pb::SetInvisible { invisible: on });
+        self.call(body, |b| match b {
+            ServerBody::SetInvisibleResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Blocks users.
+    pub async fn block(&self, user_ids: &[&str]) -> Result<pb::BlockResult, ClientError> {
+        let body = ClientBody::Block(pb::Block {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+        });
+        self.call(body, |b| match b {
+            ServerBody::BlockResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Lifts blocks.
+    pub async fn unblock(&self, user_ids: &[&str]) -> Result<pb::BlockResult, ClientError> {
+        let body = ClientBody::Unblock(pb::Unblock {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+        });
+        self.call(body, |b| match b {
+            ServerBody::BlockResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// One page of the block list.
+    pub async fn list_blocked(
+        &self,
+        cursor: &str,
+        page_size: u32,
+    ) -> Result<pb::ListBlockedResult, ClientError> {
+        let body = ClientBody::ListBlocked(pb::ListBlocked {
+            cursor: cursor.to_string(),
+            page_size,
+        });
+        self.call(body, |b| match b {
+            ServerBody::ListBlockedResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
     /// Sends a directed presence; returns the recipients that were online.
     pub async fn direct(
         &self,

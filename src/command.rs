@@ -16,6 +16,7 @@ use crate::outbound::Outbound;
 use crate::pb;
 use crate::pb::client_frame::Body as ClientBody;
 use crate::pb::server_frame::Body as ServerBody;
+use crate::privacy::{PrivacyOp, Viewer};
 use crate::registry::{Attach, Registry, RegistryError};
 use crate::store::{LoggedOp, LoggedOutcome};
 use crate::wire;
@@ -88,6 +89,10 @@ impl From<RegistryError> for RequestError {
                 reason,
                 retry_after_ms: UNAVAILABLE_RETRY_MS,
             },
+            RegistryError::BadRequest(reason) => bad(reason),
+            e @ RegistryError::Store(_) => {
+                RequestError::new(pb::ErrorCode::Internal, e.to_string())
+            }
             e @ RegistryError::NotMember(_) => {
                 RequestError::new(pb::ErrorCode::NotMember, e.to_string())
             }
@@ -225,6 +230,28 @@ pub enum Command {
         after: Option<String>,
         /// ...up to `through` (inclusive; `None`: to the last).
         through: Option<String>,
+    },
+    /// Turn user-level invisibility on or off.
+    SetInvisible {
+        /// On or off.
+        on: bool,
+    },
+    /// Block users.
+    Block {
+        /// Distinct users.
+        targets: Vec<String>,
+    },
+    /// Lift blocks.
+    Unblock {
+        /// Distinct users.
+        targets: Vec<String>,
+    },
+    /// A page of the block list.
+    ListBlocked {
+        /// Users after this id.
+        after: Option<String>,
+        /// Page size.
+        page_size: usize,
     },
     /// Set this connection's delivery contract (`None`: live); handled by the connection,
     /// which owns the outbound queue.
@@ -393,6 +420,17 @@ impl Command {
                 user: optional_user(g.user_id)?,
             },
             ClientBody::SetDelivery(d) => Command::SetDelivery(parse_delivery(d, limits)?),
+            ClientBody::SetInvisible(i) => Command::SetInvisible { on: i.invisible },
+            ClientBody::Block(b) => Command::Block {
+                targets: nonempty_ids(b.user_ids, limits)?,
+            },
+            ClientBody::Unblock(b) => Command::Unblock {
+                targets: nonempty_ids(b.user_ids, limits)?,
+            },
+            ClientBody::ListBlocked(l) => Command::ListBlocked {
+                after: decode_cursor(&l.cursor)?,
+                page_size: page_size(l.page_size, limits)?,
+            },
             ClientBody::Resume(r) => {
                 if r.known.len() > limits.max_subscriptions as usize {
                     return Err(limit(format!(
@@ -513,6 +551,15 @@ pub(crate) fn channel_id(id: String) -> Result<String, RequestError> {
 /// Whether `user` is in the page range `after` < user <= `through` (a missing bound is open).
 pub(crate) fn in_range(user: &str, after: Option<&str>, through: Option<&str>) -> bool {
     after.is_none_or(|a| user > a) && through.is_none_or(|t| user <= t)
+}
+
+/// Distinct, valid ids, at least one.
+fn nonempty_ids(ids: Vec<String>, limits: &LimitsConfig) -> Result<Vec<String>, RequestError> {
+    let ids = parse_ids(ids, limits)?;
+    if ids.is_empty() {
+        return Err(bad("user_ids is empty"));
+    }
+    Ok(ids)
 }
 
 fn optional_user(id: String) -> Result<Option<String>, RequestError> {
@@ -928,13 +975,14 @@ pub fn logged_reply(op: &LoggedOp, outcome: LoggedOutcome, registry: &Registry) 
     match (op, outcome) {
         (
             LoggedOp::Subscribe {
+                subscriber,
                 targets,
                 expires_at_ms,
                 ..
             },
             LoggedOutcome::Subscribed(outcome),
         ) => {
-            let presences = registry.snapshots(targets);
+            let presences = registry.snapshots_for(Viewer::User(subscriber), targets);
             ServerBody::SubscribeResult(pb::SubscribeResult {
                 presences: presences.iter().map(wire::presence_to_pb).collect(),
                 expires_at_ms: *expires_at_ms,
@@ -968,10 +1016,32 @@ pub fn execute(
     execute_body(command, session, registry, limits, received_at).map(|body| {
         let needs_commit = matches!(
             body,
-            ServerBody::SubscribeResult(_) | ServerBody::UnsubscribeResult(_)
+            ServerBody::SubscribeResult(_)
+                | ServerBody::UnsubscribeResult(_)
+                | ServerBody::SetInvisibleResult(_)
+                | ServerBody::BlockResult(_)
         );
         Reply { body, needs_commit }
     })
+}
+
+/// Applies a Block or Unblock and answers with how many changed and the list's size.
+fn block_reply(
+    registry: &Registry,
+    session: &Session,
+    op: PrivacyOp,
+    received_at: Instant,
+) -> Result<ServerBody, RequestError> {
+    let records = registry.privacy_op(&op, received_at)?;
+    let changed = records
+        .iter()
+        .filter(|r| matches!(r, crate::privacy::PrivacyRecord::Block { .. }))
+        .count();
+    let (_, total) = registry.blocked_page(&session.user_id, None, 0);
+    Ok(ServerBody::BlockResult(pb::BlockResult {
+        changed: changed as u32,
+        total: total as u32,
+    }))
 }
 
 fn execute_body(
@@ -1028,7 +1098,7 @@ fn execute_body(
                 now_ms,
                 limits.max_subscriptions as usize,
             )?;
-            let presences = registry.snapshots(&targets);
+            let presences = registry.snapshots_for(Viewer::User(&session.user_id), &targets);
             Ok(ServerBody::SubscribeResult(pb::SubscribeResult {
                 presences: presences.iter().map(wire::presence_to_pb).collect(),
                 expires_at_ms,
@@ -1070,8 +1140,59 @@ fn execute_body(
                 },
             ))
         }
+        Command::SetInvisible { on } => {
+            let op = PrivacyOp::SetInvisible {
+                user: session.user_id.clone(),
+                on,
+            };
+            registry.privacy_op(&op, received_at)?;
+            let presence = registry.snapshot(&session.user_id);
+            Ok(ServerBody::SetInvisibleResult(pb::SetInvisibleResult {
+                invisible: registry.is_invisible(&session.user_id),
+                presence: Some(wire::presence_to_pb(&presence)),
+            }))
+        }
+        Command::Block { targets } => block_reply(
+            registry,
+            session,
+            PrivacyOp::Block {
+                user: session.user_id.clone(),
+                targets,
+            },
+            received_at,
+        ),
+        Command::Unblock { targets } => block_reply(
+            registry,
+            session,
+            PrivacyOp::Unblock {
+                user: session.user_id.clone(),
+                targets,
+            },
+            received_at,
+        ),
+        Command::ListBlocked { after, page_size } => {
+            let (page, total) =
+                registry.blocked_page(&session.user_id, after.as_deref(), page_size + 1);
+            let has_more = page.len() > page_size;
+            let page = &page[..page.len().min(page_size)];
+            let next_cursor = match (has_more, page.last()) {
+                (true, Some((last, _))) => encode_cursor(last),
+                _ => String::new(),
+            };
+            Ok(ServerBody::ListBlockedResult(pb::ListBlockedResult {
+                blocked: page
+                    .iter()
+                    .map(|(user_id, since_ms)| pb::BlockedUser {
+                        user_id: user_id.clone(),
+                        since_ms: *since_ms,
+                    })
+                    .collect(),
+                next_cursor,
+                total: total as u32,
+            }))
+        }
         Command::GetPresence { targets } => {
-            let presences = registry.snapshots(&targets);
+            let presences = registry.snapshots_for(Viewer::User(&session.user_id), &targets);
             Ok(ServerBody::GetPresenceResult(pb::GetPresenceResult {
                 presences: presences.iter().map(wire::presence_to_pb).collect(),
             }))

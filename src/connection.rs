@@ -93,6 +93,7 @@ impl ConnectionContext {
                 announce_threshold: config.channels.announce_threshold as usize,
                 max_devices_per_user: config.limits.max_devices_per_user as usize,
                 device_limit_policy: config.limits.device_limit_policy,
+                privacy: config.privacy.clone(),
             },
         );
         ConnectionContext {
@@ -1003,7 +1004,7 @@ fn handle_frame<F: FrameSource>(
                 return Step::Continue;
             }
             if let Command::SetDelivery(contract) = command {
-                let reply = set_delivery(contract, outbound, &ctx.registry);
+                let reply = set_delivery(contract, &current.user_id, outbound, &ctx.registry);
                 push_reply(outbound, request_id, reply);
                 return Step::Continue;
             }
@@ -1081,7 +1082,10 @@ fn resume(
             .map_err(|e| RequestError::new(pb::ErrorCode::Internal, e.to_string()))?;
         after = page.entries.last().map(|(t, _)| t.clone());
         for (target, _) in page.entries {
-            if range_through.as_deref().is_some_and(|t| target.as_str() > t) {
+            if range_through
+                .as_deref()
+                .is_some_and(|t| target.as_str() > t)
+            {
                 break 'pages;
             }
             watched.push(target);
@@ -1092,7 +1096,8 @@ fn resume(
     }
     let mut changed = Vec::new();
     let (mut unchanged, mut state_lost) = (0u32, 0u32);
-    for snapshot in registry.snapshots(&watched) {
+    let viewer = crate::privacy::Viewer::User(&session.user_id);
+    for snapshot in registry.snapshots_for(viewer, &watched) {
         match known.get(&snapshot.user_id) {
             Some(&held) if held == snapshot.version => unchanged += 1,
             Some(&held) => {
@@ -1161,6 +1166,7 @@ fn resume(
 /// reply follows it, so a client that has the reply has a complete view.
 fn set_delivery(
     contract: Option<crate::delivery::Contract>,
+    user_id: &str,
     outbound: &Outbound,
     registry: &Registry,
 ) -> ServerBody {
@@ -1175,7 +1181,8 @@ fn set_delivery(
         },
     };
     if let Some((mut events, owed)) = outbound.set_delivery(contract) {
-        for snapshot in registry.snapshots(&owed) {
+        let viewer = crate::privacy::Viewer::User(user_id);
+        for snapshot in registry.snapshots_for(viewer, &owed) {
             if snapshot.availability == crate::model::Availability::Offline {
                 continue;
             }

@@ -56,6 +56,10 @@ pub const TLS_TICKET_KEY_SYNCS: &str = "presence_tls_ticket_key_syncs_total";
 /// WebSocket upgrade requests by result (`ok`, `timeout`, `closed`, `bad_request`, `path`,
 /// `origin`, `too_large`, `subprotocol`).
 pub const WS_UPGRADES: &str = "presence_ws_upgrades_total";
+/// Privacy changes applied, by `op` (`set_invisible`, `block`, `unblock`, ...).
+pub const PRIVACY_OPS: &str = "presence_privacy_ops_total";
+/// Presence events the privacy rule withheld from a watcher.
+pub const PRIVACY_WITHHELD: &str = "presence_privacy_withheld_total";
 /// From receiving a change to writing it into a watcher's socket.
 pub const FANOUT_LATENCY_SECONDS: &str = "presence_fanout_latency_seconds";
 /// Events handed to watchers' outbound queues (including coalesced ones).
@@ -167,6 +171,11 @@ fn describe() {
         "Completed TLS handshakes, by kind (full, resumed)"
     );
     describe_counter!(TLS_TICKETS, "TLS session tickets, by result");
+    describe_counter!(PRIVACY_OPS, "Privacy changes applied, by op");
+    describe_counter!(
+        PRIVACY_WITHHELD,
+        "Presence events the privacy rule withheld from a watcher"
+    );
     describe_counter!(
         TLS_TICKET_KEY_SYNCS,
         "Cluster mode: fetches of the shared ticket-key secrets, by result"

@@ -159,6 +159,9 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
         Body::PresenceBatch(_) => "presence_batch",
         Body::DeliveryResult(_) => "delivery_result",
         Body::ResumeResult(_) => "resume_result",
+        Body::SetInvisibleResult(_) => "set_invisible_result",
+        Body::BlockResult(_) => "block_result",
+        Body::ListBlockedResult(_) => "list_blocked_result",
     }
 }
 
@@ -187,6 +190,10 @@ pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
         Some(Body::RemoveChannelState(_)) => "remove_channel_state",
         Some(Body::SetDelivery(_)) => "set_delivery",
         Some(Body::Resume(_)) => "resume",
+        Some(Body::SetInvisible(_)) => "set_invisible",
+        Some(Body::Block(_)) => "block",
+        Some(Body::Unblock(_)) => "unblock",
+        Some(Body::ListBlocked(_)) => "list_blocked",
     }
 }
 

@@ -102,6 +102,7 @@ fuzz_target!(|steps: Vec<Step>| {
             announce_threshold: 2,
             max_devices_per_user: 2,
             device_limit_policy: DeviceLimitPolicy::EvictOldest,
+            privacy: Default::default(),
         },
     );
     registry.set_replication(Arc::new(CountingSink(AtomicU64::new(0))), Duration::from_secs(1));

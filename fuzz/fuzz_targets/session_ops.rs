@@ -64,6 +64,7 @@ fuzz_target!(|ops: Vec<Op>| {
             // Three device ids per user: a cap of two makes attaches evict the oldest.
             max_devices_per_user: 2,
             device_limit_policy: DeviceLimitPolicy::EvictOldest,
+            privacy: Default::default(),
         },
     );
     let store = registry.store().clone();

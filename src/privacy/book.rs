@@ -78,6 +78,13 @@ impl PrivacyBook {
         decide(viewer, target, self.users.get(target), viewer_privacy)
     }
 
+    /// True when `a` blocked `b` or `b` blocked `a`.
+    pub fn related(&self, a: &str, b: &str) -> bool {
+        self.users
+            .get(a)
+            .is_some_and(|p| p.blocked.contains_key(b) || p.blocked_by.contains(b))
+    }
+
     /// The lowest version any view of `user` shows (0 without an entry).
     pub fn version_floor(&self, user: &str) -> u64 {
         self.users.get(user).map_or(0, |p| p.settings.version)
@@ -139,7 +146,20 @@ impl PrivacyBook {
                 if s.invisible.is_some() == *on {
                     return Ok(Vec::new());
                 }
-                s.invisible = on.then(|| self.shown_mark(user, shown, tick));
+                match s.invisible {
+                    // Turning it off: the last-seen shown while invisible stays until the
+                    // user's next session.
+                    Some(mark) => {
+                        s.reappeared = Some(Mark {
+                            last_seen_ms: mark.last_seen_ms,
+                            version: tick,
+                        })
+                    }
+                    None => s.invisible = Some(self.shown_mark(user, shown, tick)),
+                }
+                if !on {
+                    s.invisible = None;
+                }
                 s.version = tick;
                 Ok(vec![settings_record(user, s)])
             }

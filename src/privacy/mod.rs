@@ -67,6 +67,11 @@ pub struct Settings {
     pub stranger_mark: Option<Mark>,
     /// What approved watchers were shown when `audience` became `Nobody`.
     pub approved_mark: Option<Mark>,
+    /// Set when invisibility ends: the last-seen time shown while invisible, at the version of
+    /// that change. An offline user whose truth is older than this shows it, so last-seen never
+    /// moves while invisible; the user's next session makes the truth newer again.
+    #[serde(default)]
+    pub reappeared: Option<Mark>,
     /// The privacy version: the version of the user's last privacy change. Views of the user
     /// never show a version below it, so a view that changes because of privacy alone still
     /// moves forward.

@@ -11,6 +11,7 @@
 
 mod admin;
 mod channels;
+mod privacy;
 mod replica;
 
 pub use admin::{AdminError, OnlineStatus};
@@ -64,6 +65,12 @@ pub enum RegistryError {
     /// A new device would exceed the user's device cap, and the policy refuses it.
     #[error("{0}")]
     DeviceLimit(String),
+    /// The request makes no sense (e.g. blocking yourself); nothing was applied.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The store could not write; nothing was applied.
+    #[error("store: {0}")]
+    Store(String),
 }
 
 /// Registry behaviour fixed at start.
@@ -85,6 +92,8 @@ pub struct RegistryOptions {
     /// What a new device beyond `max_devices_per_user` does: close the user's oldest session
     /// (Close DEVICE_LIMIT) or be refused.
     pub device_limit_policy: DeviceLimitPolicy,
+    /// Privacy caps (block lists, approvals, requests).
+    pub privacy: crate::privacy::PrivacyConfig,
 }
 
 /// One device's session.
@@ -254,6 +263,8 @@ struct State {
     /// While a dead node's device is being removed: the key its transitions are reported
     /// under (every survivor reports them alike; see `RemovedBy::Expired`).
     reporting_expired: Option<String>,
+    /// Privacy settings, blocks and approvals: what each viewer may see (`privacy`).
+    privacy: crate::privacy::book::PrivacyBook,
 }
 
 #[derive(Debug)]
@@ -357,9 +368,13 @@ impl Registry {
         encoder: Arc<dyn WireEncoder>,
         options: RegistryOptions,
     ) -> Registry {
-        Registry {
+        let state = State {
+            privacy: crate::privacy::book::PrivacyBook::new(options.privacy.clone()),
+            ..State::default()
+        };
+        let registry = Registry {
             shared: Arc::new(Shared {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 store,
                 encoder,
                 options,
@@ -367,7 +382,9 @@ impl Registry {
                 hlc: replica::Hlc::default(),
                 observer: std::sync::OnceLock::new(),
             }),
-        }
+        };
+        registry.load_privacy();
+        registry
     }
 
     /// Installs the observer of transitions (once; later calls are ignored with a warning).
@@ -988,7 +1005,21 @@ impl Registry {
             device_id,
         };
         let frame = self.shared.encoder.presence_event(&event);
-        let delivered = self.deliver_directed(&state, sender, &frame, recipients, received_at);
+        // Nothing passes between users in a block relation, either way.
+        let recipients: Vec<String> = recipients
+            .iter()
+            .filter(|r| !state.privacy.related(sender, r))
+            .cloned()
+            .collect();
+        let recipients = &recipients[..];
+        let mut delivered = self.deliver_directed(&state, sender, &frame, recipients, received_at);
+        // The reply lists only recipients the sender sees online: a hidden recipient is reached
+        // but never revealed.
+        delivered.retain(|r| {
+            self.view_locked(&state, crate::privacy::Viewer::User(sender), r)
+                .availability
+                != Availability::Offline
+        });
         // Recipients with a session on another node get the same frame through that node.
         let mut remote = Vec::new();
         for recipient in recipients {
@@ -1000,7 +1031,6 @@ impl Registry {
                 remote.push(recipient.clone());
             }
         }
-        let mut delivered = delivered;
         if let (Some(sink), false) = (self.shared.sink.get(), remote.is_empty()) {
             for r in &remote {
                 if !delivered.contains(r) {
@@ -1080,10 +1110,24 @@ impl Registry {
                 }
             }
         }
+        // A user privacy restricts is shown watcher by watcher; everyone else, as encoded.
+        let restricted = state.privacy.restricted(user_id);
+        let mut variants: [Option<Item>; 2] = [None, None];
         self.shared
             .store
             .for_each_watcher(user_id, crate::now_ms(), &mut |watcher| {
                 if watcher == user_id {
+                    return;
+                }
+                if restricted {
+                    self.offer_restricted(
+                        state,
+                        watcher,
+                        event,
+                        received_at,
+                        &mut variants,
+                        &mut tally,
+                    );
                     return;
                 }
                 if let Some(entry) = state.users.get(watcher) {

@@ -300,6 +300,19 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
         0
     }
 
+    /// Writes privacy records (an entry of `None` deletes its key), all or none; durable once
+    /// `flush` returns. A memory store keeps nothing: the registry's book is the only copy.
+    fn write_privacy(&self, records: &[crate::privacy::PrivacyRecord]) -> Result<(), StoreError> {
+        let _ = records;
+        Ok(())
+    }
+
+    /// Every privacy record held, for the registry to load its book at start (a durable store
+    /// checked them all when it opened, and refused to open over a malformed one).
+    fn privacy_records(&self) -> Vec<crate::privacy::PrivacyRecord> {
+        Vec::new()
+    }
+
     /// `self` as a trait object (for the default methods).
     fn as_dyn(&self) -> &dyn SubscriptionStore;
 }

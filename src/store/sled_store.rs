@@ -23,6 +23,8 @@ const EDGES_TREE: &str = "edges";
 const LAST_SEEN_TREE: &str = "last_seen";
 /// user → 16 bytes: tokens issued before (ms, big-endian), kept until (ms, big-endian).
 const REVOKED_TREE: &str = "revoked";
+/// Privacy records (`crate::privacy::PrivacyRecord`), JSON, under `PrivacyRecord::key`.
+const PRIVACY_TREE: &str = "privacy";
 const FORMAT_KEY: &[u8] = b"format";
 /// The last boot's event epoch (µs, big-endian).
 const BOOT_EPOCH_KEY: &[u8] = b"boot_epoch";
@@ -41,6 +43,7 @@ pub struct SledStore {
     edges_tree: sled::Tree,
     last_seen_tree: sled::Tree,
     revoked_tree: sled::Tree,
+    privacy_tree: sled::Tree,
     /// The in-memory image; its lock also orders writes to `edges_tree`.
     image: Mutex<Edges>,
     /// Cluster mode: the last log operation applied (see `APPLIED_SEQ_KEY`).
@@ -83,6 +86,7 @@ impl SledStore {
         let edges_tree = tree(EDGES_TREE)?;
         let last_seen_tree = tree(LAST_SEEN_TREE)?;
         let revoked_tree = tree(REVOKED_TREE)?;
+        let privacy_tree = tree(PRIVACY_TREE)?;
         match meta.get(FORMAT_KEY).map_err(|e| classify(&shown, e))? {
             None if edges_tree.is_empty() && last_seen_tree.is_empty() => {
                 meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
@@ -113,6 +117,7 @@ impl SledStore {
             },
         }
         let mut image = load(&shown, &edges_tree, &last_seen_tree)?;
+        let privacy = read_privacy(&shown, &privacy_tree)?.len();
         for item in revoked_tree.iter() {
             let (key, value) = item.map_err(|e| classify(&shown, e))?;
             let (Ok(user), Ok(v)) = (std::str::from_utf8(&key), <[u8; 16]>::try_from(&value[..]))
@@ -132,6 +137,7 @@ impl SledStore {
         tracing::info!(
             path = %shown,
             edges = image.len(),
+            privacy_records = privacy,
             seconds = started.elapsed().as_secs_f64(),
             "subscription store loaded"
         );
@@ -145,6 +151,7 @@ impl SledStore {
             edges_tree,
             last_seen_tree,
             revoked_tree,
+            privacy_tree,
             image: Mutex::new(image),
             applied_seq: std::sync::atomic::AtomicU64::new(applied_seq),
             path: shown,
@@ -207,6 +214,23 @@ impl SledStore {
 /// How long to wait for the folder's file lock: a store dropped in this process a moment ago
 /// releases it from sled's background thread.
 const LOCK_WAIT: Duration = Duration::from_secs(3);
+
+/// Every record of the privacy tree, or why one cannot be read.
+fn read_privacy(
+    path: &str,
+    tree: &sled::Tree,
+) -> Result<Vec<crate::privacy::PrivacyRecord>, StoreError> {
+    let mut records = Vec::new();
+    for item in tree.iter() {
+        let (_, value) = item.map_err(|e| classify(path, e))?;
+        let record = serde_json::from_slice(&value).map_err(|e| StoreError::Corrupt {
+            path: path.to_string(),
+            detail: format!("a privacy record is malformed: {e}"),
+        })?;
+        records.push(record);
+    }
+    Ok(records)
+}
 
 fn is_lock_conflict(e: &sled::Error) -> bool {
     // sled 0.34 reports a held lock as a generic I/O error with this text.
@@ -454,6 +478,41 @@ impl SubscriptionStore for SledStore {
 
     fn is_durable(&self) -> bool {
         true
+    }
+
+    fn write_privacy(&self, records: &[crate::privacy::PrivacyRecord]) -> Result<(), StoreError> {
+        use crate::privacy::PrivacyRecord;
+        let mut batch = sled::Batch::default();
+        for record in records {
+            let removed = matches!(
+                record,
+                PrivacyRecord::Block { entry: None, .. }
+                    | PrivacyRecord::Approval { state: None, .. }
+            );
+            if removed {
+                batch.remove(record.key().as_bytes());
+            } else {
+                let value = serde_json::to_vec(record).map_err(|e| StoreError::Corrupt {
+                    path: self.path.clone(),
+                    detail: format!("cannot encode a privacy record: {e}"),
+                })?;
+                batch.insert(record.key().as_bytes(), value);
+            }
+        }
+        self.privacy_tree
+            .apply_batch(batch)
+            .map_err(|e| self.backend(e))
+    }
+
+    fn privacy_records(&self) -> Vec<crate::privacy::PrivacyRecord> {
+        match read_privacy(&self.path, &self.privacy_tree) {
+            Ok(records) => records,
+            Err(e) => {
+                // Checked at open; only a disk failure since then gets here.
+                tracing::error!("cannot read privacy records: {e}");
+                Vec::new()
+            }
+        }
     }
 
     fn apply_logged(&self, op: &LoggedOp, seq: u64) -> Result<LoggedOutcome, StoreError> {

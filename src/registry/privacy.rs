@@ -1,0 +1,322 @@
+//! Privacy in the registry: what each viewer is shown of a user ([`Registry::snapshots_for`],
+//! the per-watcher branch of fanout) and privacy changes with their transitions
+//! ([`Registry::privacy_op`]). Every decision comes from the book under the registry lock
+//! (`crate::privacy::book::PrivacyBook::decide`); this file only turns a decision into a
+//! snapshot or an event. A user with no privacy entry costs one hash lookup per fanout and is
+//! fanned out exactly as before (one encoding for every watcher).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Instant;
+
+use super::{FanoutTally, Registry, RegistryError, State};
+use crate::model::{Availability, EventKind, EventView, OfflineReason, PresenceSnapshot};
+use crate::outbound::Item;
+use crate::privacy::book::PrivacyBook;
+use crate::privacy::policy::Decision;
+use crate::privacy::{Mark, PrivacyError, PrivacyOp, PrivacyRecord, Viewer};
+
+impl From<PrivacyError> for RegistryError {
+    fn from(e: PrivacyError) -> RegistryError {
+        match e {
+            PrivacyError::Limit(reason) => RegistryError::Limit(reason),
+            PrivacyError::Bad(reason) => RegistryError::BadRequest(reason),
+        }
+    }
+}
+
+/// `truth` as a viewer with `decision` is shown it.
+pub(super) fn shown_as(
+    book: &PrivacyBook,
+    decision: Decision,
+    truth: &PresenceSnapshot,
+) -> PresenceSnapshot {
+    match decision {
+        Decision::Own => truth.clone(),
+        Decision::Shown { last_seen } => {
+            let mut shown = public(book, truth);
+            shown.version = shown.version.max(book.version_floor(&truth.user_id));
+            if !last_seen {
+                shown.last_seen_ms = 0;
+            }
+            shown
+        }
+        Decision::Masked { mark, last_seen } => {
+            let seen = if last_seen { mark.last_seen_ms } else { 0 };
+            let mut shown = PresenceSnapshot::offline(&truth.user_id, seen);
+            shown.version = mark.version;
+            shown
+        }
+    }
+}
+
+/// The truth as anyone it is not hidden from sees it: an offline user who was invisible and
+/// has had no session since shows the last-seen time of when they went invisible.
+fn public(book: &PrivacyBook, truth: &PresenceSnapshot) -> PresenceSnapshot {
+    let reappeared = book
+        .get(&truth.user_id)
+        .and_then(|p| p.settings.reappeared)
+        .filter(|m| truth.availability == Availability::Offline && truth.version < m.version);
+    match reappeared {
+        Some(mark) => {
+            let mut shown = PresenceSnapshot::offline(&truth.user_id, mark.last_seen_ms);
+            shown.version = mark.version;
+            shown
+        }
+        None => truth.clone(),
+    }
+}
+
+impl Registry {
+    /// What `viewer` is shown of each user, in order (GetPresence, Subscribe replies, Resume).
+    pub fn snapshots_for(&self, viewer: Viewer<'_>, user_ids: &[String]) -> Vec<PresenceSnapshot> {
+        let state = self.state();
+        user_ids
+            .iter()
+            .map(|u| self.view_locked(&state, viewer, u))
+            .collect()
+    }
+
+    pub(super) fn view_locked(
+        &self,
+        state: &State,
+        viewer: Viewer<'_>,
+        user: &str,
+    ) -> PresenceSnapshot {
+        let truth = self.snapshot_locked(state, user);
+        shown_as(&state.privacy, state.privacy.decide(viewer, user), &truth)
+    }
+
+    /// What those who may see `user` see when they are offline (`None`: online).
+    fn shown_offline(&self, state: &State, user: &str) -> Option<Mark> {
+        let truth = self.snapshot_locked(state, user);
+        if truth.availability != Availability::Offline {
+            return None;
+        }
+        let shown = public(&state.privacy, &truth);
+        Some(Mark {
+            last_seen_ms: shown.last_seen_ms,
+            version: shown.version,
+        })
+    }
+
+    /// Whether `user` is invisible at the user level.
+    pub fn is_invisible(&self, user: &str) -> bool {
+        self.state()
+            .privacy
+            .get(user)
+            .is_some_and(|p| p.settings.invisible.is_some())
+    }
+
+    /// Up to `limit` users `user` blocked after `after`, with when; and how many in all.
+    pub fn blocked_page(
+        &self,
+        user: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, u64)>, usize) {
+        self.state().privacy.blocked_page(user, after, limit)
+    }
+
+    /// Loads the privacy records the store holds (at start, before any session).
+    pub(super) fn load_privacy(&self) {
+        let records = self.shared.store.privacy_records();
+        let mut state = self.state();
+        for record in &records {
+            if let PrivacyRecord::Settings { settings, .. } = record {
+                self.shared.hlc.observe(settings.version);
+            }
+            state.privacy.apply(record);
+        }
+        if !records.is_empty() {
+            tracing::info!(
+                records = records.len(),
+                users = state.privacy.len(),
+                "privacy settings loaded"
+            );
+        }
+    }
+
+    /// Carries out a privacy change: plans it against the caps, stores its records (durable
+    /// once the store flushes: callers reply after the group commit), applies them, and tells
+    /// each watcher with a live device here whose view went from online to offline (OFFLINE,
+    /// reason DISCONNECT) or back (ONLINE). Returns the records (none: nothing changed).
+    pub fn privacy_op(
+        &self,
+        op: &PrivacyOp,
+        received_at: Instant,
+    ) -> Result<Vec<PrivacyRecord>, RegistryError> {
+        if self.shared.sink.get().is_some() {
+            return Err(RegistryError::Unavailable(
+                "privacy settings are not replicated across cluster nodes yet: this cluster \
+                 cannot take them"
+                    .into(),
+            ));
+        }
+        let mut state = self.state();
+        let tick = self.shared.hlc.tick();
+        let now_ms = crate::now_ms();
+        let records = {
+            let st: &State = &state;
+            st.privacy
+                .plan(op, tick, now_ms, &|u: &str| self.shown_offline(st, u))?
+        };
+        if records.is_empty() {
+            return Ok(records);
+        }
+        let pairs = self.affected_pairs(&state, &records, now_ms);
+        let before: Vec<PresenceSnapshot> = pairs
+            .iter()
+            .map(|(v, t)| self.view_locked(&state, Viewer::User(v), t))
+            .collect();
+        self.shared
+            .store
+            .write_privacy(&records)
+            .map_err(|e| RegistryError::Store(e.to_string()))?;
+        for record in &records {
+            state.privacy.apply(record);
+        }
+        metrics::counter!(crate::metrics::PRIVACY_OPS, "op" => op_label(op)).increment(1);
+        let mut tally = FanoutTally::default();
+        for ((viewer, target), before) in pairs.iter().zip(before) {
+            let after = self.view_locked(&state, Viewer::User(viewer), target);
+            let was = before.availability != Availability::Offline;
+            let is = after.availability != Availability::Offline;
+            let kind = match (was, is) {
+                (true, false) if self.shared.options.offline_broadcast => EventKind::Offline,
+                (false, true) => EventKind::Online,
+                _ => continue,
+            };
+            let event = EventView {
+                kind,
+                presence: &after,
+                reason: (kind == EventKind::Offline).then_some(OfflineReason::Disconnect),
+                device_id: "",
+            };
+            let item = Item::event(
+                self.shared.encoder.presence_event(&event),
+                received_at,
+                "presence_event",
+            );
+            if let Some(entry) = state.users.get(viewer) {
+                for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
+                    tally.offer(outbound, target, &item);
+                }
+            }
+        }
+        self.finish_fanout(tally);
+        Ok(records)
+    }
+
+    /// The (viewer, target) pairs whose view `records` may change: watchers of the target
+    /// with a live device here.
+    fn affected_pairs(
+        &self,
+        state: &State,
+        records: &[PrivacyRecord],
+        now_ms: u64,
+    ) -> Vec<(String, String)> {
+        let live = |user: &str| {
+            state
+                .users
+                .get(user)
+                .is_some_and(|e| e.devices.values().any(|d| d.outbound.is_some()))
+        };
+        let mut watchers: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut watchers_of = |target: &str| -> HashSet<String> {
+            watchers
+                .entry(target.to_string())
+                .or_insert_with(|| {
+                    let mut set = HashSet::new();
+                    self.shared
+                        .store
+                        .for_each_watcher(target, now_ms, &mut |w| {
+                            if live(w) {
+                                set.insert(w.to_string());
+                            }
+                        });
+                    set
+                })
+                .clone()
+        };
+        let mut pairs = BTreeSet::new();
+        for record in records {
+            match record {
+                PrivacyRecord::Settings { user, .. } => {
+                    for w in watchers_of(user) {
+                        pairs.insert((w, user.clone()));
+                    }
+                }
+                PrivacyRecord::Block { user, target, .. } => {
+                    if watchers_of(user).contains(target) {
+                        pairs.insert((target.clone(), user.clone()));
+                    }
+                    if watchers_of(target).contains(user) {
+                        pairs.insert((user.clone(), target.clone()));
+                    }
+                }
+                PrivacyRecord::Approval { user, other, .. } => {
+                    if watchers_of(user).contains(other) {
+                        pairs.insert((other.clone(), user.clone()));
+                    }
+                }
+            }
+        }
+        pairs.into_iter().collect()
+    }
+
+    /// Offers `event` (about a restricted user) to `watcher`'s live devices as the watcher is
+    /// shown it: nothing when the user is hidden from them, else the shown presence, encoded
+    /// once per variant (`variants[last_seen]`).
+    pub(super) fn offer_restricted(
+        &self,
+        state: &State,
+        watcher: &str,
+        event: &EventView<'_>,
+        received_at: Instant,
+        variants: &mut [Option<Item>; 2],
+        tally: &mut FanoutTally,
+    ) {
+        let user_id = event.presence.user_id.as_str();
+        let Some(entry) = state.users.get(watcher) else {
+            return;
+        };
+        let last_seen = match state.privacy.decide(Viewer::User(watcher), user_id) {
+            Decision::Masked { .. } => {
+                metrics::counter!(crate::metrics::PRIVACY_WITHHELD).increment(1);
+                return;
+            }
+            Decision::Own => true,
+            Decision::Shown { last_seen } => last_seen,
+        };
+        let item = variants[usize::from(last_seen)].get_or_insert_with(|| {
+            let presence = shown_as(
+                &state.privacy,
+                Decision::Shown { last_seen },
+                event.presence,
+            );
+            let shown = EventView {
+                presence: &presence,
+                ..*event
+            };
+            Item::event(
+                self.shared.encoder.presence_event(&shown),
+                received_at,
+                "presence_event",
+            )
+        });
+        for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
+            tally.offer(outbound, user_id, item);
+        }
+    }
+}
+
+fn op_label(op: &PrivacyOp) -> &'static str {
+    match op {
+        PrivacyOp::SetInvisible { .. } => "set_invisible",
+        PrivacyOp::SetAudience { .. } => "set_audience",
+        PrivacyOp::Block { .. } => "block",
+        PrivacyOp::Unblock { .. } => "unblock",
+        PrivacyOp::Request { .. } => "request",
+        PrivacyOp::Answer { .. } => "answer",
+    }
+}

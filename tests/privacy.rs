@@ -1,0 +1,249 @@
+//! Privacy (SPEC §13) through real sockets: invisible mode and blocking, on every path a
+//! watcher has (events, GetPresence, Subscribe replies, Resume, directed presence), durable
+//! across a restart. A hidden user must look exactly like a user who went offline and never
+//! changed. "Receives nothing" is shown with a marker: a visible user changes after the hidden
+//! one, and the watcher's next event is the marker's.
+
+mod common;
+
+use common::*;
+use presenced::client::Client;
+use presenced::pb::{self, EventKind};
+
+fn status(s: &str) -> pb::SetPresence {
+    pb::SetPresence {
+        status: Some(s.into()),
+        ..Default::default()
+    }
+}
+
+/// The watcher's next presence event must be `marker`'s: nothing else arrived before it.
+async fn next_is_marker(watcher: &mut Client, marker: &Client, text: &str) {
+    within(marker.set_presence(status(text))).await.unwrap();
+    let e = within(watcher.next_presence_event()).await.unwrap();
+    assert_eq!(
+        (
+            e.user_id.as_str(),
+            e.presence.as_ref().unwrap().status.as_str()
+        ),
+        ("marker", text),
+        "something arrived before the marker: {e:?}"
+    );
+}
+
+async fn get(client: &Client, user: &str) -> pb::Presence {
+    within(client.get_presence(&[user]))
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+fn is_frozen_offline(p: &pb::Presence) -> bool {
+    availability(p) == pb::Availability::Offline
+        && p.status.is_empty()
+        && p.state.is_empty()
+        && p.devices.is_empty()
+        && p.user_data.is_empty()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invisible_user_looks_offline_to_everyone_else_and_comes_back_online() {
+    let broker = start(|_| {}).await;
+    let alice = connect_device(&broker, "alice", "phone").await;
+    let mut tablet = connect_device(&broker, "alice", "tablet").await;
+    let marker = connect(&broker, "marker").await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice", "marker"])).await.unwrap();
+    within(alice.set_presence(status("here"))).await.unwrap();
+    presence_event_of(&mut w, "alice", EventKind::Update).await;
+    let _ = presence_event_of(&mut tablet, "alice", EventKind::Update).await;
+
+    let result = within(alice.set_invisible(true)).await.unwrap();
+    assert!(result.invisible);
+    assert_eq!(
+        availability(result.presence.as_ref().unwrap()),
+        pb::Availability::Online,
+        "the user's own view is the truth"
+    );
+    let gone = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    let shown = get(&w, "alice").await;
+    assert!(is_frozen_offline(&shown), "{shown:?}");
+    assert!(shown.last_seen_ms > 0);
+    assert_eq!(shown.version, gone.version);
+
+    // Changes while invisible reach the user's own devices, never the watcher.
+    within(alice.set_presence(status("secret"))).await.unwrap();
+    let own = presence_event_of(&mut tablet, "alice", EventKind::Update).await;
+    assert_eq!(own.presence.unwrap().status, "secret");
+    next_is_marker(&mut w, &marker, "m1").await;
+    assert_eq!(get(&w, "alice").await, shown, "nothing moved");
+    // A new watcher's Subscribe reply shows the same frozen offline user.
+    let late = connect(&broker, "late").await;
+    let reply = within(late.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(reply.presences[0], shown);
+
+    // Going offline and coming back while invisible: nothing for watchers, and last-seen
+    // does not move.
+    drop(tablet);
+    alice.disconnect().await.unwrap();
+    let alice = connect_device(&broker, "alice", "phone").await;
+    alice.disconnect().await.unwrap();
+    next_is_marker(&mut w, &marker, "m2").await;
+    assert_eq!(get(&w, "alice").await, shown);
+
+    // Visible again while offline: still the last-seen of when she went invisible, at a
+    // higher version; visible and online: ONLINE.
+    let alice = connect_device(&broker, "alice", "phone").await;
+    within(alice.set_invisible(true)).await.unwrap();
+    alice.disconnect().await.unwrap();
+    let alice2 = connect_device(&broker, "alice", "laptop").await;
+    within(alice2.set_invisible(false)).await.unwrap();
+    let back = presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert!(back.version > shown.version);
+    assert_eq!(
+        availability(back.presence.as_ref().unwrap()),
+        pb::Availability::Online
+    );
+    alice2.disconnect().await.unwrap();
+    let offline = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert!(offline.presence.unwrap().last_seen_ms >= shown.last_seen_ms);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seen_stays_where_invisibility_began() {
+    let broker = start(|_| {}).await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice"])).await.unwrap();
+    let alice = connect_device(&broker, "alice", "phone").await;
+    presence_event_of(&mut w, "alice", EventKind::Online).await;
+    within(alice.set_invisible(true)).await.unwrap();
+    let hidden = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    let seen = hidden.presence.unwrap().last_seen_ms;
+    alice.disconnect().await.unwrap();
+    // Another session comes and goes while invisible: the truth's last-seen moves, the shown
+    // one does not.
+    let other = connect_device(&broker, "alice", "tablet").await;
+    other.disconnect().await.unwrap();
+    // Still invisible: the watcher saw nothing and the last-seen is where it was.
+    let now = get(&w, "alice").await;
+    assert_eq!(now.last_seen_ms, seen);
+    assert_eq!(now.version, hidden.version);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_user_sees_the_blocker_frozen_offline_on_every_path() {
+    let broker = start(|_| {}).await;
+    let a = connect(&broker, "a").await;
+    let marker = connect(&broker, "marker").await;
+    let mut b = connect(&broker, "b").await;
+    let mut a_watch = connect_device(&broker, "a", "watcher").await;
+    within(b.subscribe(&["a", "marker"])).await.unwrap();
+    within(a_watch.subscribe(&["b", "marker"])).await.unwrap();
+    within(a.set_presence(status("hello"))).await.unwrap();
+    presence_event_of(&mut b, "a", EventKind::Update).await;
+
+    let result = within(a.block(&["b"])).await.unwrap();
+    assert_eq!((result.changed, result.total), (1, 1));
+    let gone = presence_event_of(&mut b, "a", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    // Blocking hides both ways: the blocker's watcher device sees b go offline too.
+    presence_event_of(&mut a_watch, "b", EventKind::Offline).await;
+    let frozen = get(&b, "a").await;
+    assert!(is_frozen_offline(&frozen), "{frozen:?}");
+
+    // a's changes never reach b; a new subscription answers the frozen view.
+    within(a.set_presence(status("private"))).await.unwrap();
+    next_is_marker(&mut b, &marker, "m1").await;
+    let again = within(b.subscribe(&["a"])).await.unwrap();
+    assert_eq!(again.presences[0], frozen);
+    // b still lists the subscription: nothing says "blocked".
+    let subs = within(b.list_subscriptions("", 0)).await.unwrap();
+    assert!(subs.subscriptions.iter().any(|s| s.user_id == "a"));
+    // A resume shows the frozen view too.
+    let (changed, _) = within(b.resume(&[("a".into(), 1), ("marker".into(), 1)]))
+        .await
+        .unwrap();
+    let resumed = changed.iter().find(|e| e.user_id == "a").unwrap();
+    assert_eq!(resumed.presence.as_ref().unwrap(), &frozen);
+
+    // Directed presence passes neither way, and the replies do not list the other side.
+    let delivered = within(b.direct(&["a", "marker"], status("psst")))
+        .await
+        .unwrap();
+    assert_eq!(delivered, ["marker"]);
+    let delivered = within(a.direct(&["b"], status("psst"))).await.unwrap();
+    assert!(delivered.is_empty());
+    next_is_marker(&mut b, &marker, "m2").await;
+
+    // Unblocked: b sees a online again, at a version above the frozen one.
+    within(a.unblock(&["b"])).await.unwrap();
+    let back = presence_event_of(&mut b, "a", EventKind::Online).await;
+    assert!(back.version > frozen.version);
+    assert_eq!(back.presence.unwrap().status, "private");
+}
+
+#[tokio::test]
+async fn block_lists_are_paged_capped_and_checked() {
+    let broker = start(|c| c.privacy.max_blocked = 5).await;
+    let a = connect(&broker, "a").await;
+    within(a.block(&["u1", "u2", "u3"])).await.unwrap();
+    let repeat = within(a.block(&["u1", "u4"])).await.unwrap();
+    assert_eq!((repeat.changed, repeat.total), (1, 4));
+    let page = within(a.list_blocked("", 3)).await.unwrap();
+    let ids: Vec<&str> = page.blocked.iter().map(|b| b.user_id.as_str()).collect();
+    assert_eq!((ids, page.total), (vec!["u1", "u2", "u3"], 4));
+    assert!(page.blocked[0].since_ms > 0);
+    let rest = within(a.list_blocked(&page.next_cursor, 3)).await.unwrap();
+    assert_eq!(rest.blocked.len(), 1);
+    assert!(rest.next_cursor.is_empty());
+
+    let over = server_error(within(a.block(&["u5", "u6"])).await);
+    assert_eq!(code(&over), pb::ErrorCode::LimitExceeded);
+    assert!(over.reason.contains("max_blocked"), "{}", over.reason);
+    assert_eq!(
+        within(a.list_blocked("", 10)).await.unwrap().total,
+        4,
+        "nothing applied"
+    );
+    let me = server_error(within(a.block(&["a"])).await);
+    assert_eq!(code(&me), pb::ErrorCode::BadRequest);
+    let none = server_error(within(a.block(&[])).await);
+    assert_eq!(code(&none), pb::ErrorCode::BadRequest);
+    let unblocked = within(a.unblock(&["u1", "nobody"])).await.unwrap();
+    assert_eq!((unblocked.changed, unblocked.total), (1, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_and_invisibility_survive_a_restart() {
+    let broker = start(|_| {}).await;
+    let a = connect(&broker, "a").await;
+    within(a.block(&["b"])).await.unwrap();
+    within(a.set_invisible(true)).await.unwrap();
+    drop(a);
+    let data = broker.stop_keeping_data().await;
+    let broker = start_in(data, |_| {}).await;
+    let a = connect(&broker, "a").await;
+    let blocked = within(a.list_blocked("", 0)).await.unwrap();
+    assert_eq!(blocked.total, 1);
+    let w = connect(&broker, "w").await;
+    let shown = get(&w, "a").await;
+    assert_eq!(
+        availability(&shown),
+        pb::Availability::Offline,
+        "still invisible"
+    );
+    let b = connect(&broker, "b").await;
+    assert!(within(b.direct(&["a"], status("hi")))
+        .await
+        .unwrap()
+        .is_empty());
+    let visible = within(a.set_invisible(false)).await.unwrap();
+    assert!(!visible.invisible);
+    assert_eq!(availability(&get(&w, "a").await), pb::Availability::Online);
+    assert_eq!(
+        availability(&get(&b, "a").await),
+        pb::Availability::Offline,
+        "still blocked"
+    );
+}
