@@ -7,7 +7,9 @@
       bounds in ms.
   report.py tables RESULTS.jsonl
       prints the markdown tables of BENCHMARKS.md, and the presenced/Mosquitto ratio of the
-      highest sustained fanout-1,000 deliveries/s with p99 <= 50 ms and 100% delivered.
+      highest sustained fanout-1,000 deliveries/s with p99 <= 50 ms and 100% delivered; for
+      the reconnect storm, the handshakes on reconnect (resumed / full) and the broker's CPU per
+      reconnect, with the ratio of TLS resumption on to off where both ran.
 """
 import json
 import sys
@@ -91,11 +93,34 @@ def tables(path):
 
     if by("storm"):
         print("\n### Reconnect storm (every client drops and reconnects at once; until its snapshot is back)\n")
-        print("| driver | transport | clients | restored | all restored after | restore p50 / p99 | retries |")
-        print("|---|---|---|---|---|---|---|")
+        print("| driver | transport | clients | resumption | restored | all restored after | restore p50 / p99 | retries | reconnect handshakes resumed / full | broker CPU per reconnect |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for r in by("storm"):
             all_back = f"{r['all_restored_secs']:.2f} s" if r["all_restored_secs"] is not None else "never"
-            print(f"| {r['driver']} | {r['transport']} | {r['clients']} | {pct(r['restored_ratio'])} | {all_back} | {r['restore_p50_ms']:.0f} / {r['restore_p99_ms']:.0f} ms | {r['reconnect_retries']} |")
+            handshakes = ""
+            if r.get("reconnect_full") is not None:
+                handshakes = f"{r['reconnect_resumed']} / {r['reconnect_full']}"
+            cpu = ""
+            if r.get("broker_cpu_us_per_reconnect") is not None:
+                cpu = f"{r['broker_cpu_us_per_reconnect']:.0f} µs"
+            print(f"| {r['driver']} | {r['transport']} | {r['clients']} | {r.get('resumption', '')} | {pct(r['restored_ratio'])} | {all_back} | {r['restore_p50_ms']:.0f} / {r['restore_p99_ms']:.0f} ms | {r['reconnect_retries']} | {handshakes} | {cpu} |")
+        # Resumption on vs off at the same size: the mean of each mode's runs, then the ratio.
+        ratios = []
+        for key in dict.fromkeys((r["driver"], r["transport"], r["clients"]) for r in by("storm")):
+            cpu = {}
+            for mode in ("on", "off"):
+                runs = [
+                    r["broker_cpu_us_per_reconnect"]
+                    for r in by("storm")
+                    if (r["driver"], r["transport"], r["clients"]) == key
+                    and r.get("resumption") == mode
+                    and r.get("broker_cpu_us_per_reconnect") is not None
+                ]
+                cpu[mode] = sum(runs) / len(runs) if runs else None
+            if cpu["on"] and cpu["off"]:
+                ratios.append(f"{key[0]} {key[1]} {key[2]}: {cpu['on'] / cpu['off']:.2f}× ({cpu['on']:.0f} / {cpu['off']:.0f} µs)")
+        if ratios:
+            print("\nBroker CPU per reconnect, resumption on / off: " + "; ".join(ratios) + ".")
 
     if by("idle"):
         print("\n### Idle connections (fresh broker each size)\n")

@@ -6,12 +6,16 @@
 # brokers, runs the suite, stops both by PID and prints markdown tables (bench/report.py).
 # For presenced fanout runs it also reads the broker's own presence_fanout_latency_seconds
 # histogram to compare with the client-measured latency. Idle memory and the reconnect storm run
-# on freshly started brokers. Then bench/ws.sh compares presenced's WebSocket listeners (wss, ws)
-# with its TCP ones (tls, plain) on one broker. By hand only: never in CI.
+# on freshly started brokers; the storm runs with TLS session resumption on and off (each client
+# its own ticket store, or none) and reports full vs resumed handshakes on reconnect and the
+# broker's CPU time per reconnect (/proc/<pid>/stat). Then bench/ws.sh compares presenced's
+# WebSocket listeners (wss, ws) with its TCP ones (tls, plain) on one broker. By hand only: never
+# in CI.
 #   bench/run.sh                                 # the suite (about 30 minutes)
 #   NO_WS=1 bench/run.sh                         # without the WebSocket comparison
 #   QUICK=1 bench/run.sh                         # a short smoke of the same steps
 #   IDLE="1000 5000 10000 19000" bench/run.sh    # idle-memory sizes
+#   STORM="2000 10000" RESUMPTION="on off" bench/run.sh   # reconnect-storm sizes and modes
 #   NATIVE_RATES="200 400" MQTT_RATES="25 50" bench/run.sh   # fanout-1,000 offered rates
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -96,7 +100,7 @@ native() { # native [--plain] ARGS...: one presenced run, with its fanout histog
   local port=17883
   if [ "$1" = "--plain" ]; then port=17884; fi
   scrape >"$work/before.prom"
-  "$bench" --driver native --addr "127.0.0.1:$port" --pid "$presenced_pid" "${common[@]}" "$@" >"$work/run.json"
+  "$bench" --driver native --addr "127.0.0.1:$port" --pid "$presenced_pid" --metrics 127.0.0.1:19464 "${common[@]}" "$@" >"$work/run.json"
   scrape >"$work/after.prom"
   python3 bench/report.py histogram "$work/run.json" "$work/before.prom" "$work/after.prom" >>"$results"
 }
@@ -142,11 +146,15 @@ else
 fi
 stop_brokers
 
-for clients in ${STORM:-$([ -n "${QUICK:-}" ] && echo 500 || echo 10000)}; do
-  start_brokers
-  native storm --clients "$clients"
-  mqtt storm --clients "$clients"
-  stop_brokers
+# Resumption on and off for each size, on a fresh broker each (a storm's clients then hold only
+# tickets from this broker's run), so the report can set them side by side.
+for clients in ${STORM:-$([ -n "${QUICK:-}" ] && echo 500 || echo "2000 10000")}; do
+  for resumption in ${RESUMPTION:-on off}; do
+    start_brokers
+    native storm --clients "$clients" --resumption "$resumption"
+    mqtt storm --clients "$clients" --resumption "$resumption"
+    stop_brokers
+  done
 done
 
 for n in ${IDLE:-$([ -n "${QUICK:-}" ] && echo 200 || echo "1000 5000 10000 19000")}; do

@@ -49,8 +49,10 @@ pub enum Transport {
     Ws,
 }
 
-/// Largest server frame the client accepts.
-const MAX_SERVER_FRAME: usize = 1024 * 1024;
+/// Largest server frame the client accepts: the proto's bound on what a server sends (a reply
+/// naming 100 users at the largest presence each is about 1.6 MB; batches are split at
+/// 256 KiB).
+pub const MAX_SERVER_FRAME: usize = 4 * 1024 * 1024;
 
 /// Why a client operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -377,16 +379,27 @@ impl Client {
         let mut total = pb::ResumeResult::default();
         let mut changed = Vec::new();
         let mut why = Vec::new();
-        for (after, through, entries) in pages {
-            let (events, result) = self.resume_page(after, through, entries).await?;
-            changed.extend(events);
-            total.changed += result.changed;
-            total.unchanged += result.unchanged;
-            total.state_lost += result.state_lost;
-            total.unwatched_user_ids.extend(result.unwatched_user_ids);
-            total.complete = result.complete;
-            if !result.why.is_empty() {
-                why.push(result.why);
+        for (mut after, through, mut entries) in pages {
+            loop {
+                let (events, result) = self
+                    .resume_page(after.clone(), through.clone(), entries)
+                    .await?;
+                changed.extend(events);
+                total.changed += result.changed;
+                total.unchanged += result.unchanged;
+                total.state_lost += result.state_lost;
+                total.unwatched_user_ids.extend(result.unwatched_user_ids);
+                total.complete = result.complete;
+                if !result.why.is_empty() {
+                    why.push(result.why);
+                }
+                // The broker answered a shorter range (its reply budget): ask for the rest.
+                if result.through_user_id == through || result.through_user_id.is_empty() {
+                    break;
+                }
+                after = result.through_user_id;
+                let rest = entries.partition_point(|(u, _)| *u <= after);
+                entries = &entries[rest..];
             }
         }
         total.why = why.join("; ");

@@ -1094,50 +1094,51 @@ fn resume(
             break;
         }
     }
-    let mut changed = Vec::new();
-    let (mut unchanged, mut state_lost) = (0u32, 0u32);
+    // What this answer sends stays within the reply budget: past it, the answer stops at a
+    // user boundary and says so (`through_user_id`), and the client asks for the rest.
+    let budget = limits.max_reply_bytes_in_flight as usize;
+    let mut changed: Vec<pb::PresenceEvent> = Vec::new();
+    let (mut bytes, mut unchanged, mut state_lost) = (0usize, 0u32, 0u32);
+    let mut stopped_at: Option<String> = None;
     let viewer = crate::privacy::Viewer::User(&session.user_id);
-    for snapshot in registry.snapshots_for(viewer, &watched) {
-        match known.get(&snapshot.user_id) {
-            Some(&held) if held == snapshot.version => unchanged += 1,
-            Some(&held) => {
-                if held > snapshot.version {
-                    state_lost += 1;
-                }
-                changed.push(snapshot);
+    let mut last_answered: Option<&str> = None;
+    let snapshots = registry.snapshots_for(viewer, &watched);
+    for snapshot in &snapshots {
+        let held = known.get(&snapshot.user_id).copied();
+        if held == Some(snapshot.version) {
+            unchanged += 1;
+        } else {
+            let kind = if snapshot.availability == crate::model::Availability::Offline {
+                pb::EventKind::Offline
+            } else {
+                pb::EventKind::Online
+            };
+            let event = wire::snapshot_event(snapshot, kind);
+            let size = prost::Message::encoded_len(&event);
+            if bytes + size > budget && !changed.is_empty() {
+                stopped_at = last_answered.map(str::to_string);
+                break;
             }
-            None => changed.push(snapshot),
+            bytes += size;
+            if held.is_some_and(|h| h > snapshot.version) {
+                state_lost += 1;
+            }
+            changed.push(event);
         }
+        last_answered = Some(&snapshot.user_id);
     }
+    // The range answered: all of it, or up to the last user answered.
+    let through = stopped_at.clone().or(range_through.clone());
     let watched: std::collections::HashSet<&str> = watched.iter().map(String::as_str).collect();
     let mut unwatched: Vec<String> = known
         .into_keys()
         .filter(|u| !watched.contains(u.as_str()))
+        .filter(|u| through.as_deref().is_none_or(|t| u.as_str() <= t))
         .collect();
     unwatched.sort();
-    for page in changed.chunks(limits.max_page_size.max(1) as usize) {
-        let events = page
-            .iter()
-            .map(|snapshot| {
-                let online = snapshot.availability != crate::model::Availability::Offline;
-                pb::PresenceEvent {
-                    user_id: snapshot.user_id.clone(),
-                    kind: if online {
-                        pb::EventKind::Online
-                    } else {
-                        pb::EventKind::Offline
-                    } as i32,
-                    presence: Some(wire::presence_to_pb(snapshot)),
-                    reason: 0,
-                    version: snapshot.version,
-                    device_id: String::new(),
-                }
-            })
-            .collect();
-        outbound.push_reply(crate::delivery::batch_item(
-            events,
-            crate::delivery::Fields::All,
-        ));
+    let count = changed.len() as u32;
+    for item in crate::delivery::batch_items(changed, crate::delivery::Fields::All) {
+        outbound.push_reply(item);
     }
     let why = if state_lost > 0 {
         format!(
@@ -1149,14 +1150,14 @@ fn resume(
         String::new()
     };
     Ok(ServerBody::ResumeResult(pb::ResumeResult {
-        changed: changed.len() as u32,
+        changed: count,
         unchanged,
         unwatched_user_ids: unwatched,
         state_lost,
         why,
-        complete: range_through.is_none(),
+        complete: through.is_none(),
         after_user_id: range_after.unwrap_or_default(),
-        through_user_id: range_through.unwrap_or_default(),
+        through_user_id: through.unwrap_or_default(),
     }))
 }
 
@@ -1186,17 +1187,10 @@ fn set_delivery(
             if snapshot.availability == crate::model::Availability::Offline {
                 continue;
             }
-            events.push(pb::PresenceEvent {
-                user_id: snapshot.user_id.clone(),
-                kind: pb::EventKind::Update as i32,
-                presence: Some(wire::presence_to_pb(&snapshot)),
-                reason: 0,
-                version: snapshot.version,
-                device_id: String::new(),
-            });
+            events.push(wire::snapshot_event(&snapshot, pb::EventKind::Update));
         }
-        if !events.is_empty() {
-            outbound.push_reply(crate::delivery::batch_item(events, Fields::All));
+        for item in crate::delivery::batch_items(events, Fields::All) {
+            outbound.push_reply(item);
         }
     }
     ServerBody::DeliveryResult(result)

@@ -118,8 +118,8 @@ impl Held {
     }
 
     /// The batch of everything held (trimmed; users whose trimmed form did not change left
-    /// out), or `None` when nothing is left to send.
-    pub fn flush(&mut self) -> Option<Item> {
+    /// out), in frames of bounded size; none when nothing is left to send.
+    pub fn flush(&mut self) -> Vec<Item> {
         self.since = None;
         let fields = self.contract.fields;
         let mut events = Vec::with_capacity(self.held.len());
@@ -143,7 +143,7 @@ impl Held {
         if self.held.capacity() > 64 {
             self.held = HashMap::new();
         }
-        (!events.is_empty()).then(|| batch_item(events, fields))
+        batch_items(events, fields)
     }
 
     /// Ends the contract: the held events (untrimmed, to send in full) and the users whose
@@ -208,6 +208,32 @@ fn trimmed_hash(event: &pb::PresenceEvent) -> u64 {
 }
 
 /// One encoded `PresenceBatch` frame.
+/// The most bytes of events one `PresenceBatch` frame carries: a larger batch is split into
+/// several frames, so no frame comes near a client's frame cap.
+pub const MAX_BATCH_FRAME_BYTES: usize = 256 * 1024;
+
+/// `events` as `PresenceBatch` frames of at most [`MAX_BATCH_FRAME_BYTES`] of events each
+/// (a single larger event gets a frame of its own); none for no events.
+pub fn batch_items(events: Vec<pb::PresenceEvent>, fields: Fields) -> Vec<Item> {
+    let mut items = Vec::new();
+    let mut frame: Vec<pb::PresenceEvent> = Vec::new();
+    let mut bytes = 0usize;
+    for event in events {
+        let size = event.encoded_len();
+        if !frame.is_empty() && bytes + size > MAX_BATCH_FRAME_BYTES {
+            items.push(batch_item(std::mem::take(&mut frame), fields));
+            bytes = 0;
+        }
+        bytes += size;
+        frame.push(event);
+    }
+    if !frame.is_empty() {
+        items.push(batch_item(frame, fields));
+    }
+    items
+}
+
+/// `events` as one `PresenceBatch` frame (see [`batch_items`] for frames of bounded size).
 pub fn batch_item(events: Vec<pb::PresenceEvent>, fields: Fields) -> Item {
     let frame = pb::ServerFrame {
         request_id: 0,
@@ -287,7 +313,7 @@ mod tests {
             Ok(false)
         );
         assert_eq!(held.due(), Some(now + Duration::from_secs(30)));
-        let b = batch(held.flush().unwrap());
+        let b = batch(held.flush().remove(0));
         assert_eq!(b.events.len(), 1);
         let p = b.events[0].presence.as_ref().unwrap();
         assert_eq!(
@@ -304,11 +330,11 @@ mod tests {
         let now = Instant::now();
         held.hold("a", event("a", pb::Availability::Away, "lunch", 1), now, 10)
             .unwrap();
-        assert!(held.flush().is_some());
+        assert!(!held.flush().is_empty());
         // Only the state changed: nothing to send under this contract.
         held.hold("a", event("a", pb::Availability::Away, "lunch", 2), now, 10)
             .unwrap();
-        assert!(held.flush().is_none());
+        assert!(held.flush().is_empty());
         held.hold("b", event("b", pb::Availability::Online, "", 3), now, 10)
             .unwrap();
         let (events, owed) = held.finish();
@@ -327,5 +353,28 @@ mod tests {
             held.hold("b", event("b", pb::Availability::Away, "", 1), now, 1),
             Err(HeldFull)
         );
+    }
+
+    #[test]
+    fn large_batches_are_split_into_frames_of_bounded_size() {
+        let events: Vec<pb::PresenceEvent> = (0..100)
+            .map(|i| pb::PresenceEvent {
+                user_id: format!("u{i}"),
+                presence: Some(pb::Presence {
+                    description: "d".repeat(10_000),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect();
+        let items = batch_items(events, Fields::All);
+        assert!(items.len() >= 4, "1 MB of events needs several frames");
+        let mut seen = 0;
+        for item in &items {
+            assert!(item.bytes.len() <= MAX_BATCH_FRAME_BYTES + 64);
+            seen += batch(item.clone()).events.len();
+        }
+        assert_eq!(seen, 100);
+        assert!(batch_items(Vec::new(), Fields::All).is_empty());
     }
 }

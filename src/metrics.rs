@@ -48,7 +48,7 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "presence_tls_handshake_failures_total"
 /// counts as full) or `resumed` (a session ticket).
 pub const TLS_HANDSHAKES: &str = "presence_tls_handshakes_total";
 /// Session tickets, by `result`: `issued`, `not_issued` (no key yet, or state too large),
-/// `accepted`, `unknown_key` (expired, or another server's), `invalid` (malformed or forged).
+/// `decrypted` (opened with a live key: the handshake may still fail, e.g. on a bad binder; resumptions are `presence_tls_handshakes_total{kind="resumed"}`), `unknown_key` (expired, or another server's), `invalid` (malformed or forged).
 pub const TLS_TICKETS: &str = "presence_tls_tickets_total";
 /// Cluster mode: rounds of fetching the shared ticket-key secrets from NATS, by `result`
 /// (`ok`, `failed`).

@@ -335,7 +335,7 @@ impl Outbound {
         let mut bytes = 0;
         if let Some(held) = state.delivery.as_mut() {
             if held.due().is_some_and(|at| at <= Instant::now()) {
-                if let Some(item) = held.flush() {
+                for item in held.flush() {
                     bytes += item.bytes.len();
                     batch.items.push(item);
                 }

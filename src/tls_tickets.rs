@@ -478,7 +478,7 @@ impl TicketKeys {
             ) {
                 let n = plain.len();
                 buf.truncate(n);
-                return (Some(buf), "accepted");
+                return (Some(buf), "decrypted");
             }
         }
         (None, "invalid")

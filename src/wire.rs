@@ -165,6 +165,19 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
     }
 }
 
+/// A user's current presence as an event of `kind` (a Resume's or a catch-up batch's entry):
+/// every field, no reason, no device.
+pub fn snapshot_event(snapshot: &PresenceSnapshot, kind: pb::EventKind) -> pb::PresenceEvent {
+    pb::PresenceEvent {
+        user_id: snapshot.user_id.clone(),
+        kind: kind as i32,
+        presence: Some(presence_to_pb(snapshot)),
+        reason: 0,
+        version: snapshot.version,
+        device_id: String::new(),
+    }
+}
+
 /// Label for a client frame body: the operation name used in metrics and error frames.
 pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
     use pb::client_frame::Body;

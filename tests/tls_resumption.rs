@@ -305,7 +305,7 @@ async fn handshakes_are_counted_by_kind() {
     session(broker.addr, config, "gina").await;
     assert!(metric(metrics, FULL).await >= full + 1.0);
     assert!(metric(metrics, RESUMED).await >= resumed + 1.0);
-    let accepted = "presence_tls_tickets_total{result=\"accepted\"}";
+    let accepted = "presence_tls_tickets_total{result=\"decrypted\"}";
     assert!(metric(metrics, accepted).await >= 1.0);
 }
 

@@ -8,6 +8,13 @@
 //! deliveries/s, latency percentiles from HDR histograms, delivery and final-state ratios,
 //! restore times, and (with `--pid`) broker memory per connection.
 //!
+//! The reconnect storm gives each simulated client (a phone) a TLS configuration of its own, so
+//! its resumption store holds only the tickets it was given (`--resumption on`, the default) or
+//! nothing (`off`). It counts how each reconnect's handshake went (full or resumed, as the
+//! client's rustls connection reports it) and, with `--pid`, the broker's CPU time (utime +
+//! stime from `/proc/<pid>/stat`) from just before the drop until every client is back; with
+//! `--metrics`, the broker's own handshake counters over the same span.
+//!
 //! Cluster mode: `--watch-addr` (repeatable) puts the watching connections of `fanout` and
 //! `node-death` on other nodes than the publisher (`--addr`), so a run measures the cross-node
 //! hop; `node-death` SIGKILLs a node holding many devices and measures how long the watchers on
@@ -105,9 +112,15 @@ struct Args {
     ca: PathBuf,
     #[arg(long, default_value = "localhost")]
     server_name: String,
-    /// Broker process id, to report its memory (RSS) per connection.
+    /// Broker process id, to report its memory (RSS) per connection (idle) and its CPU time
+    /// per reconnect (storm).
     #[arg(long)]
     pid: Option<u32>,
+    /// The broker's Prometheus endpoint (host:port, `GET /metrics`): the storm reports the
+    /// change of its `presence_tls_handshakes_total` by kind, and of its failed handshakes, over
+    /// the reconnects. presenced only.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Connections opened at once while setting up.
     #[arg(long, default_value_t = 64)]
     connect_concurrency: usize,
@@ -162,6 +175,11 @@ enum Workload {
     Storm {
         #[arg(long, default_value_t = 10000)]
         clients: usize,
+        /// TLS session resumption: `on`, each client keeps the tickets it received in a store
+        /// of its own and offers one when it reconnects; `off`, every reconnect is a full
+        /// handshake.
+        #[arg(long, value_enum, default_value = "on")]
+        resumption: Resumption,
     },
     /// Cluster mode: watchers on the `--watch-addr` nodes subscribe to `devices` users, each
     /// then connected once on the `--addr` node; once every watcher saw them all online, the
@@ -179,6 +197,24 @@ enum Workload {
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
+}
+
+/// Whether storm clients resume their TLS sessions (`Workload::Storm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Resumption {
+    /// Each client keeps the tickets it received and offers one when it reconnects.
+    On,
+    /// No client keeps anything: every handshake is full.
+    Off,
+}
+
+impl Resumption {
+    fn name(self) -> &'static str {
+        match self {
+            Resumption::On => "on",
+            Resumption::Off => "off",
+        }
+    }
 }
 
 fn now_ns() -> u64 {
@@ -212,6 +248,89 @@ fn rss_kib(pid: u32) -> Option<f64> {
         .nth(1)?
         .parse()
         .ok()
+}
+
+/// CPU time `pid` has used so far, user plus system, in clock ticks (fields 14 and 15 of
+/// `/proc/<pid>/stat`, counted after the command name, which may hold spaces and parentheses).
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, after_name) = stat.rsplit_once(')')?;
+    // After the name: state is field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let mut fields = after_name.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`), the unit of `/proc/<pid>/stat`'s times. libc is
+/// not a dependency of this crate, so `sysconf` is asked through `getconf`; 100 (Linux's value
+/// on every common architecture) when that fails.
+fn clock_ticks_per_sec() -> u64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|&hz| hz > 0)
+        .unwrap_or(100)
+}
+
+/// The broker's TLS handshakes so far, from its Prometheus endpoint.
+#[derive(Debug, Clone, Copy, Default)]
+struct BrokerHandshakes {
+    /// Completed full handshakes (`presence_tls_handshakes_total{kind="full"}`; one after a
+    /// HelloRetryRequest included).
+    full: u64,
+    /// Completed resumed handshakes (`kind="resumed"`).
+    resumed: u64,
+    /// Failed handshakes, every reason (`presence_tls_handshake_failures_total`): a deadline
+    /// passed under load, or the client went away.
+    failed: u64,
+}
+
+/// Scrapes [`BrokerHandshakes`] from the Prometheus endpoint at `addr`; `None` when the scrape
+/// fails.
+async fn scrape_handshakes(addr: SocketAddr) -> Option<BrokerHandshakes> {
+    let scrape = async {
+        let mut socket = tokio::net::TcpStream::connect(addr).await?;
+        // HTTP/1.0: the answer is the whole body, then the close; no chunked encoding.
+        socket
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: presence-bench\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await?;
+        std::io::Result::Ok(body)
+    };
+    let body = tokio::time::timeout(Duration::from_secs(10), scrape)
+        .await
+        .ok()?
+        .ok()?;
+    if !body.starts_with("HTTP/1.") || !body.contains(" 200 ") {
+        return None;
+    }
+    let mut counts = BrokerHandshakes::default();
+    for line in body.lines() {
+        let Some((name, rest)) = line.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = rest.rsplit_once('}') else {
+            continue;
+        };
+        let Ok(value) = value.trim().parse::<f64>() else {
+            continue;
+        };
+        let value = value as u64;
+        match name {
+            "presence_tls_handshakes_total" if labels.contains("kind=\"resumed\"") => {
+                counts.resumed += value
+            }
+            "presence_tls_handshakes_total" => counts.full += value,
+            "presence_tls_handshake_failures_total" => counts.failed += value,
+            _ => {}
+        }
+    }
+    Some(counts)
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -678,11 +797,127 @@ impl Writer {
 /// Connect attempts that failed and were retried, reported with the results.
 static CONNECT_RETRIES: AtomicU64 = AtomicU64::new(0);
 
+/// Completed client TLS handshakes of this run, full (a HelloRetryRequest included) and
+/// resumed, as rustls reports them once each handshake is done.
+static HANDSHAKES_FULL: AtomicU64 = AtomicU64::new(0);
+static HANDSHAKES_RESUMED: AtomicU64 = AtomicU64::new(0);
+
+/// (full, resumed) client handshakes so far.
+fn handshakes() -> (u64, u64) {
+    (
+        HANDSHAKES_FULL.load(Ordering::Relaxed),
+        HANDSHAKES_RESUMED.load(Ordering::Relaxed),
+    )
+}
+
+/// Sessions a phone's store remembers: rustls's in-memory cache keyed by server name (one
+/// here), each name holding up to 8 TLS 1.3 tickets; the size `with_resumption(&base, 2)` uses.
+const PHONE_SESSIONS: usize = 2;
+
+/// A simulated phone's resumption store: rustls's in-memory cache, as
+/// `presenced::tls::with_resumption(&base, PHONE_SESSIONS)` builds it, counting what it is
+/// given so the storm can check that every client holds a ticket before the drop.
+#[derive(Debug)]
+struct PhoneSessions {
+    inner: rustls::client::ClientSessionMemoryCache,
+    /// TLS 1.3 tickets and TLS 1.2 sessions received, in all.
+    received: AtomicU64,
+}
+
+impl rustls::client::ClientSessionStore for PhoneSessions {
+    fn set_kx_hint(&self, name: rustls::pki_types::ServerName<'static>, group: rustls::NamedGroup) {
+        self.inner.set_kx_hint(name, group)
+    }
+
+    fn kx_hint(&self, name: &rustls::pki_types::ServerName<'_>) -> Option<rustls::NamedGroup> {
+        self.inner.kx_hint(name)
+    }
+
+    fn set_tls12_session(
+        &self,
+        name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls12ClientSessionValue,
+    ) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.inner.set_tls12_session(name, value)
+    }
+
+    fn tls12_session(
+        &self,
+        name: &rustls::pki_types::ServerName<'_>,
+    ) -> Option<rustls::client::Tls12ClientSessionValue> {
+        self.inner.tls12_session(name)
+    }
+
+    fn remove_tls12_session(&self, name: &rustls::pki_types::ServerName<'static>) {
+        self.inner.remove_tls12_session(name)
+    }
+
+    fn insert_tls13_ticket(
+        &self,
+        name: rustls::pki_types::ServerName<'static>,
+        value: rustls::client::Tls13ClientSessionValue,
+    ) {
+        self.received.fetch_add(1, Ordering::Relaxed);
+        self.inner.insert_tls13_ticket(name, value)
+    }
+
+    fn take_tls13_ticket(
+        &self,
+        name: &rustls::pki_types::ServerName<'static>,
+    ) -> Option<rustls::client::Tls13ClientSessionValue> {
+        self.inner.take_tls13_ticket(name)
+    }
+}
+
+/// One storm client's TLS configuration: `base` with a resumption store of its own, or with
+/// resumption disabled.
+struct Phone {
+    config: Arc<rustls::ClientConfig>,
+    /// The store, with resumption on.
+    sessions: Option<Arc<PhoneSessions>>,
+}
+
+impl Phone {
+    fn new(base: &rustls::ClientConfig, resumption: Resumption) -> Phone {
+        match resumption {
+            Resumption::Off => Phone {
+                config: presenced::tls::with_resumption(base, 0),
+                sessions: None,
+            },
+            Resumption::On => {
+                let sessions = Arc::new(PhoneSessions {
+                    inner: rustls::client::ClientSessionMemoryCache::new(PHONE_SESSIONS),
+                    received: AtomicU64::new(0),
+                });
+                let mut config = base.clone();
+                config.resumption = rustls::client::Resumption::store(sessions.clone());
+                Phone {
+                    config: Arc::new(config),
+                    sessions: Some(sessions),
+                }
+            }
+        }
+    }
+
+    /// Tickets (or TLS 1.2 sessions) this phone has received so far.
+    fn received(&self) -> u64 {
+        self.sessions
+            .as_ref()
+            .map_or(0, |s| s.received.load(Ordering::Relaxed))
+    }
+}
+
 struct Generator {
     args: Args,
     /// `--transport`, or `plain` with `--plain`.
     transport: Transport,
+    /// The TLS configuration of every connection that is not a storm client. Its resumption
+    /// store (rustls's default) is shared by all of them.
     tls: Arc<rustls::ClientConfig>,
+    /// Storm client `i`'s own TLS configuration, so each resumes only with the tickets it was
+    /// given (empty for other workloads and without TLS).
+    phones: Vec<Phone>,
     prefix: String,
 }
 
@@ -713,10 +948,20 @@ impl Generator {
             .run_id
             .clone()
             .unwrap_or_else(|| format!("r{}", now_ns() / 1_000_000 % 100_000_000));
+        let phones = match args.workload {
+            Workload::Storm {
+                clients,
+                resumption,
+            } if transport.tls() => (0..clients)
+                .map(|_| Phone::new(&config, resumption))
+                .collect(),
+            _ => Vec::new(),
+        };
         Ok(Generator {
             args,
             transport,
             tls: Arc::new(config),
+            phones,
             prefix,
         })
     }
@@ -757,9 +1002,15 @@ impl Generator {
         tcp.set_nodelay(true)?;
         let stream: Stream = if self.transport.tls() {
             let name = presenced::tls::server_name(&self.args.server_name)?;
-            let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            let config = self.phones.get(i).map_or(&self.tls, |p| &p.config);
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
                 .connect(name, tcp)
                 .await?;
+            match tls.get_ref().1.handshake_kind() {
+                Some(rustls::HandshakeKind::Resumed) => &HANDSHAKES_RESUMED,
+                _ => &HANDSHAKES_FULL,
+            }
+            .fetch_add(1, Ordering::Relaxed);
             Box::new(tls)
         } else {
             Box::new(tcp)
@@ -1357,7 +1608,21 @@ struct Restored {
     _conn: Option<(Reader, Writer)>,
 }
 
-async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::Value> {
+/// The storm: `clients` watchers of one user connect (each a full handshake), all lose their
+/// connections at once and reconnect together, each until its snapshot shows the user's last
+/// status. Reports how long that took and, for the reconnects only, how many TLS handshakes
+/// were full and how many resumed, and the broker's CPU time per reconnect (with `--pid`).
+///
+/// Tickets come before the drop: a TLS 1.3 server sends its tickets right after it reads the
+/// client's Finished, so they precede the ConnAck in the byte stream and rustls has stored
+/// them by the time the client reads the ConnAck, well before the subscribe reply (MQTT:
+/// OpenSSL sends them before the CONNACK likewise). The run counts them per client anyway and
+/// reports how many clients held one at the drop.
+async fn storm(
+    g: Arc<Generator>,
+    clients: usize,
+    resumption: Resumption,
+) -> anyhow::Result<serde_json::Value> {
     let star = g.user("star");
     let (star_reader, mut star_writer) = g.open_retrying(clients, &star).await?;
     let star_drain = drain(star_reader);
@@ -1381,6 +1646,16 @@ async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
+    let with_ticket = g.phones.iter().filter(|p| p.received() > 0).count();
+    let fewest_tickets = g.phones.iter().map(Phone::received).min();
+    // The broker's counters and CPU time just before the drop (the scrape first, so its own
+    // cost falls outside the span), the client's handshake counts.
+    let broker_before = match g.args.metrics {
+        Some(addr) => scrape_handshakes(addr).await,
+        None => None,
+    };
+    let cpu_before = g.args.pid.and_then(cpu_ticks);
+    let handshakes_before = handshakes();
     // Every connection drops at once (as when a load balancer or a network path fails), and
     // every client reconnects at once.
     drop(conns);
@@ -1410,9 +1685,58 @@ async fn storm(g: Arc<Generator>, clients: usize) -> anyhow::Result<serde_json::
         }
     }
     let all_back = started.elapsed();
+    let cpu_after = g.args.pid.and_then(cpu_ticks);
+    let handshakes_after = handshakes();
+    let broker_after = match g.args.metrics {
+        Some(addr) => scrape_handshakes(addr).await,
+        None => None,
+    };
     star_drain.abort();
     let mut m = g.report("storm");
     m.insert("clients".into(), clients.into());
+    m.insert("resumption".into(), resumption.name().into());
+    // Every handshake of the reconnects, those of retried attempts included.
+    m.insert(
+        "reconnect_full".into(),
+        (handshakes_after.0 - handshakes_before.0).into(),
+    );
+    m.insert(
+        "reconnect_resumed".into(),
+        (handshakes_after.1 - handshakes_before.1).into(),
+    );
+    m.insert("clients_with_ticket_at_drop".into(), with_ticket.into());
+    m.insert("fewest_tickets_at_drop".into(), fewest_tickets.into());
+    // The broker's own counts over the same span (with `--metrics`); a client that gave up on
+    // a handshake the broker had not finished shows as a failure here and a retry above.
+    let broker = broker_before.zip(broker_after);
+    m.insert(
+        "broker_reconnect_full".into(),
+        broker.map(|(b, a)| a.full.saturating_sub(b.full)).into(),
+    );
+    m.insert(
+        "broker_reconnect_resumed".into(),
+        broker
+            .map(|(b, a)| a.resumed.saturating_sub(b.resumed))
+            .into(),
+    );
+    m.insert(
+        "broker_handshake_failures".into(),
+        broker
+            .map(|(b, a)| a.failed.saturating_sub(b.failed))
+            .into(),
+    );
+    // The broker's CPU time from just before the drop until every client is back: the
+    // reconnects' handshakes and sessions, and tearing down the dropped ones.
+    let hz = clock_ticks_per_sec();
+    let cpu_ms = cpu_before
+        .zip(cpu_after)
+        .map(|(b, a)| a.saturating_sub(b) as f64 * 1000.0 / hz as f64);
+    m.insert("clk_tck".into(), hz.into());
+    m.insert("broker_cpu_ms".into(), cpu_ms.into());
+    m.insert(
+        "broker_cpu_us_per_reconnect".into(),
+        cpu_ms.map(|ms| ms * 1000.0 / clients.max(1) as f64).into(),
+    );
     m.insert("restored".into(), restored.into());
     m.insert(
         "restored_ratio".into(),
@@ -1634,7 +1958,10 @@ async fn main() -> anyhow::Result<()> {
             seconds,
         } => mix(&g, users, watch, percent_per_sec, seconds).await?,
         Workload::Idle { connections } => idle(&g, connections).await?,
-        Workload::Storm { clients } => storm(g.clone(), clients).await?,
+        Workload::Storm {
+            clients,
+            resumption,
+        } => storm(g.clone(), clients, resumption).await?,
         Workload::NodeDeath {
             devices,
             watchers,

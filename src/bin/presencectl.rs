@@ -699,7 +699,8 @@ async fn watch(
                     line["batch"] = json!(true);
                 }
                 print(line);
-                if e.kind != pb::EventKind::Directed as i32 {
+                // Your own devices' changes are not watched users: the file holds only those.
+                if e.kind != pb::EventKind::Directed as i32 && e.user_id != user {
                     versions.insert(e.user_id.clone(), e.version);
                 }
             }

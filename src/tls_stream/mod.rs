@@ -85,8 +85,12 @@ impl ClientHello {
                 }
                 Ok(Status::Open) => {
                     // Everything rustls queued with the handshake's end (its Finished, or the
-                    // session tickets after the client's) has been written by `send_all`.
-                    sent?;
+                    // session tickets after the client's) has been written by `send_all`, or
+                    // the client left right after its Finished: the handshake is complete all
+                    // the same (and counted so); the session then finds the socket closed.
+                    if let Err(e) = sent {
+                        tracing::debug!("writing after the handshake's end failed: {e}");
+                    }
                     break;
                 }
                 Ok(Status::Handshaking) => {
