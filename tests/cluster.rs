@@ -752,3 +752,64 @@ async fn a_watcher_resumes_and_batches_on_another_node() {
         }
     }
 }
+
+/// What every node answers for `user`, polled until it equals `want` (bounded).
+async fn wait_presence(client: &Client, user: &str, want: &pb::Presence, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = within(client.get_presence(&[user]))
+            .await
+            .unwrap()
+            .remove(0);
+        if (now.version, now.last_seen_ms) == (want.version, want.last_seen_ms) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {now:?} != {want:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A node that was down while a user went offline learns the new last-seen and version from a
+/// peer when it restarts, so queries and resumes there match every other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_node_catches_up_on_who_went_offline_while_it_was_down() {
+    let nats = NatsCluster::start(3).await;
+    let mut nodes = nodes(&nats, 2).await;
+    let alice = nodes[0].connect("la", "phone").await;
+    alice.disconnect().await.unwrap();
+    let on1 = nodes[0].connect("q1", "q").await;
+    let first = within(on1.get_presence(&["la"])).await.unwrap().remove(0);
+    assert!(first.last_seen_ms > 0);
+    let on2 = nodes[1].connect("q2", "q").await;
+    wait_presence(&on2, "la", &first, "node2 before the kill").await;
+    let mut watcher = nodes[1].connect("lw", "phone").await;
+    within(watcher.subscribe(&["la"])).await.unwrap();
+    let (seen, _) = within(watcher.resume(&[])).await.unwrap();
+    let known: Vec<(String, u64)> = seen
+        .iter()
+        .map(|e| (e.user_id.clone(), e.version))
+        .collect();
+    drop((on2, watcher));
+
+    // node2 goes down; alice comes and goes on node1 meanwhile.
+    nodes[1].kill9().await;
+    let data = std::mem::replace(&mut nodes[1].data_dir, tempfile::tempdir().unwrap());
+    let alice = nodes[0].connect("la", "phone").await;
+    alice.disconnect().await.unwrap();
+    let second = within(on1.get_presence(&["la"])).await.unwrap().remove(0);
+    assert!(second.version > first.version);
+
+    let urls = nats.urls();
+    let node2 = Node::start_in("node2", &urls, &["--grace-period-ms", GRACE], data).await;
+    let on2 = node2.connect("q2", "q").await;
+    let now = within(on2.get_presence(&["la"])).await.unwrap().remove(0);
+    assert_eq!(
+        (now.version, now.last_seen_ms),
+        (second.version, second.last_seen_ms),
+        "node2 answers what node1 does as soon as it accepts clients"
+    );
+    let mut watcher = node2.connect("lw", "phone").await;
+    let (changed, result) = within(watcher.resume(&known)).await.unwrap();
+    assert_eq!((result.changed, result.unchanged), (1, 0), "{changed:?}");
+    assert_eq!(changed[0].version, second.version);
+}

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use presenced::cluster::forward::ForwardPresence;
-use presenced::cluster::wire::{Envelope, LogEntry, SyncPage};
+use presenced::cluster::wire::{Envelope, LastSeenPage, LastSeenRequest, LogEntry, SyncPage};
 use presenced::config::DeviceLimitPolicy;
 use presenced::model::{Availability, CloseKind, OfflineReason, PresenceChange};
 use presenced::outbound::Outbound;
@@ -49,6 +49,7 @@ enum Step {
     Raw(Vec<u8>),
     RawPage(Vec<u8>),
     RawLog(Vec<u8>),
+    RawLastSeen(Vec<u8>),
     /// An admin change forwarded by another node (`<prefix>.admin.<node>`), applied here.
     RawForward(Vec<u8>),
     Upsert { node: u8, inc: u8, user: u8, device: u8, epoch: u8, rev: u8, away: bool, status: u8, channels: Option<Vec<u8>> },
@@ -135,6 +136,20 @@ fuzz_target!(|steps: Vec<Step>| {
                     .and_then(|f| f.into_change().map_err(|_| ()))
                 {
                     let _ = registry.set_presence_for(&user, &change);
+                }
+            }
+            Step::RawLastSeen(bytes) => {
+                // A peer's catch-up page is recorded; a request is answered from the store.
+                if let Ok(page) = LastSeenPage::decode(bytes.as_slice()) {
+                    for e in page.entries.iter().take(1000) {
+                        let _ = log_store.record_last_seen(&e.user, e.at_ms, e.version);
+                    }
+                }
+                if let Ok(r) = LastSeenRequest::decode(bytes.as_slice()) {
+                    let after = r.has_cursor.then_some((r.after_at_ms, r.after_user.as_str()));
+                    let (page, _) = log_store.last_seen_since(r.since_ms, after, 1000);
+                    assert!(page.len() <= 1000);
+                    assert!(page.iter().all(|(_, l)| l.at_ms >= r.since_ms));
                 }
             }
             Step::RawLog(bytes) => {

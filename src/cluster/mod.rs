@@ -222,6 +222,10 @@ impl Cluster {
             .subscribe(subjects.sync(&node))
             .await
             .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
+        let last_seen_requests = client
+            .subscribe(subjects.last_seen(&node))
+            .await
+            .map_err(|e| ClusterError::Subscribe(e.to_string()))?;
         let shared = Arc::new(Shared {
             client,
             registry,
@@ -249,6 +253,9 @@ impl Cluster {
         shared
             .tasks
             .spawn(answer_sync(shared.clone(), sync_requests));
+        shared
+            .tasks
+            .spawn(answer_last_seen(shared.clone(), last_seen_requests));
         shared.tasks.spawn(tick(shared.clone()));
         shared.tasks.spawn(forward::answer(
             shared.client.clone(),
@@ -265,6 +272,11 @@ impl Cluster {
         while shared.peers().syncing() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        catch_up_last_seen(
+            &shared,
+            deadline.max(Instant::now() + Duration::from_secs(5)),
+        )
+        .await;
         tracing::info!(
             node = %shared.node,
             peers = shared.peers().up(),
@@ -677,6 +689,123 @@ async fn answer_sync(shared: Arc<Shared>, mut requests: async_nats::Subscriber) 
         {
             tracing::debug!("cannot answer a state transfer: {e}");
         }
+    }
+}
+
+/// Last-seen records per catch-up page.
+const LAST_SEEN_PAGE: usize = 1000;
+/// How far before this node's latest last-seen record the catch-up starts (clock differences
+/// between nodes, and transitions this node heard of late).
+const LAST_SEEN_OVERLAP_MS: u64 = 5 * 60 * 1000;
+
+/// Answers other nodes' last-seen catch-up requests from this node's store.
+async fn answer_last_seen(shared: Arc<Shared>, mut requests: async_nats::Subscriber) {
+    loop {
+        let message = tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            m = requests.next() => match m { Some(m) => m, None => return },
+        };
+        let Some(reply) = message.reply else {
+            continue;
+        };
+        let Ok(request) = wire::LastSeenRequest::decode(message.payload.as_ref()) else {
+            continue;
+        };
+        let after = request
+            .has_cursor
+            .then_some((request.after_at_ms, request.after_user.as_str()));
+        let (entries, more) =
+            shared
+                .registry
+                .store()
+                .last_seen_since(request.since_ms, after, LAST_SEEN_PAGE);
+        let page = wire::LastSeenPage {
+            entries: entries
+                .into_iter()
+                .map(|(user, l)| wire::LastSeenEntry {
+                    user,
+                    at_ms: l.at_ms,
+                    version: l.version,
+                })
+                .collect(),
+            more,
+        };
+        if let Err(e) = shared
+            .client
+            .publish(reply, Bytes::from(page.encode_to_vec()))
+            .await
+        {
+            tracing::debug!("cannot answer a last-seen catch-up: {e}");
+        }
+    }
+}
+
+/// After a restart, learns the last-seen times and offline versions recorded while this node
+/// was down from a live peer (each node records every user's), so an offline user shows here
+/// what every other node shows, and a Resume here compares against the right version. Stops at
+/// `deadline`, or when no peer answers; what it misses stays as this node last knew it.
+async fn catch_up_last_seen(shared: &Shared, deadline: Instant) {
+    let since = shared
+        .registry
+        .store()
+        .latest_last_seen_ms()
+        .saturating_sub(LAST_SEEN_OVERLAP_MS);
+    let peers = shared.peers().live_nodes();
+    if peers.is_empty() {
+        // The first node up: nobody to ask, and nothing was missed that a peer knows.
+        return;
+    }
+    let mut learned = 0usize;
+    'peers: for peer in peers {
+        let mut cursor: Option<(u64, String)> = None;
+        loop {
+            let request = wire::LastSeenRequest {
+                since_ms: since,
+                after_at_ms: cursor.as_ref().map_or(0, |c| c.0),
+                after_user: cursor.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
+                has_cursor: cursor.is_some(),
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let answer = tokio::time::timeout(
+                left,
+                shared.client.request(
+                    shared.subjects.last_seen(&peer),
+                    Bytes::from(request.encode_to_vec()),
+                ),
+            )
+            .await;
+            let page = match answer {
+                Ok(Ok(message)) => match wire::LastSeenPage::decode(message.payload.as_ref()) {
+                    Ok(page) => page,
+                    Err(_) => continue 'peers,
+                },
+                // This peer cannot answer (an older node, or gone): try the next one.
+                Ok(Err(_)) => continue 'peers,
+                Err(_) => break 'peers,
+            };
+            for entry in &page.entries {
+                if let Err(e) = shared.registry.store().record_last_seen(
+                    &entry.user,
+                    entry.at_ms,
+                    entry.version,
+                ) {
+                    tracing::warn!("cannot record a caught-up last-seen: {e}");
+                }
+            }
+            learned += page.entries.len();
+            cursor = page.entries.last().map(|e| (e.at_ms, e.user.clone()));
+            if !page.more || cursor.is_none() {
+                tracing::info!(peer = %peer, records = learned, since_ms = since, "last-seen caught up");
+                return;
+            }
+        }
+    }
+    {
+        tracing::warn!(
+            records = learned,
+            "last-seen catch-up incomplete: offline users may show an older last-seen here \
+             until they next go offline"
+        );
     }
 }
 

@@ -210,6 +210,40 @@ pub struct SyncPage {
     pub fenced: bool,
 }
 
+/// Asks a node for the last-seen records it holds from `since_ms` on (a node that restarts
+/// missed the OFFLINE deltas sent while it was down), after a (time, user) cursor.
+#[derive(Clone, PartialEq, Message)]
+pub struct LastSeenRequest {
+    #[prost(uint64, tag = "1")]
+    pub since_ms: u64,
+    #[prost(uint64, tag = "2")]
+    pub after_at_ms: u64,
+    #[prost(string, tag = "3")]
+    pub after_user: String,
+    #[prost(bool, tag = "4")]
+    pub has_cursor: bool,
+}
+
+/// One user's last-seen record.
+#[derive(Clone, PartialEq, Message)]
+pub struct LastSeenEntry {
+    #[prost(string, tag = "1")]
+    pub user: String,
+    #[prost(uint64, tag = "2")]
+    pub at_ms: u64,
+    #[prost(uint64, tag = "3")]
+    pub version: u64,
+}
+
+/// One page of last-seen records, ordered by (time, user).
+#[derive(Clone, PartialEq, Message)]
+pub struct LastSeenPage {
+    #[prost(message, repeated, tag = "1")]
+    pub entries: Vec<LastSeenEntry>,
+    #[prost(bool, tag = "2")]
+    pub more: bool,
+}
+
 /// One entry of the replicated subscription log (JetStream).
 #[derive(Clone, PartialEq, Message)]
 pub struct LogEntry {
@@ -393,6 +427,11 @@ impl Subjects {
     /// Where `node` answers state transfer requests.
     pub fn sync(&self, node: &str) -> String {
         format!("{}.sync.{}", self.prefix, subject_token(node))
+    }
+
+    /// Where `node` answers last-seen catch-up requests.
+    pub fn last_seen(&self, node: &str) -> String {
+        format!("{}.lastseen.{}", self.prefix, subject_token(node))
     }
 }
 

@@ -444,7 +444,17 @@ impl Registry {
                 e.devices.get(&attach.device_id).is_none(),
                 e.devices.len(),
             ),
-            None => (PresenceSnapshot::offline(&attach.user_id, 0), true, 0),
+            None => {
+                // A user coming online continues from the version they went offline at (it may
+                // come from another node whose clock is ahead), so the ONLINE is never older.
+                let mut offline = PresenceSnapshot::offline(&attach.user_id, 0);
+                offline.version = self
+                    .shared
+                    .store
+                    .last_seen(&attach.user_id)
+                    .map_or(0, |l| l.version);
+                (offline, true, 0)
+            }
         };
         if let Some(initial) = &attach.initial {
             initial

@@ -264,6 +264,17 @@ pub trait SubscriptionStore: Send + Sync + fmt::Debug {
     /// (the version is 0 when recorded before versions were kept).
     fn last_seen(&self, user: &str) -> Option<LastSeen>;
 
+    /// Cluster mode's catch-up after a restart: see [`Edges::last_seen_since`].
+    fn last_seen_since(
+        &self,
+        since_ms: u64,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> (Vec<(String, LastSeen)>, bool);
+
+    /// See [`Edges::latest_last_seen_ms`].
+    fn latest_last_seen_ms(&self) -> u64;
+
     /// Refuses `user`'s tokens issued before `before_ms` until `until_ms` (the longest token
     /// lifetime from now); durable once `flush` returns. Returns the cut-off now in force.
     fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError>;
@@ -517,6 +528,40 @@ impl Edges {
         self.last_seen.get(user).copied()
     }
 
+    /// Up to `limit` last-seen records at or after `since_ms`, ordered by (time, user), after
+    /// the cursor `after`; and whether more follow. A scan of every record: for a node that
+    /// catches up once after a restart, never per request.
+    pub fn last_seen_since(
+        &self,
+        since_ms: u64,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> (Vec<(String, LastSeen)>, bool) {
+        let mut found: Vec<(u64, &String, LastSeen)> = self
+            .last_seen
+            .iter()
+            .filter(|(u, l)| {
+                l.at_ms >= since_ms
+                    && after.is_none_or(|(at, user)| (l.at_ms, u.as_str()) > (at, user))
+            })
+            .map(|(u, l)| (l.at_ms, u, *l))
+            .collect();
+        found.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        let more = found.len() > limit;
+        let page = found
+            .into_iter()
+            .take(limit)
+            .map(|(_, u, l)| (u.clone(), l))
+            .collect();
+        (page, more)
+    }
+
+    /// The latest last-seen time recorded (0: none): about when this store last heard of an
+    /// offline transition.
+    pub fn latest_last_seen_ms(&self) -> u64 {
+        self.last_seen.values().map(|l| l.at_ms).max().unwrap_or(0)
+    }
+
     /// Records a revocation; a later one never lowers an earlier cut-off. Returns what is
     /// kept: (cut-off, kept until).
     pub fn set_revoked(&mut self, user: &str, before_ms: u64, until_ms: u64) -> (u64, u64) {
@@ -641,6 +686,19 @@ impl SubscriptionStore for MemoryStore {
 
     fn last_seen(&self, user: &str) -> Option<LastSeen> {
         self.edges().last_seen(user)
+    }
+
+    fn last_seen_since(
+        &self,
+        since_ms: u64,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> (Vec<(String, LastSeen)>, bool) {
+        self.edges().last_seen_since(since_ms, after, limit)
+    }
+
+    fn latest_last_seen_ms(&self) -> u64 {
+        self.edges().latest_last_seen_ms()
     }
 
     fn revoke_tokens(&self, user: &str, before_ms: u64, until_ms: u64) -> Result<u64, StoreError> {

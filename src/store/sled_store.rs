@@ -438,6 +438,19 @@ impl SubscriptionStore for SledStore {
         self.image().last_seen(user)
     }
 
+    fn last_seen_since(
+        &self,
+        since_ms: u64,
+        after: Option<(u64, &str)>,
+        limit: usize,
+    ) -> (Vec<(String, LastSeen)>, bool) {
+        self.image().last_seen_since(since_ms, after, limit)
+    }
+
+    fn latest_last_seen_ms(&self) -> u64 {
+        self.image().latest_last_seen_ms()
+    }
+
     fn next_boot_epoch(&self, now_us: u64) -> Result<u64, StoreError> {
         let meta = self.db.open_tree(META_TREE).map_err(|e| self.backend(e))?;
         let last = meta
