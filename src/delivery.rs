@@ -174,8 +174,8 @@ pub fn trim(event: pb::PresenceEvent, fields: Fields) -> pb::PresenceEvent {
     if fields == Fields::All {
         return event;
     }
+    // The user id and version are the event's: not repeated in a trimmed presence.
     let presence = event.presence.map(|p| pb::Presence {
-        user_id: p.user_id,
         availability: p.availability,
         status: if fields == Fields::AvailabilityAndStatus {
             p.status
@@ -183,7 +183,6 @@ pub fn trim(event: pb::PresenceEvent, fields: Fields) -> pb::PresenceEvent {
             String::new()
         },
         last_seen_ms: p.last_seen_ms,
-        version: p.version,
         ..Default::default()
     });
     pb::PresenceEvent {
@@ -207,7 +206,6 @@ fn trimmed_hash(event: &pb::PresenceEvent) -> u64 {
     hasher.finish()
 }
 
-/// One encoded `PresenceBatch` frame.
 /// The most bytes of events one `PresenceBatch` frame carries: a larger batch is split into
 /// several frames, so no frame comes near a client's frame cap.
 pub const MAX_BATCH_FRAME_BYTES: usize = 256 * 1024;
@@ -233,7 +231,7 @@ pub fn batch_items(events: Vec<pb::PresenceEvent>, fields: Fields) -> Vec<Item> 
     items
 }
 
-/// `events` as one `PresenceBatch` frame (see [`batch_items`] for frames of bounded size).
+/// `events` as one encoded `PresenceBatch` frame (see [`batch_items`] for frames of bounded size).
 pub fn batch_item(events: Vec<pb::PresenceEvent>, fields: Fields) -> Item {
     let frame = pb::ServerFrame {
         request_id: 0,
@@ -317,10 +315,14 @@ mod tests {
         assert_eq!(b.events.len(), 1);
         let p = b.events[0].presence.as_ref().unwrap();
         assert_eq!(
-            (p.availability, p.version),
+            (p.availability, b.events[0].version),
             (pb::Availability::Online as i32, 2)
         );
         assert!(p.status.is_empty() && p.state.is_empty() && b.events[0].device_id.is_empty());
+        assert!(
+            p.user_id.is_empty() && p.version == 0,
+            "the event carries the user id and version, once"
+        );
         assert_eq!(held.due(), None);
     }
 

@@ -1,10 +1,11 @@
 //! Structure-aware sequences of session operations (connect, take over, publish, subscribe,
 //! join, watch, set channel state, disconnect, lose the connection, time out, kick, drain)
 //! driven against the real registry, with its invariants checked after every step: exactly one
-//! live session per (user, device), no ghost members or watchers, channel counts that match.
+//! live session per (user, device), no ghost members or watchers, channel counts that match;
+//! and privacy: an invisible user, or either side of a block, is shown offline to the other.
 #![no_main]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -13,6 +14,7 @@ use futures_util::FutureExt;
 use libfuzzer_sys::fuzz_target;
 use presenced::model::{Availability, OfflineReason, PresenceChange};
 use presenced::outbound::Outbound;
+use presenced::privacy::{PrivacyOp, Viewer};
 use presenced::config::DeviceLimitPolicy;
 use presenced::registry::{Attach, Registry, RegistryOptions};
 use presenced::store::MemoryStore;
@@ -36,6 +38,9 @@ enum Op {
     Kick { conn: u8 },
     FlushIntervals,
     Drain { conn: u8 },
+    Invisible { user: u8, on: bool },
+    Block { user: u8, target: u8 },
+    Unblock { user: u8, target: u8 },
 }
 
 struct Conn {
@@ -71,6 +76,9 @@ fuzz_target!(|ops: Vec<Op>| {
     let mut conns: Vec<Conn> = Vec::new();
     // (user, device) → index of the connection attached last.
     let mut latest: HashMap<(String, String), usize> = HashMap::new();
+    // The privacy the ops set: invisible users, (blocker, blocked) pairs.
+    let mut invisible: HashSet<String> = HashSet::new();
+    let mut blocked: HashSet<(String, String)> = HashSet::new();
     for op in ops.into_iter().take(300) {
         let now = Instant::now();
         let pick = |conn: u8, conns: &[Conn]| -> Option<usize> {
@@ -209,6 +217,54 @@ fuzz_target!(|ops: Vec<Op>| {
                             break;
                         }
                     }
+                }
+            }
+            Op::Invisible { user, on } => {
+                let user = format!("u{}", user % 4);
+                let op = PrivacyOp::SetInvisible { user: user.clone(), on };
+                registry.privacy_op(&op, now).expect("memory store");
+                if on {
+                    invisible.insert(user);
+                } else {
+                    invisible.remove(&user);
+                }
+            }
+            Op::Block { user, target } | Op::Unblock { user, target } if user % 4 == target % 4 => {}
+            Op::Block { user, target } => {
+                let (user, target) = (format!("u{}", user % 4), format!("u{}", target % 4));
+                let op = PrivacyOp::Block { user: user.clone(), targets: vec![target.clone()] };
+                registry.privacy_op(&op, now).expect("within the cap");
+                blocked.insert((user, target));
+            }
+            Op::Unblock { user, target } => {
+                let (user, target) = (format!("u{}", user % 4), format!("u{}", target % 4));
+                let op = PrivacyOp::Unblock { user: user.clone(), targets: vec![target.clone()] };
+                registry.privacy_op(&op, now).expect("memory store");
+                blocked.remove(&(user, target));
+            }
+        }
+        for a in 0..4 {
+            for b in 0..4 {
+                let (a, b) = (format!("u{a}"), format!("u{b}"));
+                if a == b {
+                    continue;
+                }
+                let hidden = invisible.contains(&b)
+                    || blocked.contains(&(a.clone(), b.clone()))
+                    || blocked.contains(&(b.clone(), a.clone()));
+                let shown = registry.snapshots_for(Viewer::User(&a), std::slice::from_ref(&b));
+                let truth = registry.snapshot(&b);
+                if hidden {
+                    assert!(
+                        shown[0].availability == Availability::Offline
+                            && shown[0].devices.is_empty()
+                            && shown[0].status.is_empty(),
+                        "{b} is hidden from {a} but shown {:?}",
+                        shown[0]
+                    );
+                } else {
+                    assert_eq!(shown[0].availability, truth.availability, "{a} sees {b}");
+                    assert!(shown[0].version >= truth.version);
                 }
             }
         }

@@ -29,6 +29,10 @@ mod web;
     about = "The presenced developer CLI: mint tokens, watch and set presence, subscriptions, channels"
 )]
 struct Cli {
+    /// The TLS client configuration, built once: its session store lets a reconnect (watch
+    /// --resume) resume the TLS session with a ticket instead of a full handshake.
+    #[arg(skip)]
+    tls_config: std::sync::OnceLock<Arc<rustls::ClientConfig>>,
     /// Broker address (host:port).
     #[arg(long, global = true, default_value = "127.0.0.1:7883")]
     server: String,
@@ -607,6 +611,11 @@ async fn watch(
     resume: Option<&std::path::Path>,
     background: Option<u32>,
 ) -> anyhow::Result<()> {
+    if let Some(seconds) = background {
+        if !(1..=3600).contains(&seconds) {
+            bail!("--background takes 1 to 3600 seconds, not {seconds}");
+        }
+    }
     let mut versions = match resume {
         Some(path) => load_versions(path)?,
         None => BTreeMap::new(),
@@ -773,11 +782,15 @@ impl Cli {
     }
 
     fn tls(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-        if self.ca.exists() {
-            Ok(presenced::tls::client_config_from_file(&self.ca)?)
-        } else {
-            Ok(presenced::tls::dev_client_config())
+        if let Some(config) = self.tls_config.get() {
+            return Ok(config.clone());
         }
+        let config = if self.ca.exists() {
+            presenced::tls::client_config_from_file(&self.ca)?
+        } else {
+            presenced::tls::dev_client_config()
+        };
+        Ok(self.tls_config.get_or_init(|| config).clone())
     }
 
     async fn connect(&self, user: &str) -> anyhow::Result<Client> {
