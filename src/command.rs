@@ -1265,7 +1265,13 @@ fn execute_body(
                 pb::WhoNowMode::Ids => (page_size, false),
                 pb::WhoNowMode::IdsAndState => (page_size, true),
             };
-            let page = registry.who_now(&channel, after, limit, with_state);
+            let page = registry.who_now_for(
+                Viewer::User(&session.user_id),
+                &channel,
+                after,
+                limit,
+                with_state,
+            );
             Ok(ServerBody::WhoNowResult(pb::WhoNowResult {
                 channel,
                 occupancy: page.occupancy,
@@ -1284,7 +1290,7 @@ fn execute_body(
         }
         Command::WhereNow { user } => {
             let user_id = user.unwrap_or_else(|| session.user_id.clone());
-            let channels = registry.where_now(&user_id);
+            let channels = registry.where_now_for(Viewer::User(&session.user_id), &user_id);
             Ok(ServerBody::WhereNowResult(pb::WhereNowResult {
                 user_id,
                 channels,
@@ -1308,7 +1314,8 @@ fn execute_body(
         }
         Command::GetChannelState { channel, user } => {
             let user_id = user.unwrap_or_else(|| session.user_id.clone());
-            let members = registry.get_channel_state(&channel, &user_id);
+            let members =
+                registry.get_channel_state_for(Viewer::User(&session.user_id), &channel, &user_id);
             Ok(channel_state_result(channel, members))
         }
         Command::RemoveChannelState { channel, keys } => {

@@ -247,3 +247,239 @@ async fn blocks_and_invisibility_survive_a_restart() {
         "still blocked"
     );
 }
+
+/// The next channel event `client` receives, as (channel, kind, user, occupancy).
+async fn next_channel(client: &mut Client) -> (String, pb::ChannelEventKind, String, u32) {
+    let e = within(client.next_channel_event()).await.unwrap();
+    let user = e
+        .member
+        .as_ref()
+        .map_or(String::new(), |m| m.user_id.clone());
+    (e.channel.clone(), channel_kind(&e), user, e.occupancy)
+}
+
+/// `client`'s next channel event must be the marker's state change in `channel`.
+async fn next_channel_is_marker(client: &mut Client, marker: &Client, channel: &str, text: &str) {
+    within(marker.set_channel_state(channel, &[("mark", text)], false))
+        .await
+        .unwrap();
+    let e = within(client.next_channel_event()).await.unwrap();
+    let m = e.member.as_ref().expect("a member event");
+    assert_eq!(
+        (e.channel.as_str(), m.user_id.as_str(), m.state.get("mark")),
+        (channel, "marker", Some(&text.to_string())),
+        "something arrived before the marker: {e:?}"
+    );
+}
+
+fn member_ids(page: &pb::WhoNowResult) -> Vec<&str> {
+    page.members.iter().map(|m| m.user_id.as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invisible_member_leaves_every_room_for_everyone_else() {
+    let broker = start(|c| c.channels.announce_threshold = 10_000).await;
+    let mut w = connect(&broker, "w").await;
+    within(w.join("room", &[])).await.unwrap();
+    within(w.join("hall", &[])).await.unwrap();
+    let marker = connect(&broker, "marker").await;
+    within(marker.join("room", &[])).await.unwrap();
+    within(marker.join("hall", &[])).await.unwrap();
+    let alice = connect(&broker, "alice").await;
+    within(alice.join("room", &[("mood", "ok")])).await.unwrap();
+    // w: marker JOIN, ONLINE (room), JOIN, ONLINE (hall), alice JOIN, ONLINE (room).
+    for _ in 0..6 {
+        next_channel(&mut w).await;
+    }
+
+    within(alice.set_invisible(true)).await.unwrap();
+    assert_eq!(
+        next_channel(&mut w).await,
+        (
+            "room".into(),
+            pb::ChannelEventKind::Leave,
+            "alice".into(),
+            2
+        )
+    );
+    assert_eq!(
+        next_channel(&mut w).await,
+        (
+            "room".into(),
+            pb::ChannelEventKind::Offline,
+            "alice".into(),
+            2
+        )
+    );
+
+    // Every query w has shows a room without her.
+    let page = within(w.who_now("room", pb::WhoNowMode::IdsAndState, "", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (member_ids(&page), page.occupancy, page.member_count),
+        (vec!["marker", "w"], 2, 2)
+    );
+    assert!(within(w.where_now("alice")).await.unwrap().is_empty());
+    let state = within(w.get_channel_state("room", "alice")).await.unwrap();
+    assert!(state.members.is_empty(), "{state:?}");
+    // She sees herself.
+    let own = within(alice.who_now("room", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!(
+        (member_ids(&own), own.occupancy),
+        (vec!["alice", "marker", "w"], 3)
+    );
+    assert_eq!(within(alice.where_now("alice")).await.unwrap(), ["room"]);
+    // Joining, changing state and leaving while invisible: nothing reaches w; a join reply's
+    // occupancy counts only who w would be shown.
+    within(alice.join("hall", &[("mood", "hidden")]))
+        .await
+        .unwrap();
+    within(alice.set_channel_state("room", &[("mood", "busy")], false))
+        .await
+        .unwrap();
+    next_channel_is_marker(&mut w, &marker, "room", "m1").await;
+    within(w.leave("hall")).await.unwrap();
+    let rejoined = within(w.join("hall", &[])).await.unwrap();
+    assert_eq!(rejoined.occupancy, 2, "{rejoined:?}");
+    next_channel_is_marker(&mut w, &marker, "hall", "m2").await;
+
+    // Visible again: she arrives in both rooms with her current state.
+    within(alice.set_invisible(false)).await.unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let e = within(w.next_channel_event()).await.unwrap();
+        let m = e.member.clone().unwrap();
+        assert_eq!(m.user_id, "alice");
+        assert_eq!(e.occupancy, 3);
+        seen.push((
+            e.channel.clone(),
+            channel_kind(&e),
+            m.state.get("mood").cloned(),
+        ));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            (
+                "hall".into(),
+                pb::ChannelEventKind::Join,
+                Some("hidden".into())
+            ),
+            ("hall".into(), pb::ChannelEventKind::Online, None),
+            (
+                "room".into(),
+                pb::ChannelEventKind::Join,
+                Some("busy".into())
+            ),
+            ("room".into(), pb::ChannelEventKind::Online, None),
+        ]
+    );
+    let page = within(w.who_now("room", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!(member_ids(&page), ["alice", "marker", "w"]);
+    assert_eq!(
+        within(w.where_now("alice")).await.unwrap(),
+        ["hall", "room"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocked_members_do_not_see_each_other_in_a_room() {
+    let broker = start(|c| c.channels.announce_threshold = 10_000).await;
+    let marker = connect(&broker, "marker").await;
+    within(marker.join("room", &[])).await.unwrap();
+    let a = connect(&broker, "a").await;
+    within(a.join("room", &[])).await.unwrap();
+    let mut b = connect(&broker, "b").await;
+    within(b.join("room", &[])).await.unwrap();
+    within(a.block(&["b"])).await.unwrap();
+    // b sees a leave; a's own sessions see b leave (blocking hides both ways).
+    assert_eq!(
+        next_channel(&mut b).await,
+        ("room".into(), pb::ChannelEventKind::Leave, "a".into(), 2)
+    );
+    assert_eq!(
+        next_channel(&mut b).await,
+        ("room".into(), pb::ChannelEventKind::Offline, "a".into(), 2)
+    );
+    for (viewer, other) in [(&b, "a"), (&a, "b")] {
+        let page = within(viewer.who_now("room", pb::WhoNowMode::Ids, "", 1))
+            .await
+            .unwrap();
+        // Paging skips the hidden member: two pages of one, then the end.
+        let rest = within(viewer.who_now("room", pb::WhoNowMode::Ids, &page.next_cursor, 1))
+            .await
+            .unwrap();
+        let mut ids = member_ids(&page);
+        ids.extend(member_ids(&rest));
+        assert!(!ids.contains(&other), "{ids:?}");
+        assert_eq!((ids.len(), page.occupancy), (2, 2));
+        assert!(rest.next_cursor.is_empty());
+    }
+    within(a.set_channel_state("room", &[("k", "v")], false))
+        .await
+        .unwrap();
+    within(a.leave("room")).await.unwrap();
+    next_channel_is_marker(&mut b, &marker, "room", "m1").await;
+    within(a.join("room", &[])).await.unwrap();
+    next_channel_is_marker(&mut b, &marker, "room", "m2").await;
+    within(a.unblock(&["b"])).await.unwrap();
+    assert_eq!(
+        next_channel(&mut b).await,
+        ("room".into(), pb::ChannelEventKind::Join, "a".into(), 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interval_batches_leave_hidden_members_out() {
+    let broker = start(|c| {
+        c.channels.announce_threshold = 2;
+        c.channels.interval_ms = 50;
+    })
+    .await;
+    let mut w = connect(&broker, "w").await;
+    within(w.join("room", &[])).await.unwrap();
+    let x = connect(&broker, "x").await;
+    within(x.join("room", &[])).await.unwrap();
+    let alice = connect(&broker, "alice").await;
+    within(alice.join("room", &[])).await.unwrap();
+    within(alice.set_invisible(true)).await.unwrap();
+    // Whatever was batched before is flushed first; then she leaves, event by event.
+    loop {
+        let e = within(w.next_channel_event()).await.unwrap();
+        if channel_kind(&e) == pb::ChannelEventKind::Offline {
+            assert_eq!(e.member.unwrap().user_id, "alice");
+            break;
+        }
+    }
+    let mut rounds = 0;
+    let mut x_seen = false;
+    while !x_seen {
+        rounds += 1;
+        assert!(rounds <= 200, "x's change never arrived in an interval");
+        within(alice.set_channel_state("room", &[("n", &rounds.to_string())], false))
+            .await
+            .unwrap();
+        within(x.set_channel_state("room", &[("n", &rounds.to_string())], false))
+            .await
+            .unwrap();
+        let e = within(w.next_channel_event()).await.unwrap();
+        let batch = e.interval.as_ref().expect("an INTERVAL event");
+        let listed: Vec<&str> = batch
+            .joins
+            .iter()
+            .chain(&batch.leaves)
+            .chain(&batch.timeouts)
+            .chain(&batch.state_changes)
+            .map(|m| m.user_id.as_str())
+            .collect();
+        assert!(!listed.contains(&"alice"), "{e:?}");
+        assert_eq!(e.occupancy, 2, "{e:?}");
+        x_seen = listed.contains(&"x");
+    }
+}

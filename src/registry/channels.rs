@@ -5,7 +5,7 @@
 //! into one INTERVAL event per tick so a large room costs linear, not quadratic, traffic. A
 //! channel with no members holds no memory beyond its watcher list.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::time::Instant;
 
@@ -15,6 +15,9 @@ use crate::model::{
     merge_state, ChannelEventKind, ChannelEventView, ChannelMember, IntervalBatch, OfflineReason,
 };
 use crate::outbound::Item;
+use crate::privacy::book::PrivacyBook;
+use crate::privacy::policy::Decision;
+use crate::privacy::Viewer;
 
 /// A channel with at least one member.
 #[derive(Debug, Default)]
@@ -36,6 +39,28 @@ struct Member {
 impl Channel {
     fn occupancy(&self) -> u32 {
         self.users.len() as u32
+    }
+
+    /// The member users privacy hides from `viewer`, and how many member devices they hold.
+    /// Costs one lookup per member user when anyone has privacy settings, none otherwise.
+    fn hidden_from(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> (HashSet<&str>, u32) {
+        let mut hidden = HashSet::new();
+        let mut devices = 0;
+        if book.is_empty() {
+            return (hidden, devices);
+        }
+        for (user, n) in &self.users {
+            if hides(book, viewer, user) {
+                hidden.insert(user.as_str());
+                devices += n;
+            }
+        }
+        (hidden, devices)
+    }
+
+    /// Distinct users `viewer` is shown in the channel.
+    fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
+        self.occupancy() - self.hidden_from(book, viewer).0.len() as u32
     }
 
     fn view(&self, key: &(String, String), with_state: bool) -> ChannelMember {
@@ -90,6 +115,19 @@ fn device_mut<'a>(
         .ok_or(RegistryError::NotAttached)
 }
 
+/// True when privacy hides `user` from `viewer`: the viewer is shown a user who is offline,
+/// so not in any channel.
+fn hides(book: &PrivacyBook, viewer: Viewer<'_>, user: &str) -> bool {
+    book.restricted(user) && matches!(book.decide(viewer, user), Decision::Masked { .. })
+}
+
+/// Distinct users `user_id` is shown in `channel`.
+fn occupancy_for(state: &State, channel: &str, user_id: &str) -> u32 {
+    state.channels.get(channel).map_or(0, |c| {
+        c.occupancy_for(&state.privacy, Viewer::User(user_id))
+    })
+}
+
 /// How a member left.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Departure {
@@ -118,7 +156,7 @@ impl Registry {
         if device.joined.contains(channel) {
             let ch = state.channels.get(channel);
             return Ok(ChannelOutcome {
-                occupancy: ch.map_or(0, Channel::occupancy),
+                occupancy: occupancy_for(state, channel, user_id),
                 changed: false,
                 state: ch.map(|c| c.view(&key, true).state).unwrap_or_default(),
             });
@@ -137,7 +175,7 @@ impl Registry {
         }
         let epoch = device.epoch;
         let joined_at_ms = crate::now_ms();
-        let occupancy = self.add_member(
+        self.add_member(
             state,
             user_id,
             device_id,
@@ -147,6 +185,7 @@ impl Registry {
             Some(conn_id),
             received_at,
         );
+        let occupancy = occupancy_for(state, channel, user_id);
         if let Some(sink) = self.shared.sink.get() {
             sink.emit(ReplicaChange::ChannelJoin {
                 user_id: user_id.to_string(),
@@ -345,7 +384,7 @@ impl Registry {
             }
         }
         Ok(ChannelOutcome {
-            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            occupancy: occupancy_for(state, channel, user_id),
             changed,
             state: BTreeMap::new(),
         })
@@ -379,7 +418,7 @@ impl Registry {
             true
         };
         Ok(ChannelOutcome {
-            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            occupancy: occupancy_for(state, channel, user_id),
             changed,
             state: BTreeMap::new(),
         })
@@ -401,16 +440,29 @@ impl Registry {
             remove_watcher(state, channel, user_id, device_id);
         }
         Ok(ChannelOutcome {
-            occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
+            occupancy: occupancy_for(state, channel, user_id),
             changed,
             state: BTreeMap::new(),
         })
     }
 
-    /// Up to `limit` members of `channel` after `after`, ordered by (user, device). An unknown
-    /// channel is an empty page.
+    /// Up to `limit` members of `channel` after `after`, ordered by (user, device), as the
+    /// app's backend sees them (everyone). An unknown channel is an empty page.
     pub fn who_now(
         &self,
+        channel: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+        with_state: bool,
+    ) -> WhoNowPage {
+        self.who_now_for(Viewer::Backend, channel, after, limit, with_state)
+    }
+
+    /// Who-now as `viewer` is shown it: members privacy hides from the viewer are left out
+    /// of the page and of both counts, exactly as if they were not in the channel.
+    pub fn who_now_for(
+        &self,
+        viewer: Viewer<'_>,
         channel: &str,
         after: Option<(String, String)>,
         limit: usize,
@@ -420,11 +472,15 @@ impl Registry {
         let Some(ch) = state.channels.get(channel) else {
             return WhoNowPage::default();
         };
+        let (hidden, hidden_devices) = ch.hidden_from(&state.privacy, viewer);
         let lower = match after {
             Some(key) => Bound::Excluded(key),
             None => Bound::Unbounded,
         };
-        let mut range = ch.members.range((lower, Bound::Unbounded));
+        let mut range = ch
+            .members
+            .range((lower, Bound::Unbounded))
+            .filter(|((user, _), _)| !hidden.contains(user.as_str()));
         let members: Vec<ChannelMember> = range
             .by_ref()
             .take(limit)
@@ -435,16 +491,24 @@ impl Registry {
             _ => None,
         };
         WhoNowPage {
-            occupancy: ch.occupancy(),
-            member_count: ch.members.len() as u32,
+            occupancy: ch.occupancy() - hidden.len() as u32,
+            member_count: ch.members.len() as u32 - hidden_devices,
             members,
             next_after,
         }
     }
 
-    /// The channels any device of `user_id` has joined, sorted.
+    /// The channels any device of `user_id` has joined, sorted, as the backend sees them.
     pub fn where_now(&self, user_id: &str) -> Vec<String> {
+        self.where_now_for(Viewer::Backend, user_id)
+    }
+
+    /// Where-now as `viewer` is shown it: no channel at all for a user privacy hides.
+    pub fn where_now_for(&self, viewer: Viewer<'_>, user_id: &str) -> Vec<String> {
         let state = self.state();
+        if hides(&state.privacy, viewer, user_id) {
+            return Vec::new();
+        }
         let Some(entry) = state.users.get(user_id) else {
             return Vec::new();
         };
@@ -560,12 +624,21 @@ impl Registry {
         Ok(view)
     }
 
-    /// The member state of every device of `user_id` in `channel`.
-    pub fn get_channel_state(&self, channel: &str, user_id: &str) -> Vec<ChannelMember> {
+    /// The member state of every device of `user_id` in `channel`, as `viewer` is shown it
+    /// (nothing for a user privacy hides, as for a user who is not a member).
+    pub fn get_channel_state_for(
+        &self,
+        viewer: Viewer<'_>,
+        channel: &str,
+        user_id: &str,
+    ) -> Vec<ChannelMember> {
         let state = self.state();
         let Some(ch) = state.channels.get(channel) else {
             return Vec::new();
         };
+        if hides(&state.privacy, viewer, user_id) {
+            return Vec::new();
+        }
         ch.members
             .range((user_id.to_string(), String::new())..)
             .take_while(|((u, _), _)| u == user_id)
@@ -817,7 +890,10 @@ impl Registry {
         self.channel_deliver(state, channel, &view, &key, None, received_at);
     }
 
-    /// Encodes once and offers the event to every member and watcher of `channel`.
+    /// Encodes once and offers the event to every member and watcher of `channel`. When
+    /// privacy may hide a member from someone, each recipient gets the event as they are shown
+    /// it (hidden members left out of the counts and the INTERVAL lists, an event about a
+    /// hidden member not at all), encoded once per distinct set of hidden members.
     fn channel_deliver(
         &self,
         state: &State,
@@ -827,11 +903,30 @@ impl Registry {
         exclude_conn: Option<u64>,
         received_at: Instant,
     ) {
-        let item = Item::event(
-            self.shared.encoder.channel_event(view),
-            received_at,
-            "channel_event",
-        );
+        let book = &state.privacy;
+        let members = state.channels.get(channel);
+        // The restricted users this event is about or counts: its member, the channel's
+        // members, the INTERVAL lists. Usually none, and then one encoding serves everyone.
+        let mut subjects: BTreeSet<&str> = BTreeSet::new();
+        if !book.is_empty() {
+            let batch = view.interval.into_iter().flat_map(|b| {
+                b.joins
+                    .iter()
+                    .chain(&b.leaves)
+                    .chain(&b.timeouts)
+                    .chain(&b.state_changes)
+            });
+            let users = members
+                .into_iter()
+                .flat_map(|c| c.users.keys())
+                .map(String::as_str)
+                .chain(view.member.map(|m| m.user_id.as_str()))
+                .chain(batch.map(|m| m.user_id.as_str()));
+            subjects.extend(users.filter(|u| book.restricted(u)));
+        }
+        let subjects: Vec<&str> = subjects.into_iter().collect();
+        let mut items: HashMap<Vec<bool>, Option<Item>> = HashMap::new();
+        let mut withheld = 0u64;
         let mut tally = FanoutTally::default();
         let mut offer = |user: &str, device: &str| {
             let outbound = state
@@ -839,11 +934,32 @@ impl Registry {
                 .get(user)
                 .and_then(|e| e.devices.get(device))
                 .and_then(|d| d.outbound.as_ref());
-            if let Some(outbound) = outbound.filter(|o| Some(o.id()) != exclude_conn) {
-                tally.offer(outbound, key, &item);
+            let Some(outbound) = outbound.filter(|o| Some(o.id()) != exclude_conn) else {
+                return;
+            };
+            let hidden: Vec<bool> = subjects
+                .iter()
+                .map(|s| hides(book, Viewer::User(user), s))
+                .collect();
+            let item = items.entry(hidden).or_insert_with_key(|hidden| {
+                let hidden: HashSet<&str> = subjects
+                    .iter()
+                    .zip(hidden)
+                    .filter(|(_, h)| **h)
+                    .map(|(s, _)| *s)
+                    .collect();
+                let shown = shown_channel_event(view, members, &hidden)?;
+                Some(Item::event(
+                    self.shared.encoder.channel_event(&shown.view()),
+                    received_at,
+                    "channel_event",
+                ))
+            });
+            match item {
+                Some(item) => tally.offer(outbound, key, item),
+                None => withheld += 1,
             }
         };
-        let members = state.channels.get(channel);
         if let Some(ch) = members {
             for (user, device) in ch.members.keys() {
                 offer(user, device);
@@ -858,8 +974,218 @@ impl Registry {
                 }
             }
         }
+        if withheld > 0 {
+            metrics::counter!(crate::metrics::PRIVACY_WITHHELD).increment(withheld);
+        }
         self.finish_fanout(tally);
     }
+}
+
+/// One recipient's view of one member user in one channel, taken before a privacy change.
+pub(super) struct ChannelSight {
+    channel: String,
+    target: String,
+    recipient: (String, String),
+    hidden: bool,
+}
+
+impl Registry {
+    /// Before a privacy change about `targets`: every channel recipient (member or watcher
+    /// device) of every channel a target is in, with whether the target is hidden from them.
+    /// Channels with a batch waiting are flushed first, so visibility is constant within an
+    /// INTERVAL event.
+    pub(super) fn channel_sights(
+        &self,
+        state: &mut State,
+        targets: &BTreeSet<&str>,
+        received_at: Instant,
+    ) -> Vec<ChannelSight> {
+        let mut sights = Vec::new();
+        for target in targets {
+            let Some(entry) = state.users.get(*target) else {
+                continue;
+            };
+            let channels: BTreeSet<String> = entry
+                .devices
+                .values()
+                .flat_map(|d| d.joined.iter().cloned())
+                .collect();
+            for channel in channels {
+                if let Some(batch) = state
+                    .channels
+                    .get_mut(&channel)
+                    .and_then(|c| c.pending.take())
+                {
+                    self.deliver_interval(state, &channel, &batch, received_at);
+                }
+                let mut recipients: BTreeSet<(String, String)> = state
+                    .channels
+                    .get(&channel)
+                    .map(|c| c.members.keys().cloned().collect())
+                    .unwrap_or_default();
+                if let Some(watchers) = state.channel_watchers.get(&channel) {
+                    recipients.extend(watchers.iter().cloned());
+                }
+                for recipient in recipients {
+                    if recipient.0 == *target {
+                        continue;
+                    }
+                    let hidden = hides(&state.privacy, Viewer::User(&recipient.0), target);
+                    sights.push(ChannelSight {
+                        channel: channel.clone(),
+                        target: target.to_string(),
+                        recipient,
+                        hidden,
+                    });
+                }
+            }
+        }
+        sights
+    }
+
+    /// After a privacy change: tells each recipient whose view of a member flipped, as a clean
+    /// departure (LEAVE per device, then OFFLINE) or arrival (JOIN per device with its state,
+    /// then ONLINE), with the occupancy the recipient is shown.
+    pub(super) fn channel_transitions(
+        &self,
+        state: &State,
+        sights: Vec<ChannelSight>,
+        received_at: Instant,
+        tally: &mut FanoutTally,
+    ) {
+        for sight in sights {
+            let (user, device) = &sight.recipient;
+            let hidden = hides(&state.privacy, Viewer::User(user), &sight.target);
+            if hidden == sight.hidden {
+                continue;
+            }
+            let (Some(ch), Some(outbound)) = (
+                state.channels.get(&sight.channel),
+                state
+                    .users
+                    .get(user)
+                    .and_then(|e| e.devices.get(device))
+                    .and_then(|d| d.outbound.as_ref()),
+            ) else {
+                continue;
+            };
+            let occupancy = ch.occupancy_for(&state.privacy, Viewer::User(user));
+            let devices: Vec<ChannelMember> = ch
+                .members
+                .range((sight.target.clone(), String::new())..)
+                .take_while(|((u, _), _)| *u == sight.target)
+                .map(|(key, _)| ch.view(key, true))
+                .collect();
+            let Some(first) = devices.first() else {
+                continue;
+            };
+            let (member_kind, user_kind) = if hidden {
+                (ChannelEventKind::Leave, ChannelEventKind::Offline)
+            } else {
+                (ChannelEventKind::Join, ChannelEventKind::Online)
+            };
+            let user_level = ChannelMember {
+                state: BTreeMap::new(),
+                ..first.clone()
+            };
+            let events = devices
+                .iter()
+                .map(|m| {
+                    (
+                        member_kind,
+                        m,
+                        format!(
+                            "\u{2}{}\u{0}{}\u{0}{}",
+                            sight.channel, m.user_id, m.device_id
+                        ),
+                    )
+                })
+                .chain(std::iter::once((
+                    user_kind,
+                    &user_level,
+                    format!("\u{2}{}\u{0}{}", sight.channel, sight.target),
+                )));
+            for (kind, member, key) in events {
+                let view = ChannelEventView {
+                    channel: &sight.channel,
+                    kind,
+                    member: Some(member),
+                    occupancy,
+                    interval: None,
+                };
+                let item = Item::event(
+                    self.shared.encoder.channel_event(&view),
+                    received_at,
+                    "channel_event",
+                );
+                tally.offer(outbound, &key, &item);
+            }
+        }
+    }
+}
+
+/// A channel event as one recipient is shown it.
+struct ShownChannelEvent<'a> {
+    base: &'a ChannelEventView<'a>,
+    occupancy: u32,
+    interval: Option<std::borrow::Cow<'a, IntervalBatch>>,
+}
+
+impl ShownChannelEvent<'_> {
+    fn view(&self) -> ChannelEventView<'_> {
+        ChannelEventView {
+            occupancy: self.occupancy,
+            interval: self.interval.as_deref(),
+            ..*self.base
+        }
+    }
+}
+
+/// `view` with the users in `hidden` taken out; `None` when nothing is left to tell (the event
+/// is about a hidden member, or an INTERVAL lists only hidden members).
+fn shown_channel_event<'a>(
+    view: &'a ChannelEventView<'a>,
+    members: Option<&Channel>,
+    hidden: &HashSet<&str>,
+) -> Option<ShownChannelEvent<'a>> {
+    if view
+        .member
+        .is_some_and(|m| hidden.contains(m.user_id.as_str()))
+    {
+        return None;
+    }
+    let in_channel = members.map_or(0, |c| {
+        hidden.iter().filter(|u| c.users.contains_key(**u)).count() as u32
+    });
+    let occupancy = view.occupancy.saturating_sub(in_channel);
+    let interval = match view.interval {
+        None => None,
+        Some(batch) if hidden.is_empty() => Some(std::borrow::Cow::Borrowed(batch)),
+        Some(batch) => {
+            let keep = |list: &[ChannelMember]| -> Vec<ChannelMember> {
+                list.iter()
+                    .filter(|m| !hidden.contains(m.user_id.as_str()))
+                    .cloned()
+                    .collect()
+            };
+            let shown = IntervalBatch {
+                joins: keep(&batch.joins),
+                leaves: keep(&batch.leaves),
+                timeouts: keep(&batch.timeouts),
+                state_changes: keep(&batch.state_changes),
+                refresh: batch.refresh,
+            };
+            if shown.is_empty() {
+                return None;
+            }
+            Some(std::borrow::Cow::Owned(shown))
+        }
+    };
+    Some(ShownChannelEvent {
+        base: view,
+        occupancy,
+        interval,
+    })
 }
 
 /// True when (user, device) is a session this node holds (its transitions are reported here).
@@ -896,7 +1222,7 @@ impl Registry {
     /// and tests; takes the lock once.
     pub fn check_invariants(&self) -> Result<(), String> {
         let state = self.state();
-        let mut conns = std::collections::HashSet::new();
+        let mut conns = HashSet::new();
         for (user, entry) in &state.users {
             if entry.devices.is_empty() {
                 return Err(format!("user {user} kept with no device"));

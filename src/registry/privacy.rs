@@ -163,6 +163,16 @@ impl Registry {
         if records.is_empty() {
             return Ok(records);
         }
+        let targets: BTreeSet<&str> = records
+            .iter()
+            .flat_map(|r| match r {
+                PrivacyRecord::Settings { user, .. } | PrivacyRecord::Approval { user, .. } => {
+                    vec![user.as_str()]
+                }
+                PrivacyRecord::Block { user, target, .. } => vec![user.as_str(), target.as_str()],
+            })
+            .collect();
+        let sights = self.channel_sights(&mut state, &targets, received_at);
         let pairs = self.affected_pairs(&state, &records, now_ms);
         let before: Vec<PresenceSnapshot> = pairs
             .iter()
@@ -203,6 +213,7 @@ impl Registry {
                 }
             }
         }
+        self.channel_transitions(&state, sights, received_at, &mut tally);
         self.finish_fanout(tally);
         Ok(records)
     }
