@@ -630,6 +630,92 @@ impl Client {
         .await
     }
 
+    /// Sets who sees your presence and your last-seen time (`Unspecified`: unchanged);
+    /// returns your settings.
+    pub async fn set_privacy(
+        &self,
+        presence: pb::Audience,
+        last_seen: pb::Audience,
+    ) -> Result<pb::PrivacySettings, ClientError> {
+        let body = ClientBody::SetPrivacy(pb::SetPrivacy {
+            presence_audience: presence as i32,
+            last_seen_audience: last_seen as i32,
+        });
+        self.call(body, |b| match b {
+            ServerBody::PrivacySettings(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Your privacy settings.
+    pub async fn get_privacy(&self) -> Result<pb::PrivacySettings, ClientError> {
+        self.call(ClientBody::GetPrivacy(pb::GetPrivacy {}), |b| match b {
+            ServerBody::PrivacySettings(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Approves, denies or revokes watchers; returns how many changed.
+    pub async fn set_approval(
+        &self,
+        user_ids: &[&str],
+        action: pb::ApprovalAction,
+    ) -> Result<u32, ClientError> {
+        let body = ClientBody::SetApproval(pb::SetApproval {
+            user_ids: user_ids.iter().map(|s| s.to_string()).collect(),
+            action: action as i32,
+        });
+        self.call(body, |b| match b {
+            ServerBody::SetApprovalResult(r) => Some(r.changed),
+            _ => None,
+        })
+        .await
+    }
+
+    /// One page of your requests and approvals (`Unspecified`: every state).
+    pub async fn list_approvals(
+        &self,
+        state: pb::ApprovalState,
+        cursor: &str,
+        page_size: u32,
+    ) -> Result<pb::ListApprovalsResult, ClientError> {
+        let body = ClientBody::ListApprovals(pb::ListApprovals {
+            state: state as i32,
+            cursor: cursor.to_string(),
+            page_size,
+        });
+        self.call(body, |b| match b {
+            ServerBody::ListApprovalsResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next subscription request (someone asked to see your presence); other events
+    /// before it are dropped.
+    pub async fn next_subscription_request(
+        &mut self,
+    ) -> Result<pb::SubscriptionRequest, ClientError> {
+        self.next_matching(|b| match b {
+            ServerBody::SubscriptionRequest(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// The next acceptance (someone approved you); other events before it are dropped.
+    pub async fn next_subscription_accepted(
+        &mut self,
+    ) -> Result<pb::SubscriptionAccepted, ClientError> {
+        self.next_matching(|b| match b {
+            ServerBody::SubscriptionAccepted(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
     /// Sends a directed presence; returns the recipients that were online.
     pub async fn direct(
         &self,

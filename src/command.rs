@@ -253,6 +253,31 @@ pub enum Command {
         /// Page size.
         page_size: usize,
     },
+    /// Change who sees the presence and the last-seen time (`None`: unchanged).
+    SetPrivacy {
+        /// Presence audience.
+        presence: Option<crate::privacy::Audience>,
+        /// Last-seen audience.
+        last_seen: Option<crate::privacy::Audience>,
+    },
+    /// Read the privacy settings.
+    GetPrivacy,
+    /// Approve, deny or revoke watchers.
+    SetApproval {
+        /// Distinct users.
+        others: Vec<String>,
+        /// What to do.
+        answer: crate::privacy::Answer,
+    },
+    /// A page of requests and approvals.
+    ListApprovals {
+        /// Which entries (`None`: all).
+        state: Option<pb::ApprovalState>,
+        /// Users after this id.
+        after: Option<String>,
+        /// Page size.
+        page_size: usize,
+    },
     /// Set this connection's delivery contract (`None`: live); handled by the connection,
     /// which owns the outbound queue.
     SetDelivery(Option<crate::delivery::Contract>),
@@ -431,6 +456,29 @@ impl Command {
                 after: decode_cursor(&l.cursor)?,
                 page_size: page_size(l.page_size, limits)?,
             },
+            ClientBody::SetPrivacy(p) => Command::SetPrivacy {
+                presence: audience(p.presence_audience)?,
+                last_seen: audience(p.last_seen_audience)?,
+            },
+            ClientBody::GetPrivacy(_) => Command::GetPrivacy,
+            ClientBody::SetApproval(a) => Command::SetApproval {
+                others: nonempty_ids(a.user_ids, limits)?,
+                answer: match pb::ApprovalAction::try_from(a.action) {
+                    Ok(pb::ApprovalAction::Approve) => crate::privacy::Answer::Approve,
+                    Ok(pb::ApprovalAction::Deny) => crate::privacy::Answer::Deny,
+                    Ok(pb::ApprovalAction::Revoke) => crate::privacy::Answer::Revoke,
+                    _ => return Err(bad("action: approve, deny or revoke")),
+                },
+            },
+            ClientBody::ListApprovals(l) => Command::ListApprovals {
+                state: match pb::ApprovalState::try_from(l.state) {
+                    Ok(pb::ApprovalState::Unspecified) => None,
+                    Ok(state) => Some(state),
+                    Err(_) => return Err(bad("state: unknown value")),
+                },
+                after: decode_cursor(&l.cursor)?,
+                page_size: page_size(l.page_size, limits)?,
+            },
             ClientBody::Resume(r) => {
                 if r.known.len() > limits.max_subscriptions as usize {
                     return Err(limit(format!(
@@ -554,6 +602,51 @@ pub(crate) fn in_range(user: &str, after: Option<&str>, through: Option<&str>) -
 }
 
 /// Distinct, valid ids, at least one.
+/// An audience from the wire (`None`: unchanged).
+fn audience(value: i32) -> Result<Option<crate::privacy::Audience>, RequestError> {
+    use crate::privacy::Audience;
+    match pb::Audience::try_from(value) {
+        Ok(pb::Audience::Unspecified) => Ok(None),
+        Ok(pb::Audience::Everyone) => Ok(Some(Audience::Everyone)),
+        Ok(pb::Audience::Approved) => Ok(Some(Audience::Approved)),
+        Ok(pb::Audience::Nobody) => Ok(Some(Audience::Nobody)),
+        Err(_) => Err(bad("audience: everyone, approved or nobody")),
+    }
+}
+
+/// An audience for the wire.
+pub(crate) fn audience_to_pb(a: crate::privacy::Audience) -> pb::Audience {
+    match a {
+        crate::privacy::Audience::Everyone => pb::Audience::Everyone,
+        crate::privacy::Audience::Approved => pb::Audience::Approved,
+        crate::privacy::Audience::Nobody => pb::Audience::Nobody,
+    }
+}
+
+/// An approval entry's state for the wire.
+pub(crate) fn approval_state(a: &crate::privacy::Approval) -> pb::ApprovalState {
+    match a {
+        crate::privacy::Approval::Pending { .. } => pb::ApprovalState::Pending,
+        crate::privacy::Approval::Approved { .. } => pb::ApprovalState::Approved,
+        crate::privacy::Approval::Denied { .. } | crate::privacy::Approval::Revoked { .. } => {
+            pb::ApprovalState::Denied
+        }
+    }
+}
+
+/// `user`'s privacy settings as the wire shows them to the user.
+pub(crate) fn privacy_settings(registry: &Registry, user: &str) -> pb::PrivacySettings {
+    let summary = registry.privacy_summary(user);
+    pb::PrivacySettings {
+        presence_audience: audience_to_pb(summary.audience) as i32,
+        last_seen_audience: audience_to_pb(summary.last_seen_audience) as i32,
+        invisible: summary.invisible,
+        blocked: summary.blocked as u32,
+        approved: summary.approved as u32,
+        pending: summary.pending as u32,
+    }
+}
+
 fn nonempty_ids(ids: Vec<String>, limits: &LimitsConfig) -> Result<Vec<String>, RequestError> {
     let ids = parse_ids(ids, limits)?;
     if ids.is_empty() {
@@ -1020,6 +1113,8 @@ pub fn execute(
                 | ServerBody::UnsubscribeResult(_)
                 | ServerBody::SetInvisibleResult(_)
                 | ServerBody::BlockResult(_)
+                | ServerBody::PrivacySettings(_)
+                | ServerBody::SetApprovalResult(_)
         );
         Reply { body, needs_commit }
     })
@@ -1098,6 +1193,9 @@ fn execute_body(
                 now_ms,
                 limits.max_subscriptions as usize,
             )?;
+            // A target whose audience needs approval gets a request (stored in the same
+            // commit as the subscription); the reply is the same either way.
+            registry.privacy_requests(&session.user_id, &targets, received_at);
             let presences = registry.snapshots_for(Viewer::User(&session.user_id), &targets);
             Ok(ServerBody::SubscribeResult(pb::SubscribeResult {
                 presences: presences.iter().map(wire::presence_to_pb).collect(),
@@ -1170,6 +1268,71 @@ fn execute_body(
             },
             received_at,
         ),
+        Command::SetPrivacy {
+            presence,
+            last_seen,
+        } => {
+            let op = PrivacyOp::SetAudience {
+                user: session.user_id.clone(),
+                presence,
+                last_seen,
+            };
+            registry.privacy_op(&op, received_at)?;
+            Ok(ServerBody::PrivacySettings(privacy_settings(
+                registry,
+                &session.user_id,
+            )))
+        }
+        Command::GetPrivacy => Ok(ServerBody::PrivacySettings(privacy_settings(
+            registry,
+            &session.user_id,
+        ))),
+        Command::SetApproval { others, answer } => {
+            let op = PrivacyOp::Answer {
+                user: session.user_id.clone(),
+                others: others.clone(),
+                answer,
+            };
+            let records = registry.privacy_op(&op, received_at)?;
+            let changed = records
+                .iter()
+                .filter(|r| {
+                    matches!(r, crate::privacy::PrivacyRecord::Approval { other, .. }
+                        if others.contains(other))
+                })
+                .count();
+            Ok(ServerBody::SetApprovalResult(pb::SetApprovalResult {
+                changed: changed as u32,
+            }))
+        }
+        Command::ListApprovals {
+            state,
+            after,
+            page_size,
+        } => {
+            let filter =
+                |a: &crate::privacy::Approval| state.is_none_or(|s| approval_state(a) == s);
+            let (page, total) =
+                registry.approvals_page(&session.user_id, &filter, after.as_deref(), page_size + 1);
+            let has_more = page.len() > page_size;
+            let page = &page[..page.len().min(page_size)];
+            let next_cursor = match (has_more, page.last()) {
+                (true, Some((last, _))) => encode_cursor(last),
+                _ => String::new(),
+            };
+            Ok(ServerBody::ListApprovalsResult(pb::ListApprovalsResult {
+                approvals: page
+                    .iter()
+                    .map(|(user_id, a)| pb::Approval {
+                        user_id: user_id.clone(),
+                        state: approval_state(a) as i32,
+                        since_ms: a.since_ms(),
+                    })
+                    .collect(),
+                next_cursor,
+                total: total as u32,
+            }))
+        }
         Command::ListBlocked { after, page_size } => {
             let (page, total) =
                 registry.blocked_page(&session.user_id, after.as_deref(), page_size + 1);

@@ -162,6 +162,11 @@ pub fn server_body_kind(body: &pb::server_frame::Body) -> &'static str {
         Body::SetInvisibleResult(_) => "set_invisible_result",
         Body::BlockResult(_) => "block_result",
         Body::ListBlockedResult(_) => "list_blocked_result",
+        Body::PrivacySettings(_) => "privacy_settings",
+        Body::SetApprovalResult(_) => "set_approval_result",
+        Body::ListApprovalsResult(_) => "list_approvals_result",
+        Body::SubscriptionRequest(_) => "subscription_request",
+        Body::SubscriptionAccepted(_) => "subscription_accepted",
     }
 }
 
@@ -207,6 +212,10 @@ pub fn client_body_kind(body: Option<&pb::client_frame::Body>) -> &'static str {
         Some(Body::Block(_)) => "block",
         Some(Body::Unblock(_)) => "unblock",
         Some(Body::ListBlocked(_)) => "list_blocked",
+        Some(Body::SetPrivacy(_)) => "set_privacy",
+        Some(Body::GetPrivacy(_)) => "get_privacy",
+        Some(Body::SetApproval(_)) => "set_approval",
+        Some(Body::ListApprovals(_)) => "list_approvals",
     }
 }
 
@@ -271,5 +280,24 @@ impl WireEncoder for ProtoEncoder {
             0,
             pb::server_frame::Body::ChannelEvent(channel_event_to_pb(event)),
         )
+    }
+
+    fn privacy_notice(&self, notice: &crate::registry::PrivacyNotice<'_>) -> Bytes {
+        use crate::registry::PrivacyNotice;
+        let body = match *notice {
+            PrivacyNotice::Request { requester, at_ms } => {
+                pb::server_frame::Body::SubscriptionRequest(pb::SubscriptionRequest {
+                    requester_id: requester.to_string(),
+                    requested_at_ms: at_ms,
+                })
+            }
+            PrivacyNotice::Accepted { user, presence } => {
+                pb::server_frame::Body::SubscriptionAccepted(pb::SubscriptionAccepted {
+                    user_id: user.to_string(),
+                    presence: Some(presence_to_pb(presence)),
+                })
+            }
+        };
+        frame(0, body)
     }
 }

@@ -483,3 +483,150 @@ async fn interval_batches_leave_hidden_members_out() {
         x_seen = listed.contains(&"x");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approved_audience_asks_before_anyone_watches() {
+    let broker = start(|_| {}).await;
+    let mut alice = connect(&broker, "alice").await;
+    within(alice.set_presence(status("hi"))).await.unwrap();
+    let marker = connect(&broker, "marker").await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice", "marker"])).await.unwrap();
+
+    let settings = within(alice.set_privacy(pb::Audience::Approved, pb::Audience::Unspecified))
+        .await
+        .unwrap();
+    assert_eq!(settings.presence_audience(), pb::Audience::Approved);
+    assert_eq!(settings.last_seen_audience(), pb::Audience::Everyone);
+    // A watcher she never approved sees her leave.
+    let gone = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    let frozen = get(&w, "alice").await;
+    assert!(is_frozen_offline(&frozen), "{frozen:?}");
+
+    // Subscribing asks her; the reply is the same frozen offline user.
+    let reply = within(w.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(reply.presences[0], frozen);
+    let request = within(alice.next_subscription_request()).await.unwrap();
+    assert_eq!(request.requester_id, "w");
+    assert!(request.requested_at_ms > 0);
+    let pending = within(alice.list_approvals(pb::ApprovalState::Pending, "", 0))
+        .await
+        .unwrap();
+    assert_eq!(pending.total, 1);
+    assert_eq!(pending.approvals[0].user_id, "w");
+    assert_eq!(pending.approvals[0].state(), pb::ApprovalState::Pending);
+
+    // Approved: w is told, and sees her online with her status.
+    let changed = within(alice.set_approval(&["w"], pb::ApprovalAction::Approve))
+        .await
+        .unwrap();
+    assert_eq!(changed, 1);
+    let accepted = within(w.next_subscription_accepted()).await.unwrap();
+    assert_eq!(accepted.user_id, "alice");
+    assert_eq!(
+        availability(accepted.presence.as_ref().unwrap()),
+        pb::Availability::Online
+    );
+    let back = presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert!(back.version > frozen.version);
+    assert_eq!(back.presence.unwrap().status, "hi");
+    within(alice.set_presence(status("later"))).await.unwrap();
+    let update = presence_event_of(&mut w, "alice", EventKind::Update).await;
+    assert_eq!(update.presence.unwrap().status, "later");
+
+    // A stranger asks and is denied: never told, still offline, and asking again makes no
+    // new request.
+    let mut s = connect(&broker, "s").await;
+    within(s.subscribe(&["alice", "marker"])).await.unwrap();
+    assert_eq!(
+        within(alice.next_subscription_request())
+            .await
+            .unwrap()
+            .requester_id,
+        "s"
+    );
+    let denied = within(alice.set_approval(&["s"], pb::ApprovalAction::Deny))
+        .await
+        .unwrap();
+    assert_eq!(denied, 1);
+    next_is_marker(&mut s, &marker, "m1").await;
+    let again = within(s.subscribe(&["alice"])).await.unwrap();
+    assert!(is_frozen_offline(&again.presences[0]));
+    let summary = within(alice.get_privacy()).await.unwrap();
+    assert_eq!((summary.approved, summary.pending), (1, 0));
+    let listed = within(alice.list_approvals(pb::ApprovalState::Denied, "", 0))
+        .await
+        .unwrap();
+    assert_eq!(listed.approvals[0].user_id, "s");
+
+    // Revoked: w sees her leave.
+    within(alice.set_approval(&["w"], pb::ApprovalAction::Revoke))
+        .await
+        .unwrap();
+    presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert!(is_frozen_offline(&get(&w, "alice").await));
+
+    // Bad answers are refused with a reason.
+    let me =
+        server_error(within(alice.set_approval(&["alice"], pb::ApprovalAction::Approve)).await);
+    assert_eq!(code(&me), pb::ErrorCode::BadRequest);
+    let what =
+        server_error(within(alice.set_approval(&["w"], pb::ApprovalAction::Unspecified)).await);
+    assert_eq!(code(&what), pb::ErrorCode::BadRequest);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nobody_hides_from_approved_watchers_and_last_seen_has_its_own_audience() {
+    let broker = start(|_| {}).await;
+    let alice = connect(&broker, "alice").await;
+    let mut friend = connect(&broker, "friend").await;
+    let stranger = connect(&broker, "stranger").await;
+    within(friend.subscribe(&["alice"])).await.unwrap();
+    // The app's friend graph: approved ahead, no request.
+    within(alice.set_approval(&["friend"], pb::ApprovalAction::Approve))
+        .await
+        .unwrap();
+    within(alice.set_privacy(pb::Audience::Nobody, pb::Audience::Approved))
+        .await
+        .unwrap();
+    presence_event_of(&mut friend, "alice", EventKind::Offline).await;
+    within(alice.set_privacy(pb::Audience::Approved, pb::Audience::Unspecified))
+        .await
+        .unwrap();
+    presence_event_of(&mut friend, "alice", EventKind::Online).await;
+    assert_eq!(
+        availability(&get(&stranger, "alice").await),
+        pb::Availability::Offline
+    );
+
+    // Everyone sees her presence; only approved watchers see when she was last seen.
+    within(alice.set_privacy(pb::Audience::Everyone, pb::Audience::Unspecified))
+        .await
+        .unwrap();
+    alice.disconnect().await.unwrap();
+    let offline = presence_event_of(&mut friend, "alice", EventKind::Offline).await;
+    assert!(offline.presence.unwrap().last_seen_ms > 0);
+    let to_stranger = get(&stranger, "alice").await;
+    assert_eq!(availability(&to_stranger), pb::Availability::Offline);
+    assert_eq!(to_stranger.last_seen_ms, 0, "{to_stranger:?}");
+    assert!(get(&friend, "alice").await.last_seen_ms > 0);
+
+    // Settings and approvals are durable.
+    drop((friend, stranger));
+    let data = broker.stop_keeping_data().await;
+    let broker = start_in(data, |_| {}).await;
+    let alice = connect(&broker, "alice").await;
+    let settings = within(alice.get_privacy()).await.unwrap();
+    assert_eq!(
+        (
+            settings.presence_audience(),
+            settings.last_seen_audience(),
+            settings.approved
+        ),
+        (pb::Audience::Everyone, pb::Audience::Approved, 1)
+    );
+    let stranger = connect(&broker, "stranger").await;
+    alice.disconnect().await.unwrap();
+    assert_eq!(get(&stranger, "alice").await.last_seen_ms, 0);
+}

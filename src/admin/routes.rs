@@ -1,6 +1,7 @@
 //! The admin API's operations, versioned under `/v1`: presence query and online check,
 //! channel members and occupancy, where-now, disconnect, token revocation, presence on a
-//! user's behalf, subscriptions on a user's behalf, and the event replay long-poll. Each
+//! user's behalf, subscriptions on a user's behalf, privacy on a user's behalf (invisibility
+//! and blocks: the backend reads and sets the truth), and the event replay long-poll. Each
 //! handler checks its key first, then parses the body strictly (unknown fields refused, the
 //! reason names the field) and validates ids with the same rules and caps as the wire
 //! protocol.
@@ -52,6 +53,12 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
         .route(
             "/v1/users/{user}/subscriptions",
             post(change_subscriptions).get(list_subscriptions),
+        )
+        .route("/v1/users/{user}/privacy", get(get_privacy))
+        .route("/v1/users/{user}/invisible", post(set_invisible))
+        .route(
+            "/v1/users/{user}/blocks",
+            post(change_blocks).get(list_blocks),
         )
         .route("/v1/events", get(events))
         .fallback(not_found)
@@ -743,6 +750,193 @@ async fn list_subscriptions(
         "subscriptions": subscriptions,
         "next_cursor": next_cursor,
         "total": page.total,
+    })))
+}
+
+/// Applies a privacy change on `user`'s behalf the way a client's request is applied
+/// (`Registry::privacy_op`: the same records, the same OFFLINE/ONLINE to watchers), then waits
+/// for the group commit, so acknowledged means durable. Returns how many records it wrote.
+///
+/// The commit is awaited even when nothing changed, as the wire does: a request that finds
+/// its change already made by another one in flight must not be answered before that one is
+/// on disk.
+async fn apply_privacy_op(
+    state: &AdminState,
+    op: &crate::privacy::PrivacyOp,
+) -> Result<Vec<crate::privacy::PrivacyRecord>, ApiError> {
+    let records = state
+        .ctx
+        .registry
+        .privacy_op(op, std::time::Instant::now())
+        .map_err(|e| match e {
+            // Cluster mode: the settings are not replicated yet, so no node takes them.
+            // Retrying does not help (no Retry-After); the reason says so.
+            crate::registry::RegistryError::Unavailable(reason) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                pb::ErrorCode::Unavailable,
+                format!("privacy cannot be changed in cluster mode yet: {reason}"),
+            ),
+            e => ApiError::from(RequestError::from(e)),
+        })?;
+    state.ctx.committer.commit().await.map_err(|e| {
+        ApiError::from(RequestError::new(
+            pb::ErrorCode::Internal,
+            format!("the change may not be stored: {e}"),
+        ))
+    })?;
+    Ok(records)
+}
+
+async fn get_privacy(State(state): Shared, Path(user): Path<String>) -> Reply {
+    let user = user_path(&user)?;
+    let registry = &state.ctx.registry;
+    let (_, blocked_total) = registry.blocked_page(&user, None, 0);
+    Ok(Json(json!({
+        "user": user,
+        "invisible": registry.is_invisible(&user),
+        "blocked_total": blocked_total,
+    })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InvisibleBody {
+    invisible: bool,
+}
+
+async fn set_invisible(
+    State(state): Shared,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let user = user_path(&user)?;
+    let b: InvisibleBody = body(raw)?;
+    let op = crate::privacy::PrivacyOp::SetInvisible {
+        user: user.clone(),
+        on: b.invisible,
+    };
+    apply_privacy_op(&state, &op).await?;
+    Ok(Json(json!({
+        "user": user,
+        "invisible": state.ctx.registry.is_invisible(&user),
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct BlocksBody {
+    block: Vec<String>,
+    unblock: Vec<String>,
+}
+
+/// Blocks, then unblocks. A refused block (the cap, blocking oneself) changes nothing at all:
+/// the unblocks are not applied either. Unblocking to make room under the cap takes a request
+/// of its own first.
+async fn change_blocks(
+    State(state): Shared,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    use crate::privacy::{PrivacyOp, PrivacyRecord};
+    let user = user_path(&user)?;
+    let b: BlocksBody = body(raw)?;
+    // The wire's cap and id rules (Block/Unblock), bounded by what one operation takes.
+    let cap = state
+        .ctx
+        .config
+        .limits
+        .max_ids_per_request
+        .min(crate::privacy::book::MAX_TARGETS_PER_OP as u32);
+    let limits = limits_with(&state, cap);
+    let field = |name: &str, ids: Vec<String>| {
+        command::parse_ids(ids, &limits).map_err(|e| in_field(name, e))
+    };
+    let block = field("block", b.block)?;
+    let unblock = field("unblock", b.unblock)?;
+    if block.is_empty() && unblock.is_empty() {
+        return Err(ApiError::bad("block and unblock are both empty"));
+    }
+    if block.contains(&user) {
+        return Err(ApiError::bad("block: a user cannot block itself"));
+    }
+    if let Some(both) = block.iter().find(|u| unblock.contains(u)) {
+        return Err(ApiError::bad(format!(
+            "user {both:?} is in both block and unblock"
+        )));
+    }
+    let blocks = |records: &[PrivacyRecord]| {
+        records
+            .iter()
+            .filter(|r| matches!(r, PrivacyRecord::Block { .. }))
+            .count()
+    };
+    let mut changed = 0;
+    if !block.is_empty() {
+        let op = PrivacyOp::Block {
+            user: user.clone(),
+            targets: block,
+        };
+        let records = apply_privacy_op(&state, &op).await.map_err(|e| ApiError {
+            reason: format!("block: {}", e.reason),
+            ..e
+        })?;
+        changed += blocks(&records);
+    }
+    if !unblock.is_empty() {
+        let op = PrivacyOp::Unblock {
+            user: user.clone(),
+            targets: unblock,
+        };
+        let records = apply_privacy_op(&state, &op).await.map_err(|e| ApiError {
+            reason: format!("unblock: {}", e.reason),
+            ..e
+        })?;
+        changed += blocks(&records);
+    }
+    let (_, total) = state.ctx.registry.blocked_page(&user, None, 0);
+    Ok(Json(
+        json!({ "user": user, "changed": changed, "total": total }),
+    ))
+}
+
+async fn list_blocks(
+    State(state): Shared,
+    Path(user): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let user = user_path(&user)?;
+    let q = params(query, &["after", "limit"])?;
+    let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
+    let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
+    let after = match q.get("after").map(String::as_str) {
+        None | Some("") => None,
+        Some(a) => {
+            check_user_id(a).map_err(|r| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    pb::ErrorCode::InvalidUserId,
+                    format!("after: {r}"),
+                )
+            })?;
+            Some(a)
+        }
+    };
+    let (mut page, total) = state.ctx.registry.blocked_page(&user, after, limit + 1);
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    let next_after = match (has_more, page.last()) {
+        (true, Some((last, _))) => Value::String(last.clone()),
+        _ => Value::Null,
+    };
+    let blocked: Vec<Value> = page
+        .into_iter()
+        .map(|(u, since_ms)| json!({ "user": u, "since_ms": since_ms }))
+        .collect();
+    Ok(Json(json!({
+        "user": user,
+        "blocked": blocked,
+        "next_after": next_after,
+        "total": total,
     })))
 }
 

@@ -12,6 +12,7 @@
 mod admin;
 mod channels;
 mod privacy;
+pub use privacy::{PrivacyNotice, PrivacySummary};
 mod replica;
 
 pub use admin::{AdminError, OnlineStatus};
@@ -45,6 +46,8 @@ pub trait WireEncoder: Send + Sync + fmt::Debug {
     fn close(&self, kind: CloseKind, reason: &str, reconnect_after_ms: u64) -> Bytes;
     /// One channel event frame, with its length prefix.
     fn channel_event(&self, event: &ChannelEventView<'_>) -> Bytes;
+    /// One privacy notice frame (a request, an acceptance), with its length prefix.
+    fn privacy_notice(&self, notice: &PrivacyNotice<'_>) -> Bytes;
 }
 
 /// Why the registry refused a change.

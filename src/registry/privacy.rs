@@ -13,7 +13,43 @@ use crate::model::{Availability, EventKind, EventView, OfflineReason, PresenceSn
 use crate::outbound::Item;
 use crate::privacy::book::PrivacyBook;
 use crate::privacy::policy::Decision;
-use crate::privacy::{Mark, PrivacyError, PrivacyOp, PrivacyRecord, Viewer};
+use crate::privacy::{Approval, Audience, Mark, PrivacyError, PrivacyOp, PrivacyRecord, Viewer};
+
+/// A user's privacy settings and list sizes, as the user is shown them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PrivacySummary {
+    /// Who sees the presence.
+    pub audience: Audience,
+    /// Who sees the last-seen time.
+    pub last_seen_audience: Audience,
+    /// Invisible at the user level.
+    pub invisible: bool,
+    /// Users blocked.
+    pub blocked: usize,
+    /// Watchers approved.
+    pub approved: usize,
+    /// Requests waiting.
+    pub pending: usize,
+}
+
+/// A privacy notice for one user's devices (an event frame of its own).
+#[derive(Debug, Clone, Copy)]
+pub enum PrivacyNotice<'a> {
+    /// `requester` subscribed while the user's audience needs approval.
+    Request {
+        /// The would-be watcher.
+        requester: &'a str,
+        /// When.
+        at_ms: u64,
+    },
+    /// `user` approved the recipient; `presence` is what the recipient is shown of them now.
+    Accepted {
+        /// Who approved.
+        user: &'a str,
+        /// The recipient's view of them.
+        presence: &'a PresenceSnapshot,
+    },
+}
 
 impl From<PrivacyError> for RegistryError {
     fn from(e: PrivacyError) -> RegistryError {
@@ -117,6 +153,59 @@ impl Registry {
         self.state().privacy.blocked_page(user, after, limit)
     }
 
+    /// `user`'s settings and list sizes.
+    pub fn privacy_summary(&self, user: &str) -> PrivacySummary {
+        let state = self.state();
+        let Some(p) = state.privacy.get(user) else {
+            return PrivacySummary::default();
+        };
+        PrivacySummary {
+            audience: p.settings.audience,
+            last_seen_audience: p.settings.last_seen_audience,
+            invisible: p.settings.invisible.is_some(),
+            blocked: p.blocked.len(),
+            approved: p
+                .approvals
+                .values()
+                .filter(|a| matches!(a, Approval::Approved { .. }))
+                .count(),
+            pending: p.pending,
+        }
+    }
+
+    /// Up to `limit` of `user`'s request and approval entries matching `filter` after `after`,
+    /// and how many match in all.
+    pub fn approvals_page(
+        &self,
+        user: &str,
+        filter: &dyn Fn(&Approval) -> bool,
+        after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(String, Approval)>, usize) {
+        self.state()
+            .privacy
+            .approvals_page(user, filter, after, limit)
+    }
+
+    /// After `requester` subscribed to `targets`: a request to each target whose audience
+    /// needs approval and who has not answered them yet (stored with the subscription, and
+    /// told to the target's devices). Never fails the Subscribe: the requester must not be
+    /// able to tell; a refusal (the store, a cap) is logged.
+    pub fn privacy_requests(&self, requester: &str, targets: &[String], received_at: Instant) {
+        if self.state().privacy.is_empty() {
+            return;
+        }
+        for target in targets {
+            let op = PrivacyOp::Request {
+                target: target.clone(),
+                requester: requester.to_string(),
+            };
+            if let Err(e) = self.privacy_op(&op, received_at) {
+                tracing::debug!(requester, target = target.as_str(), "no request: {e}");
+            }
+        }
+    }
+
     /// Loads the privacy records the store holds (at start, before any session).
     pub(super) fn load_privacy(&self) {
         let records = self.shared.store.privacy_records();
@@ -187,6 +276,8 @@ impl Registry {
         }
         metrics::counter!(crate::metrics::PRIVACY_OPS, "op" => op_label(op)).increment(1);
         let mut tally = FanoutTally::default();
+        // Notices first: an acceptance arrives before the ONLINE it brings.
+        self.privacy_notices(&state, &records, received_at, &mut tally);
         for ((viewer, target), before) in pairs.iter().zip(before) {
             let after = self.view_locked(&state, Viewer::User(viewer), target);
             let was = before.availability != Availability::Offline;
@@ -216,6 +307,56 @@ impl Registry {
         self.channel_transitions(&state, sights, received_at, &mut tally);
         self.finish_fanout(tally);
         Ok(records)
+    }
+
+    /// Requests to the watched user's devices, acceptances to the watcher's.
+    fn privacy_notices(
+        &self,
+        state: &State,
+        records: &[PrivacyRecord],
+        received_at: Instant,
+        tally: &mut FanoutTally,
+    ) {
+        for record in records {
+            let PrivacyRecord::Approval {
+                user,
+                other,
+                state: Some(standing),
+            } = record
+            else {
+                continue;
+            };
+            let (to, key, frame) = match standing {
+                Approval::Pending { since_ms } => (
+                    user,
+                    format!("\u{4}{other}"),
+                    self.shared.encoder.privacy_notice(&PrivacyNotice::Request {
+                        requester: other,
+                        at_ms: *since_ms,
+                    }),
+                ),
+                Approval::Approved { .. } => {
+                    let presence = self.view_locked(state, Viewer::User(other), user);
+                    (
+                        other,
+                        format!("\u{5}{user}"),
+                        self.shared
+                            .encoder
+                            .privacy_notice(&PrivacyNotice::Accepted {
+                                user,
+                                presence: &presence,
+                            }),
+                    )
+                }
+                Approval::Denied { .. } | Approval::Revoked { .. } => continue,
+            };
+            let item = Item::event(frame, received_at, "privacy_notice");
+            if let Some(entry) = state.users.get(to) {
+                for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
+                    tally.offer(outbound, &key, &item);
+                }
+            }
+        }
     }
 
     /// The (viewer, target) pairs whose view `records` may change: watchers of the target

@@ -1,0 +1,706 @@
+//! Privacy through the admin HTTP API, over a real socket against a real broker: invisibility
+//! and blocks set on a user's behalf have the same effect for wire clients as the user's own
+//! SetInvisible / Block (OFFLINE then ONLINE for a watcher, a frozen offline blocker in
+//! GetPresence), the block list pages, bad bodies and read keys are refused in the API's error
+//! shape, a 200 survives kill -9 (answered once durable), and cluster mode answers 503.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::cluster::Node;
+use common::nats::NatsCluster;
+use common::{
+    availability, connect, connect_device, presence_event_of, reason, spawn_presenced, within,
+};
+use presenced::admin::{AdminKey, Scope};
+use presenced::client::Client;
+use presenced::pb::{self, EventKind};
+use presenced::Config;
+use serde_json::{json, Value};
+
+const WRITE_KEY: &str = "write-key-0123456789abcdef0123456789abcdef";
+const READ_KEY: &str = "read-key-0123456789abcdef0123456789abcdef00";
+
+fn with_admin(c: &mut Config) {
+    c.admin.listen = "127.0.0.1:0".parse().unwrap();
+    c.admin.keys.insert(
+        "ops".into(),
+        AdminKey {
+            key: WRITE_KEY.into(),
+            scope: Scope::Write,
+        },
+    );
+    c.admin.keys.insert(
+        "dash".into(),
+        AdminKey {
+            key: READ_KEY.into(),
+            scope: Scope::Read,
+        },
+    );
+}
+
+/// A config file turning the admin API on with both keys (for spawned processes).
+fn config_file(dir: &std::path::Path) -> String {
+    let path = dir.join("admin.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [admin.keys.ops]\nkey = \"{WRITE_KEY}\"\nscope = \"write\"\n\
+             [admin.keys.dash]\nkey = \"{READ_KEY}\"\nscope = \"read\"\n"
+        ),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(addr: SocketAddr) -> Api {
+        Api {
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+            base: format!("http://{addr}"),
+        }
+    }
+
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, reqwest::header::HeaderMap, Value) {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = within(req.send()).await.unwrap();
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let text = within(resp.text()).await.unwrap();
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, value)
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let (s, _, v) = self
+            .call(reqwest::Method::POST, path, Some(WRITE_KEY), Some(body))
+            .await;
+        (s, v)
+    }
+
+    /// A POST with a raw (possibly not JSON) body.
+    async fn post_raw(&self, path: &str, raw: &str) -> (u16, Value) {
+        let req = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(WRITE_KEY)
+            .header("content-type", "application/json")
+            .body(raw.to_string());
+        let resp = within(req.send()).await.unwrap();
+        let status = resp.status().as_u16();
+        let text = within(resp.text()).await.unwrap();
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let (s, _, v) = self
+            .call(reqwest::Method::GET, path, Some(READ_KEY), None)
+            .await;
+        (s, v)
+    }
+
+    /// `GET /v1/users/{user}/privacy`, which must succeed.
+    async fn privacy(&self, user: &str) -> Value {
+        let (s, v) = self.get(&format!("/v1/users/{user}/privacy")).await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    /// Every page of `user`'s block list, `limit` at a time: the users in order, and the
+    /// pages as answered.
+    async fn all_blocked(&self, user: &str, limit: u32) -> (Vec<String>, Vec<Value>) {
+        let mut users = Vec::new();
+        let mut pages = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let path = match &after {
+                None => format!("/v1/users/{user}/blocks?limit={limit}"),
+                Some(a) => format!("/v1/users/{user}/blocks?limit={limit}&after={a}"),
+            };
+            let (s, v) = self.get(&path).await;
+            assert_eq!(s, 200, "{v}");
+            let page = v["blocked"].as_array().unwrap().clone();
+            assert!(page.len() <= limit as usize, "{v}");
+            for entry in &page {
+                users.push(entry["user"].as_str().unwrap().to_string());
+                assert!(entry["since_ms"].as_u64().unwrap() > 0, "{v}");
+            }
+            pages.push(v.clone());
+            match &v["next_after"] {
+                Value::Null => break,
+                Value::String(a) => {
+                    assert_eq!(Some(a.as_str()), users.last().map(String::as_str), "{v}");
+                    after = Some(a.clone());
+                }
+                other => panic!("next_after is {other}"),
+            }
+            assert!(pages.len() < 100, "paging does not end");
+        }
+        (users, pages)
+    }
+}
+
+fn error_code(v: &Value) -> &str {
+    v["error"]["code"].as_str().unwrap_or("<none>")
+}
+
+fn error_reason(v: &Value) -> &str {
+    v["error"]["reason"].as_str().unwrap_or("<none>")
+}
+
+/// The API's error shape: `{"error": {"code", "code_number", "reason"}}` and nothing else.
+fn assert_error_shape(v: &Value) {
+    let error = v["error"].as_object().unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(v.as_object().unwrap().len(), 1, "{v}");
+    assert!(error["code"].is_string(), "{v}");
+    assert!(error["code_number"].is_u64(), "{v}");
+    assert!(!error_reason(v).is_empty(), "{v}");
+}
+
+async fn get(client: &Client, user: &str) -> pb::Presence {
+    within(client.get_presence(&[user]))
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+/// What the backend's presence query shows of `user` (the truth).
+async fn backend_availability(api: &Api, user: &str) -> String {
+    let (s, v) = api
+        .post("/v1/presence:query", json!({ "users": [user] }))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    v["presences"][0]["availability"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invisible_via_admin_makes_a_watcher_see_offline_then_online() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice"])).await.unwrap();
+    let alice = connect_device(&broker, "alice", "phone").await;
+    presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert_eq!(
+        api.privacy("alice").await,
+        json!({"user": "alice", "invisible": false, "blocked_total": 0})
+    );
+
+    // Invisible on the user's behalf: the watcher sees her go offline, as for SetInvisible.
+    let (s, v) = api
+        .post("/v1/users/alice/invisible", json!({"invisible": true}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["invisible"], json!(true), "{v}");
+    let gone = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    let shown = get(&w, "alice").await;
+    assert_eq!(availability(&shown), pb::Availability::Offline);
+    assert_eq!(shown.version, gone.version);
+    assert!(shown.devices.is_empty(), "{shown:?}");
+    // The backend, and the user's own devices, see the truth.
+    assert_eq!(api.privacy("alice").await["invisible"], json!(true));
+    assert_eq!(backend_availability(&api, "alice").await, "online");
+    assert_eq!(
+        availability(&get(&alice, "alice").await),
+        pb::Availability::Online
+    );
+    // Setting it again changes nothing and is still answered.
+    let (s, v) = api
+        .post("/v1/users/alice/invisible", json!({"invisible": true}))
+        .await;
+    assert_eq!((s, &v["invisible"]), (200, &json!(true)), "{v}");
+
+    // Visible again: ONLINE, at a higher version.
+    let (s, v) = api
+        .post("/v1/users/alice/invisible", json!({"invisible": false}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["invisible"], json!(false), "{v}");
+    let back = presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert!(back.version > gone.version);
+    assert_eq!(
+        availability(back.presence.as_ref().unwrap()),
+        pb::Availability::Online
+    );
+    assert_eq!(
+        availability(&get(&w, "alice").await),
+        pb::Availability::Online
+    );
+    assert_eq!(api.privacy("alice").await["invisible"], json!(false));
+
+    // What the admin sets, the wire sees, and the other way round.
+    within(alice.set_invisible(true)).await.unwrap();
+    presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(api.privacy("alice").await["invisible"], json!(true));
+    let (s, _) = api
+        .post("/v1/users/alice/invisible", json!({"invisible": false}))
+        .await;
+    assert_eq!(s, 200);
+    presence_event_of(&mut w, "alice", EventKind::Online).await;
+    let own = within(alice.set_invisible(false)).await.unwrap();
+    assert!(!own.invisible);
+
+    // A user with no session can be made invisible too (the setting waits for her).
+    let (s, v) = api
+        .post("/v1/users/nobody-yet/invisible", json!({"invisible": true}))
+        .await;
+    assert_eq!((s, &v["invisible"]), (200, &json!(true)), "{v}");
+    assert_eq!(api.privacy("nobody-yet").await["invisible"], json!(true));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_via_admin_hide_the_blocker_and_the_list_pages() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let a = connect(&broker, "a").await;
+    let mut b = connect(&broker, "b").await;
+    within(b.subscribe(&["a"])).await.unwrap();
+    within(a.set_presence(pb::SetPresence {
+        status: Some("here".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    presence_event_of(&mut b, "a", EventKind::Update).await;
+    assert_eq!(availability(&get(&b, "a").await), pb::Availability::Online);
+
+    // a blocks b (and four others) on a's behalf: b sees a go offline and stay so.
+    let (s, v) = api
+        .post(
+            "/v1/users/a/blocks",
+            json!({"block": ["b", "c1", "c2", "c3", "c4", "c1"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v, json!({"user": "a", "changed": 5, "total": 5}));
+    let gone = presence_event_of(&mut b, "a", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    let shown = get(&b, "a").await;
+    assert_eq!(availability(&shown), pb::Availability::Offline);
+    assert!(
+        shown.status.is_empty() && shown.devices.is_empty(),
+        "{shown:?}"
+    );
+    // The blocker sees b offline too (blocking hides both ways); the backend sees the truth.
+    assert_eq!(availability(&get(&a, "b").await), pb::Availability::Offline);
+    assert_eq!(backend_availability(&api, "a").await, "online");
+    assert_eq!(
+        api.privacy("a").await,
+        json!({"user": "a", "invisible": false, "blocked_total": 5})
+    );
+    // The user's own list (the wire) holds what the backend blocked.
+    let listed = within(a.list_blocked("", 0)).await.unwrap();
+    assert_eq!(listed.total, 5);
+    let wire_ids: Vec<&str> = listed.blocked.iter().map(|u| u.user_id.as_str()).collect();
+    assert_eq!(wire_ids, ["b", "c1", "c2", "c3", "c4"]);
+
+    // Paging: 2 at a time, in order, each page's total the whole list's.
+    let (users, pages) = api.all_blocked("a", 2).await;
+    assert_eq!(users, ["b", "c1", "c2", "c3", "c4"]);
+    assert_eq!(pages.len(), 3, "{pages:?}");
+    for page in &pages {
+        assert_eq!(page["total"], json!(5), "{page}");
+        assert_eq!(page["user"], json!("a"), "{page}");
+    }
+    // Exactly one page's worth: no next page.
+    let (s, v) = api.get("/v1/users/a/blocks?limit=5").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["blocked"].as_array().unwrap().len(), 5);
+    assert_eq!(v["next_after"], Value::Null, "{v}");
+    // After the last one, and the default page size.
+    let (s, v) = api.get("/v1/users/a/blocks?after=c4").await;
+    assert_eq!((s, v["blocked"].as_array().unwrap().len()), (200, 0), "{v}");
+    let (s, v) = api.get("/v1/users/a/blocks").await;
+    assert_eq!((s, v["blocked"].as_array().unwrap().len()), (200, 5), "{v}");
+    // Someone who blocked no one.
+    let (s, v) = api.get("/v1/users/b/blocks").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"user": "b", "blocked": [], "next_after": null, "total": 0})
+    );
+
+    // Blocking again changes nothing; unblocking b (and one never blocked) shows a again.
+    let (s, v) = api
+        .post("/v1/users/a/blocks", json!({"block": ["b"]}))
+        .await;
+    assert_eq!((s, &v["changed"], &v["total"]), (200, &json!(0), &json!(5)));
+    let (s, v) = api
+        .post("/v1/users/a/blocks", json!({"unblock": ["b", "never"]}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((&v["changed"], &v["total"]), (&json!(1), &json!(4)), "{v}");
+    let back = presence_event_of(&mut b, "a", EventKind::Online).await;
+    assert!(back.version > gone.version);
+    let seen = get(&b, "a").await;
+    assert_eq!(availability(&seen), pb::Availability::Online);
+    assert_eq!(seen.status, "here");
+
+    // Both lists in one request.
+    let (s, v) = api
+        .post(
+            "/v1/users/a/blocks",
+            json!({"block": ["d"], "unblock": ["c1", "c2"]}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!((&v["changed"], &v["total"]), (&json!(3), &json!(3)), "{v}");
+    let (users, _) = api.all_blocked("a", 1).await;
+    assert_eq!(users, ["c3", "c4", "d"]);
+    assert_eq!(api.privacy("a").await["blocked_total"], json!(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_bodies_and_queries_get_400_in_the_error_shape() {
+    let broker = common::start(|c| {
+        with_admin(c);
+        c.privacy.max_blocked = 3;
+    })
+    .await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let long = "x".repeat(129);
+    let long_path = format!("/v1/users/{long}/invisible");
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        // (path, body, code, a word the reason must hold)
+        (
+            "/v1/users/u/invisible",
+            json!({}),
+            "BAD_REQUEST",
+            "invisible",
+        ),
+        (
+            "/v1/users/u/invisible",
+            json!({"invisible": "yes"}),
+            "BAD_REQUEST",
+            "body",
+        ),
+        (
+            "/v1/users/u/invisible",
+            json!({"invisible": true, "visible": false}),
+            "BAD_REQUEST",
+            "visible",
+        ),
+        ("/v1/users/u/blocks", json!({}), "BAD_REQUEST", "empty"),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": [], "unblock": []}),
+            "BAD_REQUEST",
+            "empty",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"blokc": ["x"]}),
+            "BAD_REQUEST",
+            "blokc",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": "x"}),
+            "BAD_REQUEST",
+            "body",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": [""]}),
+            "INVALID_USER_ID",
+            "block",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"unblock": [long]}),
+            "INVALID_USER_ID",
+            "unblock",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": ["a\u{7}b"]}),
+            "INVALID_USER_ID",
+            "block",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": (0..101).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+            "TOO_MANY_IDS",
+            "block",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"unblock": (0..101).map(|i| format!("t{i}")).collect::<Vec<_>>()}),
+            "TOO_MANY_IDS",
+            "unblock",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": ["u"]}),
+            "BAD_REQUEST",
+            "itself",
+        ),
+        (
+            "/v1/users/u/blocks",
+            json!({"block": ["x"], "unblock": ["x"]}),
+            "BAD_REQUEST",
+            "both",
+        ),
+        (
+            &long_path,
+            json!({"invisible": true}),
+            "INVALID_USER_ID",
+            "path user",
+        ),
+    ];
+    for (path, body, code, word) in cases {
+        let (s, v) = api.post(path, body.clone()).await;
+        assert_eq!((s, error_code(&v)), (400, code), "{path} {body}: {v}");
+        assert_error_shape(&v);
+        assert!(
+            error_reason(&v).contains(word),
+            "{path} {body}: the reason should name {word:?}: {v}"
+        );
+    }
+    // Not JSON at all.
+    for path in ["/v1/users/u/invisible", "/v1/users/u/blocks"] {
+        let (s, v) = api.post_raw(path, "{not json").await;
+        assert_eq!((s, error_code(&v)), (400, "BAD_REQUEST"), "{path}: {v}");
+        assert_error_shape(&v);
+    }
+    // 100 ids is the cap, not over it.
+    let hundred: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+    let (s, v) = api
+        .post("/v1/users/u/blocks", json!({"unblock": hundred}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(0)), "{v}");
+
+    // Over privacy.max_blocked: LIMIT_EXCEEDED, and nothing of the request is applied, the
+    // unblock included.
+    let (s, v) = api
+        .post("/v1/users/u/blocks", json!({"block": ["p1", "p2"]}))
+        .await;
+    assert_eq!((s, &v["total"]), (200, &json!(2)), "{v}");
+    let (s, v) = api
+        .post(
+            "/v1/users/u/blocks",
+            json!({"block": ["p3", "p4"], "unblock": ["p1"]}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (400, "LIMIT_EXCEEDED"), "{v}");
+    assert_error_shape(&v);
+    assert!(error_reason(&v).contains("max_blocked"), "{v}");
+    let (users, _) = api.all_blocked("u", 10).await;
+    assert_eq!(users, ["p1", "p2"]);
+    // Up to the cap is fine.
+    let (s, v) = api
+        .post("/v1/users/u/blocks", json!({"block": ["p3"]}))
+        .await;
+    assert_eq!((s, &v["total"]), (200, &json!(3)), "{v}");
+
+    // Query parameters of the list.
+    let long_after = format!("/v1/users/u/blocks?after={long}");
+    let long_blocks = format!("/v1/users/{long}/blocks");
+    let long_privacy = format!("/v1/users/{long}/privacy");
+    let queries = [
+        ("/v1/users/u/blocks?limit=101", "LIMIT_EXCEEDED", "limit"),
+        ("/v1/users/u/blocks?limit=abc", "BAD_REQUEST", "limit"),
+        ("/v1/users/u/blocks?limit=-1", "BAD_REQUEST", "limit"),
+        ("/v1/users/u/blocks?cursor=abc", "BAD_REQUEST", "cursor"),
+        ("/v1/users/u/blocks?after=%07", "INVALID_USER_ID", "after"),
+        (long_after.as_str(), "INVALID_USER_ID", "after"),
+        (long_blocks.as_str(), "INVALID_USER_ID", "path user"),
+        (long_privacy.as_str(), "INVALID_USER_ID", "path user"),
+    ];
+    for (path, code, word) in queries {
+        let (s, v) = api.get(path).await;
+        assert_eq!((s, error_code(&v)), (400, code), "{path}: {v}");
+        assert_error_shape(&v);
+        assert!(error_reason(&v).contains(word), "{path}: {v}");
+    }
+    // Nothing above changed u's visibility.
+    assert_eq!(
+        api.privacy("u").await,
+        json!({"user": "u", "invisible": false, "blocked_total": 3})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_key_reads_privacy_and_cannot_write_it() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let writes = [
+        ("/v1/users/r/invisible", json!({"invisible": true})),
+        ("/v1/users/r/blocks", json!({"block": ["x"]})),
+    ];
+    for (path, body) in &writes {
+        let (s, _, v) = api
+            .call(
+                reqwest::Method::POST,
+                path,
+                Some(READ_KEY),
+                Some(body.clone()),
+            )
+            .await;
+        assert_eq!((s, error_code(&v)), (403, "PERMISSION_DENIED"), "{v}");
+        assert_error_shape(&v);
+        let (s, _, v) = api
+            .call(reqwest::Method::POST, path, None, Some(body.clone()))
+            .await;
+        assert_eq!((s, error_code(&v)), (401, "UNAUTHENTICATED"), "{v}");
+    }
+    // Reads need a key too.
+    let (s, _, v) = api
+        .call(reqwest::Method::GET, "/v1/users/r/privacy", None, None)
+        .await;
+    assert_eq!((s, error_code(&v)), (401, "UNAUTHENTICATED"), "{v}");
+    // Nothing was written; the read key reads.
+    assert_eq!(
+        api.privacy("r").await,
+        json!({"user": "r", "invisible": false, "blocked_total": 0})
+    );
+    let (s, v) = api.get("/v1/users/r/blocks").await;
+    assert_eq!((s, &v["total"]), (200, &json!(0)), "{v}");
+    // The write key writes; the read key sees it.
+    for (path, body) in &writes {
+        let (s, v) = api.post(path, body.clone()).await;
+        assert_eq!(s, 200, "{path}: {v}");
+    }
+    assert_eq!(
+        api.privacy("r").await,
+        json!({"user": "r", "invisible": true, "blocked_total": 1})
+    );
+    // Only GET and POST where they belong.
+    let (s, _, v) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/users/r/invisible",
+            Some(WRITE_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(s, 405, "{v}");
+    assert_error_shape(&v);
+    let (s, _, v) = api
+        .call(
+            reqwest::Method::POST,
+            "/v1/users/r/privacy",
+            Some(WRITE_KEY),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(s, 405, "{v}");
+    assert_error_shape(&v);
+}
+
+/// A 200 is an acknowledgement: the real binary is killed (SIGKILL) the moment each answer
+/// arrives, well inside sled's own 500 ms flush interval, and the restarted broker holds every
+/// acknowledged change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acknowledged_change_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let data = dir.path().join("data");
+    let mut blocked: Vec<String> = Vec::new();
+    let mut invisible = false;
+    for cycle in 0..6 {
+        let spawned = spawn_presenced(&data, &["--config", &config]).await;
+        let api = Api::new(spawned.admin().expect("the admin API is on"));
+        let mut child = spawned.child;
+        // Everything acknowledged before the last kill is there.
+        let (users, _) = api.all_blocked("k", 100).await;
+        assert_eq!(
+            users, blocked,
+            "cycle {cycle}: the block list after kill -9"
+        );
+        assert_eq!(
+            api.privacy("k").await["invisible"],
+            json!(invisible),
+            "cycle {cycle}: invisibility after kill -9"
+        );
+        // One change, killed as soon as it is answered.
+        let (s, v) = if cycle % 2 == 0 {
+            let target = format!("t{cycle}");
+            let answer = api
+                .post("/v1/users/k/blocks", json!({ "block": [target.clone()] }))
+                .await;
+            blocked.push(target);
+            answer
+        } else {
+            invisible = !invisible;
+            api.post("/v1/users/k/invisible", json!({ "invisible": invisible }))
+                .await
+        };
+        child.start_kill().unwrap();
+        assert_eq!(s, 200, "{v}");
+        within(child.wait()).await.unwrap();
+    }
+    let spawned = spawn_presenced(&data, &["--config", &config]).await;
+    let api = Api::new(spawned.admin().unwrap());
+    let (users, _) = api.all_blocked("k", 100).await;
+    assert_eq!(users, blocked);
+    assert_eq!(api.privacy("k").await["invisible"], json!(invisible));
+}
+
+/// Cluster mode does not replicate privacy yet: writes are refused with 503 UNAVAILABLE in the
+/// usual shape (and without Retry-After: retrying does not help); reads still answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_mode_refuses_privacy_writes_with_503() {
+    let nats = NatsCluster::start(1).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path());
+    let node = Node::start("node1", &nats.urls(), &["--config", &config]).await;
+    let api = Api::new(node.admin.expect("admin on"));
+    let writes = [
+        ("/v1/users/z/invisible", json!({"invisible": true})),
+        ("/v1/users/z/blocks", json!({"block": ["y"]})),
+        ("/v1/users/z/blocks", json!({"unblock": ["y"]})),
+    ];
+    for (path, body) in writes {
+        let (s, headers, v) = api
+            .call(reqwest::Method::POST, path, Some(WRITE_KEY), Some(body))
+            .await;
+        assert_eq!((s, error_code(&v)), (503, "UNAVAILABLE"), "{path}: {v}");
+        assert_error_shape(&v);
+        assert!(error_reason(&v).contains("cluster mode"), "{v}");
+        assert!(headers.get("retry-after").is_none(), "{headers:?}");
+    }
+    // Validation still comes first.
+    let (s, v) = api.post("/v1/users/z/blocks", json!({"block": [""]})).await;
+    assert_eq!((s, error_code(&v)), (400, "INVALID_USER_ID"), "{v}");
+    // Reads answer (nothing is set).
+    let (s, _, v) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/users/z/privacy",
+            Some(WRITE_KEY),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"user": "z", "invisible": false, "blocked_total": 0})
+    );
+}
