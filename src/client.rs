@@ -104,6 +104,8 @@ pub struct ClientOptions {
     pub local_addr: Option<SocketAddr>,
     /// The listener's transport.
     pub transport: Transport,
+    /// Connect invisible (user-level invisibility turned on before the device is announced).
+    pub invisible: bool,
 }
 
 impl ClientOptions {
@@ -122,6 +124,7 @@ impl ClientOptions {
             event_capacity: 1024,
             local_addr: None,
             transport: Transport::Tls,
+            invisible: false,
         }
     }
 
@@ -231,6 +234,7 @@ impl Client {
                     keepalive_seconds: options.keepalive_secs,
                     initial_presence: options.initial_presence.clone(),
                     user_data: options.user_data.clone(),
+                    invisible: options.invisible,
                 })),
             })
             .await?;

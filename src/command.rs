@@ -174,6 +174,7 @@ pub struct ConnectRequest {
     keepalive_secs: u32,
     initial: Option<PresenceChange>,
     user_data: BTreeMap<String, String>,
+    invisible: bool,
 }
 
 /// What a request asks for, validated.
@@ -818,6 +819,7 @@ fn parse_connect(c: pb::Connect, limits: &LimitsConfig) -> Result<ConnectRequest
         keepalive_secs: c.keepalive_seconds,
         initial,
         user_data: c.user_data,
+        invisible: c.invisible,
     })
 }
 
@@ -943,6 +945,20 @@ pub fn connect(
         ));
     }
     let keepalive_secs = config.session.clamp_keepalive(request.keepalive_secs);
+    if request.invisible {
+        // Invisible before the device is announced, and durable before the ConnAck says so.
+        let op = PrivacyOp::SetInvisible {
+            user: claims.sub.clone(),
+            on: true,
+        };
+        registry.privacy_op(&op, received_at)?;
+        registry.store().flush().map_err(|e| {
+            RequestError::new(
+                pb::ErrorCode::Internal,
+                format!("cannot store the invisibility: {e}"),
+            )
+        })?;
+    }
     let attached = registry.attach(Attach {
         user_id: claims.sub.clone(),
         device_id: device_id.clone(),
@@ -973,6 +989,7 @@ pub fn connect(
         }),
         session_taken_over: attached.taken_over,
         presence: Some(wire::presence_to_pb(&attached.presence)),
+        invisible: registry.is_invisible(&claims.sub),
     };
     let session = Session {
         user_id: claims.sub,

@@ -630,3 +630,33 @@ async fn nobody_hides_from_approved_watchers_and_last_seen_has_its_own_audience(
     alice.disconnect().await.unwrap();
     assert_eq!(get(&stranger, "alice").await.last_seen_ms, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connecting_invisible_is_never_announced() {
+    let broker = start(|_| {}).await;
+    let marker = connect(&broker, "marker").await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice", "marker"])).await.unwrap();
+    let before = get(&w, "alice").await;
+
+    let mut opts = options(&broker, "alice", "phone");
+    opts.invisible = true;
+    opts.initial_presence = Some(status("secret"));
+    let alice = within(Client::connect(opts)).await.unwrap();
+    assert!(alice.conn_ack.invisible);
+    let own = alice.conn_ack.presence.clone().unwrap();
+    assert_eq!(availability(&own), pb::Availability::Online);
+    assert_eq!(own.status, "secret");
+    next_is_marker(&mut w, &marker, "m1").await;
+    let shown = get(&w, "alice").await;
+    assert!(is_frozen_offline(&shown), "{shown:?}");
+    assert_eq!(shown.last_seen_ms, before.last_seen_ms);
+
+    // It stays on for her next connection, until she turns it off.
+    alice.disconnect().await.unwrap();
+    let again = connect_device(&broker, "alice", "laptop").await;
+    assert!(again.conn_ack.invisible);
+    next_is_marker(&mut w, &marker, "m2").await;
+    within(again.set_invisible(false)).await.unwrap();
+    presence_event_of(&mut w, "alice", EventKind::Online).await;
+}
