@@ -14,7 +14,7 @@ use futures_util::FutureExt;
 use libfuzzer_sys::fuzz_target;
 use presenced::model::{Availability, OfflineReason, PresenceChange};
 use presenced::outbound::Outbound;
-use presenced::privacy::{PrivacyOp, Viewer};
+use presenced::privacy::{Answer, Audience, PrivacyOp, Viewer};
 use presenced::config::DeviceLimitPolicy;
 use presenced::registry::{Attach, Registry, RegistryOptions};
 use presenced::store::MemoryStore;
@@ -41,6 +41,8 @@ enum Op {
     Invisible { user: u8, on: bool },
     Block { user: u8, target: u8 },
     Unblock { user: u8, target: u8 },
+    Audience { user: u8, audience: u8 },
+    Approve { user: u8, other: u8, revoke: bool },
 }
 
 struct Conn {
@@ -79,6 +81,9 @@ fuzz_target!(|ops: Vec<Op>| {
     // The privacy the ops set: invisible users, (blocker, blocked) pairs.
     let mut invisible: HashSet<String> = HashSet::new();
     let mut blocked: HashSet<(String, String)> = HashSet::new();
+    // Presence audiences, and (user, approved watcher) pairs.
+    let mut audiences: HashMap<String, Audience> = HashMap::new();
+    let mut approved: HashSet<(String, String)> = HashSet::new();
     for op in ops.into_iter().take(300) {
         let now = Instant::now();
         let pick = |conn: u8, conns: &[Conn]| -> Option<usize> {
@@ -229,6 +234,30 @@ fuzz_target!(|ops: Vec<Op>| {
                     invisible.remove(&user);
                 }
             }
+            Op::Audience { user, audience } => {
+                let user = format!("u{}", user % 4);
+                let audience = [Audience::Everyone, Audience::Approved, Audience::Nobody]
+                    [audience as usize % 3];
+                let op = PrivacyOp::SetAudience {
+                    user: user.clone(),
+                    presence: Some(audience),
+                    last_seen: None,
+                };
+                registry.privacy_op(&op, now).expect("memory store");
+                audiences.insert(user, audience);
+            }
+            Op::Approve { user, other, .. } if user % 4 == other % 4 => {}
+            Op::Approve { user, other, revoke } => {
+                let (user, other) = (format!("u{}", user % 4), format!("u{}", other % 4));
+                let answer = if revoke { Answer::Revoke } else { Answer::Approve };
+                let op = PrivacyOp::Answer { user: user.clone(), others: vec![other.clone()], answer };
+                registry.privacy_op(&op, now).expect("within the cap");
+                if revoke {
+                    approved.remove(&(user, other));
+                } else {
+                    approved.insert((user, other));
+                }
+            }
             Op::Block { user, target } | Op::Unblock { user, target } if user % 4 == target % 4 => {}
             Op::Block { user, target } => {
                 let (user, target) = (format!("u{}", user % 4), format!("u{}", target % 4));
@@ -249,9 +278,28 @@ fuzz_target!(|ops: Vec<Op>| {
                 if a == b {
                     continue;
                 }
+                let audience_hides = match audiences.get(&b).copied().unwrap_or_default() {
+                    Audience::Everyone => false,
+                    Audience::Approved => !approved.contains(&(b.clone(), a.clone())),
+                    Audience::Nobody => true,
+                };
                 let hidden = invisible.contains(&b)
+                    || audience_hides
                     || blocked.contains(&(a.clone(), b.clone()))
                     || blocked.contains(&(b.clone(), a.clone()));
+                // Channels show the same: no trace of a hidden user, counts that add up.
+                if hidden {
+                    assert!(registry.where_now_for(Viewer::User(&a), &b).is_empty());
+                }
+                for c in 0..3 {
+                    let c = format!("c{c}");
+                    let page = registry.who_now_for(Viewer::User(&a), &c, None, 1000, false);
+                    let users: HashSet<&str> =
+                        page.members.iter().map(|m| m.user_id.as_str()).collect();
+                    assert!(!hidden || !users.contains(b.as_str()), "{b} hidden from {a} in {c}");
+                    assert_eq!(page.occupancy as usize, users.len(), "{a}'s occupancy of {c}");
+                    assert_eq!(page.member_count as usize, page.members.len());
+                }
                 let shown = registry.snapshots_for(Viewer::User(&a), std::slice::from_ref(&b));
                 let truth = registry.snapshot(&b);
                 if hidden {
