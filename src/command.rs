@@ -1137,23 +1137,77 @@ pub fn execute(
     })
 }
 
-/// Applies a Block or Unblock and answers with how many changed and the list's size.
-fn block_reply(
+/// The privacy change a command asks for, on behalf of `user` (`None`: not one).
+pub fn privacy_op_of(command: &Command, user: &str) -> Option<PrivacyOp> {
+    let user = user.to_string();
+    Some(match command {
+        Command::SetInvisible { on } => PrivacyOp::SetInvisible { user, on: *on },
+        Command::Block { targets } => PrivacyOp::Block {
+            user,
+            targets: targets.clone(),
+        },
+        Command::Unblock { targets } => PrivacyOp::Unblock {
+            user,
+            targets: targets.clone(),
+        },
+        Command::SetPrivacy {
+            presence,
+            last_seen,
+        } => PrivacyOp::SetAudience {
+            user,
+            presence: *presence,
+            last_seen: *last_seen,
+        },
+        Command::SetApproval { others, answer } => PrivacyOp::Answer {
+            user,
+            others: others.clone(),
+            answer: *answer,
+        },
+        _ => return None,
+    })
+}
+
+/// The reply to a privacy command whose change (`records`, none when nothing changed) has been
+/// carried out for `user`.
+pub fn privacy_reply(
+    command: &Command,
+    user: &str,
     registry: &Registry,
-    session: &Session,
-    op: PrivacyOp,
-    received_at: Instant,
-) -> Result<ServerBody, RequestError> {
-    let records = registry.privacy_op(&op, received_at)?;
-    let changed = records
-        .iter()
-        .filter(|r| matches!(r, crate::privacy::PrivacyRecord::Block { .. }))
-        .count();
-    let (_, total) = registry.blocked_page(&session.user_id, None, 0);
-    Ok(ServerBody::BlockResult(pb::BlockResult {
-        changed: changed as u32,
-        total: total as u32,
-    }))
+    records: &[crate::privacy::PrivacyRecord],
+) -> ServerBody {
+    use crate::privacy::PrivacyRecord;
+    match command {
+        Command::SetInvisible { .. } => {
+            let presence = registry.snapshot(user);
+            ServerBody::SetInvisibleResult(pb::SetInvisibleResult {
+                invisible: registry.is_invisible(user),
+                presence: Some(wire::presence_to_pb(&presence)),
+            })
+        }
+        Command::Block { .. } | Command::Unblock { .. } => {
+            let changed = records
+                .iter()
+                .filter(|r| matches!(r, PrivacyRecord::Block { .. }))
+                .count();
+            let (_, total) = registry.blocked_page(user, None, 0);
+            ServerBody::BlockResult(pb::BlockResult {
+                changed: changed as u32,
+                total: total as u32,
+            })
+        }
+        Command::SetApproval { others, .. } => {
+            let changed = records
+                .iter()
+                .filter(
+                    |r| matches!(r, PrivacyRecord::Approval { other, .. } if others.contains(other)),
+                )
+                .count();
+            ServerBody::SetApprovalResult(pb::SetApprovalResult {
+                changed: changed as u32,
+            })
+        }
+        _ => ServerBody::PrivacySettings(privacy_settings(registry, user)),
+    }
 }
 
 fn execute_body(
@@ -1255,73 +1309,21 @@ fn execute_body(
                 },
             ))
         }
-        Command::SetInvisible { on } => {
-            let op = PrivacyOp::SetInvisible {
-                user: session.user_id.clone(),
-                on,
+        c @ (Command::SetInvisible { .. }
+        | Command::Block { .. }
+        | Command::Unblock { .. }
+        | Command::SetPrivacy { .. }
+        | Command::SetApproval { .. }) => {
+            let Some(op) = privacy_op_of(&c, &session.user_id) else {
+                return Err(bad("not a privacy change"));
             };
-            registry.privacy_op(&op, received_at)?;
-            let presence = registry.snapshot(&session.user_id);
-            Ok(ServerBody::SetInvisibleResult(pb::SetInvisibleResult {
-                invisible: registry.is_invisible(&session.user_id),
-                presence: Some(wire::presence_to_pb(&presence)),
-            }))
-        }
-        Command::Block { targets } => block_reply(
-            registry,
-            session,
-            PrivacyOp::Block {
-                user: session.user_id.clone(),
-                targets,
-            },
-            received_at,
-        ),
-        Command::Unblock { targets } => block_reply(
-            registry,
-            session,
-            PrivacyOp::Unblock {
-                user: session.user_id.clone(),
-                targets,
-            },
-            received_at,
-        ),
-        Command::SetPrivacy {
-            presence,
-            last_seen,
-        } => {
-            let op = PrivacyOp::SetAudience {
-                user: session.user_id.clone(),
-                presence,
-                last_seen,
-            };
-            registry.privacy_op(&op, received_at)?;
-            Ok(ServerBody::PrivacySettings(privacy_settings(
-                registry,
-                &session.user_id,
-            )))
+            let records = registry.privacy_op(&op, received_at)?;
+            Ok(privacy_reply(&c, &session.user_id, registry, &records))
         }
         Command::GetPrivacy => Ok(ServerBody::PrivacySettings(privacy_settings(
             registry,
             &session.user_id,
         ))),
-        Command::SetApproval { others, answer } => {
-            let op = PrivacyOp::Answer {
-                user: session.user_id.clone(),
-                others: others.clone(),
-                answer,
-            };
-            let records = registry.privacy_op(&op, received_at)?;
-            let changed = records
-                .iter()
-                .filter(|r| {
-                    matches!(r, crate::privacy::PrivacyRecord::Approval { other, .. }
-                        if others.contains(other))
-                })
-                .count();
-            Ok(ServerBody::SetApprovalResult(pb::SetApprovalResult {
-                changed: changed as u32,
-            }))
-        }
         Command::ListApprovals {
             state,
             after,

@@ -68,6 +68,8 @@ pub struct ConnectionContext {
     pub next_conn_id: AtomicU64,
     /// Cluster mode: the replicated subscription log that Subscribe/Unsubscribe go through.
     pub sub_log: std::sync::OnceLock<crate::cluster::sublog::SubLog>,
+    /// Cluster mode: the replicated privacy log that privacy changes go through.
+    pub priv_log: std::sync::OnceLock<crate::cluster::privlog::PrivLog>,
     /// Cluster mode: sends admin changes to the node holding a user's sessions.
     pub forwarder: std::sync::OnceLock<crate::cluster::forward::Forwarder>,
     /// Group commit for subscription changes.
@@ -77,6 +79,65 @@ pub struct ConnectionContext {
 }
 
 impl ConnectionContext {
+    /// Carries out a privacy change: on a single node stored, applied and group-committed; in
+    /// cluster mode appended to the privacy log (acknowledged by its quorum) and applied here.
+    /// Returns the records (none: nothing changed). Acknowledged means durable either way.
+    pub async fn carry_out_privacy(
+        &self,
+        op: &crate::privacy::PrivacyOp,
+    ) -> Result<Vec<crate::privacy::PrivacyRecord>, RequestError> {
+        let unavailable = |reason: String| RequestError {
+            code: pb::ErrorCode::Unavailable,
+            reason,
+            retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+        };
+        match self.priv_log.get() {
+            None => {
+                let records = self.registry.privacy_op(op, Instant::now())?;
+                self.committer.commit().await.map_err(|e| {
+                    RequestError::new(
+                        pb::ErrorCode::Internal,
+                        format!("the change may not be stored: {e}"),
+                    )
+                })?;
+                Ok(records)
+            }
+            Some(log) => {
+                let records = self.registry.plan_privacy(op)?;
+                if !records.is_empty() {
+                    log.submit(&records)
+                        .await
+                        .map_err(|e| unavailable(e.to_string()))?;
+                }
+                Ok(records)
+            }
+        }
+    }
+
+    /// Cluster mode: after `subscriber` subscribed to `targets`, a request to each target whose
+    /// audience needs approval (on a single node the Subscribe itself does this). Failures are
+    /// logged, never told: the requester must not be able to tell.
+    async fn cluster_privacy_requests(&self, subscriber: &str, targets: &[String]) {
+        let Some(log) = self.priv_log.get() else {
+            return;
+        };
+        for target in targets {
+            let op = crate::privacy::PrivacyOp::Request {
+                target: target.clone(),
+                requester: subscriber.to_string(),
+            };
+            match self.registry.plan_privacy(&op) {
+                Ok(records) if records.is_empty() => {}
+                Ok(records) => {
+                    if let Err(e) = log.submit(&records).await {
+                        tracing::debug!(subscriber, target = target.as_str(), "no request: {e}");
+                    }
+                }
+                Err(e) => tracing::debug!(subscriber, target = target.as_str(), "no request: {e}"),
+            }
+        }
+    }
+
     /// Everything connections share, for `config` over `store`: the registry, token
     /// verification, handshake limits, the group committer and the auth guard. Starts the
     /// committer, so it runs inside a Tokio runtime.
@@ -106,6 +167,7 @@ impl ConnectionContext {
             tracker: TaskTracker::new(),
             next_conn_id: AtomicU64::new(1),
             sub_log: std::sync::OnceLock::new(),
+            priv_log: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
             committer,
             auth_guard: AuthGuard::new(config.auth_guard()),
@@ -751,6 +813,27 @@ async fn read_loop<F: FrameSource>(
                     }
                 }
             }
+            Step::ReplyWhenPrivacyApplied {
+                request_id,
+                operation,
+                command,
+            } => {
+                let Some(user) = session.as_ref().map(|s| s.user_id.clone()) else {
+                    continue;
+                };
+                let Some(op) = command::privacy_op_of(&command, &user) else {
+                    continue;
+                };
+                // Boxed like the commit wait: rare, and large inline.
+                match Box::pin(ctx.carry_out_privacy(&op)).await {
+                    Ok(records) => push_reply(
+                        outbound,
+                        request_id,
+                        command::privacy_reply(&command, &user, &ctx.registry, &records),
+                    ),
+                    Err(e) => push_error(outbound, request_id, operation, &e),
+                }
+            }
             Step::ReplyWhenLogged {
                 request_id,
                 operation,
@@ -761,7 +844,19 @@ async fn read_loop<F: FrameSource>(
                     continue;
                 };
                 // Boxed like the commit wait: rare, and large inline.
-                match Box::pin(log.submit(&op, msg_id.as_deref())).await {
+                let submitted = Box::pin(log.submit(&op, msg_id.as_deref())).await;
+                if let (
+                    Ok(_),
+                    crate::store::LoggedOp::Subscribe {
+                        subscriber,
+                        targets,
+                        ..
+                    },
+                ) = (&submitted, op.as_ref())
+                {
+                    Box::pin(ctx.cluster_privacy_requests(subscriber, targets)).await;
+                }
+                match submitted {
                     Ok(outcome) => push_reply(
                         outbound,
                         request_id,
@@ -870,6 +965,13 @@ enum Step {
     /// subscription log as it stands now, so a client that moved here finds what it
     /// subscribed elsewhere.
     AfterCatchUp {
+        request_id: u64,
+        operation: &'static str,
+        command: Box<Command>,
+    },
+    /// A privacy change: carried out (single node: stored and committed; cluster: through the
+    /// privacy log), then answered.
+    ReplyWhenPrivacyApplied {
         request_id: u64,
         operation: &'static str,
         command: Box<Command>,
@@ -1007,6 +1109,13 @@ fn handle_frame<F: FrameSource>(
                 let reply = set_delivery(contract, &current.user_id, outbound, &ctx.registry);
                 push_reply(outbound, request_id, reply);
                 return Step::Continue;
+            }
+            if command::privacy_op_of(&command, &current.user_id).is_some() {
+                return Step::ReplyWhenPrivacyApplied {
+                    request_id,
+                    operation,
+                    command: Box::new(command),
+                };
             }
             if ctx.sub_log.get().is_some() && matches!(command, Command::ListSubscriptions { .. }) {
                 return Step::AfterCatchUp {

@@ -170,6 +170,7 @@ impl Server {
                     cluster.start_ticket_keys(keys).await;
                 }
                 let _ = ctx.sub_log.set(cluster.sub_log().clone());
+                let _ = ctx.priv_log.set(cluster.priv_log().clone());
                 let _ = ctx.forwarder.set(cluster.forwarder().clone());
                 Some(cluster)
             }

@@ -52,6 +52,10 @@ enum Step {
     RawLastSeen(Vec<u8>),
     /// An admin change forwarded by another node (`<prefix>.admin.<node>`), applied here.
     RawForward(Vec<u8>),
+    /// A privacy-log message (`<prefix>.privacy.>`), raw.
+    RawPrivacy(Vec<u8>),
+    /// A well-formed privacy record from another node: a block (or its end), or settings.
+    Privacy { user: u8, other: u8, block: Option<bool>, invisible: bool, version: u8 },
     Upsert { node: u8, inc: u8, user: u8, device: u8, epoch: u8, rev: u8, away: bool, status: u8, channels: Option<Vec<u8>> },
     Remove { node: u8, inc: u8, user: u8, device: u8, epoch: u8, reason: u8, close: bool },
     Join { node: u8, inc: u8, user: u8, device: u8, epoch: u8, channel: u8, value: u8 },
@@ -150,6 +154,41 @@ fuzz_target!(|steps: Vec<Step>| {
                     let (page, _) = log_store.last_seen_since(r.since_ms, after, 1000);
                     assert!(page.len() <= 1000);
                     assert!(page.iter().all(|(_, l)| l.at_ms >= r.since_ms));
+                }
+            }
+            Step::RawPrivacy(bytes) => {
+                if let Ok(record) = presenced::cluster::privlog::decode(&bytes) {
+                    registry.apply_privacy_records(&[record], now);
+                }
+            }
+            Step::Privacy { user, other, block, invisible, version } => {
+                use presenced::privacy::{BlockEntry, Mark, PrivacyRecord, Settings};
+                let (user, _) = ids(user, 0);
+                let (other, _) = ids(other, 0);
+                let mark = Mark { last_seen_ms: 1, version: epoch(version) };
+                let record = match block {
+                    Some(on) => PrivacyRecord::Block {
+                        user,
+                        target: other,
+                        entry: on.then_some(BlockEntry { since_ms: 1, blocker_mark: mark, blocked_mark: mark }),
+                    },
+                    None => PrivacyRecord::Settings {
+                        user,
+                        settings: Settings {
+                            invisible: invisible.then_some(mark),
+                            version: epoch(version),
+                            ..Default::default()
+                        },
+                    },
+                };
+                let bytes = serde_json::to_vec(&record).expect("records encode");
+                match presenced::cluster::privlog::decode(&bytes) {
+                    Ok(back) => {
+                        assert_eq!(back, record);
+                        registry.apply_privacy_records(&[back], now);
+                    }
+                    // Only a record naming one user twice is refused.
+                    Err(_) => assert!(matches!(&record, PrivacyRecord::Block { user, target, .. } if user == target)),
                 }
             }
             Step::RawLog(bytes) => {

@@ -11,6 +11,7 @@
 pub mod events;
 pub mod forward;
 pub mod peers;
+pub mod privlog;
 pub mod sublog;
 pub mod tickets;
 pub mod wire;
@@ -165,6 +166,7 @@ impl Shared {
 pub struct Cluster {
     shared: Arc<Shared>,
     sub_log: SubLog,
+    priv_log: privlog::PrivLog,
     forwarder: forward::Forwarder,
 }
 
@@ -197,6 +199,22 @@ impl Cluster {
             SubLogConfig {
                 replicas: config.subscription_replicas,
                 max_age: max_expiry + Duration::from_secs(24 * 3600),
+                ack_timeout: Duration::from_millis(config.log_ack_timeout_ms),
+                apply_timeout: Duration::from_secs(5),
+                replay_timeout: Duration::from_millis(config.log_replay_timeout_ms),
+            },
+        )
+        .await
+        .map_err(ClusterError::SubscriptionLog)?;
+        // Privacy settings, blocks and approvals: replayed before the listener opens too.
+        let priv_log = privlog::PrivLog::start(
+            client.clone(),
+            &subjects,
+            &config.subject_prefix,
+            registry.clone(),
+            SubLogConfig {
+                replicas: config.subscription_replicas,
+                max_age: Duration::ZERO,
                 ack_timeout: Duration::from_millis(config.log_ack_timeout_ms),
                 apply_timeout: Duration::from_secs(5),
                 replay_timeout: Duration::from_millis(config.log_replay_timeout_ms),
@@ -286,6 +304,7 @@ impl Cluster {
         Ok(Cluster {
             shared,
             sub_log,
+            priv_log,
             forwarder,
         })
     }
@@ -293,6 +312,11 @@ impl Cluster {
     /// The replicated subscription log.
     pub fn sub_log(&self) -> &SubLog {
         &self.sub_log
+    }
+
+    /// The replicated privacy log.
+    pub fn priv_log(&self) -> &privlog::PrivLog {
+        &self.priv_log
     }
 
     /// Starts cluster mode's event log: `outbox` (this node's events, from a bus made with
@@ -378,6 +402,7 @@ impl Cluster {
     /// bounded by a few seconds.
     pub async fn stop(self) {
         self.sub_log.stop().await;
+        self.priv_log.stop().await;
         self.shared.stop.cancel();
         self.shared.tasks.close();
         if tokio::time::timeout(Duration::from_secs(3), self.shared.tasks.wait())

@@ -236,22 +236,68 @@ impl Registry {
     ) -> Result<Vec<PrivacyRecord>, RegistryError> {
         if self.shared.sink.get().is_some() {
             return Err(RegistryError::Unavailable(
-                "privacy settings are not replicated across cluster nodes yet: this cluster \
-                 cannot take them"
+                "privacy changes go through the cluster's privacy log: this path cannot take \
+                 them in cluster mode"
                     .into(),
             ));
         }
         let mut state = self.state();
-        let tick = self.shared.hlc.tick();
-        let now_ms = crate::now_ms();
-        let records = {
-            let st: &State = &state;
-            st.privacy
-                .plan(op, tick, now_ms, &|u: &str| self.shown_offline(st, u))?
-        };
-        if records.is_empty() {
-            return Ok(records);
+        let records = self.plan_locked(&state, op)?;
+        self.apply_records_locked(&mut state, &records, received_at, true)?;
+        if !records.is_empty() {
+            metrics::counter!(crate::metrics::PRIVACY_OPS, "op" => op_label(op)).increment(1);
         }
+        Ok(records)
+    }
+
+    /// Cluster mode: the records that carry out `op` against this node's book, to be
+    /// appended to the privacy log (every node applies them from there, this one included).
+    pub fn plan_privacy(&self, op: &PrivacyOp) -> Result<Vec<PrivacyRecord>, RegistryError> {
+        let state = self.state();
+        let records = self.plan_locked(&state, op)?;
+        if !records.is_empty() {
+            metrics::counter!(crate::metrics::PRIVACY_OPS, "op" => op_label(op)).increment(1);
+        }
+        Ok(records)
+    }
+
+    /// Cluster mode: applies records from the privacy log (kept in memory; the log is their
+    /// durable home), telling this node's watchers whose view flipped.
+    pub fn apply_privacy_records(&self, records: &[PrivacyRecord], received_at: Instant) {
+        for record in records {
+            if let PrivacyRecord::Settings { settings, .. } = record {
+                self.shared.hlc.observe(settings.version);
+            }
+        }
+        let mut state = self.state();
+        if let Err(e) = self.apply_records_locked(&mut state, records, received_at, false) {
+            tracing::warn!("privacy records not applied: {e}");
+        }
+    }
+
+    fn plan_locked(
+        &self,
+        state: &State,
+        op: &PrivacyOp,
+    ) -> Result<Vec<PrivacyRecord>, RegistryError> {
+        let tick = self.shared.hlc.tick();
+        Ok(state.privacy.plan(op, tick, crate::now_ms(), &|u: &str| {
+            self.shown_offline(state, u)
+        })?)
+    }
+
+    /// Applies planned `records` (stored first when `persist`) with their transitions.
+    fn apply_records_locked(
+        &self,
+        state: &mut State,
+        records: &[PrivacyRecord],
+        received_at: Instant,
+        persist: bool,
+    ) -> Result<(), RegistryError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let now_ms = crate::now_ms();
         let targets: BTreeSet<&str> = records
             .iter()
             .flat_map(|r| match r {
@@ -261,25 +307,26 @@ impl Registry {
                 PrivacyRecord::Block { user, target, .. } => vec![user.as_str(), target.as_str()],
             })
             .collect();
-        let sights = self.channel_sights(&mut state, &targets, received_at);
-        let pairs = self.affected_pairs(&state, &records, now_ms);
+        let sights = self.channel_sights(state, &targets, received_at);
+        let pairs = self.affected_pairs(state, records, now_ms);
         let before: Vec<PresenceSnapshot> = pairs
             .iter()
-            .map(|(v, t)| self.view_locked(&state, Viewer::User(v), t))
+            .map(|(v, t)| self.view_locked(state, Viewer::User(v), t))
             .collect();
-        self.shared
-            .store
-            .write_privacy(&records)
-            .map_err(|e| RegistryError::Store(e.to_string()))?;
-        for record in &records {
+        if persist {
+            self.shared
+                .store
+                .write_privacy(records)
+                .map_err(|e| RegistryError::Store(e.to_string()))?;
+        }
+        for record in records {
             state.privacy.apply(record);
         }
-        metrics::counter!(crate::metrics::PRIVACY_OPS, "op" => op_label(op)).increment(1);
         let mut tally = FanoutTally::default();
         // Notices first: an acceptance arrives before the ONLINE it brings.
-        self.privacy_notices(&state, &records, received_at, &mut tally);
+        self.privacy_notices(state, records, received_at, &mut tally);
         for ((viewer, target), before) in pairs.iter().zip(before) {
-            let after = self.view_locked(&state, Viewer::User(viewer), target);
+            let after = self.view_locked(state, Viewer::User(viewer), target);
             let was = before.availability != Availability::Offline;
             let is = after.availability != Availability::Offline;
             let kind = match (was, is) {
@@ -304,9 +351,9 @@ impl Registry {
                 }
             }
         }
-        self.channel_transitions(&state, sights, received_at, &mut tally);
+        self.channel_transitions(state, sights, received_at, &mut tally);
         self.finish_fanout(tally);
-        Ok(records)
+        Ok(())
     }
 
     /// Requests to the watched user's devices, acceptances to the watcher's.
