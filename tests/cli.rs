@@ -323,3 +323,131 @@ async fn watch_resume_prints_what_changed_since_the_file_and_background_prints_b
     assert_eq!(batched["presence"]["status"], "b3", "{batched}");
     watch.kill().await.unwrap();
 }
+
+/// Runs presencectl expecting it to fail; its stderr.
+async fn run_failing(broker: &Broker, args: &[&str]) -> String {
+    let out = within(ctl(broker).args(args).output()).await.unwrap();
+    assert!(
+        !out.status.success(),
+        "presencectl {args:?} should have failed, printed {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Alice's availability as `presencectl get --user bob alice` shows it.
+async fn bob_sees_alice(broker: &Broker) -> Value {
+    run(broker, &["get", "--user", "bob", "alice"]).await[0]["availability"].clone()
+}
+
+#[tokio::test]
+async fn block_blocked_and_unblock_change_what_the_blocked_user_sees() {
+    let broker = start(|_| {}).await;
+    let _alice = connect(&broker, "alice").await;
+    assert_eq!(bob_sees_alice(&broker).await, "online");
+
+    let before = presenced::now_ms();
+    let blocked = run(&broker, &["block", "--user", "alice", "bob", "carol"]).await;
+    assert_eq!(blocked, [serde_json::json!({"changed": 2, "total": 2})]);
+    let again = run(&broker, &["block", "--user", "alice", "bob"]).await;
+    assert_eq!(again, [serde_json::json!({"changed": 0, "total": 2})]);
+    assert_eq!(bob_sees_alice(&broker).await, "offline", "bob is blocked");
+
+    // One user per page: the command follows the cursor to the end; the default page size
+    // lists the same.
+    for extra in [&["--page-size", "1"][..], &[]] {
+        let mut args = vec!["blocked", "--user", "alice"];
+        args.extend_from_slice(extra);
+        let list = run(&broker, &args).await;
+        assert_eq!(list.len(), 3, "{list:?}");
+        let users: Vec<&str> = list[..2]
+            .iter()
+            .map(|l| l["user"].as_str().unwrap())
+            .collect();
+        assert_eq!(users, ["bob", "carol"]);
+        for line in &list[..2] {
+            let since = line["since_ms"].as_u64().unwrap();
+            assert!((before..=presenced::now_ms()).contains(&since), "{line}");
+        }
+        assert_eq!(list[2], serde_json::json!({"total": 2}));
+    }
+
+    let un = run(
+        &broker,
+        &["unblock", "--user", "alice", "bob", "carol", "dave"],
+    )
+    .await;
+    assert_eq!(un, [serde_json::json!({"changed": 2, "total": 0})]);
+    let list = run(&broker, &["blocked", "--user", "alice"]).await;
+    assert_eq!(list, [serde_json::json!({"total": 0})]);
+    assert_eq!(bob_sees_alice(&broker).await, "online", "bob is unblocked");
+
+    // Failures say why and exit nonzero.
+    let err = run_failing(&broker, &["block", "--user", "alice", "alice"]).await;
+    assert!(err.contains("cannot block yourself"), "{err}");
+    let err = run_failing(
+        &broker,
+        &["blocked", "--user", "alice", "--page-size", "100000"],
+    )
+    .await;
+    assert!(err.contains("page_size 100000 exceeds"), "{err}");
+    let err = run_failing(&broker, &["block", "--user", "alice"]).await;
+    assert!(err.contains("required"), "{err}");
+}
+
+/// The watcher's next line that is not an `update` (a device of a user who stays online
+/// coming or going), at most a few lines on.
+async fn next_change(lines: &mut Lines) -> Value {
+    for _ in 0..4 {
+        let event = next_json(lines).await;
+        if event["event"] != "update" {
+            return event;
+        }
+    }
+    panic!("only updates arrived");
+}
+
+#[tokio::test]
+async fn invisible_on_looks_like_going_offline_to_a_watcher_and_off_like_coming_back() {
+    let broker = start(|_| {}).await;
+    let (mut watch, mut lines, snapshot) = watch_alice_as_bob(&broker).await;
+    assert_eq!(snapshot["presence"]["availability"], "offline");
+    let alice = connect(&broker, "alice").await;
+    assert_eq!(next_json(&mut lines).await["event"], "online");
+    within(alice.set_presence(presenced::pb::SetPresence {
+        status: Some("here".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut lines).await["presence"]["status"], "here");
+
+    let on = run(&broker, &["invisible", "on", "--user", "alice"]).await;
+    assert_eq!(on.len(), 1, "{on:?}");
+    assert_eq!(on[0]["invisible"], true);
+    // Her own view is the truth: she is online.
+    assert_eq!(on[0]["presence"]["user"], "alice");
+    assert_eq!(on[0]["presence"]["availability"], "online");
+    assert_eq!(on[0]["presence"]["status"], "here");
+    // To bob it looks like going offline.
+    let gone = next_change(&mut lines).await;
+    assert_eq!(gone["event"], "offline", "{gone}");
+    assert_eq!(gone["reason"], "disconnect");
+    assert_eq!(gone["presence"]["availability"], "offline");
+
+    let off = run(&broker, &["invisible", "off", "--user", "alice"]).await;
+    assert_eq!(off.len(), 1, "{off:?}");
+    assert_eq!(off[0]["invisible"], false);
+    assert_eq!(off[0]["presence"]["availability"], "online");
+    // Nothing reached bob while she was invisible (the CLI's sessions came and went): his
+    // next line is her coming back online.
+    let back = next_json(&mut lines).await;
+    assert_eq!(back["event"], "online", "{back}");
+    assert_eq!(back["presence"]["availability"], "online");
+    assert_eq!(back["presence"]["status"], "here");
+    assert!(
+        back["version"].as_u64() > gone["version"].as_u64(),
+        "{back}"
+    );
+    watch.kill().await.unwrap();
+}

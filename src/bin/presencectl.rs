@@ -1,10 +1,10 @@
 //! `presencectl`: a developer's command line for presenced. Mints tokens from the configured
 //! secret (the dev secret by default), connects as any user over TLS, publishes presence,
-//! subscribes, queries, lists subscriptions and watches users, printing JSON lines. With no
-//! flags it talks to a default local broker (127.0.0.1:7883, the dev CA). `admin` calls the
-//! admin HTTP API with a key; `webhook-listen` is a local webhook receiver that verifies each
-//! request's signature and prints its events. `web` serves the browser example (see `web.rs`).
-//! It holds no state beyond one command.
+//! subscribes, queries, lists subscriptions, watches users, turns invisibility on and off and
+//! blocks users, printing JSON lines. With no flags it talks to a default local broker
+//! (127.0.0.1:7883, the dev CA). `admin` calls the admin HTTP API with a key; `webhook-listen`
+//! is a local webhook receiver that verifies each request's signature and prints its events.
+//! `web` serves the browser example (see `web.rs`). It holds no state beyond one command.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, ToSocketAddrs};
@@ -221,6 +221,37 @@ enum Command {
         #[command(subcommand)]
         op: AdminOp,
     },
+    /// Turn user-level invisibility on or off (stored: it lasts across sessions until turned
+    /// off). To everyone else an invisible user looks offline; your own devices see the truth.
+    /// Prints `{"invisible":..,"presence":{..}}` with your own (true) presence.
+    Invisible {
+        /// `on` or `off`.
+        switch: Switch,
+        #[arg(long)]
+        user: String,
+    },
+    /// Block users: each of you sees the other offline. Prints `{"changed":N,"total":M}`.
+    Block {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Lift blocks. Prints `{"changed":N,"total":M}`.
+    Unblock {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// List the users a user blocks: one JSON line each, then `{"total":N}`.
+    Blocked {
+        #[arg(long)]
+        user: String,
+        /// Users per request (0: the broker's default; at most its limits.max_page_size).
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+    },
     /// Send a directed presence to some users.
     Direct {
         #[arg(long)]
@@ -232,6 +263,39 @@ enum Command {
         #[arg(required = true)]
         targets: Vec<String>,
     },
+}
+
+/// `invisible on|off`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
+/// Most pages `blocked` asks for: a block list holds at most 10,000 users by default, so even
+/// one user per page ends well within this; a broker that keeps answering "more" past it is
+/// broken, and the command fails rather than loop forever.
+const MAX_BLOCKED_PAGES: usize = 100_000;
+
+/// Prints every user `client` blocks, one JSON line each, following cursors, then
+/// `{"total":N}` (the broker's count, from the last page).
+async fn list_blocked(client: &Client, page_size: u32) -> anyhow::Result<()> {
+    let mut cursor = String::new();
+    for _ in 0..MAX_BLOCKED_PAGES {
+        let page = client.list_blocked(&cursor, page_size).await?;
+        for b in &page.blocked {
+            print(json!({"user": b.user_id, "since_ms": b.since_ms}));
+        }
+        if page.next_cursor.is_empty() {
+            print(json!({"total": page.total}));
+            return Ok(());
+        }
+        if page.blocked.is_empty() || page.next_cursor == cursor {
+            bail!("the broker's block list pages do not advance (cursor {cursor:?})");
+        }
+        cursor = page.next_cursor;
+    }
+    bail!("the block list did not end within {MAX_BLOCKED_PAGES} pages")
 }
 
 /// One admin API call.
@@ -982,6 +1046,32 @@ async fn main() -> anyhow::Result<()> {
             print(json!({"watching": r.channel, "occupancy": r.occupancy}));
             hold_until_ctrl_c(client, Events::Channel).await?;
         }
+        Command::Invisible { switch, user } => {
+            let client = cli.connect(user).await?;
+            let r = client.set_invisible(*switch == Switch::On).await?;
+            print(json!({
+                "invisible": r.invisible,
+                "presence": r.presence.as_ref().map(presence_json),
+            }));
+            client.disconnect().await?;
+        }
+        Command::Block { user, targets } => {
+            let client = cli.connect(user).await?;
+            let r = client.block(&refs(targets)).await?;
+            print(json!({"changed": r.changed, "total": r.total}));
+            client.disconnect().await?;
+        }
+        Command::Unblock { user, targets } => {
+            let client = cli.connect(user).await?;
+            let r = client.unblock(&refs(targets)).await?;
+            print(json!({"changed": r.changed, "total": r.total}));
+            client.disconnect().await?;
+        }
+        Command::Blocked { user, page_size } => {
+            let client = cli.connect(user).await?;
+            list_blocked(&client, *page_size).await?;
+            client.disconnect().await?;
+        }
         Command::Direct {
             user,
             status,
@@ -1051,6 +1141,18 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse_secrets(&["nokey".into()]).is_err());
+        for (word, expected) in [("on", Switch::On), ("off", Switch::Off)] {
+            let cli =
+                Cli::try_parse_from(["presencectl", "invisible", word, "--user", "a"]).unwrap();
+            match cli.command {
+                Command::Invisible { switch, user } => {
+                    assert_eq!((switch, user.as_str()), (expected, "a"));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert!(Cli::try_parse_from(["presencectl", "invisible", "maybe", "--user", "a"]).is_err());
+        assert!(Cli::try_parse_from(["presencectl", "block", "--user", "a"]).is_err());
     }
 
     #[test]

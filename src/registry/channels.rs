@@ -1043,20 +1043,21 @@ impl Registry {
         sights
     }
 
-    /// After a privacy change: tells each recipient whose view of a member flipped, as a clean
-    /// departure (LEAVE per device, then OFFLINE) or arrival (JOIN per device with its state,
-    /// then ONLINE), with the occupancy the recipient is shown.
+    /// After a privacy change: tells each recipient whose view of a member flipped to
+    /// `hidden_now`, as a clean departure (LEAVE per device, then OFFLINE) or arrival (JOIN per
+    /// device with its state, then ONLINE), with the occupancy the recipient is shown.
     pub(super) fn channel_transitions(
         &self,
         state: &State,
-        sights: Vec<ChannelSight>,
+        sights: &[ChannelSight],
+        hidden_now: bool,
         received_at: Instant,
         tally: &mut FanoutTally,
     ) {
         for sight in sights {
             let (user, device) = &sight.recipient;
             let hidden = hides(&state.privacy, Viewer::User(user), &sight.target);
-            if hidden == sight.hidden {
+            if hidden == sight.hidden || hidden != hidden_now {
                 continue;
             }
             let (Some(ch), Some(outbound)) = (

@@ -325,6 +325,9 @@ impl Registry {
         let mut tally = FanoutTally::default();
         // Notices first: an acceptance arrives before the ONLINE it brings.
         self.privacy_notices(state, records, received_at, &mut tally);
+        // In the order a real departure (channels, then presence) or arrival (presence, then
+        // the rooms it joins) tells them.
+        self.channel_transitions(state, &sights, true, received_at, &mut tally);
         for ((viewer, target), before) in pairs.iter().zip(before) {
             let after = self.view_locked(state, Viewer::User(viewer), target);
             let was = before.availability != Availability::Offline;
@@ -351,7 +354,7 @@ impl Registry {
                 }
             }
         }
-        self.channel_transitions(state, sights, received_at, &mut tally);
+        self.channel_transitions(state, &sights, false, received_at, &mut tally);
         self.finish_fanout(tally);
         Ok(())
     }
