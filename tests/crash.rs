@@ -6,7 +6,9 @@
 //! set `PRESENCE_CRASH_CYCLES=5000` to run it by hand for longer (and `PRESENCE_CRASH_SEED` to
 //! replay a failure: the seed is printed with every result). One more subscriber's changes are
 //! made by the app's backend through the admin API (`POST /v1/users/{u}/subscriptions`),
-//! whose 200 promises the same durability.
+//! whose 200 promises the same durability. And one more user's block list changes through the
+//! wire's Block/Unblock (privacy settings are stored like subscriptions: acknowledged means on
+//! disk).
 
 mod common;
 
@@ -20,6 +22,8 @@ use presenced::client::{Client, ClientOptions};
 const SUBSCRIBERS: usize = 4;
 /// The subscriber whose changes go through the admin API (after the wire clients').
 const API_SUBSCRIBER: usize = SUBSCRIBERS;
+/// The user whose block list changes (Block = "Subscribe", Unblock = "Unsubscribe" below).
+const BLOCKER: usize = SUBSCRIBERS + 1;
 const ADMIN_KEY: &str = "crash-admin-key-0123456789abcdef0123456789";
 const TARGETS: u64 = 12;
 
@@ -110,6 +114,28 @@ async fn stream(addr: SocketAddr, who: usize, mut model: Model, seed: u64) -> Mo
     model
 }
 
+/// The same with Block/Unblock: the model's set is the block list.
+async fn stream_blocks(addr: SocketAddr, who: usize, mut model: Model, seed: u64) -> Model {
+    let mut rng = Rng(seed | 1);
+    let Ok(client) = client(addr, &user(who), "writer").await else {
+        return model;
+    };
+    for _ in 0..10_000 {
+        let op = random_op(&mut rng);
+        let (Op::Subscribe(batch) | Op::Unsubscribe(batch)) = &op;
+        let refs: Vec<&str> = batch.iter().map(String::as_str).collect();
+        model.pending = Some(op.clone());
+        let acked = match &op {
+            Op::Subscribe(_) => client.block(&refs).await.is_ok(),
+            Op::Unsubscribe(_) => client.unblock(&refs).await.is_ok(),
+        };
+        if !model.settle(&op, acked) {
+            return model;
+        }
+    }
+    model
+}
+
 /// The same through the admin API: a 200 is an acknowledgement.
 async fn stream_api(admin: SocketAddr, who: usize, mut model: Model, seed: u64) -> Model {
     let mut rng = Rng(seed | 1);
@@ -144,12 +170,22 @@ async fn verify(addr: SocketAddr, models: &mut [Model], cycle: usize, seed: u64)
         let c = within(client(addr, &user(i), "verifier"))
             .await
             .unwrap_or_else(|e| panic!("cycle {cycle}: verifier connects: {e}"));
-        let actual: BTreeSet<String> = within(c.all_subscriptions())
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|s| s.user_id)
-            .collect();
+        let actual: BTreeSet<String> = if i == BLOCKER {
+            within(c.list_blocked("", 100))
+                .await
+                .unwrap()
+                .blocked
+                .into_iter()
+                .map(|b| b.user_id)
+                .collect()
+        } else {
+            within(c.all_subscriptions())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|s| s.user_id)
+                .collect()
+        };
         let expected_if_applied = model.pending.as_ref().map(|op| op.applied_to(&model.acked));
         assert!(
             actual == model.acked || Some(&actual) == expected_if_applied.as_ref(),
@@ -186,9 +222,10 @@ async fn acknowledged_changes_survive_sigkill() {
     .unwrap();
     let config = config.to_str().unwrap().to_string();
     let data = dir.path().join("data");
-    let mut models: Vec<Model> = (0..=SUBSCRIBERS).map(|_| Model::default()).collect();
+    let mut models: Vec<Model> = (0..=BLOCKER).map(|_| Model::default()).collect();
     let mut acked_total = 0;
     let mut api_acked = 0;
+    let mut blocks_acked = 0;
     for cycle in 0..cycles {
         let spawned = spawn_presenced(&data, &["--config", &config]).await;
         let admin = spawned.admin().expect("the admin API is on");
@@ -202,6 +239,8 @@ async fn acknowledged_changes_survive_sigkill() {
             .map(|(i, m)| {
                 if i == API_SUBSCRIBER {
                     tokio::spawn(stream_api(admin, i, m, rng.next()))
+                } else if i == BLOCKER {
+                    tokio::spawn(stream_blocks(addr, i, m, rng.next()))
                 } else {
                     tokio::spawn(stream(addr, i, m, rng.next()))
                 }
@@ -217,6 +256,9 @@ async fn acknowledged_changes_survive_sigkill() {
             if i == API_SUBSCRIBER {
                 api_acked += m.acked_ops;
             }
+            if i == BLOCKER {
+                blocks_acked += m.acked_ops;
+            }
             models.push(Model { acked_ops: 0, ..m });
         }
     }
@@ -230,7 +272,11 @@ async fn acknowledged_changes_survive_sigkill() {
         api_acked > cycles / 4,
         "only {api_acked} changes acknowledged through the admin API in {cycles} cycles"
     );
+    assert!(
+        blocks_acked > cycles / 4,
+        "only {blocks_acked} block changes acknowledged in {cycles} cycles"
+    );
     eprintln!(
-        "{cycles} SIGKILL cycles, {acked_total} acknowledged changes verified, {api_acked} of them made through the admin API (seed {seed})"
+        "{cycles} SIGKILL cycles, {acked_total} acknowledged changes verified, {api_acked} of them made through the admin API, {blocks_acked} block-list changes (seed {seed})"
     );
 }
