@@ -115,27 +115,33 @@ impl ConnectionContext {
     }
 
     /// Cluster mode: after `subscriber` subscribed to `targets`, a request to each target whose
-    /// audience needs approval (on a single node the Subscribe itself does this). Failures are
-    /// logged, never told: the requester must not be able to tell.
-    async fn cluster_privacy_requests(&self, subscriber: &str, targets: &[String]) {
+    /// audience needs approval (on a single node the Subscribe itself does this). Filed in the
+    /// background, so the Subscribe's reply takes the same time whether a request was made or
+    /// not; failures are logged, never told (the requester must not be able to tell).
+    fn cluster_privacy_requests(&self, subscriber: &str, targets: &[String]) {
         let Some(log) = self.priv_log.get() else {
             return;
         };
+        let mut planned = Vec::new();
         for target in targets {
             let op = crate::privacy::PrivacyOp::Request {
                 target: target.clone(),
                 requester: subscriber.to_string(),
             };
             match self.registry.plan_privacy(&op) {
-                Ok(records) if records.is_empty() => {}
-                Ok(records) => {
-                    if let Err(e) = log.submit(&records).await {
-                        tracing::debug!(subscriber, target = target.as_str(), "no request: {e}");
-                    }
-                }
+                Ok(records) => planned.extend(records),
                 Err(e) => tracing::debug!(subscriber, target = target.as_str(), "no request: {e}"),
             }
         }
+        if planned.is_empty() {
+            return;
+        }
+        let log = log.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = log.submit(&planned).await {
+                tracing::debug!("subscription requests not filed: {e}");
+            }
+        });
     }
 
     /// Everything connections share, for `config` over `store`: the registry, token
@@ -854,7 +860,7 @@ async fn read_loop<F: FrameSource>(
                     },
                 ) = (&submitted, op.as_ref())
                 {
-                    Box::pin(ctx.cluster_privacy_requests(subscriber, targets)).await;
+                    ctx.cluster_privacy_requests(subscriber, targets);
                 }
                 match submitted {
                     Ok(outcome) => push_reply(
