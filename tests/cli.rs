@@ -451,3 +451,215 @@ async fn invisible_on_looks_like_going_offline_to_a_watcher_and_off_like_coming_
     );
     watch.kill().await.unwrap();
 }
+
+/// Starts presencectl with `args`, its output lines piped.
+fn spawn(broker: &Broker, args: &[&str]) -> (tokio::process::Child, Lines) {
+    let mut child = ctl(broker)
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+#[tokio::test]
+async fn audience_approved_files_requests_that_approve_deny_and_revoke_answer() {
+    use presenced::pb;
+    let broker = start(|_| {}).await;
+    let mut alice = connect(&broker, "alice").await;
+    within(alice.set_presence(pb::SetPresence {
+        status: Some("hi".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+
+    let set = run(
+        &broker,
+        &["audience", "--user", "alice", "presence", "approved"],
+    )
+    .await;
+    assert_eq!(
+        set,
+        [serde_json::json!({
+            "presence_audience": "approved",
+            "last_seen_audience": "everyone",
+            "invisible": false,
+            "blocked": 0,
+            "approved": 0,
+            "pending": 0,
+        })]
+    );
+
+    // Bob asks: he sees her offline, and she is told.
+    let mut bob = connect(&broker, "bob").await;
+    let before = presenced::now_ms();
+    let reply = within(bob.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(availability(&reply.presences[0]), pb::Availability::Offline);
+    let request = within(alice.next_subscription_request()).await.unwrap();
+    assert_eq!(request.requester_id, "bob");
+    let pending = run(&broker, &["requests", "--user", "alice"]).await;
+    assert_eq!(pending.len(), 2, "{pending:?}");
+    assert_eq!(pending[0]["user"], "bob");
+    assert_eq!(pending[0]["state"], "pending");
+    let since = pending[0]["since_ms"].as_u64().unwrap();
+    assert!(
+        (before..=presenced::now_ms()).contains(&since),
+        "{pending:?}"
+    );
+    assert_eq!(pending[1], serde_json::json!({"total": 1}));
+
+    // Approved: bob is told, and sees her online with her status.
+    let approved = run(&broker, &["approve", "--user", "alice", "bob"]).await;
+    assert_eq!(approved, [serde_json::json!({"changed": 1})]);
+    let accepted = within(bob.next_subscription_accepted()).await.unwrap();
+    assert_eq!(accepted.user_id, "alice");
+    assert_eq!(
+        availability(accepted.presence.as_ref().unwrap()),
+        pb::Availability::Online
+    );
+    let online = presence_event_of(&mut bob, "alice", pb::EventKind::Online).await;
+    assert_eq!(online.presence.unwrap().status, "hi");
+
+    // Carol asks and is denied: listed under denied, no longer pending.
+    let carol = connect(&broker, "carol").await;
+    within(carol.subscribe(&["alice"])).await.unwrap();
+    let request = within(alice.next_subscription_request()).await.unwrap();
+    assert_eq!(request.requester_id, "carol");
+    let denied = run(&broker, &["deny", "--user", "alice", "carol"]).await;
+    assert_eq!(denied, [serde_json::json!({"changed": 1})]);
+    let listed = run(
+        &broker,
+        &["requests", "--user", "alice", "--state", "denied"],
+    )
+    .await;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(
+        (&listed[0]["user"], &listed[0]["state"]),
+        (&serde_json::json!("carol"), &serde_json::json!("denied"))
+    );
+    assert_eq!(listed[1], serde_json::json!({"total": 1}));
+    let none = run(&broker, &["requests", "--user", "alice"]).await;
+    assert_eq!(none, [serde_json::json!({"total": 0})]);
+    // Every state, one entry per page: the command follows the cursor to the end.
+    let all = run(
+        &broker,
+        &[
+            "requests",
+            "--user",
+            "alice",
+            "--state",
+            "all",
+            "--page-size",
+            "1",
+        ],
+    )
+    .await;
+    let entries: Vec<(&str, &str)> = all[..all.len() - 1]
+        .iter()
+        .map(|l| (l["user"].as_str().unwrap(), l["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(entries, [("bob", "approved"), ("carol", "denied")]);
+    assert_eq!(all[all.len() - 1], serde_json::json!({"total": 2}));
+
+    // Last-seen has its own audience; without arguments `audience` only shows the settings.
+    let last_seen = run(
+        &broker,
+        &["audience", "--user", "alice", "last-seen", "nobody"],
+    )
+    .await;
+    assert_eq!(last_seen[0]["presence_audience"], "approved");
+    assert_eq!(last_seen[0]["last_seen_audience"], "nobody");
+    let shown = run(&broker, &["audience", "--user", "alice"]).await;
+    assert_eq!(shown, last_seen);
+    assert_eq!(
+        (&shown[0]["approved"], &shown[0]["pending"]),
+        (&1.into(), &0.into())
+    );
+
+    // Revoked: bob sees her leave.
+    let revoked = run(&broker, &["revoke", "--user", "alice", "bob"]).await;
+    assert_eq!(revoked, [serde_json::json!({"changed": 1})]);
+    presence_event_of(&mut bob, "alice", pb::EventKind::Offline).await;
+    let again = run(&broker, &["revoke", "--user", "alice", "bob"]).await;
+    assert_eq!(again, [serde_json::json!({"changed": 0})]);
+
+    // Failures say why and exit nonzero.
+    let err = run_failing(&broker, &["approve", "--user", "alice", "alice"]).await;
+    assert!(err.contains("yourself"), "{err}");
+    let err = run_failing(
+        &broker,
+        &["audience", "--user", "alice", "presence", "friends"],
+    )
+    .await;
+    assert!(err.contains("invalid value 'friends'"), "{err}");
+    let err = run_failing(&broker, &["audience", "--user", "alice", "presence"]).await;
+    assert!(err.contains("required"), "{err}");
+    let err = run_failing(
+        &broker,
+        &["requests", "--user", "alice", "--state", "maybe"],
+    )
+    .await;
+    assert!(err.contains("invalid value 'maybe'"), "{err}");
+    let err = run_failing(&broker, &["deny", "--user", "alice"]).await;
+    assert!(err.contains("required"), "{err}");
+}
+
+#[tokio::test]
+async fn set_invisible_hold_is_never_seen_online_until_invisible_off() {
+    let broker = start(|_| {}).await;
+    let (mut watch, mut lines) = spawn(&broker, &["watch", "--user", "bob", "alice", "marker"]);
+    for _ in 0..2 {
+        let snapshot = next_json(&mut lines).await;
+        assert_eq!(snapshot["event"], "snapshot", "{snapshot}");
+        assert_eq!(
+            snapshot["presence"]["availability"], "offline",
+            "{snapshot}"
+        );
+    }
+
+    let (mut set, mut set_lines) = spawn(
+        &broker,
+        &[
+            "set",
+            "--invisible",
+            "--hold",
+            "--user",
+            "alice",
+            "--status",
+            "secret",
+        ],
+    );
+    // Her own view is the truth, and says she is invisible.
+    let own = next_json(&mut set_lines).await;
+    assert_eq!(own["invisible"], true, "{own}");
+    assert_eq!(own["availability"], "online", "{own}");
+    assert_eq!(own["status"], "secret", "{own}");
+
+    // The marker comes online after she connected and published: had she been announced, the
+    // watcher would have printed her first.
+    let _marker = connect(&broker, "marker").await;
+    let next = next_json(&mut lines).await;
+    assert_eq!(
+        (&next["user"], &next["event"]),
+        (&serde_json::json!("marker"), &serde_json::json!("online")),
+        "{next}"
+    );
+    let got = run(&broker, &["get", "--user", "carol", "alice"]).await;
+    assert_eq!(got[0]["availability"], "offline", "{got:?}");
+    assert_eq!(got[0]["status"], "", "{got:?}");
+
+    let off = run(&broker, &["invisible", "off", "--user", "alice"]).await;
+    assert_eq!(off[0]["invisible"], false, "{off:?}");
+    // The watcher's next line is her coming online, with what the held `set` published.
+    let back = next_json(&mut lines).await;
+    assert_eq!(back["user"], "alice", "{back}");
+    assert_eq!(back["event"], "online", "{back}");
+    assert_eq!(back["presence"]["status"], "secret", "{back}");
+    // `--hold` kept her session: she stays online after the `invisible off` session ended.
+    let got = run(&broker, &["get", "--user", "carol", "alice"]).await;
+    assert_eq!(got[0]["availability"], "online", "{got:?}");
+    set.kill().await.unwrap();
+    watch.kill().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! `presencectl`: a developer's command line for presenced. Mints tokens from the configured
 //! secret (the dev secret by default), connects as any user over TLS, publishes presence,
-//! subscribes, queries, lists subscriptions, watches users, turns invisibility on and off and
-//! blocks users, printing JSON lines. With no flags it talks to a default local broker
+//! subscribes, queries, lists subscriptions, watches users, turns invisibility on and off,
+//! blocks users, chooses audiences and answers subscription requests, printing JSON lines. With no flags it talks to a default local broker
 //! (127.0.0.1:7883, the dev CA). `admin` calls the admin HTTP API with a key; `webhook-listen`
 //! is a local webhook receiver that verifies each request's signature and prints its events.
 //! `web` serves the browser example (see `web.rs`). It holds no state beyond one command.
@@ -106,6 +106,11 @@ enum Command {
         /// Stay connected (and online) until Ctrl-C.
         #[arg(long)]
         hold: bool,
+        /// Connect invisible: user-level invisibility is turned on (and stored) before this
+        /// device is announced, so no watcher ever sees it come online. It stays on, across
+        /// sessions, until `invisible off`. The printed line says `"invisible":true`.
+        #[arg(long)]
+        invisible: bool,
     },
     /// Query presence without subscribing.
     Get {
@@ -252,6 +257,54 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         page_size: u32,
     },
+    /// Choose who sees your presence or your last-seen time: `everyone` (the default),
+    /// `approved` (watchers you approve; anyone else's subscription makes a request) or
+    /// `nobody`. Without arguments, only prints the settings. Prints
+    /// `{"presence_audience":..,"last_seen_audience":..,"invisible":..,"blocked":N,"approved":N,"pending":N}`.
+    Audience {
+        #[arg(long)]
+        user: String,
+        /// `presence` or `last-seen`.
+        #[arg(requires = "audience")]
+        what: Option<AudienceOf>,
+        /// `everyone`, `approved` or `nobody`.
+        audience: Option<AudienceName>,
+    },
+    /// List subscription requests and answers, following pages: one JSON line each
+    /// (`{"user":..,"state":..,"since_ms":..}`), then `{"total":N}`.
+    Requests {
+        #[arg(long)]
+        user: String,
+        /// Which entries: pending requests (the default), approved or denied (denied or
+        /// revoked) watchers, or all.
+        #[arg(long, value_enum, default_value_t = RequestState::Pending)]
+        state: RequestState,
+        /// Entries per request (0: the broker's default; at most its limits.max_page_size).
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+    },
+    /// Let users see your presence (with or without a request; they are told). Prints
+    /// `{"changed":N}`.
+    Approve {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Refuse requests (the requesters are never told). Prints `{"changed":N}`.
+    Deny {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
+    /// Take approvals back: those users see you offline from now. Prints `{"changed":N}`.
+    Revoke {
+        #[arg(long)]
+        user: String,
+        #[arg(required = true)]
+        targets: Vec<String>,
+    },
     /// Send a directed presence to some users.
     Direct {
         #[arg(long)]
@@ -270,6 +323,82 @@ enum Command {
 enum Switch {
     On,
     Off,
+}
+
+/// `audience presence|last-seen ...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AudienceOf {
+    Presence,
+    LastSeen,
+}
+
+/// `audience ... everyone|approved|nobody`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum AudienceName {
+    Everyone,
+    Approved,
+    Nobody,
+}
+
+impl AudienceName {
+    fn to_pb(self) -> pb::Audience {
+        match self {
+            AudienceName::Everyone => pb::Audience::Everyone,
+            AudienceName::Approved => pb::Audience::Approved,
+            AudienceName::Nobody => pb::Audience::Nobody,
+        }
+    }
+}
+
+/// `requests --state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RequestState {
+    Pending,
+    Approved,
+    Denied,
+    All,
+}
+
+impl RequestState {
+    fn to_pb(self) -> pb::ApprovalState {
+        match self {
+            RequestState::Pending => pb::ApprovalState::Pending,
+            RequestState::Approved => pb::ApprovalState::Approved,
+            RequestState::Denied => pb::ApprovalState::Denied,
+            RequestState::All => pb::ApprovalState::Unspecified,
+        }
+    }
+}
+
+/// An audience as `audience` prints it: `everyone`, `approved`, `nobody`.
+fn audience_name(value: i32) -> &'static str {
+    match pb::Audience::try_from(value) {
+        Ok(pb::Audience::Everyone) => "everyone",
+        Ok(pb::Audience::Approved) => "approved",
+        Ok(pb::Audience::Nobody) => "nobody",
+        _ => "unspecified",
+    }
+}
+
+/// An approval state as `requests` prints it: `pending`, `approved`, `denied`.
+fn approval_state_name(value: i32) -> &'static str {
+    match pb::ApprovalState::try_from(value) {
+        Ok(pb::ApprovalState::Pending) => "pending",
+        Ok(pb::ApprovalState::Approved) => "approved",
+        Ok(pb::ApprovalState::Denied) => "denied",
+        _ => "unspecified",
+    }
+}
+
+fn privacy_json(s: &pb::PrivacySettings) -> Value {
+    json!({
+        "presence_audience": audience_name(s.presence_audience),
+        "last_seen_audience": audience_name(s.last_seen_audience),
+        "invisible": s.invisible,
+        "blocked": s.blocked,
+        "approved": s.approved,
+        "pending": s.pending,
+    })
 }
 
 /// Most pages `blocked` asks for: a block list holds at most 10,000 users by default, so even
@@ -296,6 +425,37 @@ async fn list_blocked(client: &Client, page_size: u32) -> anyhow::Result<()> {
         cursor = page.next_cursor;
     }
     bail!("the block list did not end within {MAX_BLOCKED_PAGES} pages")
+}
+
+/// Most pages `requests` asks for: requests and approvals are bounded per user (by
+/// `[privacy]` caps far below this), so a broker still answering "more" past it is broken.
+const MAX_APPROVAL_PAGES: usize = 100_000;
+
+/// Prints every request or approval of `client` in `state`, one JSON line each, following
+/// cursors, then `{"total":N}` (the broker's count, from the last page).
+async fn list_requests(client: &Client, state: RequestState, page_size: u32) -> anyhow::Result<()> {
+    let mut cursor = String::new();
+    for _ in 0..MAX_APPROVAL_PAGES {
+        let page = client
+            .list_approvals(state.to_pb(), &cursor, page_size)
+            .await?;
+        for a in &page.approvals {
+            print(json!({
+                "user": a.user_id,
+                "state": approval_state_name(a.state),
+                "since_ms": a.since_ms,
+            }));
+        }
+        if page.next_cursor.is_empty() {
+            print(json!({"total": page.total}));
+            return Ok(());
+        }
+        if page.approvals.is_empty() || page.next_cursor == cursor {
+            bail!("the broker's request list pages do not advance (cursor {cursor:?})");
+        }
+        cursor = page.next_cursor;
+    }
+    bail!("the request list did not end within {MAX_APPROVAL_PAGES} pages")
 }
 
 /// One admin API call.
@@ -858,7 +1018,13 @@ impl Cli {
     }
 
     async fn connect(&self, user: &str) -> anyhow::Result<Client> {
+        self.connect_with(user, false).await
+    }
+
+    /// Connects as `user`; `invisible`: start invisible (Connect.invisible).
+    async fn connect_with(&self, user: &str, invisible: bool) -> anyhow::Result<Client> {
         let mut options = ClientOptions::new(self.addr()?, self.token_for(user, 3600));
+        options.invisible = invisible;
         options.server_name = self.server_name.clone();
         options.tls = self.tls()?;
         options.device_id = self
@@ -926,6 +1092,7 @@ async fn main() -> anyhow::Result<()> {
             show,
             state,
             hold,
+            invisible,
         } => {
             let mut change = pb::SetPresence {
                 status: status.clone(),
@@ -937,9 +1104,15 @@ async fn main() -> anyhow::Result<()> {
                 change.availability = parse_availability(a)?;
             }
             change.state.extend(parse_state(state)?);
-            let client = cli.connect(user).await?;
+            let client = cli.connect_with(user, *invisible).await?;
+            if *invisible && !client.conn_ack.invisible {
+                bail!("the broker did not start the session invisible");
+            }
             let presence = client.set_presence(change).await?;
-            print(presence_json(&presence));
+            // Your own (true) presence, and whether everyone else sees you offline.
+            let mut line = presence_json(&presence);
+            line["invisible"] = json!(client.conn_ack.invisible);
+            print(line);
             if *hold {
                 hold_until_ctrl_c(client, Events::None).await?;
             } else {
@@ -1072,6 +1245,48 @@ async fn main() -> anyhow::Result<()> {
             list_blocked(&client, *page_size).await?;
             client.disconnect().await?;
         }
+        Command::Audience {
+            user,
+            what,
+            audience,
+        } => {
+            let client = cli.connect(user).await?;
+            let settings = match (what, audience) {
+                (Some(what), Some(audience)) => {
+                    let (presence, last_seen) = match what {
+                        AudienceOf::Presence => (audience.to_pb(), pb::Audience::Unspecified),
+                        AudienceOf::LastSeen => (pb::Audience::Unspecified, audience.to_pb()),
+                    };
+                    client.set_privacy(presence, last_seen).await?
+                }
+                (None, None) => client.get_privacy().await?,
+                _ => bail!("audience takes presence|last-seen then everyone|approved|nobody"),
+            };
+            print(privacy_json(&settings));
+            client.disconnect().await?;
+        }
+        Command::Requests {
+            user,
+            state,
+            page_size,
+        } => {
+            let client = cli.connect(user).await?;
+            list_requests(&client, *state, *page_size).await?;
+            client.disconnect().await?;
+        }
+        Command::Approve { user, targets }
+        | Command::Deny { user, targets }
+        | Command::Revoke { user, targets } => {
+            let action = match &cli.command {
+                Command::Approve { .. } => pb::ApprovalAction::Approve,
+                Command::Deny { .. } => pb::ApprovalAction::Deny,
+                _ => pb::ApprovalAction::Revoke,
+            };
+            let client = cli.connect(user).await?;
+            let changed = client.set_approval(&refs(targets), action).await?;
+            print(json!({ "changed": changed }));
+            client.disconnect().await?;
+        }
         Command::Direct {
             user,
             status,
@@ -1153,6 +1368,35 @@ mod tests {
         }
         assert!(Cli::try_parse_from(["presencectl", "invisible", "maybe", "--user", "a"]).is_err());
         assert!(Cli::try_parse_from(["presencectl", "block", "--user", "a"]).is_err());
+        let cli = Cli::try_parse_from([
+            "presencectl",
+            "audience",
+            "--user",
+            "a",
+            "last-seen",
+            "nobody",
+        ])
+        .unwrap();
+        match cli.command {
+            Command::Audience { what, audience, .. } => assert_eq!(
+                (what, audience),
+                (Some(AudienceOf::LastSeen), Some(AudienceName::Nobody))
+            ),
+            other => panic!("{other:?}"),
+        }
+        // Both or neither.
+        assert!(
+            Cli::try_parse_from(["presencectl", "audience", "--user", "a", "presence"]).is_err()
+        );
+        assert!(Cli::try_parse_from(["presencectl", "audience", "--user", "a"]).is_ok());
+        let cli = Cli::try_parse_from(["presencectl", "requests", "--user", "a"]).unwrap();
+        match cli.command {
+            Command::Requests { state, .. } => assert_eq!(state, RequestState::Pending),
+            other => panic!("{other:?}"),
+        }
+        for verb in ["approve", "deny", "revoke"] {
+            assert!(Cli::try_parse_from(["presencectl", verb, "--user", "a"]).is_err());
+        }
     }
 
     #[test]
