@@ -1,8 +1,10 @@
-//! Privacy through the admin HTTP API, over a real socket against a real broker: invisibility
-//! and blocks set on a user's behalf have the same effect for wire clients as the user's own
-//! SetInvisible / Block (OFFLINE then ONLINE for a watcher, a frozen offline blocker in
-//! GetPresence), the block list pages, bad bodies and read keys are refused in the API's error
-//! shape, a 200 survives kill -9 (answered once durable), and cluster mode answers 503.
+//! Privacy through the admin HTTP API, over a real socket against a real broker: invisibility,
+//! blocks, audiences and approvals set on a user's behalf have the same effect for wire clients
+//! as the user's own SetInvisible / Block / SetPrivacy / SetApproval (OFFLINE then ONLINE for a
+//! watcher, a frozen offline blocker in GetPresence, SubscriptionAccepted before the ONLINE an
+//! approval brings), a wire Subscribe's request shows as pending to the backend, the block and
+//! approval lists page, bad bodies and read keys are refused in the API's error shape, a 200
+//! survives kill -9 (answered once durable), and cluster mode answers 503.
 
 mod common;
 
@@ -160,6 +162,75 @@ impl Api {
         }
         (users, pages)
     }
+
+    /// Every page of `user`'s approvals in `state` ("" for all), `limit` at a time: the
+    /// `(user, state)` entries in order (each with a `since_ms`), and the pages as answered.
+    async fn all_approvals(
+        &self,
+        user: &str,
+        state: &str,
+        limit: u32,
+    ) -> (Vec<(String, String)>, Vec<Value>) {
+        let mut entries: Vec<(String, String)> = Vec::new();
+        let mut pages = Vec::new();
+        let mut after = String::new();
+        loop {
+            let path =
+                format!("/v1/users/{user}/approvals?state={state}&limit={limit}&after={after}");
+            let (s, v) = self.get(&path).await;
+            assert_eq!(s, 200, "{path}: {v}");
+            assert_eq!(v["user"], json!(user), "{v}");
+            let page = v["approvals"].as_array().unwrap().clone();
+            assert!(page.len() <= limit as usize, "{v}");
+            for entry in &page {
+                assert_eq!(entry.as_object().unwrap().len(), 3, "{v}");
+                assert!(entry["since_ms"].as_u64().unwrap() > 0, "{v}");
+                let e_state = entry["state"].as_str().unwrap().to_string();
+                if !state.is_empty() {
+                    assert_eq!(e_state, state, "{v}");
+                }
+                entries.push((entry["user"].as_str().unwrap().to_string(), e_state));
+            }
+            pages.push(v.clone());
+            match &v["next_after"] {
+                Value::Null => break,
+                Value::String(a) => {
+                    assert_eq!(Some(a), entries.last().map(|(u, _)| u), "{v}");
+                    after = a.clone();
+                }
+                other => panic!("next_after is {other}"),
+            }
+            assert!(pages.len() < 100, "paging does not end");
+        }
+        for page in &pages {
+            assert_eq!(page["total"], json!(entries.len()), "{page}");
+        }
+        (entries, pages)
+    }
+
+    /// The users in `user`'s approvals in `state` (every page, 100 at a time).
+    async fn approvals(&self, user: &str, state: &str) -> Vec<String> {
+        self.all_approvals(user, state, 100)
+            .await
+            .0
+            .into_iter()
+            .map(|(u, _)| u)
+            .collect()
+    }
+}
+
+/// What `GET /v1/users/{user}/privacy` answers for a user with the default audiences and no
+/// approvals or requests.
+fn plain_privacy(user: &str, invisible: bool, blocked_total: u64) -> Value {
+    json!({
+        "user": user,
+        "invisible": invisible,
+        "audience": "everyone",
+        "last_seen_audience": "everyone",
+        "blocked_total": blocked_total,
+        "approved": 0,
+        "pending": 0,
+    })
 }
 
 fn error_code(v: &Value) -> &str {
@@ -206,10 +277,7 @@ async fn invisible_via_admin_makes_a_watcher_see_offline_then_online() {
     within(w.subscribe(&["alice"])).await.unwrap();
     let alice = connect_device(&broker, "alice", "phone").await;
     presence_event_of(&mut w, "alice", EventKind::Online).await;
-    assert_eq!(
-        api.privacy("alice").await,
-        json!({"user": "alice", "invisible": false, "blocked_total": 0})
-    );
+    assert_eq!(api.privacy("alice").await, plain_privacy("alice", false, 0));
 
     // Invisible on the user's behalf: the watcher sees her go offline, as for SetInvisible.
     let (s, v) = api
@@ -310,10 +378,7 @@ async fn blocks_via_admin_hide_the_blocker_and_the_list_pages() {
     // The blocker sees b offline too (blocking hides both ways); the backend sees the truth.
     assert_eq!(availability(&get(&a, "b").await), pb::Availability::Offline);
     assert_eq!(backend_availability(&api, "a").await, "online");
-    assert_eq!(
-        api.privacy("a").await,
-        json!({"user": "a", "invisible": false, "blocked_total": 5})
-    );
+    assert_eq!(api.privacy("a").await, plain_privacy("a", false, 5));
     // The user's own list (the wire) holds what the backend blocked.
     let listed = within(a.list_blocked("", 0)).await.unwrap();
     assert_eq!(listed.total, 5);
@@ -374,6 +439,297 @@ async fn blocks_via_admin_hide_the_blocker_and_the_list_pages() {
     let (users, _) = api.all_blocked("a", 1).await;
     assert_eq!(users, ["c3", "c4", "d"]);
     assert_eq!(api.privacy("a").await["blocked_total"], json!(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backend_approves_ahead_and_revokes_under_an_approved_audience() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice"])).await.unwrap();
+    let mut alice = connect_device(&broker, "alice", "phone").await;
+    presence_event_of(&mut w, "alice", EventKind::Online).await;
+    within(alice.set_presence(pb::SetPresence {
+        status: Some("hi".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    presence_event_of(&mut w, "alice", EventKind::Update).await;
+
+    // Only approved watchers, set on her behalf: w, never approved, sees her leave.
+    let (s, v) = api
+        .post("/v1/users/alice/privacy", json!({"audience": "approved"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let approved_only = json!({
+        "user": "alice",
+        "invisible": false,
+        "audience": "approved",
+        "last_seen_audience": "everyone",
+        "blocked_total": 0,
+        "approved": 0,
+        "pending": 0,
+    });
+    assert_eq!(v, approved_only);
+    let gone = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(reason(&gone), pb::OfflineReason::Disconnect);
+    let frozen = get(&w, "alice").await;
+    assert_eq!(availability(&frozen), pb::Availability::Offline);
+    assert!(
+        frozen.status.is_empty() && frozen.devices.is_empty(),
+        "{frozen:?}"
+    );
+    // Her own devices see the setting; the backend sees the truth.
+    let own = within(alice.get_privacy()).await.unwrap();
+    assert_eq!(own.presence_audience(), pb::Audience::Approved);
+    assert_eq!(own.last_seen_audience(), pb::Audience::Everyone);
+    assert_eq!(api.privacy("alice").await, approved_only);
+    assert_eq!(backend_availability(&api, "alice").await, "online");
+
+    // Approved ahead, with no request (the app's own friend graph): w is told first, then
+    // sees her online with her status.
+    let (s, v) = api
+        .post("/v1/users/alice/approvals", json!({"approve": ["w"]}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v, json!({"user": "alice", "changed": 1}));
+    // (next_subscription_accepted drops what comes before it: an ONLINE sent ahead of the
+    // acceptance would be lost and the wait below would time out.)
+    let accepted = within(w.next_subscription_accepted()).await.unwrap();
+    assert_eq!(accepted.user_id, "alice");
+    let shown = accepted.presence.unwrap();
+    assert_eq!(availability(&shown), pb::Availability::Online);
+    assert_eq!(shown.status, "hi");
+    let back = presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert!(back.version > gone.version);
+    assert_eq!(back.presence.as_ref().unwrap().status, "hi");
+    assert_eq!(
+        availability(&get(&w, "alice").await),
+        pb::Availability::Online
+    );
+    // Listed as approved, for the backend and on her own devices; no request was made.
+    let (s, v) = api.get("/v1/users/alice/approvals").await;
+    assert_eq!(s, 200, "{v}");
+    let since = v["approvals"][0]["since_ms"].as_u64().unwrap();
+    assert!(since > 0, "{v}");
+    assert_eq!(
+        v,
+        json!({
+            "user": "alice",
+            "approvals": [{"user": "w", "state": "approved", "since_ms": since}],
+            "next_after": null,
+            "total": 1,
+        })
+    );
+    let wire = within(alice.list_approvals(pb::ApprovalState::Approved, "", 0))
+        .await
+        .unwrap();
+    assert_eq!(wire.total, 1);
+    assert_eq!(wire.approvals[0].user_id, "w");
+    let summary = api.privacy("alice").await;
+    assert_eq!(
+        (&summary["approved"], &summary["pending"]),
+        (&json!(1), &json!(0))
+    );
+    assert!(
+        alice.try_next_event().is_none_or(|f| !matches!(
+            f.body,
+            Some(pb::server_frame::Body::SubscriptionRequest(_))
+        )),
+        "approving ahead prompts no one"
+    );
+    // Approving again changes nothing; her updates reach w.
+    let (s, v) = api
+        .post("/v1/users/alice/approvals", json!({"approve": ["w"]}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(0)), "{v}");
+    within(alice.set_presence(pb::SetPresence {
+        status: Some("later".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let update = presence_event_of(&mut w, "alice", EventKind::Update).await;
+    assert_eq!(update.presence.unwrap().status, "later");
+
+    // Revoked on her behalf: w sees her leave, and she stays offline to w.
+    let (s, v) = api
+        .post("/v1/users/alice/approvals", json!({"revoke": ["w"]}))
+        .await;
+    assert_eq!((s, &v), (200, &json!({"user": "alice", "changed": 1})));
+    let gone_again = presence_event_of(&mut w, "alice", EventKind::Offline).await;
+    assert_eq!(reason(&gone_again), pb::OfflineReason::Disconnect);
+    assert!(gone_again.version > update.version);
+    let frozen = get(&w, "alice").await;
+    assert_eq!(availability(&frozen), pb::Availability::Offline);
+    assert_eq!(frozen.version, gone_again.version);
+    // A revoked approval lists as denied (as on the wire); counts follow.
+    assert_eq!(api.approvals("alice", "denied").await, ["w"]);
+    assert!(api.approvals("alice", "approved").await.is_empty());
+    assert_eq!(api.privacy("alice").await, approved_only);
+    // Revoking again, or someone never approved, changes nothing.
+    let (s, v) = api
+        .post(
+            "/v1/users/alice/approvals",
+            json!({"revoke": ["w", "never"]}),
+        )
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(0)), "{v}");
+
+    // Everyone again (and last-seen for no one): the audience decides, so w sees her again.
+    let (s, v) = api
+        .post(
+            "/v1/users/alice/privacy",
+            json!({"audience": "everyone", "last_seen_audience": "nobody"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (&v["audience"], &v["last_seen_audience"]),
+        (&json!("everyone"), &json!("nobody")),
+        "{v}"
+    );
+    let online = presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert_eq!(online.presence.unwrap().status, "later");
+    let own = within(alice.get_privacy()).await.unwrap();
+    assert_eq!(own.presence_audience(), pb::Audience::Everyone);
+    assert_eq!(own.last_seen_audience(), pb::Audience::Nobody);
+    // One field alone leaves the other as it is.
+    let (s, v) = api
+        .post(
+            "/v1/users/alice/privacy",
+            json!({"last_seen_audience": "approved"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        (&v["audience"], &v["last_seen_audience"]),
+        (&json!("everyone"), &json!("approved")),
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strangers_request_shows_as_pending_and_the_backend_answers_it() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let mut alice = connect(&broker, "alice").await;
+    let (s, v) = api
+        .post("/v1/users/alice/privacy", json!({"audience": "approved"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert!(api.approvals("alice", "").await.is_empty());
+
+    // A stranger subscribes: offline to them, a prompt on her device, pending for the backend.
+    let s1 = connect(&broker, "s1").await;
+    let reply = within(s1.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(availability(&reply.presences[0]), pb::Availability::Offline);
+    let request = within(alice.next_subscription_request()).await.unwrap();
+    assert_eq!(request.requester_id, "s1");
+    let (s, v) = api.get("/v1/users/alice/approvals?state=pending").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({
+            "user": "alice",
+            "approvals": [
+                {"user": "s1", "state": "pending", "since_ms": request.requested_at_ms}
+            ],
+            "next_after": null,
+            "total": 1,
+        })
+    );
+    let summary = api.privacy("alice").await;
+    assert_eq!(
+        (&summary["approved"], &summary["pending"]),
+        (&json!(0), &json!(1))
+    );
+
+    // Three more strangers; the pending list pages two at a time.
+    let mut strangers = Vec::new();
+    for id in ["s2", "s3", "s4"] {
+        let c = connect(&broker, id).await;
+        within(c.subscribe(&["alice"])).await.unwrap();
+        strangers.push(c);
+    }
+    let (entries, pages) = api.all_approvals("alice", "pending", 2).await;
+    let users: Vec<&str> = entries.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(users, ["s1", "s2", "s3", "s4"]);
+    assert_eq!(pages.len(), 2, "{pages:?}");
+    assert_eq!(pages[0]["next_after"], json!("s2"));
+    let (s, v) = api.get("/v1/users/alice/approvals?after=s4").await;
+    assert_eq!(
+        (s, &v["approvals"], &v["total"]),
+        (200, &json!([]), &json!(4)),
+        "{v}"
+    );
+
+    // Denied on her behalf: out of pending, listed as denied, counts follow.
+    let (s, v) = api
+        .post("/v1/users/alice/approvals", json!({"deny": ["s1", "s3"]}))
+        .await;
+    assert_eq!((s, &v), (200, &json!({"user": "alice", "changed": 2})));
+    assert_eq!(api.approvals("alice", "pending").await, ["s2", "s4"]);
+    assert_eq!(api.approvals("alice", "denied").await, ["s1", "s3"]);
+    let summary = api.privacy("alice").await;
+    assert_eq!(
+        (&summary["approved"], &summary["pending"]),
+        (&json!(0), &json!(2))
+    );
+    // The wire shows the same list.
+    let wire = within(alice.list_approvals(pb::ApprovalState::Denied, "", 0))
+        .await
+        .unwrap();
+    let wire_ids: Vec<&str> = wire.approvals.iter().map(|a| a.user_id.as_str()).collect();
+    assert_eq!(wire_ids, ["s1", "s3"]);
+    // The denied stranger still sees her offline, and asking again makes no new request.
+    let again = within(s1.subscribe(&["alice"])).await.unwrap();
+    assert_eq!(availability(&again.presences[0]), pb::Availability::Offline);
+    assert_eq!(api.approvals("alice", "pending").await, ["s2", "s4"]);
+    // Denying again changes nothing.
+    let (s, v) = api
+        .post("/v1/users/alice/approvals", json!({"deny": ["s1"]}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(0)), "{v}");
+
+    // In one call: a pending request and a denied one approved, another pending one denied.
+    let (s, v) = api
+        .post(
+            "/v1/users/alice/approvals",
+            json!({"approve": ["s2", "s3"], "deny": ["s4"]}),
+        )
+        .await;
+    assert_eq!((s, &v), (200, &json!({"user": "alice", "changed": 3})));
+    let accepted = within(strangers[0].next_subscription_accepted())
+        .await
+        .unwrap();
+    assert_eq!(accepted.user_id, "alice");
+    let (entries, _) = api.all_approvals("alice", "", 1).await;
+    let expected = [
+        ("s1", "denied"),
+        ("s2", "approved"),
+        ("s3", "approved"),
+        ("s4", "denied"),
+    ];
+    assert_eq!(
+        entries,
+        expected.map(|(u, s)| (u.to_string(), s.to_string()))
+    );
+    // The counts match the lists.
+    let summary = api.privacy("alice").await;
+    assert_eq!(
+        summary["approved"],
+        json!(api.approvals("alice", "approved").await.len())
+    );
+    assert_eq!(
+        summary["pending"],
+        json!(api.approvals("alice", "pending").await.len())
+    );
+    assert_eq!(
+        (&summary["approved"], &summary["pending"]),
+        (&json!(2), &json!(0))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,9 +896,254 @@ async fn bad_bodies_and_queries_get_400_in_the_error_shape() {
         assert!(error_reason(&v).contains(word), "{path}: {v}");
     }
     // Nothing above changed u's visibility.
+    assert_eq!(api.privacy("u").await, plain_privacy("u", false, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_audience_and_approval_requests_get_400_and_apply_nothing() {
+    let broker = common::start(|c| {
+        with_admin(c);
+        c.privacy.max_approved = 2;
+    })
+    .await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let long = "x".repeat(129);
+    let hundred_one: Vec<String> = (0..101).map(|i| format!("t{i}")).collect();
+    let long_privacy = format!("/v1/users/{long}/privacy");
+    let long_approvals = format!("/v1/users/{long}/approvals");
+    let cases: Vec<(&str, Value, &str, &str)> = vec![
+        // (path, body, code, a word the reason must hold)
+        ("/v1/users/u/privacy", json!({}), "BAD_REQUEST", "audience"),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": null}),
+            "BAD_REQUEST",
+            "audience",
+        ),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": "friends"}),
+            "BAD_REQUEST",
+            "audience",
+        ),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": "Everyone"}),
+            "BAD_REQUEST",
+            "audience",
+        ),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": "everyone", "last_seen_audience": "all"}),
+            "BAD_REQUEST",
+            "last_seen_audience",
+        ),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": 1}),
+            "BAD_REQUEST",
+            "body",
+        ),
+        (
+            "/v1/users/u/privacy",
+            json!({"audience": "nobody", "invisible": true}),
+            "BAD_REQUEST",
+            "invisible",
+        ),
+        (
+            long_privacy.as_str(),
+            json!({"audience": "nobody"}),
+            "INVALID_USER_ID",
+            "path user",
+        ),
+        ("/v1/users/u/approvals", json!({}), "BAD_REQUEST", "empty"),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": [], "deny": [], "revoke": []}),
+            "BAD_REQUEST",
+            "empty",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"aprove": ["x"]}),
+            "BAD_REQUEST",
+            "aprove",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": "x"}),
+            "BAD_REQUEST",
+            "body",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": [""]}),
+            "INVALID_USER_ID",
+            "approve",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"deny": [long]}),
+            "INVALID_USER_ID",
+            "deny",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"revoke": ["a\u{7}b"]}),
+            "INVALID_USER_ID",
+            "revoke",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": hundred_one}),
+            "TOO_MANY_IDS",
+            "approve",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"revoke": hundred_one}),
+            "TOO_MANY_IDS",
+            "revoke",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": ["x"], "deny": ["u"]}),
+            "BAD_REQUEST",
+            "itself",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"revoke": ["u"]}),
+            "BAD_REQUEST",
+            "itself",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"approve": ["x", "y"], "revoke": ["y"]}),
+            "BAD_REQUEST",
+            "both",
+        ),
+        (
+            "/v1/users/u/approvals",
+            json!({"deny": ["x"], "revoke": ["x"]}),
+            "BAD_REQUEST",
+            "both",
+        ),
+        (
+            long_approvals.as_str(),
+            json!({"approve": ["x"]}),
+            "INVALID_USER_ID",
+            "path user",
+        ),
+    ];
+    for (path, body, code, word) in cases {
+        let (s, v) = api.post(path, body.clone()).await;
+        assert_eq!((s, error_code(&v)), (400, code), "{path} {body}: {v}");
+        assert_error_shape(&v);
+        assert!(
+            error_reason(&v).contains(word),
+            "{path} {body}: the reason should name {word:?}: {v}"
+        );
+    }
+    for path in ["/v1/users/u/privacy", "/v1/users/u/approvals"] {
+        let (s, v) = api.post_raw(path, "{not json").await;
+        assert_eq!((s, error_code(&v)), (400, "BAD_REQUEST"), "{path}: {v}");
+        assert_error_shape(&v);
+    }
+    // None of it changed anything.
+    assert_eq!(api.privacy("u").await, plain_privacy("u", false, 0));
+    assert!(api.approvals("u", "").await.is_empty());
+
+    // Over privacy.max_approved: LIMIT_EXCEEDED, and nothing of the request is applied (the
+    // approve step comes first): neither the deny nor the revoke.
+    let (s, v) = api
+        .post("/v1/users/u/approvals", json!({"approve": ["p1", "p2"]}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(2)), "{v}");
+    let (s, v) = api
+        .post(
+            "/v1/users/u/approvals",
+            json!({"approve": ["p3"], "deny": ["q1"], "revoke": ["p1"]}),
+        )
+        .await;
+    assert_eq!((s, error_code(&v)), (400, "LIMIT_EXCEEDED"), "{v}");
+    assert_error_shape(&v);
+    assert!(error_reason(&v).contains("max_approved"), "{v}");
+    assert!(error_reason(&v).contains("nothing"), "{v}");
+    assert_eq!(api.approvals("u", "").await, ["p1", "p2"]);
+    assert_eq!(api.approvals("u", "approved").await, ["p1", "p2"]);
+    // Revoking makes room (in a request of its own), then the approval fits.
+    let (s, v) = api
+        .post(
+            "/v1/users/u/approvals",
+            json!({"revoke": ["p1"], "deny": ["q1"]}),
+        )
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(2)), "{v}");
+    let (s, v) = api
+        .post("/v1/users/u/approvals", json!({"approve": ["p3"]}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(1)), "{v}");
+    assert_eq!(api.approvals("u", "approved").await, ["p2", "p3"]);
+    assert_eq!(api.approvals("u", "denied").await, ["p1", "q1"]);
+    // 100 ids is the cap, not over it (deny needs no room: nothing pending).
+    let hundred: Vec<String> = (0..100).map(|i| format!("t{i}")).collect();
+    let (s, v) = api
+        .post("/v1/users/u/approvals", json!({"revoke": hundred}))
+        .await;
+    assert_eq!((s, &v["changed"]), (200, &json!(0)), "{v}");
+
+    // Query parameters of the list.
+    let long_after = format!("/v1/users/u/approvals?after={long}");
+    let long_list = format!("/v1/users/{long}/approvals");
+    let queries = [
+        (
+            "/v1/users/u/approvals?state=revoked",
+            "BAD_REQUEST",
+            "state",
+        ),
+        (
+            "/v1/users/u/approvals?state=PENDING",
+            "BAD_REQUEST",
+            "state",
+        ),
+        ("/v1/users/u/approvals?limit=101", "LIMIT_EXCEEDED", "limit"),
+        ("/v1/users/u/approvals?limit=abc", "BAD_REQUEST", "limit"),
+        ("/v1/users/u/approvals?limit=-1", "BAD_REQUEST", "limit"),
+        ("/v1/users/u/approvals?cursor=abc", "BAD_REQUEST", "cursor"),
+        (
+            "/v1/users/u/approvals?after=%07",
+            "INVALID_USER_ID",
+            "after",
+        ),
+        (long_after.as_str(), "INVALID_USER_ID", "after"),
+        (long_list.as_str(), "INVALID_USER_ID", "path user"),
+    ];
+    for (path, code, word) in queries {
+        let (s, v) = api.get(path).await;
+        assert_eq!((s, error_code(&v)), (400, code), "{path}: {v}");
+        assert_error_shape(&v);
+        assert!(error_reason(&v).contains(word), "{path}: {v}");
+    }
+    // Someone with no entries at all.
+    let (s, v) = api.get("/v1/users/nobody/approvals?state=pending").await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(
+        v,
+        json!({"user": "nobody", "approvals": [], "next_after": null, "total": 0})
+    );
+    // The settings were never touched; the counts are the lists'.
     assert_eq!(
         api.privacy("u").await,
-        json!({"user": "u", "invisible": false, "blocked_total": 3})
+        json!({
+            "user": "u",
+            "invisible": false,
+            "audience": "everyone",
+            "last_seen_audience": "everyone",
+            "blocked_total": 0,
+            "approved": 2,
+            "pending": 0,
+        })
     );
 }
 
@@ -553,6 +1154,11 @@ async fn a_read_key_reads_privacy_and_cannot_write_it() {
     let writes = [
         ("/v1/users/r/invisible", json!({"invisible": true})),
         ("/v1/users/r/blocks", json!({"block": ["x"]})),
+        (
+            "/v1/users/r/privacy",
+            json!({"last_seen_audience": "nobody"}),
+        ),
+        ("/v1/users/r/approvals", json!({"approve": ["f"]})),
     ];
     for (path, body) in &writes {
         let (s, _, v) = api
@@ -576,11 +1182,10 @@ async fn a_read_key_reads_privacy_and_cannot_write_it() {
         .await;
     assert_eq!((s, error_code(&v)), (401, "UNAUTHENTICATED"), "{v}");
     // Nothing was written; the read key reads.
-    assert_eq!(
-        api.privacy("r").await,
-        json!({"user": "r", "invisible": false, "blocked_total": 0})
-    );
+    assert_eq!(api.privacy("r").await, plain_privacy("r", false, 0));
     let (s, v) = api.get("/v1/users/r/blocks").await;
+    assert_eq!((s, &v["total"]), (200, &json!(0)), "{v}");
+    let (s, v) = api.get("/v1/users/r/approvals").await;
     assert_eq!((s, &v["total"]), (200, &json!(0)), "{v}");
     // The write key writes; the read key sees it.
     for (path, body) in &writes {
@@ -589,8 +1194,17 @@ async fn a_read_key_reads_privacy_and_cannot_write_it() {
     }
     assert_eq!(
         api.privacy("r").await,
-        json!({"user": "r", "invisible": true, "blocked_total": 1})
+        json!({
+            "user": "r",
+            "invisible": true,
+            "audience": "everyone",
+            "last_seen_audience": "nobody",
+            "blocked_total": 1,
+            "approved": 1,
+            "pending": 0,
+        })
     );
+    assert_eq!(api.approvals("r", "approved").await, ["f"]);
     // Only GET and POST where they belong.
     let (s, _, v) = api
         .call(
@@ -604,10 +1218,10 @@ async fn a_read_key_reads_privacy_and_cannot_write_it() {
     assert_error_shape(&v);
     let (s, _, v) = api
         .call(
-            reqwest::Method::POST,
-            "/v1/users/r/privacy",
+            reqwest::Method::PUT,
+            "/v1/users/r/approvals",
             Some(WRITE_KEY),
-            Some(json!({})),
+            Some(json!({"approve": ["g"]})),
         )
         .await;
     assert_eq!(s, 405, "{v}");
@@ -624,7 +1238,11 @@ async fn an_acknowledged_change_survives_kill_9() {
     let data = dir.path().join("data");
     let mut blocked: Vec<String> = Vec::new();
     let mut invisible = false;
-    for cycle in 0..6 {
+    let audiences = ["approved", "nobody", "everyone"];
+    let mut audience = "everyone";
+    // (user, state) in user order.
+    let mut approvals: Vec<(String, String)> = Vec::new();
+    for cycle in 0..10 {
         let spawned = spawn_presenced(&data, &["--config", &config]).await;
         let api = Api::new(spawned.admin().expect("the admin API is on"));
         let mut child = spawned.child;
@@ -634,23 +1252,53 @@ async fn an_acknowledged_change_survives_kill_9() {
             users, blocked,
             "cycle {cycle}: the block list after kill -9"
         );
+        let privacy = api.privacy("k").await;
         assert_eq!(
-            api.privacy("k").await["invisible"],
+            privacy["invisible"],
             json!(invisible),
             "cycle {cycle}: invisibility after kill -9"
         );
+        assert_eq!(
+            privacy["audience"],
+            json!(audience),
+            "cycle {cycle}: the audience after kill -9"
+        );
+        assert_eq!(
+            api.all_approvals("k", "", 100).await.0,
+            approvals,
+            "cycle {cycle}: the approvals after kill -9"
+        );
         // One change, killed as soon as it is answered.
-        let (s, v) = if cycle % 2 == 0 {
-            let target = format!("t{cycle}");
-            let answer = api
-                .post("/v1/users/k/blocks", json!({ "block": [target.clone()] }))
-                .await;
-            blocked.push(target);
-            answer
-        } else {
-            invisible = !invisible;
-            api.post("/v1/users/k/invisible", json!({ "invisible": invisible }))
-                .await
+        let (s, v) = match cycle % 4 {
+            0 => {
+                let target = format!("t{cycle}");
+                let answer = api
+                    .post("/v1/users/k/blocks", json!({ "block": [target.clone()] }))
+                    .await;
+                blocked.push(target);
+                answer
+            }
+            1 => {
+                invisible = !invisible;
+                api.post("/v1/users/k/invisible", json!({ "invisible": invisible }))
+                    .await
+            }
+            2 => {
+                audience = audiences[cycle / 4 % audiences.len()];
+                api.post("/v1/users/k/privacy", json!({ "audience": audience }))
+                    .await
+            }
+            _ => {
+                // Approve a new watcher; from the second time on, revoke the previous one.
+                let fresh = format!("f{cycle}");
+                let mut body = json!({ "approve": [fresh.clone()] });
+                if let Some((last, state)) = approvals.last_mut() {
+                    body["revoke"] = json!([last.clone()]);
+                    *state = "denied".into();
+                }
+                approvals.push((fresh, "approved".into()));
+                api.post("/v1/users/k/approvals", body).await
+            }
         };
         child.start_kill().unwrap();
         assert_eq!(s, 200, "{v}");
@@ -660,7 +1308,11 @@ async fn an_acknowledged_change_survives_kill_9() {
     let api = Api::new(spawned.admin().unwrap());
     let (users, _) = api.all_blocked("k", 100).await;
     assert_eq!(users, blocked);
-    assert_eq!(api.privacy("k").await["invisible"], json!(invisible));
+    let privacy = api.privacy("k").await;
+    assert_eq!(privacy["invisible"], json!(invisible));
+    assert_eq!(privacy["audience"], json!(audience));
+    assert_eq!(api.all_approvals("k", "", 100).await.0, approvals);
+    assert_eq!(privacy["approved"], json!(1));
 }
 
 /// Cluster mode does not replicate privacy yet: writes are refused with 503 UNAVAILABLE in the
@@ -676,6 +1328,12 @@ async fn cluster_mode_refuses_privacy_writes_with_503() {
         ("/v1/users/z/invisible", json!({"invisible": true})),
         ("/v1/users/z/blocks", json!({"block": ["y"]})),
         ("/v1/users/z/blocks", json!({"unblock": ["y"]})),
+        ("/v1/users/z/privacy", json!({"audience": "approved"})),
+        ("/v1/users/z/approvals", json!({"approve": ["y"]})),
+        (
+            "/v1/users/z/approvals",
+            json!({"deny": ["y"], "revoke": ["w"]}),
+        ),
     ];
     for (path, body) in writes {
         let (s, headers, v) = api
@@ -689,6 +1347,19 @@ async fn cluster_mode_refuses_privacy_writes_with_503() {
     // Validation still comes first.
     let (s, v) = api.post("/v1/users/z/blocks", json!({"block": [""]})).await;
     assert_eq!((s, error_code(&v)), (400, "INVALID_USER_ID"), "{v}");
+    let (s, v) = api
+        .post("/v1/users/z/privacy", json!({"audience": "some"}))
+        .await;
+    assert_eq!((s, error_code(&v)), (400, "BAD_REQUEST"), "{v}");
+    let (s, _, v) = api
+        .call(
+            reqwest::Method::GET,
+            "/v1/users/z/approvals",
+            Some(WRITE_KEY),
+            None,
+        )
+        .await;
+    assert_eq!((s, &v["total"]), (200, &json!(0)), "{v}");
     // Reads answer (nothing is set).
     let (s, _, v) = api
         .call(
@@ -699,8 +1370,5 @@ async fn cluster_mode_refuses_privacy_writes_with_503() {
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(
-        v,
-        json!({"user": "z", "invisible": false, "blocked_total": 0})
-    );
+    assert_eq!(v, plain_privacy("z", false, 0));
 }

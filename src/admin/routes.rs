@@ -1,7 +1,8 @@
 //! The admin API's operations, versioned under `/v1`: presence query and online check,
 //! channel members and occupancy, where-now, disconnect, token revocation, presence on a
-//! user's behalf, subscriptions on a user's behalf, privacy on a user's behalf (invisibility
-//! and blocks: the backend reads and sets the truth), and the event replay long-poll. Each
+//! user's behalf, subscriptions on a user's behalf, privacy on a user's behalf (invisibility,
+//! blocks, audiences and approvals: the backend reads and sets the truth), and the event replay
+//! long-poll. Each
 //! handler checks its key first, then parses the body strictly (unknown fields refused, the
 //! reason names the field) and validates ids with the same rules and caps as the wire
 //! protocol.
@@ -54,11 +55,18 @@ pub(super) fn router(state: Arc<AdminState>) -> Router {
             "/v1/users/{user}/subscriptions",
             post(change_subscriptions).get(list_subscriptions),
         )
-        .route("/v1/users/{user}/privacy", get(get_privacy))
+        .route(
+            "/v1/users/{user}/privacy",
+            get(get_privacy).post(set_privacy),
+        )
         .route("/v1/users/{user}/invisible", post(set_invisible))
         .route(
             "/v1/users/{user}/blocks",
             post(change_blocks).get(list_blocks),
+        )
+        .route(
+            "/v1/users/{user}/approvals",
+            post(change_approvals).get(list_approvals),
         )
         .route("/v1/events", get(events))
         .fallback(not_found)
@@ -787,15 +795,73 @@ async fn apply_privacy_op(
     Ok(records)
 }
 
+/// `user`'s privacy as the backend sees it (the truth): settings and list sizes.
+fn privacy_json(state: &AdminState, user: &str) -> Value {
+    let summary = state.ctx.registry.privacy_summary(user);
+    json!({
+        "user": user,
+        "invisible": summary.invisible,
+        "audience": summary.audience,
+        "last_seen_audience": summary.last_seen_audience,
+        "blocked_total": summary.blocked,
+        "approved": summary.approved,
+        "pending": summary.pending,
+    })
+}
+
 async fn get_privacy(State(state): Shared, Path(user): Path<String>) -> Reply {
     let user = user_path(&user)?;
-    let registry = &state.ctx.registry;
-    let (_, blocked_total) = registry.blocked_page(&user, None, 0);
-    Ok(Json(json!({
-        "user": user,
-        "invisible": registry.is_invisible(&user),
-        "blocked_total": blocked_total,
-    })))
+    Ok(Json(privacy_json(&state, &user)))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct PrivacyBody {
+    audience: Option<String>,
+    last_seen_audience: Option<String>,
+}
+
+/// An audience named in the body field `name` (absent: unchanged).
+fn audience_field(
+    name: &str,
+    value: Option<String>,
+) -> Result<Option<crate::privacy::Audience>, ApiError> {
+    use crate::privacy::Audience;
+    value
+        .map(|v| match v.as_str() {
+            "everyone" => Ok(Audience::Everyone),
+            "approved" => Ok(Audience::Approved),
+            "nobody" => Ok(Audience::Nobody),
+            _ => Err(ApiError::bad(format!(
+                "{name} must be everyone, approved or nobody, not {v:?}"
+            ))),
+        })
+        .transpose()
+}
+
+/// Who sees the user's presence and last-seen time, as the user's own SetPrivacy: watchers
+/// whose view flips see OFFLINE (reason `disconnect`) or ONLINE.
+async fn set_privacy(
+    State(state): Shared,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    let user = user_path(&user)?;
+    let b: PrivacyBody = body(raw)?;
+    let presence = audience_field("audience", b.audience)?;
+    let last_seen = audience_field("last_seen_audience", b.last_seen_audience)?;
+    if presence.is_none() && last_seen.is_none() {
+        return Err(ApiError::bad(
+            "name audience or last_seen_audience (or both)",
+        ));
+    }
+    let op = crate::privacy::PrivacyOp::SetAudience {
+        user: user.clone(),
+        presence,
+        last_seen,
+    };
+    apply_privacy_op(&state, &op).await?;
+    Ok(Json(privacy_json(&state, &user)))
 }
 
 #[derive(Deserialize)]
@@ -899,6 +965,23 @@ async fn change_blocks(
     ))
 }
 
+/// The `after` query parameter of a page keyed by user id (absent or empty: from the start).
+fn after_param(q: &HashMap<String, String>) -> Result<Option<&str>, ApiError> {
+    match q.get("after").map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(a) => {
+            check_user_id(a).map_err(|r| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    pb::ErrorCode::InvalidUserId,
+                    format!("after: {r}"),
+                )
+            })?;
+            Ok(Some(a))
+        }
+    }
+}
+
 async fn list_blocks(
     State(state): Shared,
     Path(user): Path<String>,
@@ -908,19 +991,7 @@ async fn list_blocks(
     let q = params(query, &["after", "limit"])?;
     let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
     let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
-    let after = match q.get("after").map(String::as_str) {
-        None | Some("") => None,
-        Some(a) => {
-            check_user_id(a).map_err(|r| {
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    pb::ErrorCode::InvalidUserId,
-                    format!("after: {r}"),
-                )
-            })?;
-            Some(a)
-        }
-    };
+    let after = after_param(&q)?;
     let (mut page, total) = state.ctx.registry.blocked_page(&user, after, limit + 1);
     let has_more = page.len() > limit;
     page.truncate(limit);
@@ -935,6 +1006,158 @@ async fn list_blocks(
     Ok(Json(json!({
         "user": user,
         "blocked": blocked,
+        "next_after": next_after,
+        "total": total,
+    })))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct ApprovalsBody {
+    approve: Vec<String>,
+    deny: Vec<String>,
+    revoke: Vec<String>,
+}
+
+/// Approves, then denies, then revokes on `user`'s behalf, as the user's own SetApproval
+/// (approving needs no request: a backend with its own friend graph approves ahead). Every
+/// check that can be made up front is (ids, the user itself, an id in two lists), and the only
+/// cap, `privacy.max_approved`, is checked by the approve step, which comes first: a refusal
+/// then applies nothing. A later step failing (the store) leaves the earlier ones applied and
+/// durable; the reason names the failed step and those applied.
+async fn change_approvals(
+    State(state): Shared,
+    Path(user): Path<String>,
+    raw: Result<Bytes, BytesRejection>,
+) -> Reply {
+    use crate::privacy::{Answer, PrivacyOp, PrivacyRecord};
+    let user = user_path(&user)?;
+    let b: ApprovalsBody = body(raw)?;
+    // The wire's id rules (SetApproval), bounded by what one operation takes.
+    let cap = state
+        .ctx
+        .config
+        .limits
+        .max_ids_per_request
+        .min(crate::privacy::book::MAX_TARGETS_PER_OP as u32);
+    let limits = limits_with(&state, cap);
+    let field = |name: &'static str, ids: Vec<String>| {
+        command::parse_ids(ids, &limits)
+            .map(|ids| (name, ids))
+            .map_err(|e| in_field(name, e))
+    };
+    let steps = [
+        (field("approve", b.approve)?, Answer::Approve),
+        (field("deny", b.deny)?, Answer::Deny),
+        (field("revoke", b.revoke)?, Answer::Revoke),
+    ];
+    if steps.iter().all(|((_, ids), _)| ids.is_empty()) {
+        return Err(ApiError::bad("approve, deny and revoke are all empty"));
+    }
+    for (i, ((name, ids), _)) in steps.iter().enumerate() {
+        if ids.contains(&user) {
+            return Err(ApiError::bad(format!(
+                "{name}: a user cannot approve, deny or revoke itself"
+            )));
+        }
+        for ((other, others), _) in &steps[i + 1..] {
+            if let Some(both) = ids.iter().find(|u| others.contains(u)) {
+                return Err(ApiError::bad(format!(
+                    "user {both:?} is in both {name} and {other}"
+                )));
+            }
+        }
+    }
+    let mut changed = 0;
+    let mut applied: Vec<&str> = Vec::new();
+    for ((name, others), answer) in steps {
+        if others.is_empty() {
+            continue;
+        }
+        let op = PrivacyOp::Answer {
+            user: user.clone(),
+            others: others.clone(),
+            answer,
+        };
+        let records = apply_privacy_op(&state, &op).await.map_err(|e| {
+            // A refusal (a cap, cluster mode) applies nothing of its step; a failed commit
+            // may have (its reason says so).
+            let refused = e.status != StatusCode::INTERNAL_SERVER_ERROR;
+            let done = match (applied.is_empty(), refused) {
+                (true, true) => " (nothing of the request was applied)".to_string(),
+                (true, false) => String::new(),
+                (false, true) => format!(
+                    " ({} was applied; {name} and what follows were not)",
+                    applied.join(" and ")
+                ),
+                (false, false) => format!(" ({} was applied)", applied.join(" and ")),
+            };
+            ApiError {
+                reason: format!("{name}: {}{done}", e.reason),
+                ..e
+            }
+        })?;
+        // The entries of the named users (not those the denied cap forgot meanwhile).
+        changed += records
+            .iter()
+            .filter(
+                |r| matches!(r, PrivacyRecord::Approval { other, .. } if others.contains(other)),
+            )
+            .count();
+        applied.push(name);
+    }
+    Ok(Json(json!({ "user": user, "changed": changed })))
+}
+
+/// An approval entry's state as the API names it (a revoked approval shows as `denied`, as on
+/// the wire).
+fn approval_state_name(a: &crate::privacy::Approval) -> &'static str {
+    match command::approval_state(a) {
+        pb::ApprovalState::Pending => "pending",
+        pb::ApprovalState::Approved => "approved",
+        _ => "denied",
+    }
+}
+
+async fn list_approvals(
+    State(state): Shared,
+    Path(user): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let user = user_path(&user)?;
+    let q = params(query, &["state", "after", "limit"])?;
+    let wanted = match q.get("state").map(String::as_str) {
+        None | Some("") => None,
+        Some(s @ ("pending" | "approved" | "denied")) => Some(s),
+        Some(s) => {
+            return Err(ApiError::bad(format!(
+                "state must be pending, approved or denied, not {s:?}"
+            )))
+        }
+    };
+    let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
+    let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
+    let after = after_param(&q)?;
+    let filter = |a: &crate::privacy::Approval| wanted.is_none_or(|w| approval_state_name(a) == w);
+    let (mut page, total) = state
+        .ctx
+        .registry
+        .approvals_page(&user, &filter, after, limit + 1);
+    let has_more = page.len() > limit;
+    page.truncate(limit);
+    let next_after = match (has_more, page.last()) {
+        (true, Some((last, _))) => Value::String(last.clone()),
+        _ => Value::Null,
+    };
+    let approvals: Vec<Value> = page
+        .into_iter()
+        .map(|(u, a)| {
+            json!({ "user": u, "state": approval_state_name(&a), "since_ms": a.since_ms() })
+        })
+        .collect();
+    Ok(Json(json!({
+        "user": user,
+        "approvals": approvals,
         "next_after": next_after,
         "total": total,
     })))
