@@ -762,37 +762,22 @@ async fn list_subscriptions(
 }
 
 /// Applies a privacy change on `user`'s behalf the way a client's request is applied
-/// (`Registry::privacy_op`: the same records, the same OFFLINE/ONLINE to watchers), then waits
-/// for the group commit, so acknowledged means durable. Returns how many records it wrote.
+/// (`ConnectionContext::carry_out_privacy`: the same records, the same transitions for
+/// watchers; on a single node stored and group-committed, in cluster mode appended to the
+/// privacy log and applied here), so acknowledged means durable. Returns the records.
 ///
-/// The commit is awaited even when nothing changed, as the wire does: a request that finds
-/// its change already made by another one in flight must not be answered before that one is
-/// on disk.
+/// On a single node the commit is awaited even when nothing changed, as the wire does: a
+/// request that finds its change already made by another one in flight must not be answered
+/// before that one is on disk.
 async fn apply_privacy_op(
     state: &AdminState,
     op: &crate::privacy::PrivacyOp,
 ) -> Result<Vec<crate::privacy::PrivacyRecord>, ApiError> {
-    let records = state
+    state
         .ctx
-        .registry
-        .privacy_op(op, std::time::Instant::now())
-        .map_err(|e| match e {
-            // Cluster mode: the settings are not replicated yet, so no node takes them.
-            // Retrying does not help (no Retry-After); the reason says so.
-            crate::registry::RegistryError::Unavailable(reason) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                pb::ErrorCode::Unavailable,
-                format!("privacy cannot be changed in cluster mode yet: {reason}"),
-            ),
-            e => ApiError::from(RequestError::from(e)),
-        })?;
-    state.ctx.committer.commit().await.map_err(|e| {
-        ApiError::from(RequestError::new(
-            pb::ErrorCode::Internal,
-            format!("the change may not be stored: {e}"),
-        ))
-    })?;
-    Ok(records)
+        .carry_out_privacy(op)
+        .await
+        .map_err(ApiError::from)
 }
 
 /// `user`'s privacy as the backend sees it (the truth): settings and list sizes.
