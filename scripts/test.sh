@@ -131,6 +131,29 @@ if [ ! -f examples/web/node_modules/protobufjs/dist/protobuf.min.js ]; then
   fi
 fi
 
+# The MQTT bridge's tests (tests/mqtt_bridge.rs) run against a real Mosquitto on loopback, and
+# the operator kit's test (tests/operator_kit.rs) checks deploy/'s alert rules with promtool:
+# Debian's mosquitto and prometheus packages (the daemons are not started; tests start their own).
+find_sbin() {
+  command -v "$1" 2>/dev/null || { [ -x "/usr/sbin/$1" ] && echo "/usr/sbin/$1"; }
+}
+if ! find_sbin mosquitto >/dev/null || ! command -v promtool >/dev/null 2>&1; then
+  echo "mosquitto or promtool missing: installing Debian's mosquitto and prometheus" >&2
+  apt_install mosquitto prometheus || true
+fi
+if ! mosquitto="$(find_sbin mosquitto)"; then
+  echo "error: tests/mqtt_bridge.rs needs Mosquitto and it could not be installed: install it" \
+    "(Debian/Ubuntu: apt-get install mosquitto) or put a mosquitto binary on PATH" >&2
+  exit 1
+fi
+if ! command -v promtool >/dev/null 2>&1; then
+  echo "error: tests/operator_kit.rs needs promtool and it could not be installed: install it" \
+    "(Debian/Ubuntu: apt-get install prometheus)" >&2
+  exit 1
+fi
+export PRESENCED_MOSQUITTO="${PRESENCED_MOSQUITTO:-$mosquitto}"
+echo "mosquitto: $PRESENCED_MOSQUITTO; promtool: $(command -v promtool)" >&2
+
 # The soak test holds 1,000 clients and the broker their sockets: more than a 1,024 default.
 ulimit -n 8192 2>/dev/null || true
 
