@@ -342,6 +342,146 @@ async fn invisible_via_admin_makes_a_watcher_see_offline_then_online() {
     assert_eq!(api.privacy("nobody-yet").await["invisible"], json!(true));
 }
 
+/// Every read the backend makes, answered as `viewer` ("public", a user id, or None for the
+/// truth) is shown `user` in `channel`: (presence availability, online status, occupancy,
+/// member ids, where-now channels).
+async fn seen_by(
+    api: &Api,
+    viewer: Option<&str>,
+    user: &str,
+    channel: &str,
+) -> (String, String, u64, Vec<String>, Vec<String>) {
+    let with = |mut body: Value| {
+        if let Some(v) = viewer {
+            body["viewer"] = json!(v);
+        }
+        body
+    };
+    let query = viewer.map_or(String::new(), |v| format!("?viewer={v}"));
+    let (s, p) = api
+        .post("/v1/presence:query", with(json!({ "users": [user] })))
+        .await;
+    assert_eq!(s, 200, "{p}");
+    let (s, o) = api
+        .post("/v1/presence:online", with(json!({ "users": [user] })))
+        .await;
+    assert_eq!(s, 200, "{o}");
+    let (s, occ) = api
+        .post(
+            "/v1/channels:occupancy",
+            with(json!({ "channels": [channel] })),
+        )
+        .await;
+    assert_eq!(s, 200, "{occ}");
+    let (s, m) = api
+        .get(&format!("/v1/channels/{channel}/members{query}"))
+        .await;
+    assert_eq!(s, 200, "{m}");
+    let (s, w) = api.get(&format!("/v1/users/{user}/channels{query}")).await;
+    assert_eq!(s, 200, "{w}");
+    assert_eq!(
+        occ["channels"][channel]["occupancy"], m["occupancy"],
+        "occupancy and members agree: {occ} {m}"
+    );
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    (
+        p["presences"][0]["availability"]
+            .as_str()
+            .unwrap()
+            .to_string(),
+        o["status"][user].as_str().unwrap().to_string(),
+        occ["channels"][channel]["occupancy"].as_u64().unwrap(),
+        m["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["user"].as_str().unwrap().to_string())
+            .collect(),
+        strings(&w["channels"]),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_with_a_viewer_answer_as_that_viewer_is_shown() {
+    let broker = common::start(with_admin).await;
+    let api = Api::new(broker.admin_addr.unwrap());
+    let t = connect(&broker, "t").await;
+    within(t.join("room", &[])).await.unwrap();
+    let shown = |avail: &str, status: &str, occ: u64, members: &[&str], rooms: &[&str]| {
+        (
+            avail.to_string(),
+            status.to_string(),
+            occ,
+            members.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            rooms.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+        )
+    };
+    let visible = shown("online", "connected", 1, &["t"], &["room"]);
+    let hidden = shown("offline", "offline", 0, &[], &[]);
+    for viewer in [None, Some("public"), Some("v"), Some("w"), Some("t")] {
+        assert_eq!(
+            seen_by(&api, viewer, "t", "room").await,
+            visible,
+            "{viewer:?}"
+        );
+    }
+
+    // t blocks v: v (only) is shown t offline and in no room; the truth is unchanged.
+    let (s, v) = api
+        .post("/v1/users/t/blocks", json!({"block": ["v"]}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(seen_by(&api, Some("v"), "t", "room").await, hidden);
+    for viewer in [None, Some("public"), Some("w"), Some("t")] {
+        assert_eq!(
+            seen_by(&api, viewer, "t", "room").await,
+            visible,
+            "{viewer:?}"
+        );
+    }
+
+    // t goes invisible: everyone but t and the backend is shown t offline.
+    let (s, v) = api
+        .post("/v1/users/t/invisible", json!({"invisible": true}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    for viewer in [Some("public"), Some("v"), Some("w")] {
+        assert_eq!(
+            seen_by(&api, viewer, "t", "room").await,
+            hidden,
+            "{viewer:?}"
+        );
+    }
+    for viewer in [None, Some("t")] {
+        assert_eq!(
+            seen_by(&api, viewer, "t", "room").await,
+            visible,
+            "{viewer:?}"
+        );
+    }
+
+    // A bad viewer is refused in the error shape, wherever it is given.
+    for bad in ["", "a\u{7}b"] {
+        let (s, v) = api
+            .post("/v1/presence:query", json!({"users": ["t"], "viewer": bad}))
+            .await;
+        assert_eq!(s, 400, "{v}");
+        assert_eq!(error_code(&v), "INVALID_USER_ID", "{v}");
+        assert!(error_reason(&v).contains("viewer"), "{v}");
+    }
+    let (s, v) = api.get("/v1/users/t/channels?viewer=").await;
+    assert_eq!((s, error_code(&v)), (400, "INVALID_USER_ID"), "{v}");
+    let (s, v) = api.get("/v1/users/t/channels?viewr=v").await;
+    assert_eq!(s, 400, "{v}");
+    assert!(error_reason(&v).contains("viewr"), "{v}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blocks_via_admin_hide_the_blocker_and_the_list_pages() {
     let broker = common::start(with_admin).await;

@@ -1,7 +1,8 @@
 //! The admin API's operations, versioned under `/v1`: presence query and online check,
 //! channel members and occupancy, where-now, disconnect, token revocation, presence on a
 //! user's behalf, subscriptions on a user's behalf, privacy on a user's behalf (invisibility,
-//! blocks, audiences and approvals: the backend reads and sets the truth), and the event replay
+//! blocks, audiences and approvals: the backend reads and sets the truth; the reads take an
+//! optional `viewer` to answer as a user or a stranger is shown it), and the event replay
 //! long-poll. Each
 //! handler checks its key first, then parses the body strictly (unknown fields refused, the
 //! reason names the field) and validates ids with the same rules and caps as the wire
@@ -28,6 +29,7 @@ use crate::config::LimitsConfig;
 use crate::events::PresenceJson;
 use crate::model::check_user_id;
 use crate::pb;
+use crate::privacy::Viewer;
 use crate::registry::AdminError;
 use crate::store::LoggedOp;
 
@@ -270,15 +272,56 @@ fn users_field(state: &AdminState, users: Vec<String>, cap: u32) -> Result<Vec<S
 #[serde(deny_unknown_fields)]
 struct UsersBody {
     users: Vec<String>,
+    /// Answer as this viewer is shown it (see [`viewer_field`]); absent: the truth.
+    #[serde(default)]
+    viewer: Option<String>,
+}
+
+/// Who a read answers for: absent, the backend (the truth); `"public"`, a stranger (neither
+/// approved nor in a block relation: what a third party may be shown); otherwise a user id,
+/// answered as that user's devices are shown it (invisibility, blocks both ways, audiences).
+enum ViewerArg {
+    Backend,
+    Public,
+    User(String),
+}
+
+impl ViewerArg {
+    fn as_viewer(&self) -> Viewer<'_> {
+        match self {
+            ViewerArg::Backend => Viewer::Backend,
+            ViewerArg::Public => Viewer::Public,
+            ViewerArg::User(u) => Viewer::User(u),
+        }
+    }
+}
+
+/// Parses a `viewer` body field or query parameter (`name` says which, for the reason).
+fn viewer_field(name: &str, viewer: Option<&str>) -> Result<ViewerArg, ApiError> {
+    match viewer {
+        None => Ok(ViewerArg::Backend),
+        Some("public") => Ok(ViewerArg::Public),
+        Some(u) => {
+            check_user_id(u).map_err(|r| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    pb::ErrorCode::InvalidUserId,
+                    format!("{name}: {r} (a user id, or \"public\")"),
+                )
+            })?;
+            Ok(ViewerArg::User(u.to_string()))
+        }
+    }
 }
 
 async fn presence_query(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
     let b: UsersBody = body(raw)?;
     let users = users_field(&state, b.users, MAX_QUERY_USERS)?;
+    let viewer = viewer_field("viewer", b.viewer.as_deref())?;
     let presences: Vec<PresenceJson> = state
         .ctx
         .registry
-        .snapshots(&users)
+        .snapshots_for(viewer.as_viewer(), &users)
         .iter()
         .map(PresenceJson::from)
         .collect();
@@ -288,6 +331,7 @@ async fn presence_query(State(state): Shared, raw: Result<Bytes, BytesRejection>
 async fn presence_online(State(state): Shared, raw: Result<Bytes, BytesRejection>) -> Reply {
     let b: UsersBody = body(raw)?;
     let users = users_field(&state, b.users, MAX_ONLINE_USERS)?;
+    let viewer = viewer_field("viewer", b.viewer.as_deref())?;
     let status: BTreeMap<String, &str> = users
         .iter()
         .cloned()
@@ -295,7 +339,7 @@ async fn presence_online(State(state): Shared, raw: Result<Bytes, BytesRejection
             state
                 .ctx
                 .registry
-                .online_status(&users)
+                .online_status_for(viewer.as_viewer(), &users)
                 .into_iter()
                 .map(|s| s.name()),
         )
@@ -307,6 +351,9 @@ async fn presence_online(State(state): Shared, raw: Result<Bytes, BytesRejection
 #[serde(deny_unknown_fields)]
 struct ChannelsBody {
     channels: Vec<String>,
+    /// Count as this viewer is shown the members; absent: the truth.
+    #[serde(default)]
+    viewer: Option<String>,
 }
 
 fn channel_field(name: &str, channel: String) -> Result<String, ApiError> {
@@ -325,10 +372,14 @@ async fn channels_occupancy(State(state): Shared, raw: Result<Bytes, BytesReject
             ),
         ));
     }
+    let viewer = viewer_field("viewer", b.viewer.as_deref())?;
     let mut occupancy = BTreeMap::new();
     for channel in b.channels {
         let channel = channel_field("channels", channel)?;
-        let page = state.ctx.registry.who_now(&channel, None, 0, false);
+        let page = state
+            .ctx
+            .registry
+            .who_now_for(viewer.as_viewer(), &channel, None, 0, false);
         occupancy.insert(
             channel,
             json!({ "occupancy": page.occupancy, "member_count": page.member_count }),
@@ -351,8 +402,9 @@ async fn channel_members(
     Path(channel): Path<String>,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
 ) -> Reply {
-    let q = params(query, &["cursor", "limit", "state"])?;
+    let q = params(query, &["cursor", "limit", "state", "viewer"])?;
     let channel = channel_field("path channel", channel)?;
+    let viewer = viewer_field("query viewer", q.get("viewer").map(String::as_str))?;
     let limit = number::<u32>(&q, "limit")?.unwrap_or(0);
     let limit = command::page_size(limit, &state.ctx.config.limits).map_err(ApiError::from)?;
     let with_state = match q.get("state").map(String::as_str) {
@@ -362,10 +414,11 @@ async fn channel_members(
     };
     let after = command::decode_member_cursor(q.get("cursor").map_or("", String::as_str))
         .map_err(ApiError::from)?;
-    let page = state
-        .ctx
-        .registry
-        .who_now(&channel, after, limit, with_state);
+    let page =
+        state
+            .ctx
+            .registry
+            .who_now_for(viewer.as_viewer(), &channel, after, limit, with_state);
     let members: Vec<MemberJson> = page
         .members
         .into_iter()
@@ -389,9 +442,15 @@ async fn channel_members(
     })))
 }
 
-async fn where_now(State(state): Shared, Path(user): Path<String>) -> Reply {
+async fn where_now(
+    State(state): Shared,
+    Path(user): Path<String>,
+    query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
+) -> Reply {
+    let q = params(query, &["viewer"])?;
     let user = user_path(&user)?;
-    let channels = state.ctx.registry.where_now(&user);
+    let viewer = viewer_field("query viewer", q.get("viewer").map(String::as_str))?;
+    let channels = state.ctx.registry.where_now_for(viewer.as_viewer(), &user);
     Ok(Json(json!({ "user": user, "channels": channels })))
 }
 

@@ -11,6 +11,7 @@ use crate::model::{
     Availability, CloseKind, EventKind, EventView, OfflineReason, PresenceChange, PresenceSnapshot,
 };
 use crate::outbound::Item;
+use crate::privacy::Viewer;
 
 /// A user's connection status, as the backend sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,11 +51,20 @@ impl Registry {
     /// Each user's connection status, in order. A device held by another node counts as
     /// connected unless that node reported it lingering.
     pub fn online_status(&self, user_ids: &[String]) -> Vec<OnlineStatus> {
+        self.online_status_for(Viewer::Backend, user_ids)
+    }
+
+    /// Each user's connection status as `viewer` is shown it: `Offline` for a user privacy
+    /// hides from the viewer (invisible, blocked either way, audience), the truth otherwise.
+    pub fn online_status_for(&self, viewer: Viewer<'_>, user_ids: &[String]) -> Vec<OnlineStatus> {
         let state = self.state();
         user_ids
             .iter()
             .map(|u| match state.users.get(u) {
                 None => OnlineStatus::Offline,
+                Some(_) if super::channels::hides(&state.privacy, viewer, u) => {
+                    OnlineStatus::Offline
+                }
                 Some(e)
                     if e.devices
                         .values()

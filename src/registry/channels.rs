@@ -117,7 +117,7 @@ fn device_mut<'a>(
 
 /// True when privacy hides `user` from `viewer`: the viewer is shown a user who is offline,
 /// so not in any channel.
-fn hides(book: &PrivacyBook, viewer: Viewer<'_>, user: &str) -> bool {
+pub(super) fn hides(book: &PrivacyBook, viewer: Viewer<'_>, user: &str) -> bool {
     book.restricted(user) && matches!(book.decide(viewer, user), Decision::Masked { .. })
 }
 
