@@ -10,6 +10,28 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// What [`Config::redacted`] (and so `--print-config`) shows in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
+/// `scheme://user:password@host...` with the password replaced by [`REDACTED`] (a URL without
+/// one is returned as is; a lone `user@` may be a token, so it is redacted too).
+pub fn redact_url_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let rest = &url[scheme_end..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    let userinfo = &rest[..at];
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:{REDACTED}"),
+        None => REDACTED.to_string(),
+    };
+    format!("{}{shown}{}", &url[..scheme_end], &rest[at..])
+}
+
 /// The token secret used when the operator configures none. Public: for development only.
 pub const DEV_SECRET: &str = "presenced-dev-secret-change-me";
 /// The key id of [`DEV_SECRET`].
@@ -534,7 +556,8 @@ impl Config {
 
     /// The effective configuration as TOML (for `--print-config`).
     pub fn to_toml(&self) -> String {
-        let mut out = toml::to_string_pretty(self)
+        let redacted = self.redacted();
+        let mut out = toml::to_string_pretty(&redacted)
             .unwrap_or_else(|e| format!("# cannot render config: {e}\n"));
         if self.cluster.is_none() {
             out.push_str(
@@ -545,6 +568,32 @@ impl Config {
             );
         }
         out
+    }
+
+    /// This config with every secret replaced by [`REDACTED`], for printing: token secrets
+    /// (except the public development one), admin keys, webhook signing secrets and the
+    /// password in a NATS URL. Key ids, users and everything else are kept.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        for secret in c.auth.secrets.values_mut() {
+            if secret != DEV_SECRET {
+                *secret = REDACTED.to_string();
+            }
+        }
+        for key in c.admin.keys.values_mut() {
+            key.key = REDACTED.to_string();
+        }
+        for hook in &mut c.webhooks {
+            for secret in hook.secrets.values_mut() {
+                *secret = REDACTED.to_string();
+            }
+        }
+        if let Some(cluster) = &mut c.cluster {
+            for url in &mut cluster.nats_urls {
+                *url = redact_url_password(url);
+            }
+        }
+        c
     }
 
     /// Checks every value; the broker refuses to start on an error.
@@ -765,6 +814,21 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_lose_their_password_and_nothing_else() {
+        for (url, shown) in [
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("nats://u:p@h:4222", "nats://u:<redacted>@h:4222"),
+            ("nats://tok@h", "nats://<redacted>@h"),
+            ("tls://u:p:q@h/x@y", "tls://u:<redacted>@h/x@y"),
+            ("nats://h/path?a=b@c", "nats://h/path?a=b@c"),
+            ("no-scheme:p@h", "no-scheme:p@h"),
+            ("", ""),
+        ] {
+            assert_eq!(redact_url_password(url), shown, "{url}");
+        }
+    }
 
     #[test]
     fn defaults_validate_and_round_trip_through_toml() {

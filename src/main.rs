@@ -54,7 +54,7 @@ struct Flags {
     /// Cluster mode: this node's id (default: host name and listen port).
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
-    /// Print the effective configuration as TOML and exit.
+    /// Print the effective configuration as TOML (secrets shown as "<redacted>") and exit.
     #[arg(long)]
     print_config: bool,
 }

@@ -63,6 +63,55 @@ async fn print_config_shows_embedded_defaults_and_overrides() {
 }
 
 #[tokio::test]
+async fn print_config_redacts_every_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("presenced.toml");
+    let secrets = [
+        "token-secret-0123456789abcdef0123456789",
+        "admin-key-0123456789abcdef0123456789abcdef",
+        "whsec-0123456789abcdef0123456789abcdef",
+        "nats-password-0123456789",
+    ];
+    std::fs::write(
+        &file,
+        format!(
+            "[auth]\ndefault_kid = \"k1\"\n[auth.secrets]\nk1 = \"{}\"\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[admin.keys.ops]\nkey = \"{}\"\nscope = \"write\"\n\
+             [[webhooks]]\nurl = \"http://127.0.0.1:9/hook\"\n[webhooks.secrets]\nv1 = \"{}\"\n\
+             [cluster]\nnats_urls = [\"nats://presenced:{}@127.0.0.1:4222\"]\n",
+            secrets[0], secrets[1], secrets[2], secrets[3]
+        ),
+    )
+    .unwrap();
+    let out = within(
+        presenced()
+            .arg("--config")
+            .arg(&file)
+            .arg("--print-config")
+            .output(),
+    )
+    .await
+    .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for secret in secrets {
+        assert!(!text.contains(secret), "{secret} printed:\n{text}");
+    }
+    assert_eq!(text.matches("<redacted>").count(), 4, "{text}");
+    // What is not secret is still shown: key ids, the user in the NATS URL, the webhook URL.
+    assert!(text.contains("k1 = \"<redacted>\""), "{text}");
+    assert!(
+        text.contains("nats://presenced:<redacted>@127.0.0.1:4222"),
+        "{text}"
+    );
+    assert!(text.contains("http://127.0.0.1:9/hook"), "{text}");
+}
+
+#[tokio::test]
 async fn the_binary_serves_and_shuts_down_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let Spawned {
