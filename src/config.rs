@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// How the production example (`deploy/presenced.toml`) marks a secret to replace; a config
+/// with one left is refused.
+pub const PLACEHOLDER: &str = "REPLACE-ME";
+
 /// What [`Config::redacted`] (and so `--print-config`) shows in place of a secret.
 pub const REDACTED: &str = "<redacted>";
 
@@ -570,6 +574,25 @@ impl Config {
         out
     }
 
+    /// Where a secret still holds the production example's placeholder (it starts with
+    /// [`PLACEHOLDER`]): a broker started on the unedited example would sign and accept with
+    /// secrets anyone can read, so it refuses to start.
+    fn placeholder_secret(&self) -> Option<String> {
+        let is = |s: &str| s.starts_with(PLACEHOLDER);
+        if let Some((kid, _)) = self.auth.secrets.iter().find(|(_, s)| is(s)) {
+            return Some(format!("auth.secrets.{kid}"));
+        }
+        if let Some((id, _)) = self.admin.keys.iter().find(|(_, k)| is(&k.key)) {
+            return Some(format!("admin.keys.{id}.key"));
+        }
+        self.webhooks.iter().enumerate().find_map(|(i, hook)| {
+            hook.secrets
+                .iter()
+                .find(|(_, s)| is(s))
+                .map(|(kid, _)| format!("webhooks[{i}].secrets.{kid}"))
+        })
+    }
+
     /// This config with every secret replaced by [`REDACTED`], for printing: token secrets
     /// (except the public development one), admin keys, webhook signing secrets and the
     /// password in a NATS URL. Key ids, users and everything else are kept.
@@ -600,6 +623,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         self.privacy.validate().map_err(ConfigError::Invalid)?;
+        if let Some(place) = self.placeholder_secret() {
+            return bad(format!(
+                "{place} is still the example's placeholder ({PLACEHOLDER}...): put fresh \
+                 random bytes there (e.g. `openssl rand -base64 32`)"
+            ));
+        }
         if let Some(c) = &self.cluster {
             if c.nats_urls.is_empty() {
                 return bad("cluster.nats_urls must name at least one NATS server".into());

@@ -1,7 +1,10 @@
 //! Metric names, their descriptions, the Prometheus recorder and the tiny HTTP endpoint that
 //! serves `/metrics`. Every metric is prefixed `presence_`, carries its unit in its name and
 //! never has a user or connection id as a label. The rest of the crate records through the
-//! `metrics` macros with the names below; this module owns nothing else.
+//! `metrics` macros with the names below; this module owns nothing else, except that it
+//! registers every series at zero at install (so a fresh broker lists every name the
+//! operator kit in `deploy/` queries) and refreshes the process gauges (memory, descriptors)
+//! at each scrape.
 //!
 //! The endpoint is for scrapers, not a general web server, and is bounded like the client port
 //! ([`ScrapeLimits`]): a few connections at once (more are closed at once), a deadline and a
@@ -136,6 +139,7 @@ pub fn install() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             describe();
+            register_at_zero();
             handle
         })
         .clone()
@@ -252,6 +256,226 @@ fn describe() {
         Unit::Seconds,
         "Time taken to open and load the subscription store at start"
     );
+    describe_gauge!(
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        Unit::Bytes,
+        "Resident memory of the broker process"
+    );
+    describe_gauge!(
+        PROCESS_OPEN_FDS,
+        "Open file descriptors of the broker process"
+    );
+    describe_gauge!(
+        PROCESS_MAX_FDS,
+        "Soft open-file limit of the broker process"
+    );
+}
+
+// Operator kit (deploy/): every series the Grafana dashboard and the alert rules read exists
+// from the start, and the process gauges they use for memory and descriptors.
+
+/// Resident memory of the broker process (Linux: `VmRSS`), refreshed at each scrape.
+pub const PROCESS_RESIDENT_MEMORY_BYTES: &str = "presence_process_resident_memory_bytes";
+/// Open file descriptors of the broker process (one per client connection, plus listeners,
+/// the store and logs), refreshed at each scrape.
+pub const PROCESS_OPEN_FDS: &str = "presence_process_open_fds";
+/// The process's soft open-file limit (after the broker raised it at start).
+pub const PROCESS_MAX_FDS: &str = "presence_process_max_fds";
+
+/// Registers every metric at zero, so a fresh broker's `/metrics` already lists every name (a
+/// dashboard shows 0 instead of "no data", `rate()` sees the first increment, and an alert on
+/// a series that has never moved can still evaluate). Labelled counters get the label values
+/// that dashboards and alerts select on. Cluster series read 0 on a single node (no peers, not
+/// fenced). Webhook series are registered per endpoint by `crate::webhooks` when it starts.
+/// Gauges are incremented by 0, never set: this cannot undo a change made before it.
+fn register_at_zero() {
+    use metrics::{counter, gauge, histogram};
+    for name in [
+        CONNECTIONS,
+        ONLINE_USERS,
+        SUBSCRIPTIONS,
+        CHANNELS,
+        TLS_HANDSHAKES_IN_FLIGHT,
+        STORE_RECOVERY_SECONDS,
+        CLUSTER_FENCED,
+        CLUSTER_REMOTE_SESSIONS,
+        CLUSTER_LOG_APPLIED,
+        PROCESS_RESIDENT_MEMORY_BYTES,
+        PROCESS_OPEN_FDS,
+        PROCESS_MAX_FDS,
+    ] {
+        gauge!(name).increment(0.0);
+    }
+    for state in ["up", "dead"] {
+        gauge!(CLUSTER_PEERS, "state" => state).increment(0.0);
+    }
+    for name in [
+        DELIVERIES,
+        COALESCED,
+        SLOW_CONSUMER_DISCONNECTS,
+        BYTES_OUT,
+        SUBSCRIPTIONS_EXPIRED,
+        PRIVACY_WITHHELD,
+        ADMIN_AUTH_FAILURES,
+    ] {
+        counter!(name).increment(0);
+    }
+    for name in [
+        TLS_HANDSHAKE_SECONDS,
+        FANOUT_LATENCY_SECONDS,
+        STORE_COMMIT_SECONDS,
+        CLUSTER_REPLICATION_LAG_SECONDS,
+    ] {
+        // Registering is enough: the exporter renders its buckets, sum and count at 0.
+        let _ = histogram!(name);
+    }
+    let labelled: &[(&'static str, &'static str, &[&'static str])] = &[
+        (
+            AUTH_FAILURES,
+            "reason",
+            &[
+                "malformed",
+                "bad_signature",
+                "expired",
+                "not_yet_valid",
+                "bad_issuer",
+                "bad_audience",
+                "bad_subject",
+                "lifetime",
+                "revoked",
+                "banned",
+            ],
+        ),
+        (
+            CONNECTIONS_REFUSED,
+            "reason",
+            &[
+                "address_accept_rate",
+                "address_connection_limit",
+                "address_table_full",
+                "accept_rate",
+                "connection_limit",
+            ],
+        ),
+        (
+            TLS_HANDSHAKE_FAILURES,
+            "reason",
+            &["error", "timeout", "queue_timeout", "address_limit"],
+        ),
+        (TLS_HANDSHAKES, "kind", &["full", "resumed"]),
+        (
+            TLS_TICKETS,
+            "result",
+            &[
+                "issued",
+                "not_issued",
+                "decrypted",
+                "unknown_key",
+                "invalid",
+            ],
+        ),
+        (TLS_TICKET_KEY_SYNCS, "result", &["ok", "failed"]),
+        (
+            WS_UPGRADES,
+            "result",
+            &[
+                "ok",
+                "timeout",
+                "closed",
+                "bad_request",
+                "path",
+                "origin",
+                "too_large",
+                "subprotocol",
+            ],
+        ),
+        (
+            PRIVACY_OPS,
+            "op",
+            &[
+                "set_invisible",
+                "set_audience",
+                "block",
+                "unblock",
+                "request",
+                "answer",
+            ],
+        ),
+        (CLOSES, "code", &["slow_consumer", "server_shutdown"]),
+        (FRAMES_IN, "kind", &["connect"]),
+        (FRAMES_OUT, "kind", &["conn_ack"]),
+        (
+            CLUSTER_FENCES,
+            "reason",
+            &["nats_lost", "clock_jump", "declared_dead"],
+        ),
+        (
+            CLUSTER_DELTAS,
+            "direction",
+            &["out", "in", "stale", "dropped", "invalid"],
+        ),
+        (
+            CLUSTER_GAPS,
+            "how",
+            &["sequence", "digest", "new_peer", "slow_consumer"],
+        ),
+        (CLUSTER_STATE_TRANSFERS, "result", &["ok", "failed"]),
+        (
+            CLUSTER_LOG_OPS,
+            "result",
+            &["ok", "duplicate", "unavailable", "rollup", "invalid"],
+        ),
+        (
+            EVENTS_DROPPED,
+            "reason",
+            &["log_queue_full", "log_unavailable", "undecodable"],
+        ),
+        (ADMIN_REQUESTS, "status", &["200"]),
+    ];
+    for (name, label, values) in labelled {
+        for value in *values {
+            counter!(*name, *label => *value).increment(0);
+        }
+    }
+    for code in (0..=i32::from(u8::MAX)).filter_map(|c| crate::pb::ErrorCode::try_from(c).ok()) {
+        if code != crate::pb::ErrorCode::Unspecified {
+            counter!(ERRORS, "code" => code.as_str_name()).increment(0);
+        }
+    }
+    for kind in crate::events::EventType::ALL {
+        counter!(EVENTS, "type" => kind.name()).increment(0);
+    }
+    record_process_metrics();
+}
+
+/// Refreshes the process gauges from `/proc/self` (Linux; elsewhere they stay at 0).
+fn record_process_metrics() {
+    use metrics::gauge;
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let rss_kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok());
+        if let Some(kib) = rss_kib {
+            gauge!(PROCESS_RESIDENT_MEMORY_BYTES).set(kib * 1024.0);
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+        // The directory handle itself is one of the entries.
+        let open = entries.count().saturating_sub(1);
+        gauge!(PROCESS_OPEN_FDS).set(open as f64);
+    }
+    if let Ok(limits) = std::fs::read_to_string("/proc/self/limits") {
+        // "Max open files            1024                 524288               files"
+        let soft = limits
+            .lines()
+            .find_map(|l| l.strip_prefix("Max open files"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok());
+        if let Some(soft) = soft {
+            gauge!(PROCESS_MAX_FDS).set(soft);
+        }
+    }
 }
 
 /// Bounds of the metrics endpoint. The broker uses the defaults; tests shrink them.
@@ -339,7 +563,10 @@ pub async fn serve(listener: TcpListener, handle: PrometheusHandle, shutdown: Ca
     });
     serve_with(
         listener,
-        move || handle.render(),
+        move || {
+            record_process_metrics();
+            handle.render()
+        },
         shutdown,
         ScrapeLimits::default(),
     )
