@@ -9,7 +9,8 @@
 # uses. The browser test (tests/browser.rs) needs a Chromium and the browser example's npm
 # dependencies (examples/web/node_modules): Debian's chromium (and nodejs/npm for `npm ci`) are
 # installed with apt-get when missing. Then it raises the open-file limit for the soak test
-# (1,000 clients) and runs cargo test.
+# (1,000 clients) and runs cargo test. Mosquitto (tests/mqtt_bridge.rs) and promtool
+# (tests/operator_kit.rs) come from Debian's mosquitto and prometheus packages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
