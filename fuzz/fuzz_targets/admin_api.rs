@@ -1,7 +1,7 @@
 //! The admin HTTP API's whole request path, hostile input first: arbitrary methods, paths
 //! (ids with `%`, `/`, control bytes), query strings, Authorization headers (right key with a
 //! read or write scope, wrong keys, garbage) and bodies (truncated, oversized, deeply nested,
-//! unknown fields) go through the real axum router over a live registry with sessions in it.
+//! unknown fields, privacy writes and `viewer` reads) go through the real axum router over a live registry with sessions in it.
 //! Nothing panics; every answer is a JSON body, and every non-2xx answer is the documented
 //! `{"error": {"code", "code_number", "reason"}}`.
 #![no_main]
@@ -103,7 +103,7 @@ struct Input {
     body_json: Option<String>,
 }
 
-const ROUTES: [&str; 12] = [
+const ROUTES: [&str; 16] = [
     "/v1/presence:query",
     "/v1/presence:online",
     "/v1/channels:occupancy",
@@ -113,6 +113,10 @@ const ROUTES: [&str; 12] = [
     "/v1/users/{}/revoke",
     "/v1/users/{}/presence",
     "/v1/users/{}/subscriptions",
+    "/v1/users/{}/privacy",
+    "/v1/users/{}/invisible",
+    "/v1/users/{}/blocks",
+    "/v1/users/{}/approvals",
     "/v1/events",
     "/{}",
     "/v1/users/{}",

@@ -3,7 +3,9 @@
 //! cap; once upgraded (the input may start with a valid upgrade request so the fuzzer reaches
 //! the framing), every message that comes out respects the frame cap in force (the pre-auth cap,
 //! raised part-way as Connect would), errors end the connection, and answering (send, close)
-//! never panics whatever state the client's bytes left the engine in.
+//! never panics whatever state the client's bytes left the engine in. Each message is also
+//! decoded as the connection decodes it (`presenced::ws::decode_message`): it never panics, and
+//! what it accepts protobuf accepts too (it only refuses more, with a clearer reason).
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -11,7 +13,8 @@ use libfuzzer_sys::fuzz_target;
 use presenced::ws::engine::{
     Engine, EngineError, Incoming, Upgrade, UpgradeStep, MAX_REQUEST_BYTES,
 };
-use presenced::ws::WebSocketConfig;
+use presenced::pb;
+use presenced::ws::{decode_message, WebSocketConfig};
 
 const UPGRADE: &[u8] = b"GET /v1/ws HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: presence.v1\r\nOrigin: https://app.example\r\n\r\n";
 const PRE_AUTH: usize = 256;
@@ -27,11 +30,26 @@ struct Input {
     raise_after: u8,
 }
 
+/// `decode_message` on one message's bytes: no panic, a reason on refusal, and nothing
+/// accepted that protobuf itself refuses.
+fn check_decode(bytes: &[u8]) {
+    let message = bytes::Bytes::copy_from_slice(bytes);
+    match decode_message(message.clone()) {
+        Ok(frame) => {
+            let again = <pb::ClientFrame as prost::Message>::decode(message)
+                .expect("decode_message accepted what protobuf refuses");
+            assert_eq!(frame, again);
+        }
+        Err(reason) => assert!(!reason.is_empty()),
+    }
+}
+
 /// Reads every message available; `false` once the connection is over.
 fn drain(engine: &mut Engine, cap: &mut usize, seen: &mut usize, raise_after: usize) -> bool {
     loop {
         match engine.read_message() {
             Ok(Some(Incoming::Binary(bytes))) => {
+                check_decode(&bytes);
                 assert!(
                     bytes.len() <= *cap,
                     "{} bytes past the {cap}-byte cap",
@@ -79,6 +97,8 @@ fuzz_target!(|input: Input| {
         },
         ..Default::default()
     };
+    // The message decoder straight on the input too (most inputs never make a valid upgrade).
+    check_decode(&input.data);
     let mut bytes = Vec::new();
     if input.with_upgrade {
         bytes.extend_from_slice(UPGRADE);
