@@ -70,6 +70,8 @@ pub struct ConnectionContext {
     pub sub_log: std::sync::OnceLock<crate::cluster::sublog::SubLog>,
     /// Cluster mode: the replicated privacy log that privacy changes go through.
     pub priv_log: std::sync::OnceLock<crate::cluster::privlog::PrivLog>,
+    /// Cluster mode: waits for every peer to hold a privacy change (Connect.invisible).
+    pub privacy_barrier: std::sync::OnceLock<crate::cluster::PrivacyBarrier>,
     /// Cluster mode: sends admin changes to the node holding a user's sessions.
     pub forwarder: std::sync::OnceLock<crate::cluster::forward::Forwarder>,
     /// Group commit for subscription changes.
@@ -112,6 +114,44 @@ impl ConnectionContext {
                 Ok(records)
             }
         }
+    }
+
+    /// Cluster mode, a Connect with `invisible`: makes `user` invisible through the privacy
+    /// log and waits until every live peer holds it, so the device's arrival (replicated
+    /// outside the log) reaches no peer that would still show it. `Ok(false)` on a single
+    /// node (the Connect does it synchronously there); UNAVAILABLE when the log or a peer does
+    /// not answer in time (the invisibility may then be stored: a retry connects invisible).
+    pub async fn start_invisible_in_cluster(&self, user: &str) -> Result<bool, RequestError> {
+        let (Some(log), Some(barrier)) = (self.priv_log.get(), self.privacy_barrier.get()) else {
+            return Ok(false);
+        };
+        let unavailable = |reason: String| RequestError {
+            code: pb::ErrorCode::Unavailable,
+            reason,
+            retry_after_ms: command::UNAVAILABLE_RETRY_MS,
+        };
+        let op = crate::privacy::PrivacyOp::SetInvisible {
+            user: user.to_string(),
+            on: true,
+        };
+        let records = self.registry.plan_privacy(&op)?;
+        let seq = log
+            .submit(&records)
+            .await
+            .map_err(|e| unavailable(e.to_string()))?;
+        let cluster = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(Duration::from_secs(3), |c| {
+                Duration::from_millis(c.peer_timeout_ms)
+            });
+        if !barrier.wait(seq, cluster).await {
+            return Err(unavailable(
+                "not every node confirmed the invisibility in time; retry".into(),
+            ));
+        }
+        Ok(true)
     }
 
     /// Cluster mode: after `subscriber` subscribed to `targets`, a request to each target whose
@@ -174,6 +214,7 @@ impl ConnectionContext {
             next_conn_id: AtomicU64::new(1),
             sub_log: std::sync::OnceLock::new(),
             priv_log: std::sync::OnceLock::new(),
+            privacy_barrier: std::sync::OnceLock::new(),
             forwarder: std::sync::OnceLock::new(),
             committer,
             auth_guard: AuthGuard::new(config.auth_guard()),

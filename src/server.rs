@@ -171,6 +171,7 @@ impl Server {
                 }
                 let _ = ctx.sub_log.set(cluster.sub_log().clone());
                 let _ = ctx.priv_log.set(cluster.priv_log().clone());
+                let _ = ctx.privacy_barrier.set(cluster.privacy_barrier());
                 let _ = ctx.forwarder.set(cluster.forwarder().clone());
                 Some(cluster)
             }

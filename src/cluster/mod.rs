@@ -153,6 +153,10 @@ struct Shared {
     reported: Mutex<HashSet<String>>,
     /// A peer's heartbeat listed this node's incarnation as dead: fence and rejoin.
     buried: AtomicBool,
+    /// The privacy log's applied sequence here (heartbeats carry it; a move sends one early).
+    privacy_applied: tokio::sync::watch::Receiver<u64>,
+    /// Woken after each peer heartbeat, for [`PrivacyBarrier::wait`].
+    heard: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -263,6 +267,8 @@ impl Cluster {
             stop: CancellationToken::new(),
             reported: Mutex::new(HashSet::new()),
             buried: AtomicBool::new(false),
+            privacy_applied: priv_log.applied(),
+            heard: tokio::sync::Notify::new(),
         });
         // The event callback holds its own `Link`; mirror it into the shared one.
         shared.tasks.spawn(mirror_link(shared.clone(), link));
@@ -317,6 +323,13 @@ impl Cluster {
     /// The replicated privacy log.
     pub fn priv_log(&self) -> &privlog::PrivLog {
         &self.priv_log
+    }
+
+    /// Waits for every live peer to hold a privacy change (see [`PrivacyBarrier`]).
+    pub fn privacy_barrier(&self) -> PrivacyBarrier {
+        PrivacyBarrier {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Starts cluster mode's event log: `outbox` (this node's events, from a bus made with
@@ -556,6 +569,10 @@ async fn receive(shared: Arc<Shared>, mut subscription: async_nats::Subscriber) 
                 || registry.digest_of(&origin) == hb.digest,
                 now,
             );
+            shared
+                .peers()
+                .on_privacy_applied(&origin, hb.privacy_applied);
+            shared.heard.notify_waiters();
             act(&shared, &origin, verdict.superseded, verdict.sync, now);
             continue;
         }
@@ -852,6 +869,36 @@ impl FenceCause {
     }
 }
 
+/// Waits until every live peer has applied the privacy log up to a sequence: a change that
+/// must hold everywhere before this node acts on it (a Connect that starts invisible: the
+/// device's arrival, replicated outside the log, must not reach a peer that does not yet
+/// know the user is invisible). Peers say what they applied in their heartbeats, sent early
+/// when it moves, so the wait is about one round trip.
+#[derive(Debug, Clone)]
+pub struct PrivacyBarrier {
+    shared: Arc<Shared>,
+}
+
+impl PrivacyBarrier {
+    /// True once every live peer applied up to `seq`; false after `timeout` (a peer slow,
+    /// partitioned, or too old to say).
+    pub async fn wait(&self, seq: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a heartbeat between the two is not missed.
+            let heard = self.shared.heard.notified();
+            tokio::pin!(heard);
+            heard.as_mut().enable();
+            if self.shared.peers().privacy_applied_everywhere(seq) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, heard).await.is_err() {
+                return self.shared.peers().privacy_applied_everywhere(seq);
+            }
+        }
+    }
+}
+
 async fn tick(shared: Arc<Shared>) {
     let heartbeat = Duration::from_millis(shared.config.heartbeat_ms);
     let fence_after = Duration::from_millis(shared.config.fence_after_ms);
@@ -860,10 +907,14 @@ async fn tick(shared: Arc<Shared>) {
     let mut last_tick = Instant::now();
     let mut last_heartbeat: Option<Instant> = None;
     let mut fenced: Option<FenceCause> = None;
+    let mut privacy_applied = shared.privacy_applied.clone();
     loop {
+        // A privacy change applied here is told at once (a peer may be waiting on it).
+        let mut early = false;
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = ticker.tick() => {}
+            changed = privacy_applied.changed() => early = changed.is_ok(),
         }
         let now = Instant::now();
         let stalled = now.saturating_duration_since(last_tick);
@@ -927,7 +978,7 @@ async fn tick(shared: Arc<Shared>) {
         if fenced.is_some() {
             continue;
         }
-        if last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= heartbeat) {
+        if early || last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= heartbeat) {
             last_heartbeat = Some(now);
             send_heartbeat(&shared).await;
         }
@@ -962,6 +1013,7 @@ async fn send_heartbeat(shared: &Shared) {
                 hlc: shared.registry.clock(),
                 dead_nodes: dead.iter().map(|o| o.node.clone()).collect(),
                 dead_incarnations: dead.iter().map(|o| o.incarnation).collect(),
+                privacy_applied: *shared.privacy_applied.borrow(),
             }
         }),
         ..Envelope::default()

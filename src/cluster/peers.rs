@@ -26,6 +26,8 @@ struct Peer {
     incarnation: u64,
     last_heard: Instant,
     last_seq: u64,
+    /// The last privacy-log sequence its heartbeats said it applied.
+    privacy_applied: u64,
     /// A transfer from it is running.
     syncing: bool,
 }
@@ -113,6 +115,7 @@ impl Peers {
                 incarnation: origin.incarnation,
                 last_heard: now,
                 last_seq: 0,
+                privacy_applied: 0,
                 syncing: false,
             },
         );
@@ -182,6 +185,20 @@ impl Peers {
             }
         }
         verdict
+    }
+
+    /// `origin`'s heartbeat said it applied the privacy log up to `applied`.
+    pub fn on_privacy_applied(&mut self, origin: &Origin, applied: u64) {
+        if let Some(peer) = self.peers.get_mut(&origin.node) {
+            if peer.incarnation == origin.incarnation {
+                peer.privacy_applied = peer.privacy_applied.max(applied);
+            }
+        }
+    }
+
+    /// Whether every live peer said it applied the privacy log up to `seq` (true with none).
+    pub fn privacy_applied_everywhere(&self, seq: u64) -> bool {
+        self.peers.values().all(|p| p.privacy_applied >= seq)
     }
 
     /// A state transfer from `origin` ended; on success every delta up to `seq` is reflected.
@@ -289,6 +306,34 @@ mod tests {
             p.on_heartbeat(&o("a", 1), 13, || false, t).sync,
             Some("digest")
         );
+    }
+
+    #[test]
+    fn a_privacy_change_is_everywhere_once_every_live_peer_said_so() {
+        let t = Instant::now();
+        let mut p = Peers::new("me", Duration::from_secs(3));
+        assert!(
+            p.privacy_applied_everywhere(7),
+            "no peer: nothing to wait for"
+        );
+        p.on_heartbeat(&o("a", 1), 0, || true, t);
+        p.on_heartbeat(&o("b", 1), 0, || true, t);
+        assert!(
+            !p.privacy_applied_everywhere(7),
+            "a new peer has said nothing yet"
+        );
+        p.on_privacy_applied(&o("a", 1), 9);
+        p.on_privacy_applied(&o("b", 1), 6);
+        assert!(!p.privacy_applied_everywhere(7));
+        // A stale incarnation's word does not count, and nothing goes backwards.
+        p.on_privacy_applied(&o("b", 0), 8);
+        assert!(!p.privacy_applied_everywhere(7));
+        p.on_privacy_applied(&o("b", 1), 7);
+        p.on_privacy_applied(&o("a", 1), 3);
+        assert!(p.privacy_applied_everywhere(7));
+        // A rejoined incarnation starts again from nothing.
+        p.on_heartbeat(&o("b", 2), 0, || true, t);
+        assert!(!p.privacy_applied_everywhere(7));
     }
 
     #[test]

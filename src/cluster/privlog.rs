@@ -178,7 +178,8 @@ impl PrivLog {
     }
 
     /// Appends `records` in order, waits for the quorum's acks and for this node's apply.
-    pub async fn submit(&self, records: &[PrivacyRecord]) -> Result<(), SubLogError> {
+    /// Returns the stream sequence of the last record (0 for none).
+    pub async fn submit(&self, records: &[PrivacyRecord]) -> Result<u64, SubLogError> {
         let s = &self.shared;
         let unavailable = |e: String| {
             metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "privacy_unavailable").increment(1);
@@ -241,7 +242,12 @@ impl PrivLog {
             )));
         }
         metrics::counter!(m::CLUSTER_LOG_OPS, "result" => "privacy_ok").increment(1);
-        Ok(())
+        Ok(last_seq)
+    }
+
+    /// Follows the last sequence this node has applied (heartbeats carry it).
+    pub fn applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied.subscribe()
     }
 
     /// Stops applying.

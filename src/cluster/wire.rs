@@ -175,6 +175,11 @@ pub struct Heartbeat {
     /// ...and their incarnations, in the same order.
     #[prost(uint64, repeated, tag = "5")]
     pub dead_incarnations: Vec<u64>,
+    /// The last privacy-log sequence the sender has applied (0 from a node without the
+    /// field: it never confirms, so a wait on it answers UNAVAILABLE). A heartbeat is sent
+    /// early whenever it moves, so a node waiting for every peer to hold a change hears soon.
+    #[prost(uint64, tag = "6")]
+    pub privacy_applied: u64,
 }
 
 /// Asks a node for its sessions after a cursor.
