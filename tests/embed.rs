@@ -409,7 +409,7 @@ async fn a_hook_that_never_returns_does_not_slow_fanout_and_its_drops_are_counte
         .unwrap();
         let event = within(watcher.next_presence_event()).await.unwrap();
         let presence = event.presence.expect("the event carries the presence");
-        assert_eq!(presence.status.as_deref(), Some(status.as_str()));
+        assert_eq!(presence.status, status);
     }
     assert!(
         counter("presence_hook_events_dropped_total", "queue_full") >= before + 1.0,
