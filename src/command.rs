@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 
-use crate::auth::{AuthError, Verifier};
 use crate::config::{Config, LimitsConfig};
+use crate::embed::Identity;
 use crate::model::{check_user_id, PresenceChange};
 use crate::outbound::Outbound;
 use crate::pb;
@@ -159,9 +159,9 @@ pub struct Session {
     pub conn_id: u64,
     /// Keepalive applied, seconds.
     pub keepalive_secs: u32,
-    /// The token's `exp`, seconds since the Unix epoch: the session is closed then (see
-    /// `session.close_on_token_expiry`).
-    pub token_exp: u64,
+    /// The credential's expiry (a token's `exp`), seconds since the Unix epoch: the session
+    /// is closed then (see `session.close_on_token_expiry`). `None`: never.
+    pub token_exp: Option<u64>,
     publish_bucket: TokenBucket,
 }
 
@@ -175,6 +175,18 @@ pub struct ConnectRequest {
     initial: Option<PresenceChange>,
     user_data: BTreeMap<String, String>,
     invisible: bool,
+}
+
+impl ConnectRequest {
+    /// The credential presented (the token field).
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The device id the client claims (`""` when none).
+    pub fn device_id(&self) -> &str {
+        &self.device_id
+    }
 }
 
 /// What a request asks for, validated.
@@ -869,72 +881,43 @@ pub(crate) fn decode_member_cursor(cursor: &str) -> Result<Option<(String, Strin
     Ok(Some((user.to_string(), device.to_string())))
 }
 
-/// Authenticates a Connect and registers the session. On success returns the session and the
-/// ConnAck body; on failure the error to send before closing.
+/// Registers the session of a Connect its authenticator accepted as `identity` (after the
+/// checks every authenticator gets: the user id's shape and the user's revocation). On success
+/// returns the session and the ConnAck body; on failure the error to send before closing.
 pub fn connect(
     request: ConnectRequest,
-    verifier: &Verifier,
+    identity: Identity,
     registry: &Registry,
     config: &Config,
     outbound: &Outbound,
     received_at: Instant,
 ) -> Result<(Session, ServerBody), RequestError> {
-    let claims = verifier
-        .verify(&request.token, crate::now_ms() / 1000)
-        .map_err(|e| {
-            metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => e.metric_label())
-                .increment(1);
-            let code = match e {
-                AuthError::Malformed(_)
-                | AuthError::NotYetValid { .. }
-                | AuthError::BadIssuer
-                | AuthError::BadAudience => pb::ErrorCode::Unauthenticated,
-                AuthError::BadSignature => pb::ErrorCode::BadSignature,
-                AuthError::Expired { .. } => pb::ErrorCode::TokenExpired,
-            };
-            RequestError::new(code, e.to_string())
-        })?;
-    check_user_id(&claims.sub).map_err(|r| {
+    // The default authenticator checked this already; another one may return anything.
+    check_user_id(&identity.user_id).map_err(|r| {
         metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "bad_subject").increment(1);
         RequestError::new(
             pb::ErrorCode::Unauthenticated,
-            format!("token subject: {r}"),
+            format!("authenticated user id: {r}"),
         )
     })?;
-    let now_secs = crate::now_ms() / 1000;
-    let max_life = config.auth.max_token_lifetime_secs;
-    // Measured from iat when there is one: a token may never outlive a revocation, which is
-    // kept max_life from its cut-off.
-    let issued = claims.iat.unwrap_or(now_secs).min(now_secs);
-    if claims.exp > issued.saturating_add(max_life)
-        || claims.exp > now_secs.saturating_add(max_life)
-    {
-        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "lifetime").increment(1);
-        return Err(RequestError::new(
-            pb::ErrorCode::Unauthenticated,
-            format!(
-                "token lifetime too long: exp {} is more than auth.max_token_lifetime_secs ({max_life}) after its iat or now",
-                claims.exp
-            ),
-        ));
-    }
+    let claims = identity;
     if let Some(before_ms) = registry
         .store()
-        .tokens_revoked_before(&claims.sub, crate::now_ms())
+        .tokens_revoked_before(&claims.user_id, crate::now_ms())
     {
-        let issued_ms = claims.iat.unwrap_or(0).saturating_mul(1000);
+        let issued_ms = claims.issued_at_secs.unwrap_or(0).saturating_mul(1000);
         if issued_ms < before_ms {
             metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "revoked").increment(1);
             return Err(RequestError::new(
                 pb::ErrorCode::TokenRevoked,
                 format!(
                     "tokens of this user issued before {before_ms} ms were revoked (this one: {}); get a fresh token",
-                    claims.iat.map_or("no iat".to_string(), |i| format!("iat {i} s"))
+                    claims.issued_at_secs.map_or("no iat".to_string(), |i| format!("iat {i} s"))
                 ),
             ));
         }
     }
-    let device_id = match claims.did {
+    let device_id = match claims.device_id {
         Some(did) => did,
         None if request.device_id.is_empty() => "default".to_string(),
         None => request.device_id,
@@ -948,7 +931,7 @@ pub fn connect(
     if request.invisible {
         // Invisible before the device is announced, and durable before the ConnAck says so.
         let op = PrivacyOp::SetInvisible {
-            user: claims.sub.clone(),
+            user: claims.user_id.clone(),
             on: true,
         };
         registry.privacy_op(&op, received_at)?;
@@ -960,7 +943,7 @@ pub fn connect(
         })?;
     }
     let attached = registry.attach(Attach {
-        user_id: claims.sub.clone(),
+        user_id: claims.user_id.clone(),
         device_id: device_id.clone(),
         platform: request.platform,
         outbound: outbound.clone(),
@@ -970,7 +953,7 @@ pub fn connect(
     })?;
     let l = &config.limits;
     let ack = pb::ConnAck {
-        user_id: claims.sub.clone(),
+        user_id: claims.user_id.clone(),
         device_id: device_id.clone(),
         keepalive_seconds: keepalive_secs,
         server_time_ms: crate::now_ms(),
@@ -989,14 +972,14 @@ pub fn connect(
         }),
         session_taken_over: attached.taken_over,
         presence: Some(wire::presence_to_pb(&attached.presence)),
-        invisible: registry.is_invisible(&claims.sub),
+        invisible: registry.is_invisible(&claims.user_id),
     };
     let session = Session {
-        user_id: claims.sub,
+        user_id: claims.user_id,
         device_id,
         conn_id: outbound.id(),
         keepalive_secs,
-        token_exp: claims.exp,
+        token_exp: claims.expires_at_secs,
         publish_bucket: TokenBucket::new(l.publish_rate_per_sec, l.publish_burst, received_at),
     };
     Ok((session, ServerBody::ConnAck(ack)))

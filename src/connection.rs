@@ -21,11 +21,11 @@ use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Verifier;
 use crate::auth_guard::{AddressSlots, AuthGuard};
 use crate::codec::{CodecError, DelimitedCodec};
 use crate::command::{self, Command, RequestError, Session, TokenBucket};
 use crate::config::Config;
+use crate::embed::{AuthPlugin, AuthRequest, Identity, TokenAuthenticator, Transport};
 use crate::metrics as m;
 use crate::model::{CloseKind, OfflineReason};
 use crate::outbound::{Item, Outbound};
@@ -54,8 +54,9 @@ pub struct ConnectionContext {
     pub config: Arc<Config>,
     /// Live presence.
     pub registry: Registry,
-    /// Token verification.
-    pub verifier: Verifier,
+    /// Who a Connect is (the `[auth]` tokens unless an embedder plugged in another
+    /// authenticator), and how long that may take.
+    pub(crate) auth: AuthPlugin,
     /// Bounds TLS handshakes in flight.
     pub handshake_permits: Arc<Semaphore>,
     /// Bounds TLS handshakes in flight per address.
@@ -204,7 +205,10 @@ impl ConnectionContext {
             },
         );
         ConnectionContext {
-            verifier: Verifier::new(&config.auth),
+            auth: AuthPlugin {
+                authenticator: Arc::new(TokenAuthenticator::new(&config.auth)),
+                timeout: crate::embed::DEFAULT_AUTH_TIMEOUT,
+            },
             address_slots: AddressSlots::new(config.limits.max_handshakes_per_address),
             handshake_permits: Arc::new(Semaphore::new(
                 config.limits.max_handshakes_in_flight as usize,
@@ -316,7 +320,7 @@ pub async fn run_tls<P: Send + 'static>(
     let Some(stream) = Box::pin(handshake(tcp, peer, tls, &ctx)).await else {
         return;
     };
-    run_session(stream, peer, ctx, permit).await;
+    run_session(stream, peer, Transport::Tls, ctx, permit).await;
 }
 
 /// The TLS handshake under the handshake deadline; `None` when it failed (counted) or the
@@ -396,6 +400,7 @@ pub(crate) async fn handshake(
 pub fn run_session<S, P>(
     stream: S,
     peer: SocketAddr,
+    transport: Transport,
     ctx: Arc<ConnectionContext>,
     permit: P,
 ) -> impl std::future::Future<Output = ()> + Send
@@ -415,7 +420,7 @@ where
         socket: write_half,
         buf: BytesMut::new(),
     };
-    session(source, sink, peer, ctx, permit)
+    session(source, sink, peer, transport, ctx, permit)
 }
 
 /// Where a session's frames come from: the delimited codec over a byte stream (TCP, TLS), or
@@ -527,6 +532,7 @@ pub(crate) async fn session<F, K, P>(
     source: F,
     sink: K,
     peer: SocketAddr,
+    transport: Transport,
     ctx: Arc<ConnectionContext>,
     permit: P,
 ) where
@@ -566,6 +572,7 @@ pub(crate) async fn session<F, K, P>(
             &guard.outbound,
             &guard.ctx,
             peer,
+            transport,
         );
         tokio::pin!(reading);
         loop {
@@ -712,6 +719,7 @@ async fn read_loop<F: FrameSource>(
     outbound: &Outbound,
     ctx: &ConnectionContext,
     peer: SocketAddr,
+    transport: Transport,
 ) -> End {
     let config = &ctx.config;
     let closed = outbound.closed();
@@ -757,10 +765,9 @@ async fn read_loop<F: FrameSource>(
         };
         // When the session's token expires (with the configured leeway), if sessions close
         // then; worked out from the token each time rather than kept in every idle session.
-        let (deadline, expiry) = match session {
-            Some(s) if config.session.close_on_token_expiry => {
-                let expires_ms = s
-                    .token_exp
+        let (deadline, expiry) = match session.as_ref().and_then(|s| s.token_exp) {
+            Some(token_exp) if config.session.close_on_token_expiry => {
+                let expires_ms = token_exp
                     .saturating_add(config.auth.leeway_secs)
                     .saturating_mul(1000);
                 let left = Duration::from_millis(expires_ms.saturating_sub(crate::now_ms()));
@@ -799,16 +806,28 @@ async fn read_loop<F: FrameSource>(
         let now = tokio::time::Instant::now();
         last_frame = now;
         partial_since = if reader.settle() { Some(now) } else { None };
-        match handle_frame(
-            frame,
-            reader,
-            session,
-            outbound,
-            ctx,
-            &mut request_bucket,
-            peer,
-        ) {
+        let mut step = handle_frame(frame, session, outbound, ctx, &mut request_bucket, peer);
+        if let Step::Authenticate {
+            request_id,
+            request,
+        } = step
+        {
+            let asked = AuthRequest::new(request.token(), request.device_id(), peer, transport);
+            // Boxed: the authenticator's future is the embedder's, of any size; it lives only
+            // for this wait. Other connections never wait for it (one task each).
+            let verdict = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => return End::Shutdown,
+                verdict = Box::pin(ctx.auth.authenticate(asked)) => verdict,
+            };
+            step = finish_connect(
+                verdict, *request, request_id, reader, session, outbound, ctx, peer,
+            );
+        }
+        match step {
             Step::Continue => {}
+            // `finish_connect` never asks for a second authentication; nothing to do.
+            Step::Authenticate { .. } => {}
             Step::End(end) => return end,
             Step::Refuse {
                 delay,
@@ -996,6 +1015,12 @@ enum Step {
     Continue,
     /// End the session.
     End(End),
+    /// Ask the authenticator who this Connect is (awaited in the reader loop, under its
+    /// timeout), then finish it with [`finish_connect`].
+    Authenticate {
+        request_id: u64,
+        request: Box<command::ConnectRequest>,
+    },
     /// Refuse a Connect after `delay`, then close.
     Refuse {
         delay: Duration,
@@ -1033,9 +1058,8 @@ enum Step {
     },
 }
 
-fn handle_frame<F: FrameSource>(
+fn handle_frame(
     frame: pb::ClientFrame,
-    reader: &mut F,
     session: &mut Option<Session>,
     outbound: &Outbound,
     ctx: &ConnectionContext,
@@ -1063,42 +1087,9 @@ fn handle_frame<F: FrameSource>(
                         },
                     };
                 }
-                match command::connect(
-                    request,
-                    &ctx.verifier,
-                    &ctx.registry,
-                    &ctx.config,
-                    outbound,
-                    received_at,
-                ) {
-                    Ok((new_session, ack)) => {
-                        // First: events fanned out since the session was registered wait.
-                        let kind = wire::server_body_kind(&ack);
-                        outbound.push_reply_first(Item::reply(wire::frame(request_id, ack), kind));
-                        reader.set_max_frame_bytes(limits.max_frame_bytes as usize);
-                        *session = Some(new_session);
-                        Step::Continue
-                    }
-                    Err(e) if e.is_auth_failure() => {
-                        let refusal = ctx.auth_guard.record_failure(peer.ip(), received_at);
-                        if refusal.banned {
-                            tracing::warn!(%peer, "address banned after repeated failed logins");
-                        }
-                        Step::Refuse {
-                            delay: refusal.delay,
-                            request_id,
-                            error: e,
-                        }
-                    }
-                    Err(e) => {
-                        push_error(outbound, request_id, "connect", &e);
-                        let kind = match e.code {
-                            pb::ErrorCode::DeviceLimit => CloseKind::DeviceLimit,
-                            pb::ErrorCode::Unavailable => CloseKind::NodeUnavailable,
-                            _ => CloseKind::AuthFailed,
-                        };
-                        Step::End(End::Close(kind, e.reason))
-                    }
+                Step::Authenticate {
+                    request_id,
+                    request: Box::new(request),
                 }
             }
             Ok(_) => {
@@ -1205,6 +1196,70 @@ fn handle_frame<F: FrameSource>(
         Err(e) => {
             push_error(outbound, request_id, operation, &e);
             Step::Continue
+        }
+    }
+}
+
+/// Finishes a Connect once its authenticator answered: registers the session and queues the
+/// ConnAck, or refuses. Every refusal is counted in the auth-failure metric by reason; the
+/// kinds that are failed logins (UNAUTHENTICATED, BAD_SIGNATURE, TOKEN_EXPIRED) cost the
+/// address its failed-login delay (and count toward its ban) whichever authenticator refused.
+#[allow(clippy::too_many_arguments)]
+fn finish_connect<F: FrameSource>(
+    verdict: Result<Identity, crate::embed::AuthFailure>,
+    request: command::ConnectRequest,
+    request_id: u64,
+    reader: &mut F,
+    session: &mut Option<Session>,
+    outbound: &Outbound,
+    ctx: &ConnectionContext,
+    peer: SocketAddr,
+) -> Step {
+    let received_at = Instant::now();
+    let limits = &ctx.config.limits;
+    let connected = verdict
+        .map_err(|failure| {
+            metrics::counter!(m::AUTH_FAILURES, "reason" => failure.metric_reason()).increment(1);
+            failure.into_request_error()
+        })
+        .and_then(|identity| {
+            command::connect(
+                request,
+                identity,
+                &ctx.registry,
+                &ctx.config,
+                outbound,
+                received_at,
+            )
+        });
+    match connected {
+        Ok((new_session, ack)) => {
+            // First: events fanned out since the session was registered wait.
+            let kind = wire::server_body_kind(&ack);
+            outbound.push_reply_first(Item::reply(wire::frame(request_id, ack), kind));
+            reader.set_max_frame_bytes(limits.max_frame_bytes as usize);
+            *session = Some(new_session);
+            Step::Continue
+        }
+        Err(e) if e.is_auth_failure() => {
+            let refusal = ctx.auth_guard.record_failure(peer.ip(), received_at);
+            if refusal.banned {
+                tracing::warn!(%peer, "address banned after repeated failed logins");
+            }
+            Step::Refuse {
+                delay: refusal.delay,
+                request_id,
+                error: e,
+            }
+        }
+        Err(e) => {
+            push_error(outbound, request_id, "connect", &e);
+            let kind = match e.code {
+                pb::ErrorCode::DeviceLimit => CloseKind::DeviceLimit,
+                pb::ErrorCode::Unavailable => CloseKind::NodeUnavailable,
+                _ => CloseKind::AuthFailed,
+            };
+            Step::End(End::Close(kind, e.reason))
         }
     }
 }
@@ -1534,6 +1589,7 @@ mod tests {
         let task = tokio::spawn(run_session(
             stream,
             "127.0.0.1:1".parse().unwrap(),
+            Transport::Plain,
             ctx.clone(),
             (),
         ));

@@ -115,6 +115,25 @@ pub const EVENTS: &str = "presence_events_total";
 /// Cluster mode: the last subscription-log sequence applied into this node's store.
 pub const CLUSTER_LOG_APPLIED: &str = "presence_cluster_log_applied_sequence";
 
+// ---- Embedding (`crate::embed`): the in-process presence hook ----
+
+/// Events handed to the embedder's presence hook.
+pub const HOOK_EVENTS: &str = "presence_hook_events_total";
+/// Events the presence hook never saw, by reason (`queue_full`, `stopped`).
+pub const HOOK_DROPPED: &str = "presence_hook_events_dropped_total";
+/// Calls of the presence hook that panicked.
+pub const HOOK_PANICS: &str = "presence_hook_panics_total";
+
+fn describe_embedding() {
+    use metrics::describe_counter;
+    describe_counter!(HOOK_EVENTS, "Events handed to the embedder's presence hook");
+    describe_counter!(
+        HOOK_DROPPED,
+        "Events dropped before the presence hook, by reason (its queue was full)"
+    );
+    describe_counter!(HOOK_PANICS, "Presence hook calls that panicked");
+}
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Latency buckets from 50 µs to 10 s.
@@ -269,6 +288,7 @@ fn describe() {
         PROCESS_MAX_FDS,
         "Soft open-file limit of the broker process"
     );
+    describe_embedding();
 }
 
 // Operator kit (deploy/): every series the Grafana dashboard and the alert rules read exists

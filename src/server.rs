@@ -43,6 +43,9 @@ pub enum ServerError {
     /// Cluster mode could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
+    /// The presence hook's thread could not start.
+    #[error("cannot start the presence hook's thread: {0}")]
+    Hook(std::io::Error),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
@@ -76,6 +79,8 @@ pub struct Server {
     webhooks: Webhooks,
     /// The admin API, when a key is configured.
     admin: Option<AdminApi>,
+    /// The embedder's presence hook, when one is plugged in.
+    hook: Option<crate::embed::HookHandle>,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -99,8 +104,26 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ServerError> {
 
 impl Server {
     /// Validates `config`, loads certificates and the store, and binds every listener. Nothing
-    /// is accepted until [`Server::run`].
+    /// is accepted until [`Server::run`]. The standalone broker's behaviour: see
+    /// [`Server::builder`] to plug in an authenticator, a presence hook or a store.
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Server::bind_with(config, crate::embed::Plugins::default()).await
+    }
+
+    /// A builder for embedding programs: `config` plus an [`Authenticator`], a
+    /// [`PresenceHook`] and a [`SubscriptionStore`] of the embedder's (see [`crate::embed`]).
+    ///
+    /// [`Authenticator`]: crate::embed::Authenticator
+    /// [`PresenceHook`]: crate::embed::PresenceHook
+    pub fn builder(config: Config) -> crate::embed::ServerBuilder {
+        crate::embed::ServerBuilder::new(config)
+    }
+
+    /// [`Server::bind`] with an embedder's plug-ins (the defaults where `None`).
+    pub(crate) async fn bind_with(
+        config: Config,
+        plugins: crate::embed::Plugins,
+    ) -> Result<Server, ServerError> {
         config.validate()?;
         // The recorder is installed even when the endpoint is off, before any connection
         // exists, so gauges never see a decrement without its increment.
@@ -112,12 +135,17 @@ impl Server {
         let tls_config = tls::server_config_with_tickets(&config.tls, tickets.clone())?;
         // The store is loaded into memory before any listener exists, so no client can observe
         // a half-loaded subscription set.
-        let data_dir = config.data_dir.clone();
-        let store: Arc<dyn SubscriptionStore> = Arc::new(
-            tokio::task::spawn_blocking(move || SledStore::open(&data_dir))
-                .await
-                .map_err(|e| StoreError::Backend(format!("store loader failed: {e}")))??,
-        );
+        let store: Arc<dyn SubscriptionStore> = match plugins.store {
+            Some(store) => store,
+            None => {
+                let data_dir = config.data_dir.clone();
+                Arc::new(
+                    tokio::task::spawn_blocking(move || SledStore::open(&data_dir))
+                        .await
+                        .map_err(|e| StoreError::Backend(format!("store loader failed: {e}")))??,
+                )
+            }
+        };
         let listener = bind(config.listen).await?;
         let plain_listener = match config.plain_listen {
             Some(addr) => Some(bind(addr).await?),
@@ -145,7 +173,18 @@ impl Server {
         });
         let cluster_config = config.cluster.clone();
         let admin_config = config.admin.clone();
-        let (webhooks, sinks) = Webhooks::new(&config.webhooks);
+        let (webhooks, mut sinks) = Webhooks::new(&config.webhooks);
+        // The hook is the last sink: in cluster mode the webhooks' delivery progress names the
+        // first ones by position.
+        let hook = match plugins.hook {
+            Some(hook) => {
+                let handle = crate::embed::HookHandle::start(hook, plugins.hook_queue)
+                    .map_err(ServerError::Hook)?;
+                sinks.push(handle.sink());
+                Some(handle)
+            }
+            None => None,
+        };
         let grace = config.grace_period();
         // The log keeps entries as long as they can matter: subscriptions until they expire,
         // revocations until no token issued before them can be valid.
@@ -155,7 +194,12 @@ impl Server {
                 .max_expiry_secs
                 .max(config.auth.max_token_lifetime_secs),
         );
-        let ctx = Arc::new(ConnectionContext::new(config, store));
+        let mut ctx = ConnectionContext::new(config, store);
+        if let Some(authenticator) = plugins.authenticator {
+            ctx.auth.authenticator = authenticator;
+        }
+        ctx.auth.timeout = plugins.auth_timeout;
+        let ctx = Arc::new(ctx);
         // Cluster mode joins before the listener accepts anyone: the node then answers with
         // the cluster's presence from its first client on.
         let cluster = match cluster_config {
@@ -218,6 +262,7 @@ impl Server {
             events,
             webhooks,
             admin,
+            hook,
         })
     }
 
@@ -264,12 +309,14 @@ impl Server {
         self.events.clone()
     }
 
-    /// This node's id and incarnation in cluster mode.
+    /// This node's id and incarnation in cluster mode (for tests).
+    #[doc(hidden)]
     pub fn cluster_origin(&self) -> Option<crate::registry::Origin> {
         self.cluster.as_ref().map(Cluster::origin)
     }
 
-    /// The live registry (for embedding programs and tests).
+    /// The live registry (for tests and tools; not a stable interface).
+    #[doc(hidden)]
     pub fn registry(&self) -> Registry {
         self.ctx.registry.clone()
     }
@@ -326,6 +373,10 @@ impl Server {
         // moving (their devices linger there for the grace period instead of going offline).
         if let Some(cluster) = self.cluster {
             cluster.stop().await;
+        }
+        // After the last session's events: the hook finishes its queue (within the deadline).
+        if let Some(hook) = self.hook {
+            hook.stop(deadline).await;
         }
         ctx.registry.store().flush()?;
         tracing::info!("shutdown complete");
@@ -433,7 +484,13 @@ fn spawn_connection(
             tracker.spawn(connection::run_tls(socket, peer, tls.clone(), ctx, permit));
         }
         Transport::Plain => {
-            tracker.spawn(connection::run_session(socket, peer, ctx, permit));
+            tracker.spawn(connection::run_session(
+                socket,
+                peer,
+                crate::embed::Transport::Plain,
+                ctx,
+                permit,
+            ));
         }
         Transport::Wss(tls) => {
             let tls = tls.clone();
@@ -444,12 +501,27 @@ fn spawn_connection(
                 else {
                     return;
                 };
-                crate::ws::run(stream, peer, ctx, permit, deadline).await;
+                crate::ws::run(
+                    stream,
+                    peer,
+                    crate::embed::Transport::Wss,
+                    ctx,
+                    permit,
+                    deadline,
+                )
+                .await;
             });
         }
         Transport::Ws => {
             let deadline = tokio::time::Instant::now() + ctx.config.handshake_timeout();
-            tracker.spawn(crate::ws::run(socket, peer, ctx, permit, deadline));
+            tracker.spawn(crate::ws::run(
+                socket,
+                peer,
+                crate::embed::Transport::Ws,
+                ctx,
+                permit,
+                deadline,
+            ));
         }
     }
 }

@@ -52,6 +52,7 @@ pub fn wss_config(tls: &Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> 
 pub async fn run<S, P>(
     stream: S,
     peer: SocketAddr,
+    transport: crate::embed::Transport,
     ctx: Arc<ConnectionContext>,
     permit: P,
     deadline: tokio::time::Instant,
@@ -75,7 +76,7 @@ pub async fn run<S, P>(
         out: Vec::new(),
         close: None,
     };
-    crate::connection::session(source, sink, peer, ctx, permit).await;
+    crate::connection::session(source, sink, peer, transport, ctx, permit).await;
 }
 
 /// Reads and answers the upgrade request; `None` when it was refused, failed or timed out
