@@ -75,6 +75,9 @@ pub struct Config {
     pub websocket: crate::ws::WebSocketConfig,
     /// Privacy caps: block lists, approvals, pending requests.
     pub privacy: crate::privacy::PrivacyConfig,
+    /// The MQTT bridge (`[mqtt_bridge]`): presence as retained MQTT messages; absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_bridge: Option<crate::mqtt_bridge::MqttBridgeConfig>,
 }
 
 impl Default for Config {
@@ -95,6 +98,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             websocket: crate::ws::WebSocketConfig::default(),
             privacy: crate::privacy::PrivacyConfig::default(),
+            mqtt_bridge: None,
         }
     }
 }
@@ -601,6 +605,9 @@ impl Config {
         self.websocket.validate().map_err(ConfigError::Invalid)?;
         for (i, w) in self.webhooks.iter().enumerate() {
             w.validate(i).map_err(ConfigError::Invalid)?;
+        }
+        if let Some(bridge) = &self.mqtt_bridge {
+            bridge.validate().map_err(ConfigError::Invalid)?;
         }
         let s = &self.session;
         let l = &self.limits;

@@ -47,6 +47,7 @@ pub mod delivery;
 pub mod events;
 pub mod metrics;
 pub mod model;
+pub mod mqtt_bridge;
 pub mod outbound;
 pub mod privacy;
 pub mod registry;

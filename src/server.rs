@@ -23,6 +23,7 @@ use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::events::EventBus;
 use crate::metrics as m;
+use crate::mqtt_bridge::{MqttBridge, MqttBridgeError};
 use crate::registry::Registry;
 use crate::store::{SledStore, StoreError, SubscriptionStore};
 use crate::tls::{self, TlsError};
@@ -40,6 +41,9 @@ pub enum ServerError {
     /// The subscription store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The MQTT bridge could not be set up.
+    #[error(transparent)]
+    MqttBridge(#[from] MqttBridgeError),
     /// Cluster mode could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
@@ -76,6 +80,8 @@ pub struct Server {
     webhooks: Webhooks,
     /// The admin API, when a key is configured.
     admin: Option<AdminApi>,
+    /// The MQTT bridge, started by `run`.
+    mqtt_bridge: Option<MqttBridge>,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -145,7 +151,17 @@ impl Server {
         });
         let cluster_config = config.cluster.clone();
         let admin_config = config.admin.clone();
-        let (webhooks, sinks) = Webhooks::new(&config.webhooks);
+        let (webhooks, mut sinks) = Webhooks::new(&config.webhooks);
+        // After the webhooks' sinks: cluster mode hands the webhooks' delivery progress to
+        // the sinks by index.
+        let mqtt_bridge = match &config.mqtt_bridge {
+            Some(c) => {
+                let (bridge, sink) = MqttBridge::new(c)?;
+                sinks.push(sink);
+                Some(bridge)
+            }
+            None => None,
+        };
         let grace = config.grace_period();
         // The log keeps entries as long as they can matter: subscriptions until they expire,
         // revocations until no token issued before them can be valid.
@@ -217,6 +233,7 @@ impl Server {
             events,
             webhooks,
             admin,
+            mqtt_bridge,
         })
     }
 
@@ -286,6 +303,15 @@ impl Server {
             background.spawn(admin.serve(ctx.shutdown.clone()));
         }
         background.spawn(self.webhooks.run(ctx.shutdown.clone()));
+        if let Some(bridge) = self.mqtt_bridge {
+            // Stops with the other background tasks, before sessions are drained: its clean
+            // stop publishes the users it shows online as offline, then its status offline.
+            background.spawn(bridge.run(
+                ctx.registry.clone(),
+                self.events.clone(),
+                ctx.shutdown.clone(),
+            ));
+        }
         background.spawn(channel_intervals(ctx.clone()));
         let listeners = [
             (Some(self.listener), Transport::Tls(self.tls_config.clone())),
