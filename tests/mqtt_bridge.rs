@@ -228,7 +228,10 @@ impl Watcher {
 }
 
 fn bridge_config(mosquitto: &Mosquitto, prefix: &str) -> MqttBridgeConfig {
-    let mut c = MqttBridgeConfig::new(&mosquitto.url(), &format!("presenced-{prefix}"));
+    let mut c = MqttBridgeConfig::new(
+        &mosquitto.url(),
+        &format!("presenced-{}", prefix.replace('/', "-")),
+    );
     c.topic_prefix = prefix.to_string();
     c.reconnect_min_ms = 50;
     c.reconnect_max_ms = 500;

@@ -26,8 +26,9 @@
 //!   went offline while the link was down ends `offline`. For
 //!   `retained_scan_ms` it also subscribes to `<prefix>/users/+` and `<prefix>/channels/+`:
 //!   a retained topic the bridge does not track (left by a crash or a restart of presenced or
-//!   of the broker) is corrected from the registry (the user offline with its last-seen time,
-//!   the channel cleared). Nothing is stored locally.
+//!   of the broker) that shows a user online (or cannot be read) or a channel occupied is
+//!   corrected from the registry (the user offline with its last-seen time, the channel
+//!   cleared). Nothing is stored locally.
 //! - **Losses**: a full inbox drops events (counted) and triggers a full pass; a periodic full
 //!   pass (`resync_interval_ms`) publishes only what changed (privacy changes, which send no
 //!   event, appear within that period).

@@ -151,6 +151,18 @@ pub(crate) fn encode_channel(channel: &str, occupancy: u32, ts_ms: u64) -> Vec<u
     .unwrap_or_default()
 }
 
+/// Whether a retained user payload (JSON or protobuf, whatever the format configured now) shows
+/// the user offline. Garbage does not: it is corrected like a stale online payload.
+pub(crate) fn says_offline(bytes: &[u8]) -> bool {
+    if let Ok(json) = serde_json::from_slice::<UserPayload>(bytes) {
+        return !json.online;
+    }
+    match crate::pb::Presence::decode(bytes) {
+        Ok(p) => !p.user_id.is_empty() && p.availability == crate::pb::Availability::Offline as i32,
+        Err(_) => false,
+    }
+}
+
 /// A digest of what a user's topic shows, publication time left out: equal digests need no
 /// new publication (the periodic pass only publishes changes).
 pub(crate) fn user_fingerprint(p: &PresenceSnapshot) -> u64 {
@@ -207,10 +219,16 @@ mod tests {
         assert_eq!(pb.user_id, "alice");
         assert_eq!(pb.version, 7);
         assert!(encode_channel("c", 0, 1).is_empty());
+        assert!(says_offline(&encode_user(&p, PayloadFormat::Json, 9)));
+        assert!(says_offline(&encode_user(&p, PayloadFormat::Protobuf, 9)));
+        assert!(!says_offline(b"\xff garbage"));
         let c: ChannelPayload = serde_json::from_slice(&encode_channel("c", 3, 1)).unwrap();
         assert_eq!(c.occupancy, 3);
         // The fingerprint ignores the publication time but not the presence.
         let fp = user_fingerprint(&p);
+        p.availability = Availability::Online;
+        assert!(!says_offline(&encode_user(&p, PayloadFormat::Json, 9)));
+        assert!(!says_offline(&encode_user(&p, PayloadFormat::Protobuf, 9)));
         p.status = "x".into();
         assert_ne!(fp, user_fingerprint(&p));
     }

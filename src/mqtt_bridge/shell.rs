@@ -87,8 +87,8 @@ enum Link {
     Up,
     /// The connection failed or was lost; the task reconnects after its backoff.
     Down,
-    /// A retained message on a scanned topic.
-    Retained(String),
+    /// A retained message on a scanned topic, and its payload.
+    Retained(String, bytes::Bytes),
 }
 
 /// Full-jitter exponential backoff.
@@ -175,7 +175,7 @@ async fn drive(
                 if !p.retain || p.payload.is_empty() {
                     continue;
                 }
-                Link::Retained(p.topic)
+                Link::Retained(p.topic, p.payload)
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => continue,
@@ -437,9 +437,12 @@ pub(super) async fn run(
                         scan_end = None;
                         next_resync = None;
                     }
-                    Some(Link::Retained(topic)) => {
+                    Some(Link::Retained(topic, bytes)) => {
                         if scan_end.is_some() {
                             let subject = match topics.parse(&topic) {
+                                // A user shown offline who is not tracked (not present) is
+                                // right already: only stale online payloads are corrected.
+                                Some(TopicSubject::User(_)) if payload::says_offline(&bytes) => None,
                                 Some(TopicSubject::User(u)) => Some(Subject::User(u)),
                                 Some(TopicSubject::Channel(c)) => Some(Subject::Channel(c)),
                                 None => None,
@@ -482,12 +485,14 @@ pub(super) async fn run(
                 .is_err()
             {
                 stop.cancel();
+                let _ = driver.await;
             }
             state.connected = false;
             metrics::gauge!(names::CONNECTED).set(0.0);
             continue;
         }
         // A clean stop.
+        let mut finished = false;
         if state.connected {
             let deadline = Instant::now() + STOP_DEADLINE;
             state.absorb(&bridge.inbox);
@@ -507,17 +512,17 @@ pub(super) async fn run(
                 }
             }
             let _ = tokio::time::timeout_at(deadline, client.disconnect()).await;
-            if tokio::time::timeout_at(deadline, &mut driver)
-                .await
-                .is_err()
-            {
+            finished = tokio::time::timeout_at(deadline, &mut driver).await.is_ok();
+            if !finished {
                 tracing::warn!(
                     "mqtt bridge: the final state was not sent within {STOP_DEADLINE:?}"
                 );
             }
         }
         stop.cancel();
-        let _ = driver.await;
+        if !finished {
+            let _ = driver.await;
+        }
         metrics::gauge!(names::CONNECTED).set(0.0);
         return;
     }
