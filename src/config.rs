@@ -101,6 +101,9 @@ pub struct Config {
     pub websocket: crate::ws::WebSocketConfig,
     /// Privacy caps: block lists, approvals, pending requests.
     pub privacy: crate::privacy::PrivacyConfig,
+    /// The MQTT bridge (`[mqtt_bridge]`): presence as retained MQTT messages; absent: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mqtt_bridge: Option<crate::mqtt_bridge::MqttBridgeConfig>,
 }
 
 impl Default for Config {
@@ -121,6 +124,7 @@ impl Default for Config {
             webhooks: Vec::new(),
             websocket: crate::ws::WebSocketConfig::default(),
             privacy: crate::privacy::PrivacyConfig::default(),
+            mqtt_bridge: None,
         }
     }
 }
@@ -594,8 +598,8 @@ impl Config {
     }
 
     /// This config with every secret replaced by [`REDACTED`], for printing: token secrets
-    /// (except the public development one), admin keys, webhook signing secrets and the
-    /// password in a NATS URL. Key ids, users and everything else are kept.
+    /// (except the public development one), admin keys, webhook signing secrets, the password
+    /// in a NATS or MQTT URL and the MQTT bridge's password. Key ids, users and everything else are kept.
     pub fn redacted(&self) -> Config {
         let mut c = self.clone();
         for secret in c.auth.secrets.values_mut() {
@@ -614,6 +618,12 @@ impl Config {
         if let Some(cluster) = &mut c.cluster {
             for url in &mut cluster.nats_urls {
                 *url = redact_url_password(url);
+            }
+        }
+        if let Some(bridge) = &mut c.mqtt_bridge {
+            bridge.url = redact_url_password(&bridge.url);
+            if let Some(password) = &mut bridge.password {
+                *password = REDACTED.to_string();
             }
         }
         c
@@ -679,6 +689,9 @@ impl Config {
         self.websocket.validate().map_err(ConfigError::Invalid)?;
         for (i, w) in self.webhooks.iter().enumerate() {
             w.validate(i).map_err(ConfigError::Invalid)?;
+        }
+        if let Some(bridge) = &self.mqtt_bridge {
+            bridge.validate().map_err(ConfigError::Invalid)?;
         }
         let s = &self.session;
         let l = &self.limits;

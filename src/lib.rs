@@ -37,6 +37,7 @@
 //! | `cluster` | cluster mode on NATS: the link, delta publisher and receiver, heartbeats, peer liveness, state transfer, fencing |
 //! | [`events`] | the backend event catalogue, its JSON shape, and the bus that numbers events for webhooks and `GET /v1/events` |
 //! | `webhooks` | `[[webhooks]]` endpoints: bounded queues, batching, Standard Webhooks signing, retries |
+//! | `mqtt_bridge` | `[mqtt_bridge]`: user presence and channel occupancy published to an MQTT broker as retained messages, with a Last Will, reconnects and full passes |
 //! | `admin` | the admin HTTP API (axum) for the application's backend |
 //! | `metrics` | metric names, the Prometheus exporter and its HTTP endpoint |
 //! | [`config`] | `Config` with embedded defaults, TOML loading and validation |
@@ -71,6 +72,8 @@ pub mod events;
 #[doc(hidden)]
 pub mod metrics;
 pub mod model;
+#[doc(hidden)]
+pub mod mqtt_bridge;
 #[doc(hidden)]
 pub mod outbound;
 #[doc(hidden)]

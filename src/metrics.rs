@@ -247,6 +247,7 @@ fn describe() {
     describe_counter!(CLUSTER_LOG_OPS, "Subscription-log operations, by result");
     describe_counter!(EVENTS, "Backend events (webhooks, GET /v1/events), by type");
     crate::webhooks::describe();
+    crate::mqtt_bridge::describe();
     describe_counter!(
         EVENTS_DROPPED,
         "Cluster mode: backend events lost before the event log, by reason"

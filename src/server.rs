@@ -23,6 +23,7 @@ use crate::config::{Config, ConfigError};
 use crate::connection::{self, ConnectionContext};
 use crate::events::EventBus;
 use crate::metrics as m;
+use crate::mqtt_bridge::{MqttBridge, MqttBridgeError};
 use crate::registry::Registry;
 use crate::store::{SledStore, StoreError, SubscriptionStore};
 use crate::tls::{self, TlsError};
@@ -40,6 +41,9 @@ pub enum ServerError {
     /// The subscription store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The MQTT bridge could not be set up.
+    #[error(transparent)]
+    MqttBridge(#[from] MqttBridgeError),
     /// Cluster mode could not start.
     #[error(transparent)]
     Cluster(#[from] crate::cluster::ClusterError),
@@ -81,6 +85,8 @@ pub struct Server {
     admin: Option<AdminApi>,
     /// The embedder's presence hook, when one is plugged in.
     hook: Option<crate::embed::HookHandle>,
+    /// The MQTT bridge, started by `run`.
+    mqtt_bridge: Option<MqttBridge>,
 }
 
 /// Pending connections the kernel may queue before `accept` (capped by `net.core.somaxconn`).
@@ -174,14 +180,22 @@ impl Server {
         let cluster_config = config.cluster.clone();
         let admin_config = config.admin.clone();
         let (webhooks, mut sinks) = Webhooks::new(&config.webhooks);
-        // The hook is the last sink: in cluster mode the webhooks' delivery progress names the
-        // first ones by position.
+        // The hook and the MQTT bridge come after the webhooks' sinks: in cluster mode the
+        // webhooks' delivery progress names the first sinks by position.
         let hook = match plugins.hook {
             Some(hook) => {
                 let handle = crate::embed::HookHandle::start(hook, plugins.hook_queue)
                     .map_err(ServerError::Hook)?;
                 sinks.push(handle.sink());
                 Some(handle)
+            }
+            None => None,
+        };
+        let mqtt_bridge = match &config.mqtt_bridge {
+            Some(c) => {
+                let (bridge, sink) = MqttBridge::new(c)?;
+                sinks.push(sink);
+                Some(bridge)
             }
             None => None,
         };
@@ -263,6 +277,7 @@ impl Server {
             webhooks,
             admin,
             hook,
+            mqtt_bridge,
         })
     }
 
@@ -334,6 +349,15 @@ impl Server {
             background.spawn(admin.serve(ctx.shutdown.clone()));
         }
         background.spawn(self.webhooks.run(ctx.shutdown.clone()));
+        if let Some(bridge) = self.mqtt_bridge {
+            // Stops with the other background tasks, before sessions are drained: its clean
+            // stop publishes the users it shows online as offline, then its status offline.
+            background.spawn(bridge.run(
+                ctx.registry.clone(),
+                self.events.clone(),
+                ctx.shutdown.clone(),
+            ));
+        }
         background.spawn(channel_intervals(ctx.clone()));
         let listeners = [
             (Some(self.listener), Transport::Tls(self.tls_config.clone())),

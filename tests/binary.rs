@@ -71,6 +71,7 @@ async fn print_config_redacts_every_secret() {
         "admin-key-0123456789abcdef0123456789abcdef",
         "whsec-0123456789abcdef0123456789abcdef",
         "nats-password-0123456789",
+        "mqtt-password-0123456789",
     ];
     std::fs::write(
         &file,
@@ -78,8 +79,10 @@ async fn print_config_redacts_every_secret() {
             "[auth]\ndefault_kid = \"k1\"\n[auth.secrets]\nk1 = \"{}\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[admin.keys.ops]\nkey = \"{}\"\nscope = \"write\"\n\
              [[webhooks]]\nurl = \"http://127.0.0.1:9/hook\"\n[webhooks.secrets]\nv1 = \"{}\"\n\
-             [cluster]\nnats_urls = [\"nats://presenced:{}@127.0.0.1:4222\"]\n",
-            secrets[0], secrets[1], secrets[2], secrets[3]
+             [cluster]\nnats_urls = [\"nats://presenced:{}@127.0.0.1:4222\"]\n\
+             [mqtt_bridge]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"presenced-1\"\n\
+             username = \"bridge\"\npassword = \"{}\"\n",
+            secrets[0], secrets[1], secrets[2], secrets[3], secrets[4]
         ),
     )
     .unwrap();
@@ -101,7 +104,7 @@ async fn print_config_redacts_every_secret() {
     for secret in secrets {
         assert!(!text.contains(secret), "{secret} printed:\n{text}");
     }
-    assert_eq!(text.matches("<redacted>").count(), 4, "{text}");
+    assert_eq!(text.matches("<redacted>").count(), 5, "{text}");
     // What is not secret is still shown: key ids, the user in the NATS URL, the webhook URL.
     assert!(text.contains("k1 = \"<redacted>\""), "{text}");
     assert!(

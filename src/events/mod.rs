@@ -705,6 +705,12 @@ impl EventBus {
         state.recent.back().map_or(0, |e| e.seq)
     }
 
+    /// Whether this bus runs in cluster mode ([`EventBus::clustered`]): it may then stop and
+    /// start feeding its sinks.
+    pub fn is_clustered(&self) -> bool {
+        self.outbox.is_some()
+    }
+
     /// Cluster mode: whether this node feeds its sinks.
     pub fn is_delivering(&self) -> bool {
         self.delivering.load(std::sync::atomic::Ordering::Relaxed)

@@ -121,6 +121,19 @@ impl Registry {
         ended
     }
 
+    /// Up to `limit` users with at least one device (live, lingering, or held by another
+    /// node), as the backend sees them, sorted by user id (the MQTT bridge's full pass).
+    pub fn present_users(&self, limit: usize) -> Vec<PresenceSnapshot> {
+        let state = self.state();
+        let mut users: Vec<&String> = state.users.keys().collect();
+        users.sort_unstable();
+        users
+            .into_iter()
+            .take(limit)
+            .filter_map(|u| state.users.get(u).map(|e| e.snapshot()))
+            .collect()
+    }
+
     /// Who holds `user_id`'s devices: whether this node holds any, and the other nodes that
     /// do (sorted, each once).
     pub fn holders(&self, user_id: &str) -> (bool, Vec<String>) {

@@ -498,6 +498,29 @@ impl Registry {
         }
     }
 
+    /// Up to `limit` channels with at least one member and their occupancy as `viewer` is
+    /// shown it (channels whose members are all hidden from the viewer are left out), sorted.
+    pub fn occupancies_for(&self, viewer: Viewer<'_>, limit: usize) -> Vec<(String, u32)> {
+        let state = self.state();
+        let mut all: Vec<(String, u32)> = state
+            .channels
+            .iter()
+            .map(|(name, ch)| (name.clone(), ch.occupancy_for(&state.privacy, viewer)))
+            .filter(|(_, n)| *n > 0)
+            .collect();
+        all.sort_unstable();
+        all.truncate(limit);
+        all
+    }
+
+    /// How many of `channel`'s members are hidden from `viewer` (0 for an unknown channel).
+    pub fn hidden_members(&self, viewer: Viewer<'_>, channel: &str) -> u32 {
+        let state = self.state();
+        state.channels.get(channel).map_or(0, |ch| {
+            ch.occupancy() - ch.occupancy_for(&state.privacy, viewer)
+        })
+    }
+
     /// The channels any device of `user_id` has joined, sorted, as the backend sees them.
     pub fn where_now(&self, user_id: &str) -> Vec<String> {
         self.where_now_for(Viewer::Backend, user_id)

@@ -135,6 +135,15 @@ impl Registry {
         })
     }
 
+    /// What a stranger ([`Viewer::Public`]) is shown of `truth`, a presence of
+    /// `truth.user_id` that may be newer than this registry's own (an event from the cluster's
+    /// log): `truth` itself, or the masked offline view when the user's privacy hides them.
+    pub fn shown_to_public(&self, truth: &PresenceSnapshot) -> PresenceSnapshot {
+        let state = self.state();
+        let decision = state.privacy.decide(Viewer::Public, &truth.user_id);
+        shown_as(&state.privacy, decision, truth)
+    }
+
     /// Whether `user` is invisible at the user level.
     pub fn is_invisible(&self, user: &str) -> bool {
         self.state()
