@@ -187,6 +187,17 @@ impl ConnectRequest {
     pub fn device_id(&self) -> &str {
         &self.device_id
     }
+
+    /// Whether the client asks to start invisible.
+    pub fn invisible(&self) -> bool {
+        self.invisible
+    }
+
+    /// Cluster mode: the invisibility was carried out before [`connect`] (through the privacy
+    /// log), so `connect` need not.
+    pub fn invisibility_done(&mut self) {
+        self.invisible = false;
+    }
 }
 
 /// What a request asks for, validated.
@@ -881,6 +892,43 @@ pub(crate) fn decode_member_cursor(cursor: &str) -> Result<Option<(String, Strin
     Ok(Some((user.to_string(), device.to_string())))
 }
 
+/// Why an authenticated identity may still not connect (its auth-failure metric reason and
+/// the error), or `None`: a user id the wire would refuse (the default authenticator checked
+/// it already; another one may return anything), or a token issued before the user's tokens
+/// were revoked. No side effects: [`connect`] counts the failure.
+pub fn identity_refusal(
+    identity: &Identity,
+    registry: &Registry,
+) -> Option<(&'static str, RequestError)> {
+    if let Err(r) = check_user_id(&identity.user_id) {
+        return Some((
+            "bad_subject",
+            RequestError::new(
+                pb::ErrorCode::Unauthenticated,
+                format!("authenticated user id: {r}"),
+            ),
+        ));
+    }
+    let before_ms = registry
+        .store()
+        .tokens_revoked_before(&identity.user_id, crate::now_ms())?;
+    let issued_ms = identity.issued_at_secs.unwrap_or(0).saturating_mul(1000);
+    (issued_ms < before_ms).then(|| {
+        (
+            "revoked",
+            RequestError::new(
+                pb::ErrorCode::TokenRevoked,
+                format!(
+                    "tokens of this user issued before {before_ms} ms were revoked (this one: {}); get a fresh token",
+                    identity
+                        .issued_at_secs
+                        .map_or("no iat".to_string(), |i| format!("iat {i} s"))
+                ),
+            ),
+        )
+    })
+}
+
 /// Registers the session of a Connect its authenticator accepted as `identity` (after the
 /// checks every authenticator gets: the user id's shape and the user's revocation). On success
 /// returns the session and the ConnAck body; on failure the error to send before closing.
@@ -892,31 +940,11 @@ pub fn connect(
     outbound: &Outbound,
     received_at: Instant,
 ) -> Result<(Session, ServerBody), RequestError> {
-    // The default authenticator checked this already; another one may return anything.
-    check_user_id(&identity.user_id).map_err(|r| {
-        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "bad_subject").increment(1);
-        RequestError::new(
-            pb::ErrorCode::Unauthenticated,
-            format!("authenticated user id: {r}"),
-        )
-    })?;
-    let claims = identity;
-    if let Some(before_ms) = registry
-        .store()
-        .tokens_revoked_before(&claims.user_id, crate::now_ms())
-    {
-        let issued_ms = claims.issued_at_secs.unwrap_or(0).saturating_mul(1000);
-        if issued_ms < before_ms {
-            metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => "revoked").increment(1);
-            return Err(RequestError::new(
-                pb::ErrorCode::TokenRevoked,
-                format!(
-                    "tokens of this user issued before {before_ms} ms were revoked (this one: {}); get a fresh token",
-                    claims.issued_at_secs.map_or("no iat".to_string(), |i| format!("iat {i} s"))
-                ),
-            ));
-        }
+    if let Some((reason, error)) = identity_refusal(&identity, registry) {
+        metrics::counter!(crate::metrics::AUTH_FAILURES, "reason" => reason).increment(1);
+        return Err(error);
     }
+    let claims = identity;
     let device_id = match claims.device_id {
         Some(did) => did,
         None if request.device_id.is_empty() => "default".to_string(),

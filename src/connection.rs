@@ -820,8 +820,30 @@ async fn read_loop<F: FrameSource>(
                 _ = ctx.shutdown.cancelled() => return End::Shutdown,
                 verdict = Box::pin(ctx.auth.authenticate(asked)) => verdict,
             };
+            let mut request = *request;
+            // Cluster mode: starting invisible goes through the privacy log and must hold on
+            // every node before the device is announced (a single node does it in `connect`).
+            if let Ok(identity) = &verdict {
+                if request.invisible()
+                    && command::identity_refusal(identity, &ctx.registry).is_none()
+                {
+                    let started = tokio::select! {
+                        biased;
+                        _ = ctx.shutdown.cancelled() => return End::Shutdown,
+                        started = Box::pin(ctx.start_invisible_in_cluster(&identity.user_id)) => started,
+                    };
+                    match started {
+                        Ok(true) => request.invisibility_done(),
+                        Ok(false) => {}
+                        Err(e) => {
+                            push_error(outbound, request_id, "connect", &e);
+                            return End::Close(CloseKind::NodeUnavailable, e.reason);
+                        }
+                    }
+                }
+            }
             step = finish_connect(
-                verdict, *request, request_id, reader, session, outbound, ctx, peer,
+                verdict, request, request_id, reader, session, outbound, ctx, peer,
             );
         }
         match step {

@@ -1,7 +1,8 @@
 //! Privacy in cluster mode: settings, blocks and approvals made on one node hold on every
 //! node (the `<PREFIX>_PRIVACY` JetStream stream, 3 replicas on 3 nats-servers), watchers on
 //! other nodes see the same transitions as on a single node, requests and acceptances cross
-//! nodes, and a node that restarts or joins later replays the privacy log before it opens.
+//! nodes, a node that restarts or joins later replays the privacy log before it opens, and a
+//! Connect that starts invisible is never announced on any node.
 
 mod common;
 
@@ -100,4 +101,70 @@ async fn privacy_set_on_one_node_holds_on_every_node() {
     let w2 = n2.connect("w", "phone").await;
     assert_eq!(within(w2.list_blocked("", 0)).await.unwrap().total, 1);
     drop(alice);
+}
+
+/// Reads `watcher`'s presence events until `marker`'s ONLINE, failing on any event about
+/// `hidden` before it.
+async fn nothing_about_before_marker(watcher: &mut Client, hidden: &str, marker: &str) {
+    loop {
+        let e = within(watcher.next_presence_event()).await.unwrap();
+        assert_ne!(
+            e.user_id, hidden,
+            "an event about {hidden} reached a watcher: {e:?}"
+        );
+        if e.user_id == marker && e.kind() == EventKind::Online {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn connecting_invisible_is_never_announced_on_any_node() {
+    let nats = NatsCluster::start(3).await;
+    let n1 = node(&nats, "node1", 0).await;
+    let n2 = node(&nats, "node2", 1).await;
+    let n3 = node(&nats, "node3", 2).await;
+    let users: Vec<String> = (0..30).map(|i| format!("inv{i}")).collect();
+    let markers: Vec<String> = (0..users.len()).map(|i| format!("mk{i}")).collect();
+    let watched: Vec<&str> = users.iter().chain(&markers).map(String::as_str).collect();
+    let mut watchers = Vec::new();
+    for (n, id) in [(&n1, "w1"), (&n2, "w2"), (&n3, "w3")] {
+        let w = n.connect(id, "phone").await;
+        within(w.subscribe(&watched)).await.unwrap();
+        watchers.push(w);
+    }
+
+    let mut hidden = Vec::new();
+    let mut took = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        let mut opts = n1.options(user, "phone");
+        opts.invisible = true;
+        let started = std::time::Instant::now();
+        let c = within(Client::connect(opts)).await.unwrap();
+        took.push(started.elapsed());
+        assert!(c.conn_ack.invisible, "{user}");
+        // Node 1's changes reach each node in order: once a watcher sees a marker user come
+        // online on node 1 after the ConnAck, it has seen all the invisible connect sent.
+        let marker = n1.connect(&markers[i], "phone").await;
+        for w in &mut watchers {
+            nothing_about_before_marker(w, user, &markers[i]).await;
+            let p = shown(w, user).await;
+            assert_eq!(availability(&p), pb::Availability::Offline, "{p:?}");
+            assert!(p.devices.is_empty(), "{p:?}");
+        }
+        hidden.push((c, marker));
+    }
+
+    took.sort();
+    eprintln!(
+        "invisible connects in a 3-node cluster: median {:?}, max {:?}",
+        took[took.len() / 2],
+        took[took.len() - 1]
+    );
+
+    // The watchers do watch: turning visible on node 1 shows the user on every node.
+    within(hidden[0].0.set_invisible(false)).await.unwrap();
+    for w in &mut watchers {
+        presence_event_of(w, &users[0], EventKind::Online).await;
+    }
 }
