@@ -353,6 +353,8 @@ async fn protobuf_payloads_and_invisible_users_show_offline() {
     let mut watcher = Watcher::subscribe(mosquitto.port, &format!("{prefix}/#")).await;
     let mut bridge = bridge_config(&mosquitto, prefix);
     bridge.format = PayloadFormat::Protobuf;
+    // No periodic pass: privacy changes must reach the bridge by themselves.
+    bridge.resync_interval_ms = 600_000;
     let broker = start(|c| {
         c.session.grace_period_ms = GRACE_MS;
         c.mqtt_bridge = Some(bridge);
@@ -374,8 +376,9 @@ async fn protobuf_payloads_and_invisible_users_show_offline() {
     assert_eq!(p.devices.len(), 1);
     assert_eq!(p.devices[0].device_id, "phone");
 
-    // Erin goes invisible: strangers (the bridge's default audience) see her offline, within
-    // the periodic pass (a privacy change sends no event), and not in the channel.
+    // Erin goes invisible: strangers (the bridge's default audience) see her offline within a
+    // second (a privacy change sends no event: the registry tells the bridge), and not in the
+    // channel.
     let erin = connect_device(&broker, "erin", "phone").await;
     watcher
         .until(&format!("{prefix}/users/erin"), SECOND, pb_user(true))
@@ -383,7 +386,7 @@ async fn protobuf_payloads_and_invisible_users_show_offline() {
     erin.set_invisible(true).await.unwrap();
     let t0 = Instant::now();
     watcher
-        .until(&format!("{prefix}/users/erin"), 3 * SECOND, pb_user(false))
+        .until(&format!("{prefix}/users/erin"), SECOND, pb_user(false))
         .await;
     println!(
         "invisible -> offline on the bridge: {:.1} ms",
@@ -419,6 +422,22 @@ async fn protobuf_payloads_and_invisible_users_show_offline() {
     let p = presenced::pb::Presence::decode(&latest.payload[..]).unwrap();
     assert_eq!(p.availability, presenced::pb::Availability::Offline as i32);
     assert_eq!(p.status, "", "nothing of an invisible user leaks");
+
+    // Visible again: online (with her status) and counted in the room, within a second.
+    erin.set_invisible(false).await.unwrap();
+    let t0 = Instant::now();
+    let msg = watcher
+        .until(&format!("{prefix}/users/erin"), SECOND, pb_user(true))
+        .await;
+    let p = presenced::pb::Presence::decode(&msg.payload[..]).unwrap();
+    assert_eq!(p.status, "secret");
+    watcher
+        .occupancy(&format!("{prefix}/channels/lobby"), 2, SECOND)
+        .await;
+    println!(
+        "visible -> online and counted on the bridge: {:.1} ms",
+        ms(t0.elapsed())
+    );
     broker.stop().await;
 }
 

@@ -85,8 +85,8 @@ pub struct MqttBridgeConfig {
     /// topics to correct those it no longer holds (left behind by a crash or a restart).
     #[serde(default = "default_retained_scan_ms")]
     pub retained_scan_ms: u64,
-    /// Full pass over the registry every this often: privacy changes (going invisible) and
-    /// anything missed are published within this period. 0: only after connects and losses.
+    /// Full pass over the registry every this often, a safety net: anything missed is
+    /// published within this period. 0: only after connects and losses.
     #[serde(default = "default_resync_interval_ms")]
     pub resync_interval_ms: u64,
 }

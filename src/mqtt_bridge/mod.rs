@@ -29,9 +29,11 @@
 //!   of the broker) that shows a user online (or cannot be read) or a channel occupied is
 //!   corrected from the registry (the user offline with its last-seen time, the channel
 //!   cleared). Nothing is stored locally.
+//! - **Privacy changes** send no event: the registry tells the inbox (a `SettingsListener`)
+//!   of each user whose invisibility or audience changed, and the bridge republishes that user
+//!   and the rooms they are in (only what changed is published).
 //! - **Losses**: a full inbox drops events (counted) and triggers a full pass; a periodic full
-//!   pass (`resync_interval_ms`) publishes only what changed (privacy changes, which send no
-//!   event, appear within that period).
+//!   pass (`resync_interval_ms`) publishes only what changed, as a safety net.
 //! - **Cluster mode**: only the node that delivers events (`EventBus::is_delivering`) connects;
 //!   it takes over with a full pass. All nodes use the same `client_id`.
 //! - **Clean stop**: users the bridge shows online are published offline (single node: their
@@ -55,6 +57,59 @@ use tokio_util::sync::CancellationToken;
 
 use crate::events::{Event, EventBus, EventSink, EventType};
 use crate::registry::Registry;
+
+/// What the retained scan makes of one retained message from the MQTT broker: the subject to
+/// correct, or `None` (not a topic of this prefix, or a user shown offline already: only
+/// stale online payloads, and unreadable ones, are corrected). The topic and payload are the
+/// broker's, so anything may arrive.
+fn scanned_subject(topics: &payload::Topics, topic: &str, bytes: &[u8]) -> Option<core::Subject> {
+    match topics.parse(topic)? {
+        payload::TopicSubject::User(_) if payload::says_offline(bytes) => None,
+        payload::TopicSubject::User(u) => Some(core::Subject::User(u)),
+        payload::TopicSubject::Channel(c) => Some(core::Subject::Channel(c)),
+    }
+}
+
+/// Fuzzing: the retained scan's reading of messages from the MQTT broker, into a core capped
+/// at `max_subjects` (the fuzz target `mqtt_retained` drives it with arbitrary topics and
+/// payloads).
+#[doc(hidden)]
+#[derive(Debug)]
+pub struct RetainedScan {
+    topics: payload::Topics,
+    core: core::Core,
+    max_subjects: usize,
+}
+
+#[doc(hidden)]
+impl RetainedScan {
+    /// A scan for `prefix`, tracking at most `max_subjects`.
+    pub fn new(prefix: &str, client_id: &str, max_subjects: usize) -> RetainedScan {
+        RetainedScan {
+            topics: payload::Topics::new(prefix, client_id),
+            core: core::Core::new(max_subjects),
+            max_subjects,
+        }
+    }
+
+    /// One retained message; the topic it queues for correction, if any. Panics when a
+    /// bound or the topic round trip breaks (that is what the fuzz target looks for).
+    pub fn feed(&mut self, topic: &str, bytes: &[u8]) -> Option<String> {
+        let subject = scanned_subject(&self.topics, topic, bytes)?;
+        let queued = self.core.retained(subject.clone()) == core::Applied::Queued;
+        assert!(self.core.len() <= self.max_subjects, "past max_subjects");
+        let back = match &subject {
+            core::Subject::User(u) => self.topics.user(u),
+            core::Subject::Channel(c) => self.topics.channel(c),
+        };
+        assert_eq!(
+            back.as_deref(),
+            Some(topic),
+            "the subject names its own topic"
+        );
+        queued.then(|| topic.to_string())
+    }
+}
 
 /// Metric names.
 pub mod names {
@@ -132,21 +187,43 @@ struct InboxState {
     events: VecDeque<Arc<Event>>,
     /// Events dropped since the bridge last drained (it then makes a full pass).
     lost: u64,
+    /// Users whose privacy settings changed since the last drain (at most `capacity`; past
+    /// that, `lost` counts them and a full pass covers them): what a stranger is shown of
+    /// them may have changed without an event.
+    settings: std::collections::BTreeSet<String>,
 }
 
 impl Inbox {
-    /// Takes every waiting event and how many were lost since the last call.
-    pub(crate) fn drain(&self) -> (Vec<Arc<Event>>, u64) {
+    /// Takes every waiting event, the users whose privacy settings changed, and how many
+    /// were lost since the last call.
+    pub(crate) fn drain(&self) -> (Vec<Arc<Event>>, Vec<String>, u64) {
         let mut state = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let lost = std::mem::take(&mut state.lost);
         let events = state.events.drain(..).collect();
+        let settings = std::mem::take(&mut state.settings).into_iter().collect();
         metrics::gauge!(names::QUEUE_DEPTH).set(0.0);
-        (events, lost)
+        (events, settings, lost)
     }
 
     /// Waits until an event arrives (or one arrived since the last wait).
     pub(crate) async fn notified(&self) {
         self.notify.notified().await;
+    }
+}
+
+/// Privacy changes send no event: the registry tells the inbox of each user whose settings
+/// changed (under its lock: a bounded, non-blocking insert), and the bridge republishes them.
+impl crate::registry::SettingsListener for Inbox {
+    fn settings_changed(&self, user: &str) {
+        let mut state = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        if state.settings.len() >= self.capacity && !state.settings.contains(user) {
+            state.lost += 1;
+            drop(state);
+            metrics::counter!(names::DROPPED, "reason" => "queue_full").increment(1);
+        } else {
+            state.settings.insert(user.to_string());
+        }
+        self.notify.notify_one();
     }
 }
 
@@ -243,6 +320,7 @@ impl MqttBridge {
     /// about 2 s. `events` says whether this node delivers (cluster mode; a single node always
     /// does).
     pub async fn run(self, registry: Registry, events: Arc<EventBus>, shutdown: CancellationToken) {
+        registry.set_settings_listener(self.inbox.clone());
         shell::run(self, registry, events, shutdown).await;
     }
 }

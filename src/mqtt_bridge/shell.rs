@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::{MqttBridgeConfig, ShowPolicy};
 use super::core::{Applied, Core, Subject};
-use super::payload::{self, TopicSubject, Topics};
+use super::payload::{self, Topics};
 use super::{names, MqttBridge, MqttBridgeError};
 use crate::events::EventBus;
 use crate::model::{Availability, PresenceSnapshot};
@@ -222,8 +222,20 @@ struct Bridge<'a> {
 impl Bridge<'_> {
     /// Feeds the inbox's events to the core; a loss triggers a full pass.
     fn absorb(&mut self, inbox: &super::Inbox) {
-        let (events, lost) = inbox.drain();
+        let (events, settings, lost) = inbox.drain();
         let mut resync = lost > 0;
+        // A privacy change: republish the user (and the rooms they are in, whose public
+        // occupancy may change) if shown; the publication skips what did not change.
+        for user in &settings {
+            if self.core.user(user).is_some() {
+                self.core.requeue(Subject::User(user.clone()));
+            }
+            for channel in self.registry.where_now(user) {
+                if self.core.channel(&channel).is_some() {
+                    self.core.requeue(Subject::Channel(channel));
+                }
+            }
+        }
         for event in &events {
             match self.core.apply(event) {
                 Applied::Dropped => {
@@ -439,15 +451,7 @@ pub(super) async fn run(
                     }
                     Some(Link::Retained(topic, bytes)) => {
                         if scan_end.is_some() {
-                            let subject = match topics.parse(&topic) {
-                                // A user shown offline who is not tracked (not present) is
-                                // right already: only stale online payloads are corrected.
-                                Some(TopicSubject::User(_)) if payload::says_offline(&bytes) => None,
-                                Some(TopicSubject::User(u)) => Some(Subject::User(u)),
-                                Some(TopicSubject::Channel(c)) => Some(Subject::Channel(c)),
-                                None => None,
-                            };
-                            if let Some(subject) = subject {
+                            if let Some(subject) = super::scanned_subject(&topics, &topic, &bytes) {
                                 if state.core.retained(subject) == Applied::Dropped {
                                     metrics::counter!(names::DROPPED, "reason" => "subject_cap").increment(1);
                                 }

@@ -283,6 +283,10 @@ struct Shared {
     /// Told of every transition a backend cares about (webhooks, `GET /v1/events`), under
     /// the state lock so they arrive in registry order.
     observer: std::sync::OnceLock<Arc<dyn TransitionObserver>>,
+    /// Told, under the state lock, of each user whose privacy settings (invisibility,
+    /// audiences) changed: what a stranger is shown of them may have changed without an
+    /// event (the MQTT bridge's public view). Must not block.
+    settings_listener: std::sync::OnceLock<Arc<dyn SettingsListener>>,
 }
 
 impl Drop for Shared {
@@ -291,6 +295,13 @@ impl Drop for Shared {
         let state = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
         metrics::gauge!(crate::metrics::ONLINE_USERS).decrement(state.online_reported as f64);
     }
+}
+
+/// Told of each user whose privacy settings changed ([`Registry::set_settings_listener`]).
+pub trait SettingsListener: Send + Sync + fmt::Debug {
+    /// `user`'s invisibility or audiences changed; called under the registry lock, so it
+    /// must not block.
+    fn settings_changed(&self, user: &str);
 }
 
 /// Handle to the live presence table; a cheap clone of an `Arc`.
@@ -384,6 +395,7 @@ impl Registry {
                 sink: std::sync::OnceLock::new(),
                 hlc: replica::Hlc::default(),
                 observer: std::sync::OnceLock::new(),
+                settings_listener: std::sync::OnceLock::new(),
             }),
         };
         registry.load_privacy();
@@ -396,6 +408,14 @@ impl Registry {
     pub fn set_observer(&self, observer: Arc<dyn TransitionObserver>) {
         if self.shared.observer.set(observer).is_err() {
             tracing::warn!("transition observer already set");
+        }
+    }
+
+    /// Installs the listener told of each user whose privacy settings changed (once; later
+    /// calls are ignored). Called under the registry lock: it must not block.
+    pub fn set_settings_listener(&self, listener: Arc<dyn SettingsListener>) {
+        if self.shared.settings_listener.set(listener).is_err() {
+            tracing::warn!("privacy settings listener already set");
         }
     }
 

@@ -331,6 +331,13 @@ impl Registry {
         for record in records {
             state.privacy.apply(record);
         }
+        if let Some(listener) = self.shared.settings_listener.get() {
+            for record in records {
+                if let PrivacyRecord::Settings { user, .. } = record {
+                    listener.settings_changed(user);
+                }
+            }
+        }
         let mut tally = FanoutTally::default();
         // Notices first: an acceptance arrives before the ONLINE it brings.
         self.privacy_notices(state, records, received_at, &mut tally);
