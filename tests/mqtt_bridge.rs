@@ -2,7 +2,8 @@
 //! subscriber sees retained online / offline and channel occupancy within a second; the state
 //! is right after a Mosquitto restart (a user who left while it was down shows offline) and
 //! after presenced is killed with -9 and restarted (its Last Will, then the stale online topic
-//! corrected); the protobuf format decodes; an invisible user shows offline.
+//! corrected); the protobuf format decodes; an invisible user shows offline; in a cluster one
+//! node bridges and another takes over when it is killed.
 //!
 //! Mosquitto comes from `$PRESENCED_MOSQUITTO` or /usr/sbin/mosquitto (scripts/test.sh
 //! installs Debian's package); without it these tests fail with a message saying so.
@@ -570,4 +571,166 @@ async fn kill_9_publishes_the_last_will_and_a_restart_corrects_stale_users() {
         .await;
     second.child.start_kill().unwrap();
     let _ = second.child.wait().await;
+}
+
+/// Whether `node` is the one bridging (its `presence_mqtt_bridge_connected`).
+async fn bridging(node: &common::cluster::Node) -> f64 {
+    node.metric("presence_mqtt_bridge_connected").await
+}
+
+/// Cluster mode (two presenced processes on three nats-servers): exactly one node bridges,
+/// users of both nodes show; when that node is killed with -9 its Last Will says `offline`,
+/// the other node takes over (status `online` again), and the retained state a newcomer reads
+/// is right: the survivor's user online, the dead node's user offline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_a_cluster_one_node_bridges_and_another_takes_over() {
+    let mosquitto = Mosquitto::start().await;
+    let nats = common::nats::NatsCluster::start(3).await;
+    let prefix = "t5";
+    let status = format!("{prefix}/bridge/presenced-{prefix}");
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("node.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[session]\ngrace_period_ms = {GRACE_MS}\n\n[mqtt_bridge]\nurl = \"{}\"\n\
+             client_id = \"presenced-{prefix}\"\ntopic_prefix = \"{prefix}\"\n\
+             retained_scan_ms = 1000\nreconnect_min_ms = 50\nreconnect_max_ms = 500\n",
+            mosquitto.url()
+        ),
+    )
+    .unwrap();
+    let conf = conf.to_str().unwrap();
+    let mut watcher = Watcher::subscribe(mosquitto.port, &format!("{prefix}/#")).await;
+    let mut urls = nats.urls();
+    let n1 = common::cluster::Node::start("node1", &urls, &["--config", conf]).await;
+    urls.rotate_left(1);
+    let n2 = common::cluster::Node::start("node2", &urls, &["--config", conf]).await;
+    watcher.status(&status, "online", 10 * SECOND).await;
+    let alice = n1.connect("alice", "phone").await;
+    let bob = n2.connect("bob", "phone").await;
+    for user in ["alice", "bob"] {
+        watcher
+            .user(&format!("{prefix}/users/{user}"), true, 2 * SECOND)
+            .await;
+    }
+    let (c1, c2) = (bridging(&n1).await, bridging(&n2).await);
+    assert_eq!(c1 + c2, 1.0, "exactly one node bridges ({c1}, {c2})");
+    let (mut dead, alive, dead_user, live_user) = if c1 == 1.0 {
+        (n1, n2, "alice", "bob")
+    } else {
+        (n2, n1, "bob", "alice")
+    };
+
+    dead.kill9().await;
+    let t0 = Instant::now();
+    watcher.status(&status, "offline", 5 * SECOND).await;
+    let msg = watcher.status(&status, "online", 20 * SECOND).await;
+    let (p, gone) = watcher
+        .user(&format!("{prefix}/users/{dead_user}"), false, 20 * SECOND)
+        .await;
+    assert_eq!(p.user, dead_user);
+    println!(
+        "cluster takeover: bridge online again {:.0} ms, {dead_user} offline {:.0} ms after kill -9",
+        ms(msg.at.duration_since(t0)),
+        ms(gone.at.duration_since(t0))
+    );
+    assert_eq!(bridging(&alive).await, 1.0, "the survivor bridges");
+    let mut late = Watcher::subscribe(mosquitto.port, &format!("{prefix}/#")).await;
+    late.user(&format!("{prefix}/users/{live_user}"), true, 2 * SECOND)
+        .await;
+    late.user(&format!("{prefix}/users/{dead_user}"), false, 2 * SECOND)
+        .await;
+    late.status(&status, "online", 2 * SECOND).await;
+    drop((alice, bob));
+}
+
+/// A user privacy hides from strangers produces nothing on MQTT, exactly like an offline user
+/// who never changes: no message when their device connects, joins an empty room, leaves it,
+/// or disconnects, and none when the bridge reconnects after a Mosquitto restart (each checked
+/// with a visible marker published after it: the bridge publishes in order).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_users_leave_no_trace_on_mqtt() {
+    let mut mosquitto = Mosquitto::start().await;
+    let prefix = "t6";
+    let mut watcher = Watcher::subscribe(mosquitto.port, &format!("{prefix}/#")).await;
+    let bridge = bridge_config(&mosquitto, prefix);
+    let status = format!("{prefix}/bridge/{}", bridge.client_id);
+    let broker = start(|c| {
+        c.session.grace_period_ms = GRACE_MS;
+        c.mqtt_bridge = Some(bridge);
+    })
+    .await;
+    watcher.status(&status, "online", 5 * SECOND).await;
+    let ghost_topic = format!("{prefix}/users/ghost");
+    let shy_topic = format!("{prefix}/users/shy");
+    let room_topic = format!("{prefix}/channels/secret");
+    let mut markers = 0;
+    // shy was shown online, then hid: her topic says offline once, then never changes.
+    let mut shy_final: Option<Vec<u8>> = None;
+    // A visible user comes online; once its topic is out, everything before it is too.
+    let mut marker = async |watcher: &mut Watcher| {
+        markers += 1;
+        let user = format!("mark{markers}");
+        let c = connect_device(&broker, &user, "phone").await;
+        watcher
+            .user(&format!("{prefix}/users/{user}"), true, 5 * SECOND)
+            .await;
+        for topic in [&ghost_topic, &room_topic] {
+            assert!(
+                !watcher.latest.contains_key(topic.as_str()),
+                "{topic} was published: {:?}",
+                watcher
+                    .latest
+                    .get(topic.as_str())
+                    .map(|m| String::from_utf8_lossy(&m.payload).into_owned())
+            );
+        }
+        let shy_now = watcher
+            .latest
+            .get(shy_topic.as_str())
+            .map(|m| m.payload.clone());
+        let shy_now = shy_now.expect("shy's topic");
+        let p: UserPayload = serde_json::from_slice(&shy_now).unwrap();
+        assert!(!p.online, "{p:?}");
+        match &shy_final {
+            None => shy_final = Some(shy_now),
+            Some(was) => assert_eq!(was, &shy_now, "shy's offline topic never changes"),
+        }
+        c
+    };
+
+    // ghost starts invisible; shy shows presence to approved watchers only.
+    let mut opts = common::options(&broker, "ghost", "phone");
+    opts.invisible = true;
+    let ghost = within(presenced::client::Client::connect(opts))
+        .await
+        .unwrap();
+    let shy = connect_device(&broker, "shy", "phone").await;
+    watcher.user(&shy_topic, true, SECOND).await;
+    within(shy.set_privacy(
+        presenced::pb::Audience::Approved,
+        presenced::pb::Audience::Unspecified,
+    ))
+    .await
+    .unwrap();
+    let _m1 = marker(&mut watcher).await;
+    within(ghost.join("secret", &[])).await.unwrap();
+    within(shy.join("secret", &[])).await.unwrap();
+    let _m2 = marker(&mut watcher).await;
+    within(ghost.leave("secret")).await.unwrap();
+    let _m3 = marker(&mut watcher).await;
+
+    // A Mosquitto restart (its retained store kept): the bridge reconnects and republishes
+    // what it shows; still nothing about them.
+    mosquitto.stop().await;
+    mosquitto.spawn().await;
+    let mut watcher = Watcher::subscribe(mosquitto.port, &format!("{prefix}/#")).await;
+    watcher.status(&status, "online", 5 * SECOND).await;
+    let _m4 = marker(&mut watcher).await;
+
+    ghost.disconnect().await.unwrap();
+    shy.disconnect().await.unwrap();
+    let _m5 = marker(&mut watcher).await;
+    broker.stop().await;
 }

@@ -88,7 +88,8 @@ impl RetainedScan {
         RetainedScan {
             topics: payload::Topics::new(prefix, client_id),
             core: core::Core::new(max_subjects),
-            max_subjects,
+            // The core tracks at least one subject (config allows 16 and up).
+            max_subjects: max_subjects.max(1),
         }
     }
 

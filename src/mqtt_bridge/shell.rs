@@ -6,6 +6,7 @@
 //! and the status `offline` and disconnects. No lock is held across an `.await`: the registry
 //! and the inbox are read in short synchronous calls.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -217,6 +218,13 @@ struct Bridge<'a> {
     registry: &'a Registry,
     core: Core,
     connected: bool,
+    /// Users whose topic the MQTT broker shows online, as far as this bridge knows (it
+    /// published them online, or the retained scan read them so): the only users an offline
+    /// view is published for. A user privacy hides (never shown online) therefore produces
+    /// nothing on MQTT, exactly like an offline user who never changes.
+    shown_online: HashSet<String>,
+    /// Channels whose topic the broker shows occupied: the only ones a clear is published for.
+    shown_occupied: HashSet<String>,
 }
 
 impl Bridge<'_> {
@@ -337,10 +345,30 @@ impl Bridge<'_> {
             if self.core.is_published(&subject, fingerprint) && !last {
                 continue;
             }
+            // Shown online (occupied) now, or shown so on the broker: publish. Otherwise the
+            // topic is offline (empty) or absent already: publishing would only say that
+            // something happened to a user privacy hides.
+            let (shown_now, shown_set) = match &subject {
+                Subject::User(u) => (
+                    !payload::says_offline(&bytes) && !bytes.is_empty(),
+                    self.shown_online.contains(u),
+                ),
+                Subject::Channel(c) => (!bytes.is_empty(), self.shown_occupied.contains(c)),
+            };
+            if !shown_now && !shown_set {
+                self.core.published(&subject, fingerprint, last);
+                continue;
+            }
             match client.try_publish(topic, QoS::AtLeastOnce, true, bytes) {
                 Ok(()) => {
                     metrics::counter!(names::PUBLISHED, "topic" => kind).increment(1);
                     self.core.published(&subject, fingerprint, last);
+                    match (&subject, shown_now) {
+                        (Subject::User(u), true) => self.shown_online.insert(u.clone()),
+                        (Subject::User(u), false) => self.shown_online.remove(u),
+                        (Subject::Channel(c), true) => self.shown_occupied.insert(c.clone()),
+                        (Subject::Channel(c), false) => self.shown_occupied.remove(c),
+                    };
                 }
                 Err(ClientError::TryRequest(_)) | Err(ClientError::Request(_)) => {
                     self.core.requeue(subject);
@@ -360,6 +388,9 @@ impl Bridge<'_> {
         }
         let now = crate::now_ms();
         for user in self.core.online_users() {
+            if !self.shown_online.contains(&user) {
+                continue;
+            }
             let Some(topic) = self.topics.user(&user) else {
                 continue;
             };
@@ -374,6 +405,9 @@ impl Bridge<'_> {
             out.push((topic, payload::encode_user(&gone, self.config.format, now)));
         }
         for channel in self.core.channels() {
+            if !self.shown_occupied.contains(&channel) {
+                continue;
+            }
             if let Some(topic) = self.topics.channel(&channel) {
                 out.push((topic, Vec::new()));
             }
@@ -399,6 +433,8 @@ pub(super) async fn run(
         registry: &registry,
         core: Core::new(config.max_subjects),
         connected: false,
+        shown_online: HashSet::new(),
+        shown_occupied: HashSet::new(),
     };
     loop {
         // Cluster mode: only the delivering node bridges.
@@ -452,8 +488,19 @@ pub(super) async fn run(
                     Some(Link::Retained(topic, bytes)) => {
                         if scan_end.is_some() {
                             if let Some(subject) = super::scanned_subject(&topics, &topic, &bytes) {
-                                if state.core.retained(subject) == Applied::Dropped {
-                                    metrics::counter!(names::DROPPED, "reason" => "subject_cap").increment(1);
+                                // The broker shows it online (or occupied): it must be
+                                // corrected if that is not so now.
+                                match &subject {
+                                    Subject::User(u) => state.shown_online.insert(u.clone()),
+                                    Subject::Channel(c) => state.shown_occupied.insert(c.clone()),
+                                };
+                                match state.core.retained(subject.clone()) {
+                                    Applied::Dropped => {
+                                        metrics::counter!(names::DROPPED, "reason" => "subject_cap").increment(1);
+                                    }
+                                    // Tracked: published again if it is not so now.
+                                    Applied::Ignored => state.core.requeue(subject),
+                                    Applied::Queued | Applied::ResyncNeeded => {}
                                 }
                             }
                         }
