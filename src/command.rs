@@ -892,6 +892,25 @@ pub(crate) fn decode_member_cursor(cursor: &str) -> Result<Option<(String, Strin
     Ok(Some((user.to_string(), device.to_string())))
 }
 
+/// The device a Connect opens: the identity's, else the one the client names, else
+/// `default`; refused unless 1-128 bytes without control characters.
+pub fn connect_device_id(
+    request: &ConnectRequest,
+    identity: &Identity,
+) -> Result<String, RequestError> {
+    let device_id = match &identity.device_id {
+        Some(did) => did.clone(),
+        None if request.device_id.is_empty() => "default".to_string(),
+        None => request.device_id.clone(),
+    };
+    if device_id.is_empty() || device_id.len() > 128 || device_id.chars().any(char::is_control) {
+        return Err(bad(
+            "device id must be 1-128 bytes without control characters",
+        ));
+    }
+    Ok(device_id)
+}
+
 /// Why an authenticated identity may still not connect (its auth-failure metric reason and
 /// the error), or `None`: a user id the wire would refuse (the default authenticator checked
 /// it already; another one may return anything), or a token issued before the user's tokens
@@ -945,16 +964,7 @@ pub fn connect(
         return Err(error);
     }
     let claims = identity;
-    let device_id = match claims.device_id {
-        Some(did) => did,
-        None if request.device_id.is_empty() => "default".to_string(),
-        None => request.device_id,
-    };
-    if device_id.is_empty() || device_id.len() > 128 || device_id.chars().any(char::is_control) {
-        return Err(bad(
-            "device id must be 1-128 bytes without control characters",
-        ));
-    }
+    let device_id = connect_device_id(&request, &claims)?;
     let keepalive_secs = config.session.clamp_keepalive(request.keepalive_secs);
     if request.invisible {
         // Invisible before the device is announced, and durable before the ConnAck says so.

@@ -824,8 +824,10 @@ async fn read_loop<F: FrameSource>(
             // Cluster mode: starting invisible goes through the privacy log and must hold on
             // every node before the device is announced (a single node does it in `connect`).
             if let Ok(identity) = &verdict {
+                // Only a Connect that will be accepted may change anything.
                 if request.invisible()
                     && command::identity_refusal(identity, &ctx.registry).is_none()
+                    && command::connect_device_id(&request, identity).is_ok()
                 {
                     let started = tokio::select! {
                         biased;

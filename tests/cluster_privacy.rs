@@ -134,6 +134,16 @@ async fn connecting_invisible_is_never_announced_on_any_node() {
         watchers.push(w);
     }
 
+    // A Connect that is refused (a device id over 128 bytes) changes nothing.
+    let mut refused = n1.options("refused", &"d".repeat(200));
+    refused.invisible = true;
+    assert!(within(Client::connect(refused)).await.is_err());
+    let later = n1.connect("refused", "phone").await;
+    assert!(
+        !later.conn_ack.invisible,
+        "a refused Connect made the user invisible"
+    );
+
     let mut hidden = Vec::new();
     let mut took = Vec::new();
     for (i, user) in users.iter().enumerate() {
