@@ -589,6 +589,11 @@ impl Config {
         if let Some((id, _)) = self.admin.keys.iter().find(|(_, k)| is(&k.key)) {
             return Some(format!("admin.keys.{id}.key"));
         }
+        if let Some(bridge) = &self.mqtt_bridge {
+            if bridge.password.as_deref().is_some_and(is) {
+                return Some("mqtt_bridge.password".into());
+            }
+        }
         self.webhooks.iter().enumerate().find_map(|(i, hook)| {
             hook.secrets
                 .iter()
@@ -611,6 +616,7 @@ impl Config {
             key.key = REDACTED.to_string();
         }
         for hook in &mut c.webhooks {
+            hook.url = redact_url_password(&hook.url);
             for secret in hook.secrets.values_mut() {
                 *secret = REDACTED.to_string();
             }
@@ -856,6 +862,23 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholder_secrets_are_refused_wherever_they_are() {
+        let mut c = Config::default();
+        c.validate().unwrap();
+        let mut bridge = crate::mqtt_bridge::MqttBridgeConfig::new("mqtt://127.0.0.1:1883", "p1");
+        bridge.password = Some("REPLACE-ME-mqtt".into());
+        c.mqtt_bridge = Some(bridge);
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("mqtt_bridge.password"), "{err}");
+        c.mqtt_bridge = None;
+        c.auth
+            .secrets
+            .insert("k9".into(), "REPLACE-ME-token".into());
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("auth.secrets.k9"), "{err}");
+    }
 
     #[test]
     fn urls_lose_their_password_and_nothing_else() {

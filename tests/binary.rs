@@ -72,17 +72,18 @@ async fn print_config_redacts_every_secret() {
         "whsec-0123456789abcdef0123456789abcdef",
         "nats-password-0123456789",
         "mqtt-password-0123456789",
+        "hook-url-password-0123",
     ];
     std::fs::write(
         &file,
         format!(
             "[auth]\ndefault_kid = \"k1\"\n[auth.secrets]\nk1 = \"{}\"\n\
              [admin]\nlisten = \"127.0.0.1:0\"\n[admin.keys.ops]\nkey = \"{}\"\nscope = \"write\"\n\
-             [[webhooks]]\nurl = \"http://127.0.0.1:9/hook\"\n[webhooks.secrets]\nv1 = \"{}\"\n\
+             [[webhooks]]\nurl = \"http://hooks:{}@127.0.0.1:9/hook\"\n[webhooks.secrets]\nv1 = \"{}\"\n\
              [cluster]\nnats_urls = [\"nats://presenced:{}@127.0.0.1:4222\"]\n\
              [mqtt_bridge]\nurl = \"mqtt://127.0.0.1:1883\"\nclient_id = \"presenced-1\"\n\
              username = \"bridge\"\npassword = \"{}\"\n",
-            secrets[0], secrets[1], secrets[2], secrets[3], secrets[4]
+            secrets[0], secrets[1], secrets[5], secrets[2], secrets[3], secrets[4]
         ),
     )
     .unwrap();
@@ -104,14 +105,17 @@ async fn print_config_redacts_every_secret() {
     for secret in secrets {
         assert!(!text.contains(secret), "{secret} printed:\n{text}");
     }
-    assert_eq!(text.matches("<redacted>").count(), 5, "{text}");
+    assert_eq!(text.matches("<redacted>").count(), 6, "{text}");
     // What is not secret is still shown: key ids, the user in the NATS URL, the webhook URL.
     assert!(text.contains("k1 = \"<redacted>\""), "{text}");
     assert!(
         text.contains("nats://presenced:<redacted>@127.0.0.1:4222"),
         "{text}"
     );
-    assert!(text.contains("http://127.0.0.1:9/hook"), "{text}");
+    assert!(
+        text.contains("http://hooks:<redacted>@127.0.0.1:9/hook"),
+        "{text}"
+    );
 }
 
 #[tokio::test]
