@@ -365,6 +365,8 @@ fn register_at_zero() {
                 "lifetime",
                 "revoked",
                 "banned",
+                "timeout",
+                "panic",
             ],
         ),
         (

@@ -53,6 +53,9 @@ impl Authenticator for Sessions {
             if request.token == "session:hang" {
                 std::future::pending::<()>().await;
             }
+            if request.token == "session:panic" {
+                panic!("an authenticator bug on crafted input");
+            }
             match self.users.get(request.token) {
                 Some(user) => Ok(Identity::new(user.clone())),
                 None => Err(AuthFailure::unauthenticated("unknown session")),
@@ -265,6 +268,29 @@ async fn sessions_are_accepted_and_bad_ones_refused_like_bad_tokens() {
     );
     assert_eq!(code(&e), pb::ErrorCode::Unauthenticated);
     standalone.stop().await;
+}
+
+#[tokio::test]
+async fn an_authenticator_that_panics_refuses_with_the_delay_and_the_count() {
+    let broker = Embedded::start(
+        |c| c.limits.auth_failure_delay_ms = 300,
+        |b| b.authenticator(Sessions::with(&[("s1", "alice")])),
+    )
+    .await;
+    let before = counter("presence_auth_failures_total", "panic");
+    let started = Instant::now();
+    let e = refusal(broker.connect("panic", "phone").await);
+    assert_eq!(code(&e), pb::ErrorCode::Unauthenticated, "{}", e.reason);
+    assert!(
+        started.elapsed() >= Duration::from_millis(300),
+        "the failed-login delay applies: {:?}",
+        started.elapsed()
+    );
+    assert!(counter("presence_auth_failures_total", "panic") >= before + 1.0);
+    // The broker still serves.
+    let alice = broker.connect("s1", "phone").await.expect("a good session");
+    assert_eq!(alice.conn_ack.user_id, "alice");
+    broker.stop().await;
 }
 
 #[tokio::test]

@@ -224,6 +224,11 @@ impl AuthFailure {
         .with_metric_reason("timeout")
     }
 
+    /// The authenticator panicked: a refusal like any other (counted, delayed, banned).
+    pub(crate) fn panicked() -> AuthFailure {
+        AuthFailure::unauthenticated("authentication failed").with_metric_reason("panic")
+    }
+
     /// The error reply the client gets.
     pub(crate) fn into_request_error(self) -> RequestError {
         let code = match self.kind {
@@ -353,13 +358,28 @@ impl fmt::Debug for AuthPlugin {
 }
 
 impl AuthPlugin {
-    /// Runs the authenticator under the timeout.
+    /// Runs the authenticator under the timeout. A panic in it (building the future or
+    /// polling it) is a refusal like any other, so an authenticator that panics on crafted
+    /// input gives an attacker no way around the failure delays and bans.
     pub(crate) async fn authenticate(
         &self,
         request: AuthRequest<'_>,
     ) -> Result<Identity, AuthFailure> {
-        match tokio::time::timeout(self.timeout, self.authenticator.authenticate(request)).await {
-            Ok(verdict) => verdict,
+        use futures_util::FutureExt;
+        use std::panic::AssertUnwindSafe;
+        let authenticator = &self.authenticator;
+        let Ok(future) =
+            std::panic::catch_unwind(AssertUnwindSafe(|| authenticator.authenticate(request)))
+        else {
+            tracing::warn!("the authenticator panicked: Connect refused");
+            return Err(AuthFailure::panicked());
+        };
+        match tokio::time::timeout(self.timeout, AssertUnwindSafe(future).catch_unwind()).await {
+            Ok(Ok(verdict)) => verdict,
+            Ok(Err(_)) => {
+                tracing::warn!("the authenticator panicked: Connect refused");
+                Err(AuthFailure::panicked())
+            }
             Err(_) => Err(AuthFailure::timeout(self.timeout)),
         }
     }
