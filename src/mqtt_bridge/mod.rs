@@ -63,10 +63,15 @@ use crate::registry::Registry;
 /// stale online payloads, and unreadable ones, are corrected). The topic and payload are the
 /// broker's, so anything may arrive.
 fn scanned_subject(topics: &payload::Topics, topic: &str, bytes: &[u8]) -> Option<core::Subject> {
+    // Only ids the wire accepts can be presenced's (a cap on what a flood of made-up
+    // topics can make the bridge track: `max_subjects` ids of at most 128 bytes).
     match topics.parse(topic)? {
+        payload::TopicSubject::User(u) if crate::model::check_user_id(&u).is_err() => None,
         payload::TopicSubject::User(_) if payload::says_offline(bytes) => None,
         payload::TopicSubject::User(u) => Some(core::Subject::User(u)),
-        payload::TopicSubject::Channel(c) => Some(core::Subject::Channel(c)),
+        payload::TopicSubject::Channel(c) => crate::command::channel_id(c)
+            .ok()
+            .map(core::Subject::Channel),
     }
 }
 

@@ -33,6 +33,8 @@ const LINK_EVENTS_CAPACITY: usize = 1_024;
 const DELIVERING_CHECK: Duration = Duration::from_millis(250);
 /// After the client's request queue was full, publishing is retried this much later.
 const RETRY_FULL: Duration = Duration::from_millis(20);
+/// A link that held this long was healthy: the reconnect backoff starts over after it.
+const STABLE_LINK: Duration = Duration::from_secs(10);
 /// How long a clean stop may take.
 const STOP_DEADLINE: Duration = Duration::from_secs(2);
 /// Most subjects published per wake-up before the bridge task looks at its other inputs.
@@ -160,6 +162,10 @@ async fn drive(
         seed: crate::now_ms() | 1,
     };
     let mut warned_at: Option<Instant> = None;
+    // When the current link came up: the backoff starts over only after a link that held
+    // for [`STABLE_LINK`], so a broker that accepts and drops at once gets ever longer waits
+    // (each connect costs a full pass), not a reconnect storm.
+    let mut up_since: Option<Instant> = None;
     loop {
         let polled = tokio::select! {
             _ = stop.cancelled() => return,
@@ -167,7 +173,7 @@ async fn drive(
         };
         let link = match polled {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                backoff.attempt = 0;
+                up_since = Some(Instant::now());
                 metrics::gauge!(names::CONNECTED).set(1.0);
                 tracing::info!("mqtt bridge connected to {}", redacted(&config.url));
                 Link::Up
@@ -187,6 +193,12 @@ async fn drive(
                 if warned_at.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10)) {
                     warned_at = Some(now);
                     tracing::warn!("mqtt bridge: {e} (reconnecting with backoff)");
+                }
+                if up_since
+                    .take()
+                    .is_some_and(|t| now.duration_since(t) >= STABLE_LINK)
+                {
+                    backoff.attempt = 0;
                 }
                 let wait = backoff.next();
                 if tx.send(Link::Down).await.is_err() {
