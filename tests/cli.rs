@@ -663,3 +663,29 @@ async fn set_invisible_hold_is_never_seen_online_until_invisible_off() {
     set.kill().await.unwrap();
     watch.kill().await.unwrap();
 }
+
+#[tokio::test]
+async fn issuer_and_audience_flags_mint_tokens_a_strict_broker_accepts() {
+    let broker = start(|c| {
+        c.auth.issuer = Some("https://auth.example".into());
+        c.auth.audience = Some("presenced".into());
+    })
+    .await;
+    let refused = run_failing(&broker, &["get", "--user", "bob", "alice"]).await;
+    assert!(refused.contains("issuer"), "{refused}");
+    let out = run(
+        &broker,
+        &[
+            "--issuer",
+            "https://auth.example",
+            "--audience",
+            "presenced",
+            "get",
+            "--user",
+            "bob",
+            "alice",
+        ],
+    )
+    .await;
+    assert_eq!(out[0]["availability"], "offline", "{out:?}");
+}

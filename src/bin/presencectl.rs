@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use presenced::auth::{mint, Claims};
+use presenced::auth::{mint_with, Audience, Claims, Validity};
 use presenced::client::{Client, ClientOptions};
 use presenced::config::DEV_SECRET;
 use presenced::pb;
@@ -48,6 +48,13 @@ struct Cli {
     /// Key id written into minted tokens (omit for the broker's default key).
     #[arg(long, global = true)]
     kid: Option<String>,
+    /// Issuer (`iss`) written into minted tokens: needed when the broker sets `[auth] issuer`.
+    #[arg(long, global = true)]
+    issuer: Option<String>,
+    /// Audience (`aud`) written into minted tokens: needed when the broker sets
+    /// `[auth] audience`.
+    #[arg(long, global = true)]
+    audience: Option<String>,
     /// Use this token instead of minting one.
     #[arg(long, global = true)]
     token: Option<String>,
@@ -985,7 +992,7 @@ impl Cli {
         if let Some(token) = &self.token {
             return token.clone();
         }
-        mint(
+        mint_with(
             self.secret.as_bytes(),
             self.kid.as_deref(),
             &Claims {
@@ -993,6 +1000,11 @@ impl Cli {
                 exp: presenced::now_ms() / 1000 + ttl,
                 did: None,
                 iat: Some(presenced::now_ms() / 1000),
+            },
+            &Validity {
+                nbf: None,
+                iss: self.issuer.clone(),
+                aud: self.audience.clone().map(Audience::One),
             },
         )
     }
