@@ -665,7 +665,7 @@ async fn set_invisible_hold_is_never_seen_online_until_invisible_off() {
 }
 
 #[tokio::test]
-async fn issuer_and_audience_flags_mint_tokens_a_strict_broker_accepts() {
+async fn iss_and_aud_flags_mint_tokens_a_strict_broker_accepts() {
     let broker = start(|c| {
         c.auth.issuer = Some("https://auth.example".into());
         c.auth.audience = Some("presenced".into());
@@ -676,9 +676,9 @@ async fn issuer_and_audience_flags_mint_tokens_a_strict_broker_accepts() {
     let out = run(
         &broker,
         &[
-            "--issuer",
+            "--iss",
             "https://auth.example",
-            "--audience",
+            "--aud",
             "presenced",
             "get",
             "--user",

@@ -49,12 +49,12 @@ struct Cli {
     #[arg(long, global = true)]
     kid: Option<String>,
     /// Issuer (`iss`) written into minted tokens: needed when the broker sets `[auth] issuer`.
-    #[arg(long, global = true)]
-    issuer: Option<String>,
+    #[arg(long = "iss", global = true)]
+    token_issuer: Option<String>,
     /// Audience (`aud`) written into minted tokens: needed when the broker sets
     /// `[auth] audience`.
-    #[arg(long, global = true)]
-    audience: Option<String>,
+    #[arg(long = "aud", global = true)]
+    token_audience: Option<String>,
     /// Use this token instead of minting one.
     #[arg(long, global = true)]
     token: Option<String>,
@@ -1003,8 +1003,8 @@ impl Cli {
             },
             &Validity {
                 nbf: None,
-                iss: self.issuer.clone(),
-                aud: self.audience.clone().map(Audience::One),
+                iss: self.token_issuer.clone(),
+                aud: self.token_audience.clone().map(Audience::One),
             },
         )
     }
