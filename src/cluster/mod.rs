@@ -69,6 +69,9 @@ const SYNC_PAGE_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FENCE_RECONNECT_HINT_MS: u64 = 250;
 /// The ticker's period: liveness, expiry and fencing are checked this often.
 const TICK: Duration = Duration::from_millis(100);
+/// Heartbeats sent early (a privacy change applied here) are at least this far apart; one
+/// owed meanwhile goes at the next wake-up.
+const EARLY_FLOOR: Duration = Duration::from_millis(10);
 /// A stall of this node's own loop this long (it was stopped or starved) gives every peer a
 /// fresh timeout: the silence was this node's.
 const STALL_RESETS_PEERS: Duration = Duration::from_millis(500);
@@ -908,13 +911,20 @@ async fn tick(shared: Arc<Shared>) {
     let mut last_heartbeat: Option<Instant> = None;
     let mut fenced: Option<FenceCause> = None;
     let mut privacy_applied = shared.privacy_applied.clone();
+    // Off once the privacy log is gone (its watch would then answer at once, forever).
+    let mut privacy_open = true;
+    // A heartbeat owed to peers waiting on a privacy change (sent at most every EARLY_FLOOR).
+    let mut owed = false;
     loop {
         // A privacy change applied here is told at once (a peer may be waiting on it).
         let mut early = false;
         tokio::select! {
             _ = shared.stop.cancelled() => return,
             _ = ticker.tick() => {}
-            changed = privacy_applied.changed() => early = changed.is_ok(),
+            changed = privacy_applied.changed(), if privacy_open => {
+                early = changed.is_ok();
+                privacy_open = early;
+            }
         }
         let now = Instant::now();
         let stalled = now.saturating_duration_since(last_tick);
@@ -978,7 +988,10 @@ async fn tick(shared: Arc<Shared>) {
         if fenced.is_some() {
             continue;
         }
-        if early || last_heartbeat.is_none_or(|t| now.saturating_duration_since(t) >= heartbeat) {
+        owed |= early;
+        let since = last_heartbeat.map(|t| now.saturating_duration_since(t));
+        if since.is_none_or(|d| d >= heartbeat || (owed && d >= EARLY_FLOOR)) {
+            owed = false;
             last_heartbeat = Some(now);
             send_heartbeat(&shared).await;
         }
