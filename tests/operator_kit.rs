@@ -11,13 +11,12 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::within;
 use presenced::client::{Client, ClientOptions};
 use presenced::pb;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
@@ -235,37 +234,14 @@ struct Broker {
 
 /// Starts the real binary on `config` and waits for its "accepting clients" line.
 async fn spawn(config: &Path) -> Broker {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .arg("--config")
-        .arg(config)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("presenced starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut log = Vec::new();
-    let line = loop {
-        let line = within(lines.next_line())
-            .await
-            .unwrap()
-            .unwrap_or_else(|| panic!("presenced exited early:\n{}", log.join("\n")));
-        log.push(line.clone());
-        if line.contains("accepting clients") {
-            break line;
-        }
-    };
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let field = |start: &str, end: char| -> SocketAddr {
-        let rest = line
-            .split(start)
-            .nth(1)
-            .unwrap_or_else(|| panic!("no {start} in {line}"));
-        rest[..rest.find(end).unwrap()].parse().unwrap()
-    };
+    let spawned = common::spawn_presenced_args(&["--config", config.to_str().unwrap()]).await;
+    let metrics = spawned
+        .metrics()
+        .unwrap_or_else(|| panic!("no metrics listener in {:?}", spawned.early_log.last()));
     Broker {
-        addr: field("listen=", ' '),
-        metrics: field("metrics=Some(\"http://", '/'),
-        child,
+        child: spawned.child,
+        addr: spawned.addr,
+        metrics,
     }
 }
 

@@ -174,11 +174,24 @@ pub struct Spawned {
 /// Runs the real `presenced` binary on 127.0.0.1:0 with `data_dir`, waits until it accepts
 /// clients and returns its address. The rest of its log is drained in the background.
 pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spawned {
+    let data_dir = data_dir.to_str().expect("a UTF-8 data folder");
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--no-metrics",
+        "--data-dir",
+        data_dir,
+    ];
+    args.extend_from_slice(extra);
+    spawn_presenced_args(&args).await
+}
+
+/// Runs the real `presenced` binary with exactly `args` (a config file alone, say), waits
+/// until it accepts clients and returns its address. The rest of its log is drained.
+pub async fn spawn_presenced_args(args: &[&str]) -> Spawned {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_presenced"))
-        .args(["--listen", "127.0.0.1:0", "--no-metrics", "--data-dir"])
-        .arg(data_dir)
-        .args(extra)
+        .args(args)
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -208,6 +221,14 @@ pub async fn spawn_presenced(data_dir: &std::path::Path, extra: &[&str]) -> Spaw
 }
 
 impl Spawned {
+    /// The metrics listener's address, when the process has one.
+    #[allow(dead_code)]
+    pub fn metrics(&self) -> Option<SocketAddr> {
+        let line = self.early_log.last()?;
+        let rest = line.split("metrics=Some(\"http://").nth(1)?;
+        rest.split('/').next()?.parse().ok()
+    }
+
     /// The admin API's address, when the process's config turned it on.
     #[allow(dead_code)]
     pub fn admin(&self) -> Option<SocketAddr> {
