@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Availability, OfflineReason, PresenceSnapshot};
+use crate::model::{Availability, DeviceSnapshot, OfflineReason, PresenceSnapshot};
 
 /// Events kept for `GET /v1/events` replays (the oldest go first).
 pub const RECENT_EVENTS: usize = 20_000;
@@ -159,6 +159,35 @@ pub struct PresenceJson {
     pub version: u64,
     /// Connect-time profile data.
     pub user_data: BTreeMap<String, String>,
+}
+
+/// The way back, for a consumer holding only the JSON (the MQTT bridge reads events): names
+/// it does not know fall back to offline (user) and online (device).
+impl From<&PresenceJson> for PresenceSnapshot {
+    fn from(p: &PresenceJson) -> PresenceSnapshot {
+        PresenceSnapshot {
+            user_id: p.user.clone(),
+            availability: Availability::parse(&p.availability).unwrap_or(Availability::Offline),
+            show: p.show,
+            status: p.status.clone(),
+            description: p.description.clone(),
+            state: p.state.clone(),
+            devices: p
+                .devices
+                .iter()
+                .map(|d| DeviceSnapshot {
+                    device_id: d.device.clone(),
+                    platform: d.platform.clone(),
+                    availability: Availability::parse(&d.availability)
+                        .unwrap_or(Availability::Online),
+                    connected_since_ms: d.connected_since_ms,
+                })
+                .collect(),
+            last_seen_ms: p.last_seen_ms,
+            version: p.version,
+            user_data: p.user_data.clone(),
+        }
+    }
 }
 
 impl From<&PresenceSnapshot> for PresenceJson {

@@ -11,8 +11,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use crate::events::{Event, EventType, PresenceJson};
-use crate::model::{Availability, DeviceSnapshot, PresenceSnapshot};
+use crate::events::{Event, EventType};
+use crate::model::{Availability, PresenceSnapshot};
 
 /// A topic's subject.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -62,31 +62,6 @@ pub(crate) struct Core {
     max_subjects: usize,
 }
 
-/// A presence from an event's JSON (devices, availability and fields as the registry had them).
-pub(crate) fn presence_from_json(p: &PresenceJson) -> PresenceSnapshot {
-    PresenceSnapshot {
-        user_id: p.user.clone(),
-        availability: Availability::parse(&p.availability).unwrap_or(Availability::Offline),
-        show: p.show,
-        status: p.status.clone(),
-        description: p.description.clone(),
-        state: p.state.clone(),
-        devices: p
-            .devices
-            .iter()
-            .map(|d| DeviceSnapshot {
-                device_id: d.device.clone(),
-                platform: d.platform.clone(),
-                availability: Availability::parse(&d.availability).unwrap_or(Availability::Online),
-                connected_since_ms: d.connected_since_ms,
-            })
-            .collect(),
-        last_seen_ms: p.last_seen_ms,
-        version: p.version,
-        user_data: p.user_data.clone(),
-    }
-}
-
 impl Core {
     /// An empty core tracking at most `max_subjects` users plus channels.
     pub(crate) fn new(max_subjects: usize) -> Core {
@@ -126,7 +101,7 @@ impl Core {
                 let Some(json) = &event.presence else {
                     return Applied::Ignored;
                 };
-                let mut presence = presence_from_json(json);
+                let mut presence = PresenceSnapshot::from(json);
                 if event.kind == EventType::UserOffline {
                     presence.availability = Availability::Offline;
                     presence.devices.clear();
@@ -387,7 +362,7 @@ impl Core {
 mod tests {
     use super::*;
     use crate::events::Transition;
-    use crate::model::OfflineReason;
+    use crate::model::{DeviceSnapshot, OfflineReason};
 
     fn online(user: &str, version: u64) -> PresenceSnapshot {
         let mut p = PresenceSnapshot::offline(user, 0);
