@@ -256,6 +256,12 @@ impl Server {
             }
         };
         ctx.registry.set_observer(events.clone());
+        if let Some(public) = webhooks.public_endpoints() {
+            ctx.registry.add_settings_listener(Arc::new(PublicMarkers {
+                public,
+                bus: events.clone(),
+            }));
+        }
         let admin = AdminApi::bind(&admin_config, ctx.clone(), events.clone())
             .await
             .map_err(|source| ServerError::Bind {
@@ -577,6 +583,22 @@ async fn sweep_expired(ctx: Arc<ConnectionContext>) {
             Ok(0) => {}
             Ok(n) => metrics::counter!(m::SUBSCRIPTIONS_EXPIRED).increment(n as u64),
             Err(e) => tracing::warn!("expiry sweep failed: {e}"),
+        }
+    }
+}
+
+/// Tells public webhook endpoints of privacy settings changes, on the node that delivers
+/// (every node applies the same changes; the others' endpoints are idle).
+#[derive(Debug)]
+struct PublicMarkers {
+    public: crate::webhooks::PublicEndpoints,
+    bus: Arc<EventBus>,
+}
+
+impl crate::registry::SettingsListener for PublicMarkers {
+    fn settings_changed(&self, user: &str, public: &crate::events::PublicNote) {
+        if self.bus.is_delivering() {
+            self.public.privacy_changed(user, public);
         }
     }
 }

@@ -340,3 +340,88 @@ async fn the_cluster_sends_each_event_once_and_any_node_replays_them() {
     .await;
     assert_eq!(vacated(), 1, "{:?}", seen.lock().unwrap());
 }
+
+/// Issue 15 point 4 in cluster mode: a third party's endpoint (`show = "public"`) sees what a
+/// stranger is shown, whichever node holds the session and whichever delivers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_public_webhook_sees_a_stranger_s_view_across_nodes() {
+    let nats = NatsCluster::start(1).await;
+    let (hook, seen) = receiver().await;
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        format!(
+            "[[webhooks]]\nurl = \"http://{hook}/hook\"\nlinger_ms = 20\nshow = \"public\"\n\
+             events = [\"user.online\", \"user.offline\", \"user.updated\", \
+             \"channel.member.joined\", \"channel.member.left\"]\n\
+             [webhooks.secrets]\nk1 = \"a-raw-secret-of-at-least-16-bytes\"\n"
+        ),
+    )
+    .unwrap();
+    let path = file.path().to_str().unwrap().to_string();
+    let args = ["--config", path.as_str()];
+    let n1 = Node::start("node1", &nats.urls(), &args).await;
+    let n2 = Node::start("node2", &nats.urls(), &args).await;
+    // ghost's session is on node2; node1 (the smallest id) delivers.
+    let ghost = n2.connect("ghost", "phone").await;
+    within(ghost.join("lobby", &[])).await.unwrap();
+    eventually("ghost's join delivered", || async {
+        !events_of(&seen, "channel.member.joined", "ghost").is_empty()
+    })
+    .await;
+    within(ghost.set_invisible(true)).await.unwrap();
+    eventually("ghost reads as offline", || async {
+        !events_of(&seen, "user.offline", "ghost").is_empty()
+    })
+    .await;
+    within(ghost.set_presence(pb::SetPresence {
+        status: Some("secret".into()),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    within(ghost.leave("lobby")).await.unwrap();
+    // A later event from the same node: once it is in, anything about ghost would be too.
+    let _tick = n2.connect("tick", "phone").await;
+    eventually("tick online", || async {
+        !events_of(&seen, "user.online", "tick").is_empty()
+    })
+    .await;
+    let about_ghost = |seen: &Mutex<Vec<Value>>| -> Vec<String> {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["user"] == "ghost")
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(
+        about_ghost(&seen),
+        [
+            "user.online",
+            "channel.member.joined",
+            "channel.member.left",
+            "user.offline"
+        ],
+        "{:?}",
+        seen.lock().unwrap()
+    );
+    assert!(!seen
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.to_string().contains("secret")));
+    let left = events_of(&seen, "channel.member.left", "ghost");
+    assert_eq!(left[0]["occupancy"], 0);
+    let offline = events_of(&seen, "user.offline", "ghost");
+    assert_eq!(offline[0]["reason"], "disconnect");
+    // Visible again: online, with the status set meanwhile.
+    within(ghost.set_invisible(false)).await.unwrap();
+    eventually("ghost back online", || async {
+        events_of(&seen, "user.online", "ghost").len() == 2
+    })
+    .await;
+    let online = events_of(&seen, "user.online", "ghost");
+    assert_eq!(online[1]["presence"]["status"], "secret");
+    drop((n1, n2));
+}

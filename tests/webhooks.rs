@@ -1562,3 +1562,130 @@ async fn after_sigkill_and_restart_the_first_webhook_is_server_started_with_a_ne
     child.start_kill().unwrap();
     within(child.wait()).await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// The public view (`show = "public"`, issue 15 point 4): a third party's endpoint sees what a
+// stranger is shown; the backend's endpoint keeps seeing the truth.
+
+/// `(type, user, channel occupancy)` of each delivered event about `users` (server events
+/// and `sync.required` left out).
+fn script_of(receiver: &Receiver, users: &[&str]) -> Vec<(String, String, Option<u64>)> {
+    receiver
+        .delivered()
+        .iter()
+        .filter(|e| users.contains(&user(e)))
+        .map(|e| {
+            (
+                kind(e).to_string(),
+                user(e).to_string(),
+                e["occupancy"].as_u64(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_public_endpoint_sees_what_a_stranger_sees_and_the_backend_the_truth() {
+    let truth = Receiver::start().await;
+    let public = Receiver::start().await;
+    let every = EventType::ALL;
+    let mut public_hook = hook(&public, &every);
+    public_hook.show = presenced::webhooks::WebhookShow::Public;
+    let hooks = vec![hook(&truth, &every), public_hook];
+    let broker = Node::start(|c| {
+        roomy(c);
+        c.webhooks = hooks;
+    })
+    .await;
+    let seen = broker.connect("seen").await;
+    seen.join("room", &[]).await.unwrap();
+    // `ghost` comes online, then goes invisible: to a stranger that reads as leaving the room
+    // and disconnecting.
+    let ghost = broker.connect("ghost").await;
+    ghost.join("room", &[]).await.unwrap();
+    within(ghost.set_invisible(true)).await.unwrap();
+    // What it does while invisible never reaches the public endpoint.
+    within(ghost.set_presence(status("secret"))).await.unwrap();
+    ghost.leave("room").await.unwrap();
+    ghost.join("attic", &[]).await.unwrap();
+    // `shy` turns to approved watchers only: a stranger sees it go offline, and never sees
+    // its next session at all.
+    let shy = broker.connect("shy").await;
+    within(shy.set_privacy(pb::Audience::Approved, pb::Audience::Everyone))
+        .await
+        .unwrap();
+    within(shy.disconnect()).await.unwrap();
+    let shy = broker.connect("shy").await;
+    shy.join("room", &[]).await.unwrap();
+    within(shy.set_presence(status("hidden"))).await.unwrap();
+    // Back to visible: coming online and joining the attic, in that order.
+    within(ghost.set_invisible(false)).await.unwrap();
+    within(ghost.disconnect()).await.unwrap();
+    let end = broker.connect("end").await;
+    for receiver in [&truth, &public] {
+        receiver
+            .until_delivered("end online", SECS_10, |e| is(e, "user.online", "end"))
+            .await;
+    }
+    let public_script = script_of(&public, &["seen", "ghost", "shy"]);
+    let s = |k: &str, u: &str, o: Option<u64>| (k.to_string(), u.to_string(), o);
+    assert_eq!(
+        public_script,
+        vec![
+            s("user.online", "seen", None),
+            s("device.connected", "seen", None),
+            s("channel.occupied", "seen", Some(1)),
+            s("channel.member.joined", "seen", Some(1)),
+            s("user.online", "ghost", None),
+            s("device.connected", "ghost", None),
+            s("channel.member.joined", "ghost", Some(2)),
+            // SetInvisible: a clean departure.
+            s("channel.member.left", "ghost", Some(1)),
+            s("user.offline", "ghost", None),
+            s("user.online", "shy", None),
+            s("device.connected", "shy", None),
+            s("user.offline", "shy", None),
+            // SetInvisible(false): a clean arrival, in the attic it joined meanwhile.
+            s("user.online", "ghost", None),
+            s("channel.occupied", "ghost", Some(1)),
+            s("channel.member.joined", "ghost", Some(1)),
+            // The real disconnect.
+            s("channel.member.left", "ghost", Some(0)),
+            s("channel.vacated", "ghost", Some(0)),
+            s("device.disconnected", "ghost", None),
+            s("user.offline", "ghost", None),
+        ],
+        "the public endpoint's events: {public_script:#?}"
+    );
+    let public_events = public.delivered();
+    let offline: Vec<&Value> = public_events
+        .iter()
+        .filter(|e| is(e, "user.offline", "ghost"))
+        .collect();
+    assert_eq!(
+        offline[0]["reason"], "disconnect",
+        "invisible reads as a disconnect"
+    );
+    // The status set while invisible is first shown when ghost comes back, as clients see it.
+    let secret: Vec<&str> = public_events
+        .iter()
+        .filter(|e| e.to_string().contains("secret"))
+        .map(kind)
+        .collect();
+    assert_eq!(
+        secret,
+        ["user.online"],
+        "nothing said while invisible leaks earlier"
+    );
+    // The truth endpoint saw everything, the invisible status and the shy user included.
+    let truth_events = truth.delivered();
+    assert!(truth_events
+        .iter()
+        .any(|e| is(e, "user.updated", "ghost") && e.to_string().contains("secret")));
+    assert!(truth_events.iter().any(|e| is(e, "user.online", "shy")));
+    assert!(truth_events
+        .iter()
+        .any(|e| is(e, "channel.member.joined", "shy") && e["occupancy"] == 2));
+    drop((seen, shy, end));
+    broker.stop().await;
+}

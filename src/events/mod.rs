@@ -305,6 +305,16 @@ pub trait TransitionObserver: Send + Sync + fmt::Debug {
         let _ = key;
         self.observe(transition);
     }
+
+    /// A transition with what a stranger was shown of it ([`Event::public`]), reported under
+    /// `key` when every node reports it alike. The default drops the note.
+    fn observe_noted(&self, transition: Transition, key: Option<&str>, public: Option<PublicNote>) {
+        let _ = public;
+        match key {
+            Some(key) => self.observe_keyed(transition, key),
+            None => self.observe(transition),
+        }
+    }
 }
 
 /// One numbered event, as webhooks and `GET /v1/events` carry it.
@@ -358,6 +368,41 @@ pub struct Event {
     /// The first lost event's `seq` (`sync.required`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_lost_seq: Option<u64>,
+    /// What a stranger was shown of this event, when privacy made it differ from the truth
+    /// (absent: the same). Public webhooks (`show = "public"`) are built from it; endpoints
+    /// that show the truth never receive it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<Box<PublicNote>>,
+}
+
+/// What a stranger (no approval, no block) was shown of an event, taken under the registry's
+/// lock when it happened.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicNote {
+    /// The user is hidden from strangers: device and channel events about them are not shown.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
+    /// What a stranger is shown of the user (user events, and privacy changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub presence: Option<PresenceJson>,
+    /// The channel's occupancy as a stranger is shown it (channel events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub occupancy: Option<u32>,
+    /// A privacy change: the user's memberships, each with the channel's occupancy as a
+    /// stranger is shown it after the change.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub memberships: Vec<PublicMembership>,
+}
+
+/// One membership in a [`PublicNote`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicMembership {
+    /// The channel.
+    pub channel: String,
+    /// The member device.
+    pub device: String,
+    /// Distinct users a stranger is shown in the channel.
+    pub occupancy: u32,
 }
 
 impl Event {
@@ -381,6 +426,7 @@ impl Event {
             node: None,
             dropped: None,
             first_lost_seq: None,
+            public: None,
         }
     }
 
@@ -781,12 +827,17 @@ impl EventBus {
 
 impl TransitionObserver for EventBus {
     fn observe(&self, transition: Transition) {
-        self.publish(transition.into_event());
+        self.observe_noted(transition, None, None);
     }
 
     fn observe_keyed(&self, transition: Transition, key: &str) {
+        self.observe_noted(transition, Some(key), None);
+    }
+
+    fn observe_noted(&self, transition: Transition, key: Option<&str>, public: Option<PublicNote>) {
         let mut event = transition.into_event();
-        if self.outbox.is_some() {
+        event.public = public.map(Box::new);
+        if let (Some(key), true) = (key, self.outbox.is_some()) {
             // The same id on every node: the event log keeps the first (message id).
             event.id = format!("x-{key}-{}", event.kind.name());
         }

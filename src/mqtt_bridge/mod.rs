@@ -220,7 +220,7 @@ impl Inbox {
 /// Privacy changes send no event: the registry tells the inbox of each user whose settings
 /// changed (under its lock: a bounded, non-blocking insert), and the bridge republishes them.
 impl crate::registry::SettingsListener for Inbox {
-    fn settings_changed(&self, user: &str) {
+    fn settings_changed(&self, user: &str, _public: &crate::events::PublicNote) {
         let mut state = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         if state.settings.len() >= self.capacity && !state.settings.contains(user) {
             state.lost += 1;
@@ -326,7 +326,7 @@ impl MqttBridge {
     /// about 2 s. `events` says whether this node delivers (cluster mode; a single node always
     /// does).
     pub async fn run(self, registry: Registry, events: Arc<EventBus>, shutdown: CancellationToken) {
-        registry.set_settings_listener(self.inbox.clone());
+        registry.add_settings_listener(self.inbox.clone());
         shell::run(self, registry, events, shutdown).await;
     }
 }

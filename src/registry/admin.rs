@@ -206,7 +206,9 @@ impl Registry {
             device_id,
         };
         self.fanout(&state, &event, None, received_at);
-        self.observe(|| crate::events::Transition::UserUpdated(snapshot.clone()));
+        self.observe(&state, || {
+            crate::events::Transition::UserUpdated(snapshot.clone())
+        });
         Ok(snapshot)
     }
 }

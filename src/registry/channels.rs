@@ -59,7 +59,7 @@ impl Channel {
     }
 
     /// Distinct users `viewer` is shown in the channel.
-    fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
+    pub(super) fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
         self.occupancy() - self.hidden_from(book, viewer).0.len() as u32
     }
 
@@ -241,12 +241,12 @@ impl Registry {
         let now_occupied = ch.members.len() == 1;
         if is_local(state, user_id, device_id) {
             if now_occupied {
-                self.observe(|| Transition::ChannelOccupied {
+                self.observe(state, || Transition::ChannelOccupied {
                     channel: channel.to_string(),
                     user: user_id.to_string(),
                 });
             }
-            self.observe(|| Transition::MemberJoined {
+            self.observe(state, || Transition::MemberJoined {
                 channel: channel.to_string(),
                 user: user_id.to_string(),
                 device: device_id.to_string(),
@@ -772,7 +772,7 @@ impl Registry {
             && (expired_key.is_some() || is_local(state, user_id, device_id))
         {
             let occupancy = state.channels.get(channel).map_or(0, |c| c.occupancy());
-            self.observe_keyed(expired_key.as_deref(), || Transition::MemberLeft {
+            self.observe_keyed(state, expired_key.as_deref(), || Transition::MemberLeft {
                 channel: channel.to_string(),
                 user: user_id.to_string(),
                 device: device_id.to_string(),
@@ -780,9 +780,11 @@ impl Registry {
                 timeout: departure == Departure::Timeout,
             });
             if now_empty {
-                self.observe_keyed(expired_key.as_deref(), || Transition::ChannelVacated {
-                    channel: channel.to_string(),
-                    user: user_id.to_string(),
+                self.observe_keyed(state, expired_key.as_deref(), || {
+                    Transition::ChannelVacated {
+                        channel: channel.to_string(),
+                        user: user_id.to_string(),
+                    }
                 });
             }
         }

@@ -286,7 +286,8 @@ struct Shared {
     /// Told, under the state lock, of each user whose privacy settings (invisibility,
     /// audiences) changed: what a stranger is shown of them may have changed without an
     /// event (the MQTT bridge's public view). Must not block.
-    settings_listener: std::sync::OnceLock<Arc<dyn SettingsListener>>,
+    /// Told of privacy settings changes (the MQTT bridge, public webhooks); a handful at most.
+    settings_listeners: std::sync::RwLock<Vec<Arc<dyn SettingsListener>>>,
 }
 
 impl Drop for Shared {
@@ -297,11 +298,11 @@ impl Drop for Shared {
     }
 }
 
-/// Told of each user whose privacy settings changed ([`Registry::set_settings_listener`]).
+/// Told of each user whose privacy settings changed ([`Registry::add_settings_listener`]).
 pub trait SettingsListener: Send + Sync + fmt::Debug {
-    /// `user`'s invisibility or audiences changed; called under the registry lock, so it
-    /// must not block.
-    fn settings_changed(&self, user: &str);
+    /// `user`'s invisibility or audiences changed; `public` is what a stranger is shown of
+    /// them now. Called under the registry lock, so it must not block.
+    fn settings_changed(&self, user: &str, public: &crate::events::PublicNote);
 }
 
 /// Handle to the live presence table; a cheap clone of an `Arc`.
@@ -395,7 +396,7 @@ impl Registry {
                 sink: std::sync::OnceLock::new(),
                 hlc: replica::Hlc::default(),
                 observer: std::sync::OnceLock::new(),
-                settings_listener: std::sync::OnceLock::new(),
+                settings_listeners: std::sync::RwLock::new(Vec::new()),
             }),
         };
         registry.load_privacy();
@@ -411,29 +412,28 @@ impl Registry {
         }
     }
 
-    /// Installs the listener told of each user whose privacy settings changed (once; later
-    /// calls are ignored). Called under the registry lock: it must not block.
-    pub fn set_settings_listener(&self, listener: Arc<dyn SettingsListener>) {
-        if self.shared.settings_listener.set(listener).is_err() {
-            tracing::warn!("privacy settings listener already set");
-        }
+    /// Adds a listener told of each user whose privacy settings changed. Called under the
+    /// registry lock: it must not block.
+    pub fn add_settings_listener(&self, listener: Arc<dyn SettingsListener>) {
+        self.shared
+            .settings_listeners
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(listener);
     }
 
     /// Reports a transition when an observer is installed (built only then).
-    fn observe(&self, build: impl FnOnce() -> Transition) {
-        if let Some(observer) = self.shared.observer.get() {
-            observer.observe(build());
-        }
+    fn observe(&self, state: &State, build: impl FnOnce() -> Transition) {
+        self.observe_keyed(state, None, build);
     }
 
     /// Reports a transition every node reports alike, under `key` (see
-    /// [`TransitionObserver::observe_keyed`]).
-    fn observe_keyed(&self, key: Option<&str>, build: impl FnOnce() -> Transition) {
+    /// [`TransitionObserver::observe_keyed`]), with what a stranger was shown of it.
+    fn observe_keyed(&self, state: &State, key: Option<&str>, build: impl FnOnce() -> Transition) {
         if let Some(observer) = self.shared.observer.get() {
-            match key {
-                Some(key) => observer.observe_keyed(build(), key),
-                None => observer.observe(build()),
-            }
+            let transition = build();
+            let public = self.public_note(state, &transition);
+            observer.observe_noted(transition, key, public);
         }
     }
 
@@ -622,13 +622,13 @@ impl Registry {
                 Some(attach.outbound.id()),
                 attach.received_at,
             );
-            self.observe(|| match kind {
+            self.observe(&state, || match kind {
                 EventKind::Online => Transition::UserOnline(snapshot.clone()),
                 _ => Transition::UserUpdated(snapshot.clone()),
             });
         }
         if new_device {
-            self.observe(|| Transition::DeviceConnected {
+            self.observe(&state, || Transition::DeviceConnected {
                 user: attach.user_id.clone(),
                 device: attach.device_id.clone(),
                 platform: attach.platform.clone(),
@@ -739,7 +739,7 @@ impl Registry {
             device_id,
         };
         self.fanout(&state, &event, Some(conn_id), received_at);
-        self.observe(|| Transition::UserUpdated(snapshot.clone()));
+        self.observe(&state, || Transition::UserUpdated(snapshot.clone()));
         Ok(snapshot)
     }
 
@@ -952,13 +952,13 @@ impl Registry {
         // under one key, so the cluster keeps one report.
         let reported = matches!(by, RemovedBy::Local { .. } | RemovedBy::Expired);
         if reported && reason != OfflineReason::ServerShutdown {
-            self.observe_keyed(key.as_deref(), || Transition::DeviceDisconnected {
+            self.observe_keyed(state, key.as_deref(), || Transition::DeviceDisconnected {
                 user: user_id.to_string(),
                 device: device_id.to_string(),
                 reason,
                 version,
             });
-            self.observe_keyed(key.as_deref(), || {
+            self.observe_keyed(state, key.as_deref(), || {
                 if last_device {
                     Transition::UserOffline {
                         presence: snapshot.clone(),

@@ -8,7 +8,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
+use super::channels::hides;
 use super::{FanoutTally, Registry, RegistryError, State};
+use crate::events::{PresenceJson, PublicMembership, PublicNote, Transition};
 use crate::model::{Availability, EventKind, EventView, OfflineReason, PresenceSnapshot};
 use crate::outbound::Item;
 use crate::privacy::book::PrivacyBook;
@@ -331,10 +333,19 @@ impl Registry {
         for record in records {
             state.privacy.apply(record);
         }
-        if let Some(listener) = self.shared.settings_listener.get() {
+        let listeners = self
+            .shared
+            .settings_listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if !listeners.is_empty() {
             for record in records {
                 if let PrivacyRecord::Settings { user, .. } = record {
-                    listener.settings_changed(user);
+                    let public = self.public_now(state, user);
+                    for listener in &listeners {
+                        listener.settings_changed(user, &public);
+                    }
                 }
             }
         }
@@ -524,6 +535,87 @@ impl Registry {
         });
         for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
             tally.offer(outbound, user_id, item);
+        }
+    }
+}
+
+impl Registry {
+    /// What a stranger was shown of `transition`, when privacy makes it differ from the
+    /// truth (public webhooks). One lookup when nobody has privacy settings.
+    pub(super) fn public_note(&self, state: &State, transition: &Transition) -> Option<PublicNote> {
+        let book = &state.privacy;
+        if book.is_empty() {
+            return None;
+        }
+        match transition {
+            Transition::UserOnline(p)
+            | Transition::UserUpdated(p)
+            | Transition::UserOffline { presence: p, .. } => {
+                if !book.restricted(&p.user_id) {
+                    return None;
+                }
+                let shown = shown_as(book, book.decide(Viewer::Public, &p.user_id), p);
+                Some(PublicNote {
+                    hidden: hides(book, Viewer::Public, &p.user_id),
+                    presence: Some(PresenceJson::from(&shown)),
+                    ..PublicNote::default()
+                })
+            }
+            Transition::DeviceConnected { user, .. }
+            | Transition::DeviceDisconnected { user, .. } => hides(book, Viewer::Public, user)
+                .then(|| PublicNote {
+                    hidden: true,
+                    ..PublicNote::default()
+                }),
+            Transition::ChannelOccupied { channel, user }
+            | Transition::ChannelVacated { channel, user }
+            | Transition::MemberJoined { channel, user, .. }
+            | Transition::MemberLeft { channel, user, .. } => {
+                let truth = match transition {
+                    Transition::ChannelOccupied { .. } => 1,
+                    Transition::MemberJoined { occupancy, .. }
+                    | Transition::MemberLeft { occupancy, .. } => *occupancy,
+                    _ => 0,
+                };
+                let hidden = hides(book, Viewer::Public, user);
+                let shown = state
+                    .channels
+                    .get(channel)
+                    .map_or(0, |c| c.occupancy_for(book, Viewer::Public));
+                (hidden || shown != truth).then(|| PublicNote {
+                    hidden,
+                    occupancy: Some(shown),
+                    ..PublicNote::default()
+                })
+            }
+        }
+    }
+
+    /// After a change of `user`'s settings: what a stranger is shown of them now, with their
+    /// memberships and each channel's occupancy as a stranger is shown it.
+    fn public_now(&self, state: &State, user: &str) -> PublicNote {
+        let presence = self.view_locked(state, Viewer::Public, user);
+        let memberships = state.users.get(user).map_or_else(Vec::new, |entry| {
+            entry
+                .devices
+                .iter()
+                .flat_map(|(device, d)| {
+                    d.joined.iter().map(move |channel| PublicMembership {
+                        channel: channel.clone(),
+                        device: device.clone(),
+                        occupancy: state
+                            .channels
+                            .get(channel)
+                            .map_or(0, |c| c.occupancy_for(&state.privacy, Viewer::Public)),
+                    })
+                })
+                .collect()
+        });
+        PublicNote {
+            hidden: hides(&state.privacy, Viewer::Public, user),
+            presence: Some(PresenceJson::from(&presence)),
+            occupancy: None,
+            memberships,
         }
     }
 }

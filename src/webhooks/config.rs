@@ -36,6 +36,24 @@ pub struct WebhookConfig {
     /// A batch whose oldest event is older than this is given up (counted as dropped).
     #[serde(default = "default_max_event_age_ms")]
     pub max_event_age_ms: u64,
+    /// `truth` (default): what the app's backend sees. `public`: what a stranger is shown,
+    /// for an endpoint run by a third party (invisible users and users whose audience is not
+    /// `everyone` look offline and are left out of channel events and counts).
+    #[serde(default)]
+    pub show: WebhookShow,
+}
+
+/// What an endpoint is shown of users whose privacy settings hide them from strangers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WebhookShow {
+    /// The truth, as the backend sees it (admin API, `GET /v1/events`). The default: an
+    /// endpoint is usually the app's own backend.
+    #[default]
+    Truth,
+    /// What a stranger (no approval, no block) is shown, as on the client protocol: for an
+    /// endpoint run by a third party (analytics, a partner).
+    Public,
 }
 
 fn default_events() -> Vec<EventType> {
@@ -72,6 +90,7 @@ impl WebhookConfig {
             timeout_ms: default_timeout_ms(),
             queue_capacity: default_queue_capacity(),
             max_event_age_ms: default_max_event_age_ms(),
+            show: WebhookShow::Truth,
         }
     }
 

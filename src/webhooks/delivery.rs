@@ -14,10 +14,12 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use super::config::WebhookShow;
+use super::public::PublicView;
 use super::queue::{Cut, EventQueue};
 use super::signing::{headers, sign_all};
 use super::{names, WebhookConfig};
-use crate::events::{Event, EventSink, EventType};
+use crate::events::{Event, EventSink, EventType, PublicNote};
 use crate::metrics::RateLimitedLog;
 
 /// First retry waits up to this long (full jitter: a uniform pick below the ceiling).
@@ -147,6 +149,15 @@ pub(crate) struct Endpoint {
     /// The highest event `seq` a 2xx acknowledged (cluster mode: where the next deliverer
     /// starts).
     delivered_seq: std::sync::atomic::AtomicU64,
+    /// `show = "public"`: the view applied to each batch as it is cut, and the event types
+    /// wanted after it (the queue then takes every type: the view may turn one into another).
+    public: Option<Public>,
+}
+
+#[derive(Debug)]
+struct Public {
+    view: Mutex<PublicView>,
+    wanted: Vec<EventType>,
 }
 
 /// `host:port/path` of `url`, without userinfo, query or fragment.
@@ -204,7 +215,15 @@ impl Endpoint {
     pub(crate) fn new(config: &WebhookConfig) -> Endpoint {
         let label = endpoint_label(&config.url);
         let metrics = EndpointMetrics::new(&label);
-        let mut queue = EventQueue::new(config.queue_capacity, &config.events);
+        let public = (config.show == WebhookShow::Public).then(|| Public {
+            view: Mutex::new(PublicView::default()),
+            wanted: config.events.clone(),
+        });
+        let wanted = match public {
+            Some(_) => EventType::ALL.to_vec(),
+            None => config.events.clone(),
+        };
+        let mut queue = EventQueue::new(config.queue_capacity, &wanted);
         let target = match target(config) {
             Ok(t) => Some(t),
             Err(why) => {
@@ -227,7 +246,50 @@ impl Endpoint {
             target,
             metrics,
             delivered_seq: std::sync::atomic::AtomicU64::new(0),
+            public,
         }
+    }
+
+    /// Whether this endpoint shows the public view.
+    pub(crate) fn is_public(&self) -> bool {
+        self.public.is_some()
+    }
+
+    /// Public view: `user`'s privacy settings changed (queued in order with the events).
+    pub(crate) fn privacy_changed(&self, user: &str, public: &PublicNote) {
+        if self.public.is_some() {
+            self.push(&Arc::new(super::public::marker(user, public)));
+        }
+    }
+
+    /// `cut` as this endpoint shows it: unchanged for the truth; for the public view, turned
+    /// into what a stranger is shown and filtered by the wanted types (`None`: nothing left,
+    /// its events counted as handled).
+    fn shown(&self, cut: Cut) -> Option<Cut> {
+        let Some(public) = &self.public else {
+            return Some(cut);
+        };
+        let top = cut.events.iter().map(|e| e.seq).max().unwrap_or(0);
+        let events = public
+            .view
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .apply(cut.events);
+        let events: Vec<Arc<Event>> = events
+            .into_iter()
+            .filter(|e| e.kind.always() || public.wanted.contains(&e.kind))
+            .collect();
+        let Some(first) = events.first() else {
+            // Nothing a stranger may see: handled, as far as progress goes.
+            self.delivered_seq
+                .fetch_max(top, std::sync::atomic::Ordering::Relaxed);
+            return None;
+        };
+        let last_seq = events.iter().map(|e| e.seq).max().unwrap_or(0).max(top);
+        Some(Cut {
+            id: format!("msg_{}_{last_seq}", first.id),
+            events,
+        })
     }
 
     /// The metric label of this endpoint.
@@ -279,8 +341,8 @@ impl Endpoint {
                             let cut = queue.cut(self.batch_size, now, now_ms());
                             self.metrics.depth.set(queue.len() as f64);
                             drop(queue);
-                            if cut.is_some() {
-                                return cut;
+                            if let Some(cut) = cut.and_then(|c| self.shown(c)) {
+                                return Some(cut);
                             }
                             continue;
                         }
@@ -468,12 +530,16 @@ impl Endpoint {
                 Some(pending) => pending,
                 None => {
                     let cut = lock(&self.queue).cut(self.batch_size, Instant::now(), now_ms());
-                    match cut {
+                    let Some(cut) = cut else {
+                        break;
+                    };
+                    match self.shown(cut) {
                         Some(cut) => {
                             let body = encode(&cut.events);
                             (cut, body)
                         }
-                        None => break,
+                        // Nothing a stranger may see in it; more may be queued.
+                        None => continue,
                     }
                 }
             };
@@ -505,6 +571,19 @@ impl Endpoint {
 
 impl EventSink for Endpoint {
     fn offer(&self, event: &Arc<Event>) {
+        match &event.public {
+            // What a stranger was shown is for the public view only.
+            Some(_) if self.public.is_none() => self.push(&Arc::new(Event {
+                public: None,
+                ..(**event).clone()
+            })),
+            _ => self.push(event),
+        }
+    }
+}
+
+impl Endpoint {
+    fn push(&self, event: &Arc<Event>) {
         let pushed = lock(&self.queue).push(event, Instant::now());
         if !pushed.queued {
             return;

@@ -9,6 +9,7 @@
 //! | `queue.rs` | the synchronous queue: filter, coalescing, full-queue policy, loss accounting, batches |
 //! | `signing.rs` | Standard Webhooks `sign` / `verify` (public: receivers use it) |
 //! | `delivery.rs` | the async shell: the `EventSink`, the delivery task, retries, shutdown flush |
+//! | `public.rs` | the public view (`show = "public"`): what a stranger is shown, for third parties |
 //!
 //! # Delivery contract
 //! - **Batches**: `POST <url>` with `{"events":[...]}` (the JSON of [`Event`]), at most
@@ -44,10 +45,11 @@
 
 mod config;
 mod delivery;
+mod public;
 mod queue;
 mod signing;
 
-pub use config::WebhookConfig;
+pub use config::{WebhookConfig, WebhookShow};
 pub use signing::{
     decode_secret, headers, sign, sign_all, verify, SecretError, SignedHeaders, VerifyError,
     DEFAULT_TOLERANCE_SECS, SECRET_PREFIX,
@@ -59,7 +61,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(doc)]
 use crate::events::Event;
-use crate::events::EventSink;
+use crate::events::{EventSink, PublicNote};
 
 /// Metric names (all labelled `endpoint` = the URL's `host:port/path`).
 pub mod names {
@@ -125,6 +127,23 @@ impl Progress {
     }
 }
 
+/// The endpoints that show the public view; a cheap clone.
+#[derive(Debug, Clone)]
+pub struct PublicEndpoints {
+    endpoints: Vec<Arc<delivery::Endpoint>>,
+}
+
+impl PublicEndpoints {
+    /// `user`'s invisibility or audiences changed, and `public` is what a stranger is shown
+    /// of them now: each endpoint is told of a flip, in order with the events. Never blocks
+    /// (a queue push); in cluster mode call it only on the delivering node.
+    pub fn privacy_changed(&self, user: &str, public: &PublicNote) {
+        for e in &self.endpoints {
+            e.privacy_changed(user, public);
+        }
+    }
+}
+
 /// Every configured endpoint's queue and delivery task. Create it after the metrics recorder
 /// is installed (`Server::bind` does so first): each endpoint registers its metric handles
 /// once, in [`Webhooks::new`].
@@ -155,6 +174,18 @@ impl Webhooks {
         Progress {
             endpoints: self.endpoints.clone(),
         }
+    }
+
+    /// The endpoints that show the public view (`show = "public"`); `None` when there are
+    /// none. Tell it of every privacy settings change ([`PublicEndpoints::privacy_changed`]).
+    pub fn public_endpoints(&self) -> Option<PublicEndpoints> {
+        let endpoints: Vec<_> = self
+            .endpoints
+            .iter()
+            .filter(|e| e.is_public())
+            .cloned()
+            .collect();
+        (!endpoints.is_empty()).then_some(PublicEndpoints { endpoints })
     }
 
     /// The metric labels of the endpoints, in configuration order.

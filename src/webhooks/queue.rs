@@ -104,6 +104,12 @@ pub(crate) struct EventQueue {
     disabled: bool,
 }
 
+/// A `user.updated` with its presence: a newer one of the same user replaces it. (A public
+/// endpoint's privacy marker has none and is never replaced: it tells a flip.)
+fn coalesces(event: &Event) -> bool {
+    event.kind == EventType::UserUpdated && event.presence.is_some()
+}
+
 impl EventQueue {
     /// An empty queue holding at most `capacity` events (at least 1) of the `wanted` types.
     pub(crate) fn new(capacity: usize, wanted: &[EventType]) -> EventQueue {
@@ -161,7 +167,7 @@ impl EventQueue {
         if self.disabled || !self.wants(event.kind) {
             return out;
         }
-        if event.kind == EventType::UserUpdated {
+        if coalesces(event) {
             if let Some(pos) = event.user.as_deref().and_then(|u| self.updated.get(u)) {
                 // The newer state supersedes the pending one; it goes at the end so the
                 // user's events stay in version order.
@@ -275,7 +281,7 @@ impl EventQueue {
                 self.crowded.insert(key.to_string());
             }
         }
-        if event.kind == EventType::UserUpdated {
+        if coalesces(&event) {
             if let Some(user) = &event.user {
                 self.updated.insert(user.clone(), pos);
             }
@@ -420,11 +426,15 @@ mod tests {
     impl Bus {
         fn ev(&mut self, kind: EventType, user: &str, version: u64) -> Arc<Event> {
             self.0 += 1;
+            let presence = (kind == EventType::UserUpdated).then(|| {
+                crate::events::PresenceJson::from(&crate::model::PresenceSnapshot::offline(user, 0))
+            });
             let user = (!user.is_empty()).then(|| user.to_string());
             Arc::new(Event {
                 id: format!("e-{}", self.0),
                 seq: self.0,
                 ts_ms: 1000 + self.0,
+                presence,
                 ..Event::bare(kind, user, version)
             })
         }
@@ -463,6 +473,28 @@ mod tests {
         assert_eq!(cut.events.len(), 2);
         assert!(q.cut(10, now, 0).is_none());
         assert_eq!(q.pending_since(), None);
+    }
+
+    #[test]
+    fn a_privacy_marker_is_never_replaced_nor_replaces() {
+        let mut q = EventQueue::new(100, &ALL);
+        let mut bus = Bus(0);
+        let now = Instant::now();
+        let marker = Arc::new(crate::webhooks::public::marker(
+            "a",
+            &crate::events::PublicNote::default(),
+        ));
+        q.push(&bus.ev(EventType::UserUpdated, "a", 1), now);
+        assert!(!q.push(&marker, now).coalesced);
+        // The newer update replaces the older one, never the marker.
+        assert!(
+            q.push(&bus.ev(EventType::UserUpdated, "a", 2), now)
+                .coalesced
+        );
+        let cut = q.cut(10, now, 0).unwrap();
+        assert_eq!(cut.events.len(), 2);
+        assert!(cut.events[0].presence.is_none(), "the marker stays");
+        assert_eq!(cut.events[1].version, 2);
     }
 
     #[test]
