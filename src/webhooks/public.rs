@@ -67,13 +67,9 @@ impl PublicView {
         let note = e.public.as_deref();
         let hidden = note.is_some_and(|n| n.hidden);
         match e.kind {
-            EventType::ServerStarted => {
-                // Everything reported before is void.
-                self.online.clear();
-                self.occupied.clear();
-                out.push(e);
-            }
-            EventType::SyncRequired => out.push(e),
+            // A view starts with its process: there is nothing before a `server.started` of
+            // its own to forget, and another node's (cluster mode) voids nothing here.
+            EventType::ServerStarted | EventType::SyncRequired => out.push(e),
             EventType::UserUpdated if is_marker(&e) => {
                 if let Some(note) = note {
                     self.privacy_changed(&user, note, e.ts_ms, out);
