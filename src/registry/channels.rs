@@ -59,7 +59,7 @@ impl Channel {
     }
 
     /// Distinct users `viewer` is shown in the channel.
-    pub(super) fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
+    fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
         self.occupancy() - self.hidden_from(book, viewer).0.len() as u32
     }
 
@@ -121,11 +121,12 @@ pub(super) fn hides(book: &PrivacyBook, viewer: Viewer<'_>, user: &str) -> bool 
     book.restricted(user) && matches!(book.decide(viewer, user), Decision::Masked { .. })
 }
 
-/// Distinct users `user_id` is shown in `channel`.
-fn occupancy_for(state: &State, channel: &str, user_id: &str) -> u32 {
-    state.channels.get(channel).map_or(0, |c| {
-        c.occupancy_for(&state.privacy, Viewer::User(user_id))
-    })
+/// Distinct users `viewer` is shown in `channel` (0 for an unknown channel).
+pub(super) fn occupancy_for(state: &State, channel: &str, viewer: Viewer<'_>) -> u32 {
+    state
+        .channels
+        .get(channel)
+        .map_or(0, |c| c.occupancy_for(&state.privacy, viewer))
 }
 
 /// How a member left.
@@ -156,7 +157,7 @@ impl Registry {
         if device.joined.contains(channel) {
             let ch = state.channels.get(channel);
             return Ok(ChannelOutcome {
-                occupancy: occupancy_for(state, channel, user_id),
+                occupancy: occupancy_for(state, channel, Viewer::User(user_id)),
                 changed: false,
                 state: ch.map(|c| c.view(&key, true).state).unwrap_or_default(),
             });
@@ -185,7 +186,7 @@ impl Registry {
             Some(conn_id),
             received_at,
         );
-        let occupancy = occupancy_for(state, channel, user_id);
+        let occupancy = occupancy_for(state, channel, Viewer::User(user_id));
         if let Some(sink) = self.shared.sink.get() {
             sink.emit(ReplicaChange::ChannelJoin {
                 user_id: user_id.to_string(),
@@ -384,7 +385,7 @@ impl Registry {
             }
         }
         Ok(ChannelOutcome {
-            occupancy: occupancy_for(state, channel, user_id),
+            occupancy: occupancy_for(state, channel, Viewer::User(user_id)),
             changed,
             state: BTreeMap::new(),
         })
@@ -418,7 +419,7 @@ impl Registry {
             true
         };
         Ok(ChannelOutcome {
-            occupancy: occupancy_for(state, channel, user_id),
+            occupancy: occupancy_for(state, channel, Viewer::User(user_id)),
             changed,
             state: BTreeMap::new(),
         })
@@ -440,7 +441,7 @@ impl Registry {
             remove_watcher(state, channel, user_id, device_id);
         }
         Ok(ChannelOutcome {
-            occupancy: occupancy_for(state, channel, user_id),
+            occupancy: occupancy_for(state, channel, Viewer::User(user_id)),
             changed,
             state: BTreeMap::new(),
         })

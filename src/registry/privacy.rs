@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
-use super::channels::hides;
+use super::channels::{hides, occupancy_for};
 use super::{FanoutTally, Registry, RegistryError, State};
 use crate::events::{PresenceJson, PublicMembership, PublicNote, Transition};
 use crate::model::{Availability, EventKind, EventView, OfflineReason, PresenceSnapshot};
@@ -578,10 +578,7 @@ impl Registry {
                     _ => 0,
                 };
                 let hidden = hides(book, Viewer::Public, user);
-                let shown = state
-                    .channels
-                    .get(channel)
-                    .map_or(0, |c| c.occupancy_for(book, Viewer::Public));
+                let shown = occupancy_for(state, channel, Viewer::Public);
                 (hidden || shown != truth).then(|| PublicNote {
                     hidden,
                     occupancy: Some(shown),
@@ -603,10 +600,7 @@ impl Registry {
                     d.joined.iter().map(move |channel| PublicMembership {
                         channel: channel.clone(),
                         device: device.clone(),
-                        occupancy: state
-                            .channels
-                            .get(channel)
-                            .map_or(0, |c| c.occupancy_for(&state.privacy, Viewer::Public)),
+                        occupancy: occupancy_for(state, channel, Viewer::Public),
                     })
                 })
                 .collect()
