@@ -257,6 +257,7 @@ impl Server {
         };
         ctx.registry.set_observer(events.clone());
         if let Some(public) = webhooks.public_endpoints() {
+            ctx.registry.note_public_views();
             ctx.registry.add_settings_listener(Arc::new(PublicMarkers {
                 public,
                 bus: events.clone(),

@@ -369,8 +369,9 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub first_lost_seq: Option<u64>,
     /// What a stranger was shown of this event, when privacy made it differ from the truth
-    /// (absent: the same). Public webhooks (`show = "public"`) are built from it; endpoints
-    /// that show the truth never receive it.
+    /// (absent: the same), noted only while a public webhook (`show = "public"`) is
+    /// configured: those endpoints are built from it; endpoints that show the truth never
+    /// receive it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub public: Option<Box<PublicNote>>,
 }

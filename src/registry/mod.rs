@@ -288,6 +288,8 @@ struct Shared {
     /// event (the MQTT bridge's public view). Must not block.
     /// Told of privacy settings changes (the MQTT bridge, public webhooks); a handful at most.
     settings_listeners: std::sync::RwLock<Vec<Arc<dyn SettingsListener>>>,
+    /// Whether events carry what a stranger was shown (on only with public webhooks).
+    public_notes: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Shared {
@@ -397,6 +399,7 @@ impl Registry {
                 hlc: replica::Hlc::default(),
                 observer: std::sync::OnceLock::new(),
                 settings_listeners: std::sync::RwLock::new(Vec::new()),
+                public_notes: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         registry.load_privacy();
@@ -410,6 +413,15 @@ impl Registry {
         if self.shared.observer.set(observer).is_err() {
             tracing::warn!("transition observer already set");
         }
+    }
+
+    /// From now on, each reported event carries what a stranger was shown of it
+    /// (`Event::public`), for public webhooks. Off by default: the note costs a lookup per
+    /// event and a pass over a channel's members per channel event.
+    pub fn note_public_views(&self) {
+        self.shared
+            .public_notes
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Adds a listener told of each user whose privacy settings changed. Called under the
@@ -432,7 +444,15 @@ impl Registry {
     fn observe_keyed(&self, state: &State, key: Option<&str>, build: impl FnOnce() -> Transition) {
         if let Some(observer) = self.shared.observer.get() {
             let transition = build();
-            let public = self.public_note(state, &transition);
+            let public = if self
+                .shared
+                .public_notes
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                self.public_note(state, &transition)
+            } else {
+                None
+            };
             observer.observe_noted(transition, key, public);
         }
     }
