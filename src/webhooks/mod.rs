@@ -45,7 +45,8 @@
 
 mod config;
 mod delivery;
-mod public;
+#[doc(hidden)]
+pub mod public;
 mod queue;
 mod signing;
 

@@ -26,7 +26,7 @@ use crate::events::{Event, EventType, PresenceJson, PublicNote};
 
 /// What the endpoint has been told, and the rules that turn truth into the public view.
 #[derive(Debug, Default)]
-pub(crate) struct PublicView {
+pub struct PublicView {
     /// Users the endpoint was last told are online.
     online: HashSet<String>,
     /// Channels the endpoint was last told are occupied.
@@ -35,7 +35,7 @@ pub(crate) struct PublicView {
 
 /// A queued marker: `user`'s privacy settings changed, and `public` is what a stranger is
 /// shown of them now (never sent as is).
-pub(crate) fn marker(user: &str, public: &PublicNote) -> Event {
+pub fn marker(user: &str, public: &PublicNote) -> Event {
     Event {
         ts_ms: crate::now_ms(),
         public: Some(Box::new(public.clone())),
@@ -47,18 +47,22 @@ fn is_marker(e: &Event) -> bool {
     e.kind == EventType::UserUpdated && e.presence.is_none() && e.seq == 0
 }
 
-fn plain(e: Event) -> Arc<Event> {
-    Arc::new(Event { public: None, ..e })
-}
-
 impl PublicView {
-    /// The public view of `events`, in order.
-    pub(crate) fn apply(&mut self, events: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
+    /// The public view of `events`, in order; no event leaves it with a note.
+    pub fn apply(&mut self, events: Vec<Arc<Event>>) -> Vec<Arc<Event>> {
         let mut out = Vec::with_capacity(events.len());
         for event in events {
             self.one(event, &mut out);
         }
-        out
+        out.into_iter()
+            .map(|e| match e.public {
+                Some(_) => Arc::new(Event {
+                    public: None,
+                    ..(*e).clone()
+                }),
+                None => e,
+            })
+            .collect()
     }
 
     fn one(&mut self, e: Arc<Event>, out: &mut Vec<Arc<Event>>) {
@@ -104,7 +108,7 @@ impl PublicView {
             }
             EventType::ChannelOccupied => {
                 if !hidden && self.occupied.insert(channel) {
-                    out.push(plain(Event {
+                    out.push(Arc::new(Event {
                         occupancy: note.and_then(|n| n.occupancy).or(e.occupancy),
                         ..(*e).clone()
                     }));
@@ -112,7 +116,7 @@ impl PublicView {
             }
             EventType::ChannelVacated => {
                 if self.occupied.remove(&channel) || !hidden {
-                    out.push(plain((*e).clone()));
+                    out.push(e);
                 }
             }
             EventType::MemberJoined | EventType::MemberLeft => {
@@ -132,7 +136,7 @@ impl PublicView {
                 // `channel.occupied` was left out); a leave that leaves only hidden members
                 // is when they see it vacated (the truth's `channel.vacated` comes later).
                 if joined && self.occupied.insert(channel.clone()) {
-                    out.push(plain(Event {
+                    out.push(Arc::new(Event {
                         id: format!("{}-occupied", e.id),
                         kind: EventType::ChannelOccupied,
                         occupancy: Some(occupancy.max(1)),
@@ -142,12 +146,12 @@ impl PublicView {
                     }));
                 }
                 let vacated = !joined && occupancy == 0 && self.occupied.remove(&channel);
-                out.push(plain(Event {
+                out.push(Arc::new(Event {
                     occupancy: Some(occupancy),
                     ..(*e).clone()
                 }));
                 if vacated {
-                    out.push(plain(Event {
+                    out.push(Arc::new(Event {
                         id: format!("{}-vacated", e.id),
                         kind: EventType::ChannelVacated,
                         occupancy: Some(0),
@@ -348,6 +352,31 @@ mod tests {
             Arc::ptr_eq(&out[0], &input[0]),
             "an unnoted event is passed as is"
         );
+    }
+
+    #[test]
+    fn no_event_leaves_the_view_with_a_note() {
+        // Found by the event_log fuzz target: a note that changes nothing (as a garbled or
+        // foreign log entry may carry) rode along on a passed-through event.
+        let mut view = PublicView::default();
+        let idle = || {
+            Some(PublicNote {
+                hidden: false,
+                ..PublicNote::default()
+            })
+        };
+        let out = view.apply(vec![
+            member(EventType::MemberJoined, "a", 1, 1, idle()),
+            Arc::new(Event {
+                id: "e-2".into(),
+                seq: 2,
+                device: Some("d".into()),
+                public: idle().map(Box::new),
+                ..Event::bare(EventType::DeviceConnected, Some("a".into()), 1)
+            }),
+        ]);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|e| e.public.is_none()), "{out:?}");
     }
 
     #[test]
