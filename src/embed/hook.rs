@@ -5,7 +5,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,8 +22,10 @@ use crate::metrics as m;
 /// * **Loss**: the queue is bounded
 ///   ([`ServerBuilder::hook_queue_capacity`](super::ServerBuilder::hook_queue_capacity)).
 ///   When it is full, new events are dropped and counted in
-///   `presence_hook_events_dropped_total`; the next call after a loss is a `sync.required`
-///   event whose `dropped` says how many were lost: re-read the state you depend on.
+///   `presence_hook_events_dropped_total`, and a `sync.required` event whose `dropped` says
+///   how many were lost takes their place: after the events queued before them, before any
+///   later one, and told once the hook has caught up even if no later event comes. Re-read
+///   the state you depend on.
 /// * **Panics** are caught and counted in `presence_hook_panics_total`; the next event is
 ///   delivered as usual.
 /// * **Shutdown**: [`Server::run`](crate::Server::run) lets the hook finish the queued events
@@ -49,12 +51,20 @@ where
     }
 }
 
+/// What the hook's queue holds.
+#[derive(Debug)]
+enum Item {
+    Event(Arc<Event>),
+    /// This many events were dropped here, in queue order.
+    Lost(u64),
+}
+
 /// The bus's side of the hook: a non-blocking push into the bounded queue.
 #[derive(Debug)]
 struct HookSink {
     /// `None` once the server stopped feeding the hook.
-    queue: Mutex<Option<SyncSender<Arc<Event>>>>,
-    /// Events dropped since the hook was last told.
+    queue: Mutex<Option<SyncSender<Item>>>,
+    /// Events dropped and not yet queued as a loss (nor told by the hook thread).
     dropped: Arc<AtomicU64>,
 }
 
@@ -64,7 +74,17 @@ impl EventSink for HookSink {
         let Some(queue) = queue.as_ref() else {
             return;
         };
-        match queue.try_send(event.clone()) {
+        // Losses go into the queue ahead of the next event that gets in, so the hook hears of
+        // them exactly where they happened.
+        let lost = self.dropped.swap(0, Ordering::Relaxed);
+        let sent = if lost > 0 {
+            queue.try_send(Item::Lost(lost)).inspect_err(|_| {
+                self.dropped.fetch_add(lost, Ordering::Relaxed);
+            })
+        } else {
+            Ok(())
+        };
+        match sent.and_then(|()| queue.try_send(Item::Event(event.clone()))) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => {
                 self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -128,24 +148,49 @@ impl HookHandle {
     }
 }
 
-/// The hook thread's loop: until every sender is gone, tells the hook of losses, then calls
-/// it with the next event.
-fn deliver_all(hook: &dyn PresenceHook, events: &Receiver<Arc<Event>>, dropped: &AtomicU64) {
+/// The hook thread's loop: until every sender is gone, calls the hook with each event and a
+/// `sync.required` for each loss, in queue order. A loss no later event followed is told
+/// once the queue is empty (everything queued before it was delivered) and at the end.
+fn deliver_all(hook: &dyn PresenceHook, events: &Receiver<Item>, dropped: &AtomicU64) {
     let mut syncs = 0u64;
-    for event in events {
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            syncs += 1;
-            let sync = Event {
-                id: format!("hook-sync-{syncs}"),
-                ts_ms: crate::now_ms(),
-                dropped: Some(lost),
-                node: event.node.clone(),
-                ..Event::bare(EventType::SyncRequired, None, 0)
-            };
-            call(hook, &sync);
+    let mut node = None;
+    let mut tell = |lost: u64, node: &Option<String>| {
+        syncs += 1;
+        let sync = Event {
+            id: format!("hook-sync-{syncs}"),
+            ts_ms: crate::now_ms(),
+            dropped: Some(lost),
+            node: node.clone(),
+            ..Event::bare(EventType::SyncRequired, None, 0)
+        };
+        call(hook, &sync);
+    };
+    loop {
+        let item = match events.try_recv() {
+            Ok(item) => item,
+            Err(TryRecvError::Empty) => {
+                let lost = dropped.swap(0, Ordering::Relaxed);
+                if lost > 0 {
+                    tell(lost, &node);
+                }
+                match events.recv() {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            }
+            Err(TryRecvError::Disconnected) => break,
+        };
+        match item {
+            Item::Lost(lost) => tell(lost, &node),
+            Item::Event(event) => {
+                node.clone_from(&event.node);
+                call(hook, &event);
+            }
         }
-        call(hook, &event);
+    }
+    let lost = dropped.swap(0, Ordering::Relaxed);
+    if lost > 0 {
+        tell(lost, &node);
     }
 }
 
@@ -197,18 +242,32 @@ mod tests {
         // The hook holds event 1 and the queue two more: 4 and 5 were dropped.
         assert_eq!(handle.sink.dropped.load(Ordering::Relaxed), 2);
         gate_tx.send(()).unwrap();
+        // Once the hook has the events queued before the loss, a later event comes after the
+        // loss, whether the hook has told it by then or not.
+        let started = std::time::Instant::now();
+        while seen.lock().unwrap().len() < 3 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "the hook is stuck"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        sink.offer(&event(6));
         handle.stop(Duration::from_secs(10)).await;
         let seen = seen.lock().unwrap().clone();
+        // The loss is told where it happened (after 2 and 3, queued before it), and although
+        // no event came after it.
         assert_eq!(
             seen,
             [
                 (EventType::UserOnline, 1, 0),
-                (EventType::SyncRequired, 0, 2),
                 (EventType::UserOnline, 2, 0),
                 (EventType::UserOnline, 3, 0),
+                (EventType::SyncRequired, 0, 2),
+                (EventType::UserOnline, 6, 0),
             ]
         );
         // Stopped: later offers go nowhere (and do not block).
-        sink.offer(&event(6));
+        sink.offer(&event(7));
     }
 }
