@@ -15,8 +15,13 @@ use super::{
     SubscriptionPage, SubscriptionStore,
 };
 
-/// The on-disk format this build writes and reads.
-pub const FORMAT_VERSION: u64 = 1;
+/// The newest on-disk format this build reads and writes. A store is marked 2 once it holds
+/// privacy records (an older build would ignore them and show hidden users, so it must refuse
+/// the store), and stays 1 until then, so an older build can still open it.
+pub const FORMAT_VERSION: u64 = 2;
+
+/// The format of a store without privacy records.
+const FORMAT_WITHOUT_PRIVACY: u64 = 1;
 
 const META_TREE: &str = "meta";
 const EDGES_TREE: &str = "edges";
@@ -44,12 +49,22 @@ pub struct SledStore {
     last_seen_tree: sled::Tree,
     revoked_tree: sled::Tree,
     privacy_tree: sled::Tree,
+    /// Holds the format marker.
+    meta: sled::Tree,
+    /// Whether the marker says [`FORMAT_VERSION`] (privacy records may be stored).
+    privacy_format: std::sync::atomic::AtomicBool,
     /// The in-memory image; its lock also orders writes to `edges_tree`.
     image: Mutex<Edges>,
     /// Cluster mode: the last log operation applied (see `APPLIED_SEQ_KEY`).
     applied_seq: std::sync::atomic::AtomicU64,
     /// For error messages.
     path: String,
+}
+
+/// Marks the store [`FORMAT_VERSION`]: it may hold privacy records.
+fn mark_privacy_format(meta: &sled::Tree) -> sled::Result<()> {
+    meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+        .map(|_| ())
 }
 
 fn edge_key(direction: u8, first: &str, second: &str) -> Vec<u8> {
@@ -87,11 +102,12 @@ impl SledStore {
         let last_seen_tree = tree(LAST_SEEN_TREE)?;
         let revoked_tree = tree(REVOKED_TREE)?;
         let privacy_tree = tree(PRIVACY_TREE)?;
-        match meta.get(FORMAT_KEY).map_err(|e| classify(&shown, e))? {
+        let format = match meta.get(FORMAT_KEY).map_err(|e| classify(&shown, e))? {
             None if edges_tree.is_empty() && last_seen_tree.is_empty() => {
-                meta.insert(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())
+                meta.insert(FORMAT_KEY, &FORMAT_WITHOUT_PRIVACY.to_be_bytes())
                     .map_err(|e| classify(&shown, e))?;
                 db.flush().map_err(|e| classify(&shown, e))?;
+                FORMAT_WITHOUT_PRIVACY
             }
             None => {
                 return Err(StoreError::Corrupt {
@@ -100,7 +116,7 @@ impl SledStore {
                 })
             }
             Some(raw) => match u64_value(&raw) {
-                Some(FORMAT_VERSION) => {}
+                Some(found @ (FORMAT_WITHOUT_PRIVACY | FORMAT_VERSION)) => found,
                 Some(found) if found > FORMAT_VERSION => {
                     return Err(StoreError::NewerFormat {
                         path: shown,
@@ -115,9 +131,17 @@ impl SledStore {
                     })
                 }
             },
-        }
+        };
         let mut image = load(&shown, &edges_tree, &last_seen_tree)?;
         let privacy = read_privacy(&shown, &privacy_tree)?.len();
+        let privacy_format = if format == FORMAT_WITHOUT_PRIVACY && privacy > 0 {
+            // Written by a build that stored privacy records without marking the store.
+            mark_privacy_format(&meta).map_err(|e| classify(&shown, e))?;
+            db.flush().map_err(|e| classify(&shown, e))?;
+            true
+        } else {
+            format == FORMAT_VERSION
+        };
         for item in revoked_tree.iter() {
             let (key, value) = item.map_err(|e| classify(&shown, e))?;
             let (Ok(user), Ok(v)) = (std::str::from_utf8(&key), <[u8; 16]>::try_from(&value[..]))
@@ -152,6 +176,8 @@ impl SledStore {
             last_seen_tree,
             revoked_tree,
             privacy_tree,
+            meta,
+            privacy_format: std::sync::atomic::AtomicBool::new(privacy_format),
             image: Mutex::new(image),
             applied_seq: std::sync::atomic::AtomicU64::new(applied_seq),
             path: shown,
@@ -495,6 +521,16 @@ impl SubscriptionStore for SledStore {
 
     fn write_privacy(&self, records: &[crate::privacy::PrivacyRecord]) -> Result<(), StoreError> {
         use crate::privacy::PrivacyRecord;
+        // The marker goes first: sled recovers writes in order, so no privacy record is ever
+        // on disk under a marker an older build would accept.
+        if !self
+            .privacy_format
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            mark_privacy_format(&self.meta).map_err(|e| self.backend(e))?;
+            self.privacy_format
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let mut batch = sled::Batch::default();
         for record in records {
             let removed = matches!(
@@ -701,6 +737,49 @@ mod tests {
                 ("a".into(), "new".into())
             ]
         );
+    }
+
+    fn format_marker(dir: &Path) -> Option<u64> {
+        let db = sled::open(dir).unwrap();
+        let raw = db.open_tree(META_TREE).unwrap().get(FORMAT_KEY).unwrap()?;
+        u64_value(&raw)
+    }
+
+    #[test]
+    fn privacy_records_mark_the_store_so_an_older_build_refuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let record = crate::privacy::PrivacyRecord::Settings {
+            user: "a".into(),
+            settings: crate::privacy::Settings::default(),
+        };
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.subscribe("w", &["a".to_string()], 0, 10, 0).unwrap();
+            store.flush().unwrap();
+        }
+        // Subscriptions alone: the format every older build reads.
+        assert_eq!(format_marker(dir.path()), Some(FORMAT_WITHOUT_PRIVACY));
+        {
+            let store = SledStore::open(dir.path()).unwrap();
+            store.write_privacy(std::slice::from_ref(&record)).unwrap();
+            store.flush().unwrap();
+        }
+        // Format 1 builds refuse a newer marker (`a_newer_format_is_refused_and_left_alone`).
+        assert_eq!(format_marker(dir.path()), Some(FORMAT_VERSION));
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(store.privacy_records(), vec![record.clone()]);
+        drop(store);
+        // A store an earlier build filled with privacy records under marker 1 is marked at open.
+        {
+            let db = sled::open(dir.path()).unwrap();
+            db.open_tree(META_TREE)
+                .unwrap()
+                .insert(FORMAT_KEY, &FORMAT_WITHOUT_PRIVACY.to_be_bytes())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        drop(SledStore::open(dir.path()).unwrap());
+        assert_eq!(format_marker(dir.path()), Some(FORMAT_VERSION));
     }
 
     #[test]
