@@ -193,8 +193,8 @@ impl ConnectRequest {
         self.invisible
     }
 
-    /// Cluster mode: the invisibility was carried out before [`connect`] (through the privacy
-    /// log), so `connect` need not.
+    /// The connection layer carried out the invisibility before [`connect`] (group commit, or
+    /// the cluster's privacy log); `connect` refuses a request still asking for it.
     pub fn invisibility_done(&mut self) {
         self.invisible = false;
     }
@@ -967,18 +967,12 @@ pub fn connect(
     let device_id = connect_device_id(&request, &claims)?;
     let keepalive_secs = config.session.clamp_keepalive(request.keepalive_secs);
     if request.invisible {
-        // Invisible before the device is announced, and durable before the ConnAck says so.
-        let op = PrivacyOp::SetInvisible {
-            user: claims.user_id.clone(),
-            on: true,
-        };
-        registry.privacy_op(&op, received_at)?;
-        registry.store().flush().map_err(|e| {
-            RequestError::new(
-                pb::ErrorCode::Internal,
-                format!("cannot store the invisibility: {e}"),
-            )
-        })?;
+        // The shell makes the user invisible (awaiting the store) and clears the flag; this
+        // synchronous core never waits on a disk.
+        return Err(RequestError::new(
+            pb::ErrorCode::Internal,
+            "starting invisible was not carried out before the connect",
+        ));
     }
     let attached = registry.attach(Attach {
         user_id: claims.user_id.clone(),

@@ -117,23 +117,26 @@ impl ConnectionContext {
         }
     }
 
-    /// Cluster mode, a Connect with `invisible`: makes `user` invisible through the privacy
-    /// log and waits until every live peer holds it, so the device's arrival (replicated
-    /// outside the log) reaches no peer that would still show it. `Ok(false)` on a single
-    /// node (the Connect does it synchronously there); UNAVAILABLE when the log or a peer does
-    /// not answer in time (the invisibility may then be stored: a retry connects invisible).
-    pub async fn start_invisible_in_cluster(&self, user: &str) -> Result<bool, RequestError> {
+    /// A Connect with `invisible`: makes `user` invisible before the device is announced, and
+    /// durable before the ConnAck says so. On a single node it is stored, applied and
+    /// group-committed ([`ConnectionContext::carry_out_privacy`]). In cluster mode it goes
+    /// through the privacy log, and this waits until every live peer holds it, so the
+    /// device's arrival (replicated outside the log) reaches no peer that would still show it;
+    /// UNAVAILABLE when the log or a peer does not answer in time (the invisibility may then
+    /// be stored: a retry connects invisible).
+    pub async fn start_invisible(&self, user: &str) -> Result<(), RequestError> {
+        let op = crate::privacy::PrivacyOp::SetInvisible {
+            user: user.to_string(),
+            on: true,
+        };
         let (Some(log), Some(barrier)) = (self.priv_log.get(), self.privacy_barrier.get()) else {
-            return Ok(false);
+            self.carry_out_privacy(&op).await?;
+            return Ok(());
         };
         let unavailable = |reason: String| RequestError {
             code: pb::ErrorCode::Unavailable,
             reason,
             retry_after_ms: command::UNAVAILABLE_RETRY_MS,
-        };
-        let op = crate::privacy::PrivacyOp::SetInvisible {
-            user: user.to_string(),
-            on: true,
         };
         let records = self.registry.plan_privacy(&op)?;
         let seq = log
@@ -152,7 +155,7 @@ impl ConnectionContext {
                 "not every node confirmed the invisibility in time; retry".into(),
             ));
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Cluster mode: after `subscriber` subscribed to `targets`, a request to each target whose
@@ -821,8 +824,8 @@ async fn read_loop<F: FrameSource>(
                 verdict = Box::pin(ctx.auth.authenticate(asked)) => verdict,
             };
             let mut request = *request;
-            // Cluster mode: starting invisible goes through the privacy log and must hold on
-            // every node before the device is announced (a single node does it in `connect`).
+            // Starting invisible is stored (and in cluster mode held by every node) before the
+            // device is announced.
             if let Ok(identity) = &verdict {
                 // Only a Connect that will be accepted may change anything.
                 if request.invisible()
@@ -832,11 +835,10 @@ async fn read_loop<F: FrameSource>(
                     let started = tokio::select! {
                         biased;
                         _ = ctx.shutdown.cancelled() => return End::Shutdown,
-                        started = Box::pin(ctx.start_invisible_in_cluster(&identity.user_id)) => started,
+                        started = Box::pin(ctx.start_invisible(&identity.user_id)) => started,
                     };
                     match started {
-                        Ok(true) => request.invisibility_done(),
-                        Ok(false) => {}
+                        Ok(()) => request.invisibility_done(),
                         Err(e) => {
                             push_error(outbound, request_id, "connect", &e);
                             return End::Close(CloseKind::NodeUnavailable, e.reason);
