@@ -106,6 +106,8 @@ pub struct ClientOptions {
     pub transport: Transport,
     /// Connect invisible (user-level invisibility turned on before the device is announced).
     pub invisible: bool,
+    /// Connect with this device invisible on its own (`Connect.invisible_device`).
+    pub invisible_device: bool,
 }
 
 impl ClientOptions {
@@ -125,6 +127,7 @@ impl ClientOptions {
             local_addr: None,
             transport: Transport::Tls,
             invisible: false,
+            invisible_device: false,
         }
     }
 
@@ -235,6 +238,7 @@ impl Client {
                     initial_presence: options.initial_presence.clone(),
                     user_data: options.user_data.clone(),
                     invisible: options.invisible,
+                    invisible_device: options.invisible_device,
                 })),
             })
             .await?;
@@ -585,7 +589,26 @@ impl Client {
 
     /// Turns user-level invisibility on or off.
     pub async fn set_invisible(&self, on: bool) -> Result<pb::SetInvisibleResult, ClientError> {
-        let body = ClientBody::SetInvisible(pb::SetInvisible { invisible: on });
+        let body = ClientBody::SetInvisible(pb::SetInvisible {
+            invisible: on,
+            scope: pb::InvisibleScope::User as i32,
+        });
+        self.call(body, |b| match b {
+            ServerBody::SetInvisibleResult(r) => Some(r),
+            _ => None,
+        })
+        .await
+    }
+
+    /// Turns this device's own invisibility on or off (for this session).
+    pub async fn set_device_invisible(
+        &self,
+        on: bool,
+    ) -> Result<pb::SetInvisibleResult, ClientError> {
+        let body = ClientBody::SetInvisible(pb::SetInvisible {
+            invisible: on,
+            scope: pb::InvisibleScope::Device as i32,
+        });
         self.call(body, |b| match b {
             ServerBody::SetInvisibleResult(r) => Some(r),
             _ => None,

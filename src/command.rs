@@ -175,6 +175,7 @@ pub struct ConnectRequest {
     initial: Option<PresenceChange>,
     user_data: BTreeMap<String, String>,
     invisible: bool,
+    invisible_device: bool,
 }
 
 impl ConnectRequest {
@@ -255,10 +256,12 @@ pub enum Command {
         /// ...up to `through` (inclusive; `None`: to the last).
         through: Option<String>,
     },
-    /// Turn user-level invisibility on or off.
+    /// Turn invisibility on or off.
     SetInvisible {
         /// On or off.
         on: bool,
+        /// This device only, for the session (scope DEVICE); else the user (stored).
+        device: bool,
     },
     /// Block users.
     Block {
@@ -469,7 +472,14 @@ impl Command {
                 user: optional_user(g.user_id)?,
             },
             ClientBody::SetDelivery(d) => Command::SetDelivery(parse_delivery(d, limits)?),
-            ClientBody::SetInvisible(i) => Command::SetInvisible { on: i.invisible },
+            ClientBody::SetInvisible(i) => Command::SetInvisible {
+                on: i.invisible,
+                device: match pb::InvisibleScope::try_from(i.scope) {
+                    Ok(pb::InvisibleScope::User) => false,
+                    Ok(pb::InvisibleScope::Device) => true,
+                    Err(_) => return Err(bad("unknown invisibility scope")),
+                },
+            },
             ClientBody::Block(b) => Command::Block {
                 targets: nonempty_ids(b.user_ids, limits)?,
             },
@@ -843,6 +853,7 @@ fn parse_connect(c: pb::Connect, limits: &LimitsConfig) -> Result<ConnectRequest
         initial,
         user_data: c.user_data,
         invisible: c.invisible,
+        invisible_device: c.invisible_device,
     })
 }
 
@@ -982,6 +993,7 @@ pub fn connect(
         initial: request.initial,
         user_data: request.user_data,
         received_at,
+        invisible: request.invisible_device,
     })?;
     let l = &config.limits;
     let ack = pb::ConnAck {
@@ -1005,6 +1017,7 @@ pub fn connect(
         session_taken_over: attached.taken_over,
         presence: Some(wire::presence_to_pb(&attached.presence)),
         invisible: registry.is_invisible(&claims.user_id),
+        device_invisible: registry.is_device_invisible(&claims.user_id, &device_id),
     };
     let session = Session {
         user_id: claims.user_id,
@@ -1156,7 +1169,7 @@ pub fn execute(
 pub fn privacy_op_of(command: &Command, user: &str) -> Option<PrivacyOp> {
     let user = user.to_string();
     Some(match command {
-        Command::SetInvisible { on } => PrivacyOp::SetInvisible { user, on: *on },
+        Command::SetInvisible { on, device: false } => PrivacyOp::SetInvisible { user, on: *on },
         Command::Block { targets } => PrivacyOp::Block {
             user,
             targets: targets.clone(),
@@ -1187,6 +1200,7 @@ pub fn privacy_op_of(command: &Command, user: &str) -> Option<PrivacyOp> {
 pub fn privacy_reply(
     command: &Command,
     user: &str,
+    device: &str,
     registry: &Registry,
     records: &[crate::privacy::PrivacyRecord],
 ) -> ServerBody {
@@ -1197,6 +1211,7 @@ pub fn privacy_reply(
             ServerBody::SetInvisibleResult(pb::SetInvisibleResult {
                 invisible: registry.is_invisible(user),
                 presence: Some(wire::presence_to_pb(&presence)),
+                device_invisible: registry.is_device_invisible(user, device),
             })
         }
         Command::Block { .. } | Command::Unblock { .. } => {
@@ -1324,6 +1339,20 @@ fn execute_body(
                 },
             ))
         }
+        Command::SetInvisible { on, device: true } => {
+            let presence = registry.set_device_invisible(
+                &session.user_id,
+                &session.device_id,
+                session.conn_id,
+                on,
+                received_at,
+            )?;
+            Ok(ServerBody::SetInvisibleResult(pb::SetInvisibleResult {
+                invisible: registry.is_invisible(&session.user_id),
+                presence: Some(wire::presence_to_pb(&presence)),
+                device_invisible: on,
+            }))
+        }
         c @ (Command::SetInvisible { .. }
         | Command::Block { .. }
         | Command::Unblock { .. }
@@ -1333,7 +1362,13 @@ fn execute_body(
                 return Err(bad("not a privacy change"));
             };
             let records = registry.privacy_op(&op, received_at)?;
-            Ok(privacy_reply(&c, &session.user_id, registry, &records))
+            Ok(privacy_reply(
+                &c,
+                &session.user_id,
+                &session.device_id,
+                registry,
+                &records,
+            ))
         }
         Command::GetPrivacy => Ok(ServerBody::PrivacySettings(privacy_settings(
             registry,

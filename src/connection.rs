@@ -910,7 +910,10 @@ async fn read_loop<F: FrameSource>(
                 operation,
                 command,
             } => {
-                let Some(user) = session.as_ref().map(|s| s.user_id.clone()) else {
+                let Some((user, device)) = session
+                    .as_ref()
+                    .map(|s| (s.user_id.clone(), s.device_id.clone()))
+                else {
                     continue;
                 };
                 let Some(op) = command::privacy_op_of(&command, &user) else {
@@ -921,7 +924,7 @@ async fn read_loop<F: FrameSource>(
                     Ok(records) => push_reply(
                         outbound,
                         request_id,
-                        command::privacy_reply(&command, &user, &ctx.registry, &records),
+                        command::privacy_reply(&command, &user, &device, &ctx.registry, &records),
                     ),
                     Err(e) => push_error(outbound, request_id, operation, &e),
                 }
@@ -1599,6 +1602,7 @@ mod tests {
                 initial: None,
                 user_data: BTreeMap::new(),
                 received_at: Instant::now(),
+                invisible: false,
             })
             .unwrap();
         ctx.registry

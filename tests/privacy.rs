@@ -660,3 +660,173 @@ async fn connecting_invisible_is_never_announced() {
     within(again.set_invisible(false)).await.unwrap();
     presence_event_of(&mut w, "alice", EventKind::Online).await;
 }
+
+/// What `watcher` receives up to `marker`'s change to `text`, each frame in short.
+async fn until_marker(watcher: &mut Client, marker: &Client, text: &str) -> Vec<String> {
+    within(marker.set_presence(status(text))).await.unwrap();
+    let mut seen = Vec::new();
+    loop {
+        let frame = within(watcher.next_event()).await.expect("connection open");
+        match frame.body {
+            Some(pb::server_frame::Body::PresenceEvent(e)) => {
+                let p = e.presence.clone().unwrap_or_default();
+                if e.user_id == "marker" && p.status == text {
+                    return seen;
+                }
+                let mut devices: Vec<String> =
+                    p.devices.iter().map(|d| d.device_id.clone()).collect();
+                devices.sort();
+                seen.push(format!(
+                    "{} {:?} {:?} device={:?} status={:?} devices={devices:?}",
+                    e.user_id,
+                    kind(&e),
+                    availability(&p),
+                    e.device_id,
+                    p.status
+                ));
+            }
+            Some(pb::server_frame::Body::ChannelEvent(e)) => {
+                let m = e.member.clone().unwrap_or_default();
+                seen.push(format!(
+                    "{} {:?} {}/{} occupancy={}",
+                    e.channel,
+                    channel_kind(&e),
+                    m.user_id,
+                    m.device_id,
+                    e.occupancy
+                ));
+            }
+            other => seen.push(format!("{other:?}")),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
+    let broker = start(|c| c.channels.announce_threshold = 10_000).await;
+    let marker = connect(&broker, "marker").await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice", "marker"])).await.unwrap();
+    within(w.join("room", &[])).await.unwrap();
+    let phone = connect_device(&broker, "alice", "phone").await;
+    within(phone.join("room", &[])).await.unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m1").await,
+        vec![
+            "alice Online Online device=\"phone\" status=\"\" devices=[\"phone\"]",
+            "room Join alice/phone occupancy=2",
+            "room Online alice/phone occupancy=2",
+        ]
+    );
+
+    // The tablet connects invisible: nobody else ever sees it, its own devices do.
+    let mut options = options(&broker, "alice", "tablet");
+    options.invisible_device = true;
+    let mut tablet = within(Client::connect(options)).await.unwrap();
+    assert!(tablet.conn_ack.device_invisible && !tablet.conn_ack.invisible);
+    within(tablet.join("room", &[("seat", "3")])).await.unwrap();
+    assert_eq!(until_marker(&mut w, &marker, "m2").await, Vec::<String>::new());
+    let seen = get(&w, "alice").await;
+    assert_eq!(seen.devices.len(), 1, "{seen:?}");
+    assert_eq!(seen.devices[0].device_id, "phone");
+    let page = within(w.who_now("room", pb::WhoNowMode::IdsAndState, "", 10))
+        .await
+        .unwrap();
+    let members: Vec<(&str, &str)> = page
+        .members
+        .iter()
+        .map(|m| (m.user_id.as_str(), m.device_id.as_str()))
+        .collect();
+    assert_eq!(members, vec![("alice", "phone"), ("w", "phone")]);
+    assert_eq!((page.occupancy, page.member_count), (2, 2));
+    assert_eq!(within(w.where_now("alice")).await.unwrap(), vec!["room"]);
+    // Alice's own devices see the truth.
+    let own = get(&phone, "alice").await;
+    assert_eq!(own.devices.len(), 2, "{own:?}");
+    let own_page = within(phone.who_now("room", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!(own_page.member_count, 3);
+
+    // A change made from the invisible device is the user's presence: shown, without its id.
+    within(tablet.set_presence(pb::SetPresence {
+        status: Some("busy".into()),
+        availability: pb::Availability::Dnd as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m3").await,
+        vec!["alice Update Online device=\"\" status=\"busy\" devices=[\"phone\"]"]
+    );
+    // Its availability alone changes nothing anyone else sees.
+    within(tablet.set_presence(pb::SetPresence {
+        availability: pb::Availability::Away as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    assert_eq!(until_marker(&mut w, &marker, "m4").await, Vec::<String>::new());
+
+    // Visible again: it arrives (presence, then its room); invisible again: it leaves.
+    let reply = within(tablet.set_device_invisible(false)).await.unwrap();
+    assert!(!reply.device_invisible);
+    assert_eq!(
+        until_marker(&mut w, &marker, "m5").await,
+        vec![
+            "alice Update Online device=\"tablet\" status=\"busy\" devices=[\"phone\", \"tablet\"]",
+            "room Join alice/tablet occupancy=2",
+        ]
+    );
+    within(tablet.set_device_invisible(true)).await.unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m6").await,
+        vec![
+            "room Leave alice/tablet occupancy=2",
+            "alice Update Online device=\"\" status=\"busy\" devices=[\"phone\"]",
+        ]
+    );
+
+    // The visible device leaves: alice leaves the room and goes offline, for everyone else.
+    phone.disconnect().await.unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m7").await,
+        vec![
+            "room Leave alice/phone occupancy=1",
+            "room Offline alice/phone occupancy=1",
+            "alice Offline Offline device=\"phone\" status=\"\" devices=[]",
+        ]
+    );
+    let gone = get(&w, "alice").await;
+    assert!(is_frozen_offline(&gone) && gone.last_seen_ms > 0, "{gone:?}");
+    let page = within(w.who_now("room", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!((page.occupancy, page.member_count), (1, 1));
+    assert!(within(w.where_now("alice")).await.unwrap().is_empty());
+    let own = presence_event_of(&mut tablet, "alice", EventKind::Update).await;
+    assert_eq!(own.presence.unwrap().devices.len(), 1, "the tablet sees itself");
+
+    // What the invisible device does from now on, its departure included, shows nowhere,
+    // and the last-seen time stays when alice was last visible (restart-proof: stored).
+    within(tablet.set_presence(status("secret"))).await.unwrap();
+    within(tablet.leave("room")).await.unwrap();
+    tablet.disconnect().await.unwrap();
+    assert_eq!(until_marker(&mut w, &marker, "m8").await, Vec::<String>::new());
+    let after = get(&w, "alice").await;
+    assert_eq!(after, gone, "nothing moved for the watcher");
+    assert_eq!(
+        broker.registry.snapshot("alice").last_seen_ms,
+        gone.last_seen_ms,
+        "the stored last-seen is when alice was last visible"
+    );
+
+    // A new visible session: online again.
+    let _phone = connect_device(&broker, "alice", "phone").await;
+    let back = until_marker(&mut w, &marker, "m9").await;
+    assert_eq!(
+        back,
+        vec!["alice Online Online device=\"phone\" status=\"\" devices=[\"phone\"]"]
+    );
+}

@@ -1,8 +1,8 @@
 //! The leak test (issue 15 point 7): an observer must learn nothing that tells "invisible",
 //! "blocked" or "not approved" from "went offline and never changed". The same script runs in
-//! four worlds; they differ only in how the target leaves the observer's view (a real
-//! disconnect, or invisibility, a block, an approval-only audience) and in what the hidden
-//! target keeps doing afterwards. Everything the observer can see is recorded and normalised
+//! five worlds; they differ only in how the target leaves the observer's view (a real
+//! disconnect, or invisibility of the user or of its only device, a block, an approval-only
+//! audience) and in what the hidden target keeps doing afterwards. Everything the observer can see is recorded and normalised
 //! (times and versions differ between runs; their presence, order and direction do not): every
 //! event frame it receives, GetPresence, a Subscribe reply, ListSubscriptions, a Resume from the
 //! versions it held (twice), who-now and its counts, where-now, channel state, and the
@@ -18,6 +18,7 @@ use presenced::pb::{self, server_frame::Body};
 enum World {
     Offline,
     Invisible,
+    DeviceInvisible,
     Blocked,
     NotApproved,
 }
@@ -116,6 +117,10 @@ async fn observe(world: World) -> Vec<String> {
         }
         World::Invisible => {
             within(t.set_invisible(true)).await.unwrap();
+        }
+        World::DeviceInvisible => {
+            let reply = within(t.set_device_invisible(true)).await.unwrap();
+            assert!(reply.device_invisible && !reply.invisible, "{reply:?}");
         }
         World::Blocked => {
             within(t.block(&["o"])).await.unwrap();
@@ -220,7 +225,12 @@ async fn hidden_looks_exactly_like_offline_on_every_path() {
         offline.iter().any(|l| l.contains("presence t Offline")),
         "the offline world saw t leave: {offline:#?}"
     );
-    for world in [World::Invisible, World::Blocked, World::NotApproved] {
+    for world in [
+        World::Invisible,
+        World::DeviceInvisible,
+        World::Blocked,
+        World::NotApproved,
+    ] {
         let hidden = observe(world).await;
         assert_eq!(
             hidden, offline,

@@ -74,6 +74,7 @@ fn world() -> &'static World {
                     initial: None,
                     user_data: Default::default(),
                     received_at: std::time::Instant::now(),
+                invisible: false,
                 });
             }
             let events = Arc::new(EventBus::new(1, None, Vec::new()));

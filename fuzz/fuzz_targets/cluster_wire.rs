@@ -218,6 +218,8 @@ fuzz_target!(|steps: Vec<Step>| {
                     }),
                     // The holder's grace period: every other status (a lost connection there).
                     lingering: status % 2 == 1,
+                    // Invisible on its own: every third status (flips as statuses change).
+                    invisible: status % 3 == 0,
                 };
                 apply(&registry, &origin(node, inc), ReplicaChange::Upsert(record), now);
             }
@@ -309,6 +311,7 @@ fuzz_target!(|steps: Vec<Step>| {
                     initial: None,
                     user_data: BTreeMap::new(),
                     received_at: now,
+                invisible: false,
                 });
                 if attached.is_ok() {
                     conns.push((user_id, device_id, outbound));

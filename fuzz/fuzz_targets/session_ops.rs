@@ -2,7 +2,8 @@
 //! join, watch, set channel state, disconnect, lose the connection, time out, kick, drain)
 //! driven against the real registry, with its invariants checked after every step: exactly one
 //! live session per (user, device), no ghost members or watchers, channel counts that match;
-//! and privacy: an invisible user, or either side of a block, is shown offline to the other.
+//! and privacy: an invisible user, or either side of a block, is shown offline to the other,
+//! and a device invisible on its own never shows to anyone else (presence, who-now).
 #![no_main]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -22,7 +23,8 @@ use presenced::wire::ProtoEncoder;
 
 #[derive(Debug, Arbitrary)]
 enum Op {
-    Connect { user: u8, device: u8, away: bool },
+    Connect { user: u8, device: u8, away: bool, hide: bool },
+    DeviceInvisible { conn: u8, on: bool },
     Publish { conn: u8, status: u8, key: u8, value: u8 },
     Subscribe { conn: u8, target: u8 },
     Unsubscribe { conn: u8, target: u8 },
@@ -91,7 +93,7 @@ fuzz_target!(|ops: Vec<Op>| {
         };
         let channel = |c: u8| format!("c{}", c % 3);
         match op {
-            Op::Connect { user, device, away } => {
+            Op::Connect { user, device, away, hide } => {
                 let (user, device) = (format!("u{}", user % 4), format!("d{}", device % 3));
                 let id = conns.len() as u64 + 1;
                 let outbound = Outbound::new(id, 3, 6, 4);
@@ -108,6 +110,7 @@ fuzz_target!(|ops: Vec<Op>| {
                         initial,
                         user_data: BTreeMap::new(),
                         received_at: now,
+                        invisible: hide,
                     })
                     .expect("attach with valid initial presence");
                 // The device cap evicted the user's oldest device (live or lingering), if any:
@@ -224,6 +227,12 @@ fuzz_target!(|ops: Vec<Op>| {
                     }
                 }
             }
+            Op::DeviceInvisible { conn, on } => {
+                if let Some(i) = pick(conn, &conns) {
+                    let c = &conns[i];
+                    let _ = registry.set_device_invisible(&c.user, &c.device, c.outbound.id(), on, now);
+                }
+            }
             Op::Invisible { user, on } => {
                 let user = format!("u{}", user % 4);
                 let op = PrivacyOp::SetInvisible { user: user.clone(), on };
@@ -297,6 +306,11 @@ fuzz_target!(|ops: Vec<Op>| {
                     let users: HashSet<&str> =
                         page.members.iter().map(|m| m.user_id.as_str()).collect();
                     assert!(!hidden || !users.contains(b.as_str()), "{b} hidden from {a} in {c}");
+                    assert!(
+                        !page.members.iter().any(|m| m.user_id == b
+                            && registry.is_device_invisible(&b, &m.device_id)),
+                        "{b}'s invisible device shown to {a} in {c}"
+                    );
                     assert_eq!(page.occupancy as usize, users.len(), "{a}'s occupancy of {c}");
                     assert_eq!(page.member_count as usize, page.members.len());
                 }
@@ -311,8 +325,22 @@ fuzz_target!(|ops: Vec<Op>| {
                         shown[0]
                     );
                 } else {
-                    assert_eq!(shown[0].availability, truth.availability, "{a} sees {b}");
-                    assert!(shown[0].version >= truth.version);
+                    // Visible devices only, the availability from them.
+                    let visible: Vec<_> = truth
+                        .devices
+                        .iter()
+                        .filter(|d| !registry.is_device_invisible(&b, &d.device_id))
+                        .collect();
+                    let availability = visible
+                        .iter()
+                        .map(|d| d.availability)
+                        .max_by_key(|a| a.rank())
+                        .unwrap_or(Availability::Offline);
+                    assert_eq!(shown[0].availability, availability, "{a} sees {b}");
+                    assert_eq!(shown[0].devices.len(), visible.len(), "{a} sees {b}'s devices");
+                    if visible.len() == truth.devices.len() {
+                        assert!(shown[0].version >= truth.version);
+                    }
                 }
             }
         }

@@ -135,6 +135,9 @@ pub struct Record {
     /// The holder lost the connection; the device is in its grace period there.
     #[prost(bool, tag = "16")]
     pub lingering: bool,
+    /// The device is invisible on its own (per-device invisibility).
+    #[prost(bool, tag = "17")]
+    pub invisible: bool,
 }
 
 /// A session's end.
@@ -503,6 +506,7 @@ impl Record {
             version: r.user.version,
             has_channels: r.channels.is_some(),
             lingering: r.lingering,
+            invisible: r.invisible,
             channels: r
                 .channels
                 .iter()
@@ -550,6 +554,7 @@ impl Record {
                 None
             },
             lingering: self.lingering,
+            invisible: self.invisible,
         })
     }
 }
@@ -778,6 +783,7 @@ mod tests {
             },
             channels: Some(vec![("lobby".into(), BTreeMap::new(), 3)]),
             lingering: true,
+            invisible: true,
         };
         for change in [
             ReplicaChange::Upsert(record),

@@ -404,6 +404,9 @@ pub struct PublicMembership {
     pub device: String,
     /// Distinct users a stranger is shown in the channel.
     pub occupancy: u32,
+    /// This membership is hidden from strangers (its user, or its device, is invisible).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub hidden: bool,
 }
 
 impl Event {

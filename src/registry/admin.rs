@@ -205,7 +205,7 @@ impl Registry {
             reason: None,
             device_id,
         };
-        self.fanout(&state, &event, None, received_at);
+        self.fanout(&mut state, &event, None, received_at);
         self.observe(&state, || {
             crate::events::Transition::UserUpdated(snapshot.clone())
         });

@@ -41,26 +41,47 @@ impl Channel {
         self.users.len() as u32
     }
 
-    /// The member users privacy hides from `viewer`, and how many member devices they hold.
-    /// Costs one lookup per member user when anyone has privacy settings, none otherwise.
-    fn hidden_from(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> (HashSet<&str>, u32) {
-        let mut hidden = HashSet::new();
-        let mut devices = 0;
-        if book.is_empty() {
-            return (hidden, devices);
+    /// The members hidden from `viewer`: users privacy hides, and invisible devices of
+    /// others. Costs one lookup per member user when anyone has privacy settings, one per
+    /// member once any device has been invisible, none otherwise.
+    fn hidden_from<'a>(&'a self, state: &State, viewer: Viewer<'_>) -> Hidden<'a> {
+        let mut hidden = Hidden::default();
+        let book = &state.privacy;
+        if book.is_empty() && !state.devices_hidden {
+            return hidden;
         }
         for (user, n) in &self.users {
             if hides(book, viewer, user) {
-                hidden.insert(user.as_str());
-                devices += n;
+                hidden.users.insert(user.as_str());
+                hidden.devices += n;
             }
         }
-        (hidden, devices)
+        if state.devices_hidden {
+            let mut shown_users: HashSet<&str> = HashSet::new();
+            for (user, device) in self.members.keys() {
+                if hidden.users.contains(user.as_str()) {
+                    continue;
+                }
+                if invisible_to(state, viewer, user, device) {
+                    hidden.members.insert((user.as_str(), device.as_str()));
+                    hidden.devices += 1;
+                } else {
+                    shown_users.insert(user.as_str());
+                }
+            }
+            for (user, device) in &hidden.members {
+                let _ = device;
+                if !shown_users.contains(user) {
+                    hidden.users.insert(user);
+                }
+            }
+        }
+        hidden
     }
 
     /// Distinct users `viewer` is shown in the channel.
-    fn occupancy_for(&self, book: &PrivacyBook, viewer: Viewer<'_>) -> u32 {
-        self.occupancy() - self.hidden_from(book, viewer).0.len() as u32
+    fn occupancy_for(&self, state: &State, viewer: Viewer<'_>) -> u32 {
+        self.occupancy() - self.hidden_from(state, viewer).users.len() as u32
     }
 
     fn view(&self, key: &(String, String), with_state: bool) -> ChannelMember {
@@ -74,6 +95,23 @@ impl Channel {
             },
             joined_at_ms: member.map_or(0, |m| m.joined_at_ms),
         }
+    }
+}
+
+/// Members of a channel hidden from one viewer.
+#[derive(Debug, Default)]
+struct Hidden<'a> {
+    /// Users the viewer is shown no member device of.
+    users: HashSet<&'a str>,
+    /// Invisible member devices of users the viewer is otherwise shown.
+    members: HashSet<(&'a str, &'a str)>,
+    /// Member devices hidden in all.
+    devices: u32,
+}
+
+impl Hidden<'_> {
+    fn hides(&self, user: &str, device: &str) -> bool {
+        self.users.contains(user) || self.members.contains(&(user, device))
     }
 }
 
@@ -121,12 +159,33 @@ pub(super) fn hides(book: &PrivacyBook, viewer: Viewer<'_>, user: &str) -> bool 
     book.restricted(user) && matches!(book.decide(viewer, user), Decision::Masked { .. })
 }
 
+/// True when (user, device) is an invisible device and `viewer` is neither the user nor the
+/// backend.
+pub(super) fn invisible_to(state: &State, viewer: Viewer<'_>, user: &str, device: &str) -> bool {
+    let own = match viewer {
+        Viewer::User(v) => v == user,
+        Viewer::Backend => true,
+        Viewer::Public => false,
+    };
+    !own && state
+        .users
+        .get(user)
+        .and_then(|e| e.devices.get(device))
+        .is_some_and(|d| d.invisible)
+}
+
+/// True when `viewer` is not shown (user, device) in channels: privacy hides the user, or the
+/// device is invisible.
+pub(super) fn hides_member(state: &State, viewer: Viewer<'_>, user: &str, device: &str) -> bool {
+    hides(&state.privacy, viewer, user) || invisible_to(state, viewer, user, device)
+}
+
 /// Distinct users `viewer` is shown in `channel` (0 for an unknown channel).
 pub(super) fn occupancy_for(state: &State, channel: &str, viewer: Viewer<'_>) -> u32 {
     state
         .channels
         .get(channel)
-        .map_or(0, |c| c.occupancy_for(&state.privacy, viewer))
+        .map_or(0, |c| c.occupancy_for(state, viewer))
 }
 
 /// How a member left.
@@ -473,7 +532,7 @@ impl Registry {
         let Some(ch) = state.channels.get(channel) else {
             return WhoNowPage::default();
         };
-        let (hidden, hidden_devices) = ch.hidden_from(&state.privacy, viewer);
+        let hidden = ch.hidden_from(&state, viewer);
         let lower = match after {
             Some(key) => Bound::Excluded(key),
             None => Bound::Unbounded,
@@ -481,7 +540,7 @@ impl Registry {
         let mut range = ch
             .members
             .range((lower, Bound::Unbounded))
-            .filter(|((user, _), _)| !hidden.contains(user.as_str()));
+            .filter(|((user, device), _)| !hidden.hides(user, device));
         let members: Vec<ChannelMember> = range
             .by_ref()
             .take(limit)
@@ -492,8 +551,8 @@ impl Registry {
             _ => None,
         };
         WhoNowPage {
-            occupancy: ch.occupancy() - hidden.len() as u32,
-            member_count: ch.members.len() as u32 - hidden_devices,
+            occupancy: ch.occupancy() - hidden.users.len() as u32,
+            member_count: ch.members.len() as u32 - hidden.devices,
             members,
             next_after,
         }
@@ -506,7 +565,7 @@ impl Registry {
         let mut all: Vec<(String, u32)> = state
             .channels
             .iter()
-            .map(|(name, ch)| (name.clone(), ch.occupancy_for(&state.privacy, viewer)))
+            .map(|(name, ch)| (name.clone(), ch.occupancy_for(&state, viewer)))
             .filter(|(_, n)| *n > 0)
             .collect();
         all.sort_unstable();
@@ -517,9 +576,10 @@ impl Registry {
     /// How many of `channel`'s members are hidden from `viewer` (0 for an unknown channel).
     pub fn hidden_members(&self, viewer: Viewer<'_>, channel: &str) -> u32 {
         let state = self.state();
-        state.channels.get(channel).map_or(0, |ch| {
-            ch.occupancy() - ch.occupancy_for(&state.privacy, viewer)
-        })
+        state
+            .channels
+            .get(channel)
+            .map_or(0, |ch| ch.occupancy() - ch.occupancy_for(&state, viewer))
     }
 
     /// The channels any device of `user_id` has joined, sorted, as the backend sees them.
@@ -538,8 +598,9 @@ impl Registry {
         };
         let all: BTreeSet<&String> = entry
             .devices
-            .values()
-            .flat_map(|d| d.joined.iter())
+            .iter()
+            .filter(|(device, _)| !invisible_to(&state, viewer, user_id, device))
+            .flat_map(|(_, d)| d.joined.iter())
             .collect();
         all.into_iter().cloned().collect()
     }
@@ -666,6 +727,7 @@ impl Registry {
         ch.members
             .range((user_id.to_string(), String::new())..)
             .take_while(|((u, _), _)| u == user_id)
+            .filter(|((u, d), _)| !invisible_to(&state, viewer, u, d))
             .map(|(key, _)| ch.view(key, true))
             .collect()
     }
@@ -834,20 +896,37 @@ impl Registry {
             exclude_conn,
             received_at,
         );
-        if let Some(user_event) = user_event {
-            let user_level = ChannelMember {
-                state: BTreeMap::new(),
-                ..member
-            };
-            self.channel_emit(
-                state,
-                channel,
-                user_event,
-                user_level,
-                exclude_conn,
-                received_at,
-            );
-        }
+        // A visible device that is the user's first (last) shown one but not their first
+        // (last) at all, beside an invisible one: everyone else sees the user arrive (leave).
+        let others_only = user_event.is_none()
+            && matches!(
+                member_event,
+                ChannelEventKind::Join | ChannelEventKind::Leave | ChannelEventKind::Timeout
+            )
+            && state.devices_hidden
+            && !invisible_to(state, Viewer::Public, &member.user_id, &member.device_id)
+            && !shown_elsewhere(state, channel, &member.user_id, &member.device_id);
+        let (user_event, others_of) = match (user_event, others_only) {
+            (Some(kind), _) => (kind, None),
+            (None, true) if member_event == ChannelEventKind::Join => {
+                (ChannelEventKind::Online, Some(member.user_id.clone()))
+            }
+            (None, true) => (ChannelEventKind::Offline, Some(member.user_id.clone())),
+            (None, false) => return,
+        };
+        let user_level = ChannelMember {
+            state: BTreeMap::new(),
+            ..member
+        };
+        self.channel_emit_to(
+            state,
+            channel,
+            user_event,
+            user_level,
+            exclude_conn,
+            others_of.as_deref(),
+            received_at,
+        );
     }
 
     /// Delivers one member event, or batches it in interval mode.
@@ -858,6 +937,29 @@ impl Registry {
         kind: ChannelEventKind,
         member: ChannelMember,
         exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        self.channel_emit_to(
+            state,
+            channel,
+            kind,
+            member,
+            exclude_conn,
+            None,
+            received_at,
+        );
+    }
+
+    /// [`Self::channel_emit`], to everyone but `others_of`'s devices when set.
+    #[allow(clippy::too_many_arguments)]
+    fn channel_emit_to(
+        &self,
+        state: &mut State,
+        channel: &str,
+        kind: ChannelEventKind,
+        member: ChannelMember,
+        exclude_conn: Option<u64>,
+        others_of: Option<&str>,
         received_at: Instant,
     ) {
         let threshold = self.shared.options.announce_threshold;
@@ -890,7 +992,15 @@ impl Registry {
             occupancy,
             interval: None,
         };
-        self.channel_deliver(state, channel, &view, &key, exclude_conn, received_at);
+        self.channel_deliver(
+            state,
+            channel,
+            &view,
+            &key,
+            exclude_conn,
+            others_of,
+            received_at,
+        );
     }
 
     fn deliver_interval(
@@ -913,13 +1023,14 @@ impl Registry {
             occupancy: state.channels.get(channel).map_or(0, Channel::occupancy),
             interval: Some(batch),
         };
-        self.channel_deliver(state, channel, &view, &key, None, received_at);
+        self.channel_deliver(state, channel, &view, &key, None, None, received_at);
     }
 
     /// Encodes once and offers the event to every member and watcher of `channel`. When
     /// privacy may hide a member from someone, each recipient gets the event as they are shown
     /// it (hidden members left out of the counts and the INTERVAL lists, an event about a
     /// hidden member not at all), encoded once per distinct set of hidden members.
+    #[allow(clippy::too_many_arguments)]
     fn channel_deliver(
         &self,
         state: &State,
@@ -927,6 +1038,7 @@ impl Registry {
         view: &ChannelEventView<'_>,
         key: &str,
         exclude_conn: Option<u64>,
+        others_of: Option<&str>,
         received_at: Instant,
     ) {
         let book = &state.privacy;
@@ -950,8 +1062,34 @@ impl Registry {
                 .chain(batch.map(|m| m.user_id.as_str()));
             subjects.extend(users.filter(|u| book.restricted(u)));
         }
+        if state.devices_hidden {
+            // Users with an invisible device this event is about or counts.
+            let batch = view.interval.into_iter().flat_map(|b| {
+                b.joins
+                    .iter()
+                    .chain(&b.leaves)
+                    .chain(&b.timeouts)
+                    .chain(&b.state_changes)
+            });
+            let keys = members
+                .into_iter()
+                .flat_map(|c| c.members.keys())
+                .map(|(u, d)| (u.as_str(), d.as_str()))
+                .chain(
+                    view.member
+                        .map(|m| (m.user_id.as_str(), m.device_id.as_str())),
+                )
+                .chain(batch.map(|m| (m.user_id.as_str(), m.device_id.as_str())));
+            for (user, device) in keys {
+                if invisible_to(state, Viewer::Public, user, device) {
+                    subjects.insert(user);
+                }
+            }
+        }
         let subjects: Vec<&str> = subjects.into_iter().collect();
-        let mut items: HashMap<Vec<bool>, Option<Item>> = HashMap::new();
+        // Per subject, as one recipient is shown them: 0 all, 1 nothing (privacy hides the
+        // user), 2 all but their invisible devices.
+        let mut items: HashMap<Vec<u8>, Option<Item>> = HashMap::new();
         let mut withheld = 0u64;
         let mut tally = FanoutTally::default();
         let mut offer = |user: &str, device: &str| {
@@ -963,18 +1101,44 @@ impl Registry {
             let Some(outbound) = outbound.filter(|o| Some(o.id()) != exclude_conn) else {
                 return;
             };
-            let hidden: Vec<bool> = subjects
+            if others_of == Some(user) {
+                return;
+            }
+            let hidden: Vec<u8> = subjects
                 .iter()
-                .map(|s| hides(book, Viewer::User(user), s))
+                .map(|s| {
+                    if hides(book, Viewer::User(user), s) {
+                        1
+                    } else if state.devices_hidden && *s != user {
+                        2
+                    } else {
+                        0
+                    }
+                })
                 .collect();
             let item = items.entry(hidden).or_insert_with_key(|hidden| {
-                let hidden: HashSet<&str> = subjects
-                    .iter()
-                    .zip(hidden)
-                    .filter(|(_, h)| **h)
-                    .map(|(s, _)| *s)
-                    .collect();
-                let shown = shown_channel_event(view, members, &hidden)?;
+                let pick = |level: u8| -> HashSet<&str> {
+                    subjects
+                        .iter()
+                        .zip(hidden)
+                        .filter(|(_, h)| **h == level)
+                        .map(|(s, _)| *s)
+                        .collect()
+                };
+                let (users, devices_of) = (pick(1), pick(2));
+                let member_hidden = |u: &str, d: &str| {
+                    users.contains(u)
+                        || (devices_of.contains(u) && invisible_to(state, Viewer::Public, u, d))
+                };
+                let shown = if subjects.is_empty() {
+                    ShownChannelEvent {
+                        base: view,
+                        occupancy: view.occupancy,
+                        interval: view.interval.map(std::borrow::Cow::Borrowed),
+                    }
+                } else {
+                    shown_channel_event(view, members, &member_hidden)?
+                };
                 Some(Item::event(
                     self.shared.encoder.channel_event(&shown.view()),
                     received_at,
@@ -1007,19 +1171,20 @@ impl Registry {
     }
 }
 
-/// One recipient's view of one member user in one channel, taken before a privacy change.
+/// One recipient's view of one member user in one channel, taken before a privacy change or
+/// a device's flip: the user's member devices the recipient is shown.
 pub(super) struct ChannelSight {
     channel: String,
     target: String,
     recipient: (String, String),
-    hidden: bool,
+    shown: Vec<String>,
 }
 
 impl Registry {
     /// Before a privacy change about `targets`: every channel recipient (member or watcher
-    /// device) of every channel a target is in, with whether the target is hidden from them.
-    /// Channels with a batch waiting are flushed first, so visibility is constant within an
-    /// INTERVAL event.
+    /// device) of every channel a target is in, with the target's member devices shown to
+    /// them. Channels with a batch waiting are flushed first, so visibility is constant
+    /// within an INTERVAL event.
     pub(super) fn channel_sights(
         &self,
         state: &mut State,
@@ -1056,12 +1221,12 @@ impl Registry {
                     if recipient.0 == *target {
                         continue;
                     }
-                    let hidden = hides(&state.privacy, Viewer::User(&recipient.0), target);
+                    let shown = shown_devices(state, &channel, &recipient.0, target);
                     sights.push(ChannelSight {
                         channel: channel.clone(),
                         target: target.to_string(),
                         recipient,
-                        hidden,
+                        shown,
                     });
                 }
             }
@@ -1069,21 +1234,31 @@ impl Registry {
         sights
     }
 
-    /// After a privacy change: tells each recipient whose view of a member flipped to
-    /// `hidden_now`, as a clean departure (LEAVE per device, then OFFLINE) or arrival (JOIN per
-    /// device with its state, then ONLINE), with the occupancy the recipient is shown.
+    /// After a privacy change or a device's flip: tells each recipient whose view of a member
+    /// changed, as a clean departure (LEAVE per device hidden now, then OFFLINE when none is
+    /// left) when `departures`, else as an arrival (JOIN per device shown now with its state,
+    /// then ONLINE when none was shown), with the occupancy the recipient is shown.
     pub(super) fn channel_transitions(
         &self,
         state: &State,
         sights: &[ChannelSight],
-        hidden_now: bool,
+        departures: bool,
         received_at: Instant,
         tally: &mut FanoutTally,
     ) {
         for sight in sights {
             let (user, device) = &sight.recipient;
-            let hidden = hides(&state.privacy, Viewer::User(user), &sight.target);
-            if hidden == sight.hidden || hidden != hidden_now {
+            let now = shown_devices(state, &sight.channel, user, &sight.target);
+            let (changed, user_kind): (Vec<&String>, Option<ChannelEventKind>) = if departures {
+                let gone: Vec<&String> = sight.shown.iter().filter(|d| !now.contains(d)).collect();
+                let offline = !gone.is_empty() && now.is_empty();
+                (gone, offline.then_some(ChannelEventKind::Offline))
+            } else {
+                let new: Vec<&String> = now.iter().filter(|d| !sight.shown.contains(d)).collect();
+                let online = !new.is_empty() && sight.shown.is_empty();
+                (new, online.then_some(ChannelEventKind::Online))
+            };
+            if changed.is_empty() {
                 continue;
             }
             let (Some(ch), Some(outbound)) = (
@@ -1096,25 +1271,26 @@ impl Registry {
             ) else {
                 continue;
             };
-            let occupancy = ch.occupancy_for(&state.privacy, Viewer::User(user));
-            let devices: Vec<ChannelMember> = ch
-                .members
-                .range((sight.target.clone(), String::new())..)
-                .take_while(|((u, _), _)| *u == sight.target)
-                .map(|(key, _)| ch.view(key, true))
-                .collect();
-            let Some(first) = devices.first() else {
-                continue;
-            };
-            let (member_kind, user_kind) = if hidden {
-                (ChannelEventKind::Leave, ChannelEventKind::Offline)
+            let occupancy = ch.occupancy_for(state, Viewer::User(user));
+            let member_kind = if departures {
+                ChannelEventKind::Leave
             } else {
-                (ChannelEventKind::Join, ChannelEventKind::Online)
+                ChannelEventKind::Join
             };
-            let user_level = ChannelMember {
-                state: BTreeMap::new(),
-                ..first.clone()
-            };
+            let devices: Vec<ChannelMember> = changed
+                .iter()
+                .map(|d| ch.view(&(sight.target.clone(), (*d).clone()), true))
+                .collect();
+            let user_level = user_kind.map(|kind| {
+                let first = &devices[0];
+                (
+                    kind,
+                    ChannelMember {
+                        state: BTreeMap::new(),
+                        ..first.clone()
+                    },
+                )
+            });
             let events = devices
                 .iter()
                 .map(|m| {
@@ -1127,11 +1303,13 @@ impl Registry {
                         ),
                     )
                 })
-                .chain(std::iter::once((
-                    user_kind,
-                    &user_level,
-                    format!("\u{2}{}\u{0}{}", sight.channel, sight.target),
-                )));
+                .chain(user_level.iter().map(|(kind, m)| {
+                    (
+                        *kind,
+                        m,
+                        format!("\u{2}{}\u{0}{}", sight.channel, sight.target),
+                    )
+                }));
             for (kind, member, key) in events {
                 let view = ChannelEventView {
                     channel: &sight.channel,
@@ -1151,6 +1329,19 @@ impl Registry {
     }
 }
 
+/// `target`'s member devices in `channel` that `viewer` is shown.
+fn shown_devices(state: &State, channel: &str, viewer: &str, target: &str) -> Vec<String> {
+    let Some(ch) = state.channels.get(channel) else {
+        return Vec::new();
+    };
+    ch.members
+        .range((target.to_string(), String::new())..)
+        .take_while(|((u, _), _)| u == target)
+        .filter(|((u, d), _)| !hides_member(state, Viewer::User(viewer), u, d))
+        .map(|((_, d), _)| d.clone())
+        .collect()
+}
+
 /// A channel event as one recipient is shown it.
 struct ShownChannelEvent<'a> {
     base: &'a ChannelEventView<'a>,
@@ -1168,30 +1359,52 @@ impl ShownChannelEvent<'_> {
     }
 }
 
-/// `view` with the users in `hidden` taken out; `None` when nothing is left to tell (the event
-/// is about a hidden member, or an INTERVAL lists only hidden members).
+/// `view` with the members `hidden` says are hidden (user, device) taken out; `None` when
+/// nothing is left to tell (the event is about a hidden member, or an INTERVAL lists only
+/// hidden members).
 fn shown_channel_event<'a>(
     view: &'a ChannelEventView<'a>,
     members: Option<&Channel>,
-    hidden: &HashSet<&str>,
+    hidden: &dyn Fn(&str, &str) -> bool,
 ) -> Option<ShownChannelEvent<'a>> {
     if view
         .member
-        .is_some_and(|m| hidden.contains(m.user_id.as_str()))
+        .is_some_and(|m| hidden(&m.user_id, &m.device_id))
     {
         return None;
     }
-    let in_channel = members.map_or(0, |c| {
-        hidden.iter().filter(|u| c.users.contains_key(**u)).count() as u32
-    });
+    // Users in the channel with no member device shown.
+    let mut shown_users: HashSet<&str> = HashSet::new();
+    let mut any_hidden = false;
+    if let Some(c) = members {
+        for (u, d) in c.members.keys() {
+            if hidden(u, d) {
+                any_hidden = true;
+            } else {
+                shown_users.insert(u);
+            }
+        }
+    }
+    let in_channel = members.map_or(0, |c| c.users.len() - shown_users.len()) as u32;
     let occupancy = view.occupancy.saturating_sub(in_channel);
     let interval = match view.interval {
         None => None,
-        Some(batch) if hidden.is_empty() => Some(std::borrow::Cow::Borrowed(batch)),
+        Some(batch)
+            if !any_hidden
+                && !batch
+                    .joins
+                    .iter()
+                    .chain(&batch.leaves)
+                    .chain(&batch.timeouts)
+                    .chain(&batch.state_changes)
+                    .any(|m| hidden(&m.user_id, &m.device_id)) =>
+        {
+            Some(std::borrow::Cow::Borrowed(batch))
+        }
         Some(batch) => {
             let keep = |list: &[ChannelMember]| -> Vec<ChannelMember> {
                 list.iter()
-                    .filter(|m| !hidden.contains(m.user_id.as_str()))
+                    .filter(|m| !hidden(&m.user_id, &m.device_id))
                     .cloned()
                     .collect()
             };
@@ -1212,6 +1425,16 @@ fn shown_channel_event<'a>(
         base: view,
         occupancy,
         interval,
+    })
+}
+
+/// True when another member device of `user` in `channel` than `device` is visible.
+fn shown_elsewhere(state: &State, channel: &str, user: &str, device: &str) -> bool {
+    state.channels.get(channel).is_some_and(|c| {
+        c.members
+            .range((user.to_string(), String::new())..)
+            .take_while(|((u, _), _)| u == user)
+            .any(|((u, d), _)| d != device && !invisible_to(state, Viewer::Public, u, d))
     })
 }
 

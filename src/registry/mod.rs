@@ -14,6 +14,7 @@ mod channels;
 mod privacy;
 pub use privacy::{PrivacyNotice, PrivacySummary};
 mod replica;
+mod shown;
 
 pub use admin::{AdminError, OnlineStatus};
 pub use channels::{ChannelOutcome, WhoNowPage};
@@ -128,6 +129,10 @@ struct DeviceEntry {
     epoch: u64,
     /// The user's version after the last change this device made (part of the state digest).
     rev: u64,
+    /// Invisible on its own (`Connect.invisible_device`, `SetInvisible` with scope DEVICE):
+    /// everyone but the user and the backend is shown the user without this device (`shown`).
+    /// Session state: it ends with the session.
+    invisible: bool,
 }
 
 /// A user's devices, sorted by id. Users have a handful of devices, and a `BTreeMap` would
@@ -208,6 +213,9 @@ struct UserEntry {
     devices: DeviceMap,
     /// User-level fields; `availability` and `devices` are derived on snapshot.
     presence: PresenceSnapshot,
+    /// What those who may see the user were last told, kept while a device is invisible (the
+    /// shown projection, `shown`): the next change is told to them as the difference from it.
+    told: Option<PresenceSnapshot>,
 }
 
 impl UserEntry {
@@ -268,6 +276,12 @@ struct State {
     reporting_expired: Option<String>,
     /// Privacy settings, blocks and approvals: what each viewer may see (`privacy`).
     privacy: crate::privacy::book::PrivacyBook,
+    /// Set once any device has been invisible: channel views then look member by member
+    /// (until then they skip that pass, as for a registry nobody restricts).
+    devices_hidden: bool,
+    /// While a removed device's end is reported: it was invisible (its report is hidden
+    /// from strangers, `public_note`).
+    departing_invisible: bool,
 }
 
 #[derive(Debug)]
@@ -330,6 +344,9 @@ pub struct Attach {
     pub user_data: BTreeMap<String, String>,
     /// When the Connect arrived.
     pub received_at: Instant,
+    /// The device starts invisible on its own (`Connect.invisible_device`): nobody but the
+    /// user's devices and the backend ever sees it (see [`Registry::set_device_invisible`]).
+    pub invisible: bool,
 }
 
 /// Result of registering a session.
@@ -520,13 +537,22 @@ impl Registry {
                 ),
             }
         }
+        // What watchers were shown until now, should this device be invisible (see `shown`).
+        let baseline = attach
+            .invisible
+            .then(|| self.snapshot_locked(&state, &attach.user_id));
+        state.devices_hidden |= attach.invisible;
         let mut entry = state
             .users
             .remove(&attach.user_id)
             .unwrap_or_else(|| UserEntry {
                 devices: DeviceMap::default(),
                 presence: PresenceSnapshot::offline(&attach.user_id, 0),
+                told: None,
             });
+        if entry.told.is_none() {
+            entry.told = baseline;
+        }
         let changed_fields = presence != entry.presence;
         entry.presence = presence;
         if !attach.user_data.is_empty() {
@@ -571,7 +597,10 @@ impl Registry {
                 }
                 existing.outbound = Some(attach.outbound.clone());
                 existing.lingering = None;
-                (changed_fields || availability_changed).then_some(EventKind::Update)
+                // The new connection says whether the device is invisible; a change is told.
+                let flipped = existing.invisible != attach.invisible;
+                existing.invisible = attach.invisible;
+                (changed_fields || availability_changed || flipped).then_some(EventKind::Update)
             }
             None => {
                 // Counted before any eviction, so a device that replaced the oldest is an
@@ -594,6 +623,7 @@ impl Registry {
                         remote_grace: false,
                         epoch,
                         rev: 0,
+                        invisible: attach.invisible,
                     },
                 );
                 Some(if first {
@@ -637,7 +667,7 @@ impl Registry {
                 device_id: &attach.device_id,
             };
             self.fanout(
-                &state,
+                &mut state,
                 &event,
                 Some(attach.outbound.id()),
                 attach.received_at,
@@ -758,7 +788,7 @@ impl Registry {
             reason: None,
             device_id,
         };
-        self.fanout(&state, &event, Some(conn_id), received_at);
+        self.fanout(&mut state, &event, Some(conn_id), received_at);
         self.observe(&state, || Transition::UserUpdated(snapshot.clone()));
         Ok(snapshot)
     }
@@ -916,15 +946,28 @@ impl Registry {
         let version = entry.presence.version;
         let mut snapshot = entry.snapshot();
         let last_device = entry.devices.is_empty();
+        // The last device was invisible and watchers already see the user offline: they keep
+        // the last-seen they were shown (it is what the store keeps, the backend included).
+        let frozen = if last_device {
+            entry
+                .told
+                .take()
+                .filter(|t| t.availability == Availability::Offline)
+        } else {
+            None
+        };
         if last_device {
             // Exactly what GetPresence shows from now on (an offline user keeps no status or
             // state), so a client's view built from events equals a fresh query.
             snapshot = PresenceSnapshot::offline(user_id, last_seen_ms);
             snapshot.version = version;
+            let (seen_ms, seen_version) = frozen
+                .as_ref()
+                .map_or((last_seen_ms, version), |t| (t.last_seen_ms, t.version));
             if let Err(e) = self
                 .shared
                 .store
-                .record_last_seen(user_id, last_seen_ms, version)
+                .record_last_seen(user_id, seen_ms, seen_version)
             {
                 tracing::warn!(user = user_id, "cannot record last-seen: {e}");
             }
@@ -972,12 +1015,14 @@ impl Registry {
         // under one key, so the cluster keeps one report.
         let reported = matches!(by, RemovedBy::Local { .. } | RemovedBy::Expired);
         if reported && reason != OfflineReason::ServerShutdown {
+            state.departing_invisible = device.invisible;
             self.observe_keyed(state, key.as_deref(), || Transition::DeviceDisconnected {
                 user: user_id.to_string(),
                 device: device_id.to_string(),
                 reason,
                 version,
             });
+            state.departing_invisible = false;
             self.observe_keyed(state, key.as_deref(), || {
                 if last_device {
                     Transition::UserOffline {
@@ -990,6 +1035,7 @@ impl Registry {
             });
         }
         let broadcast = broadcast
+            && frozen.is_none()
             && reason != OfflineReason::ServerShutdown
             && (kind != EventKind::Offline || self.shared.options.offline_broadcast);
         if broadcast {
@@ -1141,30 +1187,108 @@ impl Registry {
     /// of every watcher. Called with the state lock held so that per-user order is lock order.
     fn fanout(
         &self,
-        state: &State,
+        state: &mut State,
         event: &EventView<'_>,
         exclude_conn: Option<u64>,
         received_at: Instant,
     ) {
         let user_id = event.presence.user_id.as_str();
+        // While a device of the user is invisible, watchers are told the change of the shown
+        // projection instead (maybe nothing); the user's own devices get the truth.
+        match self.shown_step(state, event) {
+            shown::Step::Truth => {}
+            shown::Step::Nothing => {
+                self.tell_own_devices(state, event, exclude_conn, received_at);
+                return;
+            }
+            shown::Step::Tell(told) => {
+                self.tell_own_devices(state, event, exclude_conn, received_at);
+                let shown = told.view();
+                self.offer_watchers(state, &shown, true, received_at);
+                return;
+            }
+        }
         let item = Item::event(
             self.shared.encoder.presence_event(event),
             received_at,
             "presence_event",
         );
         let mut tally = FanoutTally::default();
+        self.offer_own_devices(state, user_id, &item, exclude_conn, &mut tally);
+        self.offer_watchers_encoded(state, event, &item, false, received_at, &mut tally);
+        self.finish_fanout(tally);
+    }
+
+    /// The truth `event` to the user's own devices (but `exclude_conn`).
+    fn tell_own_devices(
+        &self,
+        state: &State,
+        event: &EventView<'_>,
+        exclude_conn: Option<u64>,
+        received_at: Instant,
+    ) {
+        let item = Item::event(
+            self.shared.encoder.presence_event(event),
+            received_at,
+            "presence_event",
+        );
+        let mut tally = FanoutTally::default();
+        let user_id = event.presence.user_id.as_str();
+        self.offer_own_devices(state, user_id, &item, exclude_conn, &mut tally);
+        self.finish_fanout(tally);
+    }
+
+    fn offer_own_devices(
+        &self,
+        state: &State,
+        user_id: &str,
+        item: &Item,
+        exclude_conn: Option<u64>,
+        tally: &mut FanoutTally,
+    ) {
         if let Some(entry) = state.users.get(user_id) {
             for device in entry.devices.values() {
                 if Some(device.conn_id) == exclude_conn {
                     continue;
                 }
                 if let Some(outbound) = &device.outbound {
-                    tally.offer(outbound, user_id, &item);
+                    tally.offer(outbound, user_id, item);
                 }
             }
         }
+    }
+
+    /// `event` to every live device of every watcher of its user, each as they are shown it
+    /// (watcher by watcher when `restricted` or privacy restricts the user).
+    fn offer_watchers(
+        &self,
+        state: &State,
+        event: &EventView<'_>,
+        restricted: bool,
+        received_at: Instant,
+    ) {
+        let item = Item::event(
+            self.shared.encoder.presence_event(event),
+            received_at,
+            "presence_event",
+        );
+        let mut tally = FanoutTally::default();
+        self.offer_watchers_encoded(state, event, &item, restricted, received_at, &mut tally);
+        self.finish_fanout(tally);
+    }
+
+    fn offer_watchers_encoded(
+        &self,
+        state: &State,
+        event: &EventView<'_>,
+        item: &Item,
+        restricted: bool,
+        received_at: Instant,
+        tally: &mut FanoutTally,
+    ) {
+        let user_id = event.presence.user_id.as_str();
         // A user privacy restricts is shown watcher by watcher; everyone else, as encoded.
-        let restricted = state.privacy.restricted(user_id);
+        let restricted = restricted || state.privacy.restricted(user_id);
         let mut variants: [Option<Item>; 2] = [None, None];
         self.shared
             .store
@@ -1173,23 +1297,15 @@ impl Registry {
                     return;
                 }
                 if restricted {
-                    self.offer_restricted(
-                        state,
-                        watcher,
-                        event,
-                        received_at,
-                        &mut variants,
-                        &mut tally,
-                    );
+                    self.offer_restricted(state, watcher, event, received_at, &mut variants, tally);
                     return;
                 }
                 if let Some(entry) = state.users.get(watcher) {
                     for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
-                        tally.offer(outbound, user_id, &item);
+                        tally.offer(outbound, user_id, item);
                     }
                 }
             });
-        self.finish_fanout(tally);
     }
 
     fn finish_fanout(&self, tally: FanoutTally) {

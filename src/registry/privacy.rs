@@ -8,7 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Instant;
 
-use super::channels::{hides, occupancy_for};
+use super::channels::{hides, hides_member, invisible_to, occupancy_for};
 use super::{FanoutTally, Registry, RegistryError, State};
 use crate::events::{PresenceJson, PublicMembership, PublicNote, Transition};
 use crate::model::{Availability, EventKind, EventView, OfflineReason, PresenceSnapshot};
@@ -120,13 +120,18 @@ impl Registry {
         viewer: Viewer<'_>,
         user: &str,
     ) -> PresenceSnapshot {
-        let truth = self.snapshot_locked(state, user);
-        shown_as(&state.privacy, state.privacy.decide(viewer, user), &truth)
+        let decision = state.privacy.decide(viewer, user);
+        let base = match decision {
+            Decision::Own => self.snapshot_locked(state, user),
+            // A device invisible on its own is left out of every other view.
+            _ => self.projected(state, user),
+        };
+        shown_as(&state.privacy, decision, &base)
     }
 
     /// What those who may see `user` see when they are offline (`None`: online).
     fn shown_offline(&self, state: &State, user: &str) -> Option<Mark> {
-        let truth = self.snapshot_locked(state, user);
+        let truth = self.projected(state, user);
         if truth.availability != Availability::Offline {
             return None;
         }
@@ -143,7 +148,15 @@ impl Registry {
     pub fn shown_to_public(&self, truth: &PresenceSnapshot) -> PresenceSnapshot {
         let state = self.state();
         let decision = state.privacy.decide(Viewer::Public, &truth.user_id);
-        shown_as(&state.privacy, decision, truth)
+        let projected = state
+            .users
+            .get(&truth.user_id)
+            .and_then(super::UserEntry::projection);
+        shown_as(
+            &state.privacy,
+            decision,
+            projected.as_ref().unwrap_or(truth),
+        )
     }
 
     /// Whether `user` is invisible at the user level.
@@ -333,20 +346,9 @@ impl Registry {
         for record in records {
             state.privacy.apply(record);
         }
-        let listeners = self
-            .shared
-            .settings_listeners
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        if !listeners.is_empty() {
-            for record in records {
-                if let PrivacyRecord::Settings { user, .. } = record {
-                    let public = self.public_now(state, user);
-                    for listener in &listeners {
-                        listener.settings_changed(user, &public);
-                    }
-                }
+        for record in records {
+            if let PrivacyRecord::Settings { user, .. } = record {
+                self.tell_settings_listeners(state, user);
             }
         }
         let mut tally = FanoutTally::default();
@@ -384,6 +386,24 @@ impl Registry {
         self.channel_transitions(state, &sights, false, received_at, &mut tally);
         self.finish_fanout(tally);
         Ok(())
+    }
+
+    /// Tells the settings listeners (the MQTT bridge, public webhooks) what a stranger is
+    /// shown of `user` now, after a change of their settings or a device's invisibility.
+    pub(super) fn tell_settings_listeners(&self, state: &State, user: &str) {
+        let listeners = self
+            .shared
+            .settings_listeners
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if listeners.is_empty() {
+            return;
+        }
+        let public = self.public_now(state, user);
+        for listener in &listeners {
+            listener.settings_changed(user, &public);
+        }
     }
 
     /// Requests to the watched user's devices, acceptances to the watcher's.
@@ -544,25 +564,41 @@ impl Registry {
     /// truth (public webhooks). One lookup when nobody has privacy settings.
     pub(super) fn public_note(&self, state: &State, transition: &Transition) -> Option<PublicNote> {
         let book = &state.privacy;
-        if book.is_empty() {
+        if book.is_empty() && !state.devices_hidden {
             return None;
         }
         match transition {
             Transition::UserOnline(p)
             | Transition::UserUpdated(p)
             | Transition::UserOffline { presence: p, .. } => {
-                if !book.restricted(&p.user_id) {
+                let projected = state
+                    .users
+                    .get(&p.user_id)
+                    .and_then(super::UserEntry::projection);
+                // The last device gone: the store holds what strangers were shown.
+                let frozen = (p.availability == Availability::Offline && state.devices_hidden)
+                    .then(|| self.snapshot_locked(state, &p.user_id))
+                    .filter(|stored| stored.version != p.version);
+                let base = projected.or(frozen);
+                if !book.restricted(&p.user_id) && base.is_none() {
                     return None;
                 }
-                let shown = shown_as(book, book.decide(Viewer::Public, &p.user_id), p);
+                let base = base.as_ref().unwrap_or(p);
+                let shown = shown_as(book, book.decide(Viewer::Public, &p.user_id), base);
                 Some(PublicNote {
                     hidden: hides(book, Viewer::Public, &p.user_id),
                     presence: Some(PresenceJson::from(&shown)),
                     ..PublicNote::default()
                 })
             }
-            Transition::DeviceConnected { user, .. }
-            | Transition::DeviceDisconnected { user, .. } => hides(book, Viewer::Public, user)
+            Transition::DeviceConnected { user, device, .. } => (hides(book, Viewer::Public, user)
+                || invisible_to(state, Viewer::Public, user, device))
+            .then(|| PublicNote {
+                hidden: true,
+                ..PublicNote::default()
+            }),
+            Transition::DeviceDisconnected { user, .. } => (hides(book, Viewer::Public, user)
+                || state.departing_invisible)
                 .then(|| PublicNote {
                     hidden: true,
                     ..PublicNote::default()
@@ -577,8 +613,18 @@ impl Registry {
                     | Transition::MemberLeft { occupancy, .. } => *occupancy,
                     _ => 0,
                 };
-                let hidden = hides(book, Viewer::Public, user);
                 let shown = occupancy_for(state, channel, Viewer::Public);
+                let hidden = hides(book, Viewer::Public, user)
+                    || match transition {
+                        Transition::MemberJoined { device, .. }
+                        | Transition::MemberLeft { device, .. } => {
+                            invisible_to(state, Viewer::Public, user, device)
+                        }
+                        // Occupied by an invisible device alone; vacated: the view tells it
+                        // when it told the channel occupied.
+                        Transition::ChannelOccupied { .. } => shown == 0,
+                        _ => state.devices_hidden,
+                    };
                 (hidden || shown != truth).then(|| PublicNote {
                     hidden,
                     occupancy: Some(shown),
@@ -601,6 +647,7 @@ impl Registry {
                         channel: channel.clone(),
                         device: device.clone(),
                         occupancy: occupancy_for(state, channel, Viewer::Public),
+                        hidden: hides_member(state, Viewer::Public, user, device),
                     })
                 })
                 .collect()

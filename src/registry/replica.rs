@@ -68,6 +68,8 @@ pub struct DeviceRecord {
     pub channels: Option<Vec<Membership>>,
     /// The holder lost the device's connection and keeps it for the grace period.
     pub lingering: bool,
+    /// The device is invisible on its own (see `Registry::set_device_invisible`).
+    pub invisible: bool,
 }
 
 /// One channel membership of a session: channel, member state, join time (ms).
@@ -369,6 +371,7 @@ impl Registry {
             },
             channels: None,
             lingering: device.lingering.is_some(),
+            invisible: device.invisible,
         })
     }
 
@@ -602,6 +605,33 @@ impl Registry {
             None if state.replica.tombstoned(user_id, device_id, record.epoch) => return false,
             _ => {}
         }
+        let flips = state
+            .users
+            .get(user_id)
+            .and_then(|e| e.devices.get(device_id))
+            .is_some_and(|d| d.invisible != record.invisible);
+        let existing = if flips {
+            // The device turned invisible (or visible) at its node: told here as there.
+            self.flip_device(
+                state,
+                user_id,
+                device_id,
+                record.invisible,
+                Some(record.user.version),
+                received_at,
+            );
+            state
+                .users
+                .get(user_id)
+                .and_then(|e| e.devices.get(device_id))
+                .map(|d| (d.origin.clone(), d.epoch, d.rev))
+        } else {
+            existing
+        };
+        // What watchers were shown until now, should a new device arrive invisible.
+        let baseline =
+            (record.invisible && existing.is_none()).then(|| self.snapshot_locked(state, user_id));
+        state.devices_hidden |= record.invisible;
         let origin = state.replica.intern(origin);
         if let Some((old_origin, old_epoch, old_rev)) = &existing {
             state.replica.toggle_digest(
@@ -618,7 +648,11 @@ impl Registry {
         let mut entry = state.users.remove(user_id).unwrap_or_else(|| UserEntry {
             devices: DeviceMap::default(),
             presence: PresenceSnapshot::offline(user_id, 0),
+            told: None,
         });
+        if entry.told.is_none() {
+            entry.told = baseline;
+        }
         let first = entry.devices.is_empty();
         let fields_newer = record.user.version > entry.presence.version;
         let mut changed = false;
@@ -685,6 +719,7 @@ impl Registry {
                         remote_grace: record.lingering,
                         epoch: record.epoch,
                         rev: record.rev,
+                        invisible: record.invisible,
                     },
                 );
                 changed = true;

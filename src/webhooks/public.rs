@@ -9,17 +9,22 @@
 //!   event's id and `seq`.
 //! - Device and channel events about a hidden user are left out; channel events carry the
 //!   occupancy a stranger is shown, and `channel.occupied` / `channel.vacated` follow it.
+//! - A `user.updated` that changes nothing a stranger is shown (a change an invisible device
+//!   made, say) is left out.
 //! - A privacy change (a marker queued by the registry's settings listener, with the note of
-//!   what a stranger is shown now) tells a flip: `channel.member.left` for each membership
-//!   then `user.offline` (reason `disconnect`), or `user.online` then
-//!   `channel.member.joined`, exactly as a real departure or arrival reads. These have `seq` 0
-//!   and the id `public-<user>-<version>[-<channel>-<device>-left|joined]`.
+//!   what a stranger is shown now, the user's settings or a device's invisibility) tells what
+//!   it changed: `channel.member.left` for each membership it hides, then the user event
+//!   (`user.offline` with reason `disconnect`, or `user.updated`, or `user.online`), then
+//!   `channel.member.joined` for each membership it reveals, exactly as a real departure or
+//!   arrival reads. These have `seq` 0 and the id
+//!   `public-<user>-<version>[-<channel>-<device>-left|joined]`.
 //!
-//! What it remembers is bounded by what the broker holds: the users it told online (at most
-//! the online users, which `limits.max_connections` bounds) and the channels it told
-//! occupied (at most the occupied channels).
+//! What it remembers is bounded by what the broker holds: the users it told online and what
+//! it told of them (at most the online users, which `limits.max_connections` bounds), the
+//! memberships it told (at most the broker's memberships) and the channels it told occupied
+//! (at most the occupied channels).
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::events::{Event, EventType, PresenceJson, PublicNote};
@@ -27,8 +32,11 @@ use crate::events::{Event, EventType, PresenceJson, PublicNote};
 /// What the endpoint has been told, and the rules that turn truth into the public view.
 #[derive(Debug, Default)]
 pub struct PublicView {
-    /// Users the endpoint was last told are online.
-    online: HashSet<String>,
+    /// Users the endpoint was last told are online, with what it was told (`None`: an event
+    /// that passed as reported without a presence).
+    online: HashMap<String, Option<PresenceJson>>,
+    /// Memberships the endpoint was told of: (user, channel, device).
+    members: BTreeSet<(String, String, String)>,
     /// Channels the endpoint was last told are occupied.
     occupied: HashSet<String>,
 }
@@ -84,7 +92,7 @@ impl PublicView {
                     if e.kind == EventType::UserOffline {
                         self.online.remove(&user);
                     } else {
-                        self.online.insert(user);
+                        self.online.insert(user, e.presence.clone());
                     }
                     out.push(e);
                     return;
@@ -124,6 +132,12 @@ impl PublicView {
                     return;
                 }
                 let joined = e.kind == EventType::MemberJoined;
+                let key = (user, channel.clone(), e.device.clone().unwrap_or_default());
+                if joined {
+                    self.members.insert(key);
+                } else {
+                    self.members.remove(&key);
+                }
                 let Some(occupancy) = note.and_then(|n| n.occupancy) else {
                     if joined {
                         self.occupied.insert(channel);
@@ -168,15 +182,15 @@ impl PublicView {
     fn tell(&mut self, shown: &PresenceJson, reason: Option<String>) -> Option<Event> {
         let user = &shown.user;
         let online = shown.availability != "offline";
-        let was = self.online.contains(user);
-        let kind = match (was, online) {
-            (false, false) => return None,
-            (true, false) => EventType::UserOffline,
-            (false, true) => EventType::UserOnline,
-            (true, true) => EventType::UserUpdated,
+        let kind = match (self.online.get(user), online) {
+            (None, false) => return None,
+            (Some(_), false) => EventType::UserOffline,
+            (None, true) => EventType::UserOnline,
+            (Some(Some(told)), true) if same_but_version(told, shown) => return None,
+            (Some(_), true) => EventType::UserUpdated,
         };
         if online {
-            self.online.insert(user.clone());
+            self.online.insert(user.clone(), Some(shown.clone()));
         } else {
             self.online.remove(user);
         }
@@ -191,8 +205,9 @@ impl PublicView {
         Some(event)
     }
 
-    /// A marker: `user`'s settings changed. Tells a flip of what a stranger is shown, with
-    /// the memberships it hides or reveals, in the order a real departure or arrival reads.
+    /// A marker: `user`'s settings or a device's invisibility changed. Tells what a stranger
+    /// is shown change: the memberships it hides, the user, the memberships it reveals, in
+    /// the order a real departure or arrival reads.
     fn privacy_changed(
         &mut self,
         user: &str,
@@ -204,69 +219,109 @@ impl PublicView {
             return;
         };
         let online = shown.availability != "offline";
-        if online == self.online.contains(user) {
-            return;
-        }
         let id = format!("public-{user}-{}", shown.version);
-        let mut channel_events = Vec::new();
-        for m in &note.memberships {
-            let (channel, device) = (&m.channel, &m.device);
-            let base = |kind: EventType, id: String, occupancy: u32| Event {
-                id,
-                ts_ms,
-                channel: Some(channel.clone()),
-                occupancy: Some(occupancy),
-                ..Event::bare(kind, Some(user.to_string()), 0)
-            };
-            if online {
-                if self.occupied.insert(channel.clone()) {
-                    channel_events.push(base(
-                        EventType::ChannelOccupied,
-                        format!("{id}-{channel}-occupied"),
-                        m.occupancy.max(1),
-                    ));
-                }
-                channel_events.push(Event {
-                    device: Some(device.clone()),
-                    ..base(
-                        EventType::MemberJoined,
-                        format!("{id}-{channel}-{device}-joined"),
-                        m.occupancy,
-                    )
-                });
-            } else {
-                channel_events.push(Event {
-                    device: Some(device.clone()),
-                    reason: Some("leave".to_string()),
-                    ..base(
-                        EventType::MemberLeft,
-                        format!("{id}-{channel}-{device}-left"),
-                        m.occupancy,
-                    )
-                });
-                if m.occupancy == 0 && self.occupied.remove(channel) {
-                    channel_events.push(base(
-                        EventType::ChannelVacated,
-                        format!("{id}-{channel}-vacated"),
-                        0,
-                    ));
-                }
+        let target: BTreeSet<(String, String)> = if note.hidden || !online {
+            BTreeSet::new()
+        } else {
+            note.memberships
+                .iter()
+                .filter(|m| !m.hidden)
+                .map(|m| (m.channel.clone(), m.device.clone()))
+                .collect()
+        };
+        let current: BTreeSet<(String, String)> = self
+            .members
+            .range((user.to_string(), String::new(), String::new())..)
+            .take_while(|(u, _, _)| u == user)
+            .map(|(_, c, d)| (c.clone(), d.clone()))
+            .collect();
+        let base = |kind: EventType, id: String, channel: &str, occupancy: u32| Event {
+            id,
+            ts_ms,
+            channel: Some(channel.to_string()),
+            occupancy: Some(occupancy),
+            ..Event::bare(kind, Some(user.to_string()), 0)
+        };
+        let mut departures = Vec::new();
+        for (channel, device) in current.difference(&target) {
+            self.members
+                .remove(&(user.to_string(), channel.clone(), device.clone()));
+            let occupancy = self.occupancy(note, channel);
+            departures.push(Event {
+                device: Some(device.clone()),
+                reason: Some("leave".to_string()),
+                ..base(
+                    EventType::MemberLeft,
+                    format!("{id}-{channel}-{device}-left"),
+                    channel,
+                    occupancy,
+                )
+            });
+            if occupancy == 0 && self.occupied.remove(channel) {
+                departures.push(base(
+                    EventType::ChannelVacated,
+                    format!("{id}-{channel}-vacated"),
+                    channel,
+                    0,
+                ));
             }
         }
-        let Some(mut told) = self.tell(shown, Some("disconnect".to_string())) else {
-            return;
-        };
-        told.id = id;
-        told.ts_ms = ts_ms;
-        let told = Arc::new(told);
-        if online {
-            out.push(told.clone());
+        let mut arrivals = Vec::new();
+        for (channel, device) in target.difference(&current) {
+            self.members
+                .insert((user.to_string(), channel.clone(), device.clone()));
+            let occupancy = self.occupancy(note, channel);
+            if self.occupied.insert(channel.clone()) {
+                arrivals.push(base(
+                    EventType::ChannelOccupied,
+                    format!("{id}-{channel}-occupied"),
+                    channel,
+                    occupancy.max(1),
+                ));
+            }
+            arrivals.push(Event {
+                device: Some(device.clone()),
+                ..base(
+                    EventType::MemberJoined,
+                    format!("{id}-{channel}-{device}-joined"),
+                    channel,
+                    occupancy,
+                )
+            });
         }
-        out.extend(channel_events.into_iter().map(Arc::new));
-        if !online {
-            out.push(told);
+        out.extend(departures.into_iter().map(Arc::new));
+        if let Some(mut told) = self.tell(shown, Some("disconnect".to_string())) {
+            told.id = id;
+            told.ts_ms = ts_ms;
+            out.push(Arc::new(told));
         }
+        out.extend(arrivals.into_iter().map(Arc::new));
     }
+
+    /// `channel`'s occupancy as a stranger is shown it: the marker's, else the distinct users
+    /// the endpoint was told are in it.
+    fn occupancy(&self, note: &PublicNote, channel: &str) -> u32 {
+        note.memberships
+            .iter()
+            .find(|m| m.channel == channel)
+            .map(|m| m.occupancy)
+            .unwrap_or_else(|| {
+                self.members
+                    .iter()
+                    .filter(|(_, c, _)| c == channel)
+                    .map(|(u, _, _)| u)
+                    .collect::<HashSet<_>>()
+                    .len() as u32
+            })
+    }
+}
+
+/// Equal but for the version.
+fn same_but_version(a: &PresenceJson, b: &PresenceJson) -> bool {
+    PresenceJson {
+        version: b.version,
+        ..a.clone()
+    } == *b
 }
 
 #[cfg(test)]
@@ -394,6 +449,7 @@ mod tests {
                 channel: "room".into(),
                 device: "d".into(),
                 occupancy: 0,
+                hidden: true,
             }],
             ..PublicNote::default()
         };
@@ -424,6 +480,7 @@ mod tests {
                 channel: "attic".into(),
                 device: "d".into(),
                 occupancy: 1,
+                hidden: false,
             }],
             ..PublicNote::default()
         };
