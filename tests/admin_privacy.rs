@@ -225,6 +225,7 @@ fn plain_privacy(user: &str, invisible: bool, blocked_total: u64) -> Value {
     json!({
         "user": user,
         "invisible": invisible,
+        "invisible_devices": [],
         "audience": "everyone",
         "last_seen_audience": "everyone",
         "blocked_total": blocked_total,
@@ -277,6 +278,16 @@ async fn invisible_via_admin_makes_a_watcher_see_offline_then_online() {
     within(w.subscribe(&["alice"])).await.unwrap();
     let alice = connect_device(&broker, "alice", "phone").await;
     presence_event_of(&mut w, "alice", EventKind::Online).await;
+    assert_eq!(api.privacy("alice").await, plain_privacy("alice", false, 0));
+    // A device invisible on its own: the backend is told which.
+    let mut hidden = common::options(&broker, "alice", "tablet");
+    hidden.invisible_device = true;
+    let tablet = within(Client::connect(hidden)).await.unwrap();
+    assert_eq!(
+        api.privacy("alice").await["invisible_devices"],
+        json!(["tablet"])
+    );
+    tablet.disconnect().await.unwrap();
     assert_eq!(api.privacy("alice").await, plain_privacy("alice", false, 0));
 
     // Invisible on the user's behalf: the watcher sees her go offline, as for SetInvisible.
@@ -605,6 +616,7 @@ async fn the_backend_approves_ahead_and_revokes_under_an_approved_audience() {
     let approved_only = json!({
         "user": "alice",
         "invisible": false,
+        "invisible_devices": [],
         "audience": "approved",
         "last_seen_audience": "everyone",
         "blocked_total": 0,
@@ -1278,6 +1290,7 @@ async fn bad_audience_and_approval_requests_get_400_and_apply_nothing() {
         json!({
             "user": "u",
             "invisible": false,
+            "invisible_devices": [],
             "audience": "everyone",
             "last_seen_audience": "everyone",
             "blocked_total": 0,
@@ -1337,6 +1350,7 @@ async fn a_read_key_reads_privacy_and_cannot_write_it() {
         json!({
             "user": "r",
             "invisible": true,
+            "invisible_devices": [],
             "audience": "everyone",
             "last_seen_audience": "nobody",
             "blocked_total": 1,
@@ -1481,6 +1495,7 @@ async fn privacy_writes_in_cluster_mode_hold_on_every_node() {
     let want = json!({
         "user": "z",
         "invisible": true,
+        "invisible_devices": [],
         "audience": "approved",
         "last_seen_audience": "everyone",
         "blocked_total": 1,

@@ -665,6 +665,49 @@ async fn set_invisible_hold_is_never_seen_online_until_invisible_off() {
 }
 
 #[tokio::test]
+async fn set_invisible_device_hold_hides_only_that_device() {
+    let broker = start(|_| {}).await;
+    let phone = connect(&broker, "alice").await;
+    let (mut watch, mut lines) = spawn(&broker, &["watch", "--user", "bob", "alice", "marker"]);
+    for _ in 0..2 {
+        let snapshot = next_json(&mut lines).await;
+        assert_eq!(snapshot["event"], "snapshot", "{snapshot}");
+    }
+    let (mut set, mut set_lines) = spawn(
+        &broker,
+        &["set", "--invisible-device", "--hold", "--user", "alice"],
+    );
+    let own = next_json(&mut set_lines).await;
+    assert_eq!(own["device_invisible"], true, "{own}");
+    assert_eq!(own["invisible"], false, "{own}");
+    assert_eq!(own["devices"].as_array().map(Vec::len), Some(2), "{own}");
+    // Nothing about the hidden device reaches the watcher before the marker.
+    let _marker = connect(&broker, "marker").await;
+    let next = next_json(&mut lines).await;
+    assert_eq!(
+        (&next["user"], &next["event"]),
+        (&serde_json::json!("marker"), &serde_json::json!("online")),
+        "{next}"
+    );
+    let got = run(&broker, &["get", "--user", "carol", "alice"]).await;
+    assert_eq!(
+        got[0]["devices"].as_array().map(Vec::len),
+        Some(1),
+        "{got:?}"
+    );
+    // The visible phone leaves: alice goes offline for everyone else, though held.
+    phone.disconnect().await.unwrap();
+    let gone = next_json(&mut lines).await;
+    assert_eq!(
+        (&gone["user"], &gone["event"]),
+        (&serde_json::json!("alice"), &serde_json::json!("offline")),
+        "{gone}"
+    );
+    set.kill().await.unwrap();
+    watch.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn iss_and_aud_flags_mint_tokens_a_strict_broker_accepts() {
     let broker = start(|c| {
         c.auth.issuer = Some("https://auth.example".into());

@@ -178,3 +178,115 @@ async fn connecting_invisible_is_never_announced_on_any_node() {
         presence_event_of(w, &users[0], EventKind::Online).await;
     }
 }
+
+/// `watcher`'s presence and channel events about `user`, in short, until `marker` comes
+/// online.
+async fn about_until(watcher: &mut Client, user: &str, marker: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    loop {
+        let frame = within(watcher.next_event()).await.expect("connection open");
+        match frame.body {
+            Some(pb::server_frame::Body::PresenceEvent(e)) => {
+                if e.user_id == marker && e.kind() == EventKind::Online {
+                    return seen;
+                }
+                if e.user_id == user {
+                    let p = e.presence.clone().unwrap_or_default();
+                    let devices: Vec<String> =
+                        p.devices.iter().map(|d| d.device_id.clone()).collect();
+                    seen.push(format!("{:?} {:?} {devices:?}", e.kind(), availability(&p)));
+                }
+            }
+            Some(pb::server_frame::Body::ChannelEvent(e)) => {
+                let m = e.member.clone().unwrap_or_default();
+                if m.user_id == user {
+                    seen.push(format!(
+                        "{} {:?} {} occupancy={}",
+                        e.channel,
+                        e.kind(),
+                        m.device_id,
+                        e.occupancy
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_device_invisible_on_one_node_is_hidden_on_every_node() {
+    let nats = NatsCluster::start(3).await;
+    let n1 = node(&nats, "node1", 0).await;
+    let n2 = node(&nats, "node2", 1).await;
+    let mut w = n2.connect("w", "phone").await;
+    within(w.subscribe(&["alice", "mk1", "mk2", "mk3", "mk4", "mk5"]))
+        .await
+        .unwrap();
+    within(w.join("room", &[])).await.unwrap();
+    let phone = n1.connect("alice", "phone").await;
+    within(phone.join("room", &[])).await.unwrap();
+    let _mk1 = n1.connect("mk1", "phone").await;
+    assert_eq!(
+        about_until(&mut w, "alice", "mk1").await,
+        vec![
+            "Online Online [\"phone\"]",
+            "room Join phone occupancy=2",
+            "room Online phone occupancy=2"
+        ]
+    );
+
+    // Invisible from its Connect on node 1: node 2 never shows it.
+    let mut opts = n1.options("alice", "tablet");
+    opts.invisible_device = true;
+    let tablet = within(Client::connect(opts)).await.unwrap();
+    assert!(tablet.conn_ack.device_invisible);
+    within(tablet.join("room", &[])).await.unwrap();
+    let _mk2 = n1.connect("mk2", "phone").await;
+    assert_eq!(
+        about_until(&mut w, "alice", "mk2").await,
+        Vec::<String>::new()
+    );
+    let p = shown(&w, "alice").await;
+    assert_eq!(p.devices.len(), 1, "{p:?}");
+    let page = within(w.who_now("room", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!((page.occupancy, page.member_count), (2, 2), "{page:?}");
+
+    // Visible, then invisible again, on node 1: node 2 sees it arrive and leave.
+    within(tablet.set_device_invisible(false)).await.unwrap();
+    within(tablet.set_device_invisible(true)).await.unwrap();
+    let _mk3 = n1.connect("mk3", "phone").await;
+    assert_eq!(
+        about_until(&mut w, "alice", "mk3").await,
+        vec![
+            "Update Online [\"phone\", \"tablet\"]",
+            "room Join tablet occupancy=2",
+            "room Leave tablet occupancy=2",
+            "Update Online [\"phone\"]",
+        ]
+    );
+
+    // The visible device leaves: offline everywhere, and the invisible one's end moves
+    // nothing.
+    phone.disconnect().await.unwrap();
+    let _mk4 = n1.connect("mk4", "phone").await;
+    assert_eq!(
+        about_until(&mut w, "alice", "mk4").await,
+        vec![
+            "room Leave phone occupancy=1",
+            "room Offline phone occupancy=1",
+            "Offline Offline []",
+        ]
+    );
+    let gone = shown(&w, "alice").await;
+    assert!(gone.last_seen_ms > 0, "{gone:?}");
+    tablet.disconnect().await.unwrap();
+    let _mk5 = n1.connect("mk5", "phone").await;
+    assert_eq!(
+        about_until(&mut w, "alice", "mk5").await,
+        Vec::<String>::new()
+    );
+    assert_eq!(shown(&w, "alice").await, gone, "nothing moved on node 2");
+}

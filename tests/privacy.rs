@@ -725,7 +725,10 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
     let mut tablet = within(Client::connect(options)).await.unwrap();
     assert!(tablet.conn_ack.device_invisible && !tablet.conn_ack.invisible);
     within(tablet.join("room", &[("seat", "3")])).await.unwrap();
-    assert_eq!(until_marker(&mut w, &marker, "m2").await, Vec::<String>::new());
+    assert_eq!(
+        until_marker(&mut w, &marker, "m2").await,
+        Vec::<String>::new()
+    );
     let seen = get(&w, "alice").await;
     assert_eq!(seen.devices.len(), 1, "{seen:?}");
     assert_eq!(seen.devices[0].device_id, "phone");
@@ -767,7 +770,10 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
     }))
     .await
     .unwrap();
-    assert_eq!(until_marker(&mut w, &marker, "m4").await, Vec::<String>::new());
+    assert_eq!(
+        until_marker(&mut w, &marker, "m4").await,
+        Vec::<String>::new()
+    );
 
     // Visible again: it arrives (presence, then its room); invisible again: it leaves.
     let reply = within(tablet.set_device_invisible(false)).await.unwrap();
@@ -799,21 +805,31 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
         ]
     );
     let gone = get(&w, "alice").await;
-    assert!(is_frozen_offline(&gone) && gone.last_seen_ms > 0, "{gone:?}");
+    assert!(
+        is_frozen_offline(&gone) && gone.last_seen_ms > 0,
+        "{gone:?}"
+    );
     let page = within(w.who_now("room", pb::WhoNowMode::Ids, "", 10))
         .await
         .unwrap();
     assert_eq!((page.occupancy, page.member_count), (1, 1));
     assert!(within(w.where_now("alice")).await.unwrap().is_empty());
     let own = presence_event_of(&mut tablet, "alice", EventKind::Update).await;
-    assert_eq!(own.presence.unwrap().devices.len(), 1, "the tablet sees itself");
+    assert_eq!(
+        own.presence.unwrap().devices.len(),
+        1,
+        "the tablet sees itself"
+    );
 
     // What the invisible device does from now on, its departure included, shows nowhere,
     // and the last-seen time stays when alice was last visible (restart-proof: stored).
     within(tablet.set_presence(status("secret"))).await.unwrap();
     within(tablet.leave("room")).await.unwrap();
     tablet.disconnect().await.unwrap();
-    assert_eq!(until_marker(&mut w, &marker, "m8").await, Vec::<String>::new());
+    assert_eq!(
+        until_marker(&mut w, &marker, "m8").await,
+        Vec::<String>::new()
+    );
     let after = get(&w, "alice").await;
     assert_eq!(after, gone, "nothing moved for the watcher");
     assert_eq!(

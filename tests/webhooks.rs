@@ -1585,6 +1585,90 @@ fn script_of(receiver: &Receiver, users: &[&str]) -> Vec<(String, String, Option
 }
 
 #[tokio::test]
+async fn a_public_endpoint_never_sees_a_device_invisible_on_its_own() {
+    let truth = Receiver::start().await;
+    let public = Receiver::start().await;
+    let every = EventType::ALL;
+    let mut public_hook = hook(&public, &every);
+    public_hook.show = presenced::webhooks::WebhookShow::Public;
+    let hooks = vec![hook(&truth, &every), public_hook];
+    let broker = Node::start(|c| {
+        roomy(c);
+        c.webhooks = hooks;
+    })
+    .await;
+    let phone = broker.connect("dual").await;
+    phone.join("room", &[]).await.unwrap();
+    // The tablet arrives invisible, joins, changes its availability: nothing a stranger sees.
+    let mut options = broker.options("dual").device("tablet");
+    options.invisible_device = true;
+    let tablet = within(Client::connect(options)).await.unwrap();
+    tablet.join("room", &[]).await.unwrap();
+    within(tablet.set_presence(pb::SetPresence {
+        availability: pb::Availability::Away as i32,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    // Visible, then invisible again: it arrives and leaves like a device that connects and
+    // disconnects.
+    within(tablet.set_device_invisible(false)).await.unwrap();
+    within(tablet.set_device_invisible(true)).await.unwrap();
+    // The visible device leaves: the user leaves; the invisible one's end tells nothing.
+    within(phone.disconnect()).await.unwrap();
+    within(tablet.disconnect()).await.unwrap();
+    let end = broker.connect("end").await;
+    for receiver in [&truth, &public] {
+        receiver
+            .until_delivered("end online", SECS_10, |e| is(e, "user.online", "end"))
+            .await;
+    }
+    let public_script = script_of(&public, &["dual"]);
+    let s = |k: &str, o: Option<u64>| (k.to_string(), "dual".to_string(), o);
+    assert_eq!(
+        public_script,
+        vec![
+            s("user.online", None),
+            s("device.connected", None),
+            s("channel.occupied", Some(1)),
+            s("channel.member.joined", Some(1)),
+            // Visible: the device list grows, the tablet joins the room.
+            s("user.updated", None),
+            s("channel.member.joined", Some(1)),
+            // Invisible again: it leaves the room, the device list shrinks.
+            s("channel.member.left", Some(1)),
+            s("user.updated", None),
+            // The phone leaves: for a stranger the room empties and the user goes offline.
+            s("channel.member.left", Some(0)),
+            s("channel.vacated", Some(0)),
+            s("device.disconnected", None),
+            s("user.offline", None),
+        ],
+        "the public endpoint's events: {public_script:#?}"
+    );
+    let public_events = public.delivered();
+    let devices: Vec<String> = public_events
+        .iter()
+        .filter(|e| user(e) == "dual")
+        .filter_map(|e| e["device"].as_str().map(str::to_string))
+        .collect();
+    assert!(
+        devices.iter().filter(|d| *d == "tablet").count() == 2,
+        "the tablet shows only while visible: {devices:?}"
+    );
+    // The truth endpoint saw the tablet throughout.
+    let truth_events = truth.delivered();
+    assert!(truth_events
+        .iter()
+        .any(|e| is(e, "device.connected", "dual") && e["device"] == "tablet"));
+    assert!(truth_events
+        .iter()
+        .any(|e| is(e, "device.disconnected", "dual") && e["device"] == "tablet"));
+    drop(end);
+    broker.stop().await;
+}
+
+#[tokio::test]
 async fn a_public_endpoint_sees_what_a_stranger_sees_and_the_backend_the_truth() {
     let truth = Receiver::start().await;
     let public = Receiver::start().await;

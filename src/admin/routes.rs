@@ -845,6 +845,7 @@ fn privacy_json(state: &AdminState, user: &str) -> Value {
     json!({
         "user": user,
         "invisible": summary.invisible,
+        "invisible_devices": state.ctx.registry.invisible_devices(user),
         "audience": summary.audience,
         "last_seen_audience": summary.last_seen_audience,
         "blocked_total": summary.blocked,

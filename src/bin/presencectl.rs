@@ -118,6 +118,11 @@ enum Command {
         /// sessions, until `invisible off`. The printed line says `"invisible":true`.
         #[arg(long)]
         invisible: bool,
+        /// Connect with this device invisible on its own (Connect.invisible_device): nobody
+        /// else ever sees it, while the user's other devices show as usual; it lasts for this
+        /// session only. The printed line says `"device_invisible":true`.
+        #[arg(long)]
+        invisible_device: bool,
     },
     /// Query presence without subscribing.
     Get {
@@ -1030,13 +1035,20 @@ impl Cli {
     }
 
     async fn connect(&self, user: &str) -> anyhow::Result<Client> {
-        self.connect_with(user, false).await
+        self.connect_with(user, false, false).await
     }
 
-    /// Connects as `user`; `invisible`: start invisible (Connect.invisible).
-    async fn connect_with(&self, user: &str, invisible: bool) -> anyhow::Result<Client> {
+    /// Connects as `user`; `invisible`: start invisible (Connect.invisible); `device`: with
+    /// this device invisible on its own (Connect.invisible_device).
+    async fn connect_with(
+        &self,
+        user: &str,
+        invisible: bool,
+        device: bool,
+    ) -> anyhow::Result<Client> {
         let mut options = ClientOptions::new(self.addr()?, self.token_for(user, 3600));
         options.invisible = invisible;
+        options.invisible_device = device;
         options.server_name = self.server_name.clone();
         options.tls = self.tls()?;
         options.device_id = self
@@ -1105,6 +1117,7 @@ async fn main() -> anyhow::Result<()> {
             state,
             hold,
             invisible,
+            invisible_device,
         } => {
             let mut change = pb::SetPresence {
                 status: status.clone(),
@@ -1116,14 +1129,22 @@ async fn main() -> anyhow::Result<()> {
                 change.availability = parse_availability(a)?;
             }
             change.state.extend(parse_state(state)?);
-            let client = cli.connect_with(user, *invisible).await?;
+            let client = cli
+                .connect_with(user, *invisible, *invisible_device)
+                .await?;
             if *invisible && !client.conn_ack.invisible {
                 bail!("the broker did not start the session invisible");
+            }
+            if *invisible_device && !client.conn_ack.device_invisible {
+                bail!("the broker did not start the device invisible");
             }
             let presence = client.set_presence(change).await?;
             // Your own (true) presence, and whether everyone else sees you offline.
             let mut line = presence_json(&presence);
             line["invisible"] = json!(client.conn_ack.invisible);
+            if *invisible_device {
+                line["device_invisible"] = json!(true);
+            }
             print(line);
             if *hold {
                 hold_until_ctrl_c(client, Events::None).await?;

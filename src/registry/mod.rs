@@ -1097,6 +1097,21 @@ impl Registry {
         if let Some(a) = change.availability {
             presence.availability = a;
         }
+        // A directed presence reveals the user on purpose, never a device invisible on its
+        // own: it is left out of the list, and not named as the sender.
+        let hidden_device = |d: &str| {
+            state
+                .users
+                .get(sender)
+                .and_then(|e| e.devices.get(d))
+                .is_some_and(|d| d.invisible)
+        };
+        presence.devices.retain(|d| !hidden_device(&d.device_id));
+        let device_id = if hidden_device(device_id) {
+            ""
+        } else {
+            device_id
+        };
         let event = EventView {
             kind: EventKind::Directed,
             presence: &presence,

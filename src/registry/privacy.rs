@@ -148,10 +148,15 @@ impl Registry {
     pub fn shown_to_public(&self, truth: &PresenceSnapshot) -> PresenceSnapshot {
         let state = self.state();
         let decision = state.privacy.decide(Viewer::Public, &truth.user_id);
-        let projected = state
-            .users
-            .get(&truth.user_id)
-            .and_then(super::UserEntry::projection);
+        let projected = match state.users.get(&truth.user_id) {
+            Some(entry) => entry.projection(),
+            // Offline: the store holds what strangers were shown (a last-seen frozen while
+            // only an invisible device was left).
+            None if state.devices_hidden && truth.availability == Availability::Offline => {
+                Some(self.snapshot_locked(&state, &truth.user_id))
+            }
+            None => None,
+        };
         shown_as(
             &state.privacy,
             decision,

@@ -176,6 +176,17 @@ impl Registry {
         Ok(self.snapshot_locked(state, user_id))
     }
 
+    /// The devices of `user` invisible on its own, sorted (any node's, in cluster mode).
+    pub fn invisible_devices(&self, user_id: &str) -> Vec<String> {
+        self.state().users.get(user_id).map_or_else(Vec::new, |e| {
+            e.devices
+                .iter()
+                .filter(|(_, d)| d.invisible)
+                .map(|(id, _)| id.clone())
+                .collect()
+        })
+    }
+
     /// Whether the session (user, device) is invisible on its own.
     pub fn is_device_invisible(&self, user_id: &str, device_id: &str) -> bool {
         self.state()
@@ -240,11 +251,13 @@ impl Registry {
         let mut tally = super::FanoutTally::default();
         self.channel_transitions(state, &sights, false, received_at, &mut tally);
         self.finish_fanout(tally);
+        // The marker first: a public endpoint's view tells the departure (or arrival) in the
+        // order clients see it, and the truth's UPDATE after it then changes nothing there.
+        self.tell_settings_listeners(state, user_id);
         if origin.is_none() {
             self.observe(state, || {
                 crate::events::Transition::UserUpdated(truth.clone())
             });
         }
-        self.tell_settings_listeners(state, user_id);
     }
 }

@@ -497,6 +497,63 @@ mod tests {
     }
 
     #[test]
+    fn an_update_a_stranger_cannot_see_is_left_out() {
+        // What an invisible device changes (its availability, say) leaves the shown
+        // projection as it was: a stranger is told nothing, not even a new version.
+        let mut view = PublicView::default();
+        let out = view.apply(vec![user_event(EventType::UserOnline, "u", 1, None)]);
+        assert_eq!(out.len(), 1);
+        let same = Some(PublicNote {
+            presence: Some(json("u", true, 1)),
+            ..PublicNote::default()
+        });
+        let out = view.apply(vec![
+            user_event(EventType::UserUpdated, "u", 2, same.clone()),
+            user_event(EventType::UserUpdated, "u", 3, same),
+        ]);
+        assert!(out.is_empty(), "{out:?}");
+        // A device flip that shows a membership: the join is told, the user once.
+        let flip = PublicNote {
+            presence: Some(json("u", true, 4)),
+            memberships: vec![PublicMembership {
+                channel: "room".into(),
+                device: "t".into(),
+                occupancy: 1,
+                hidden: false,
+            }],
+            ..PublicNote::default()
+        };
+        let out = view.apply(vec![
+            Arc::new(marker("u", &flip)),
+            user_event(EventType::UserUpdated, "u", 5, shown("u", true, 4)),
+        ]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (EventType::ChannelOccupied, "u".into(), Some(1)),
+                (EventType::MemberJoined, "u".into(), Some(1)),
+            ]
+        );
+        // Hidden again: it leaves.
+        let hide = PublicNote {
+            memberships: vec![PublicMembership {
+                hidden: true,
+                occupancy: 0,
+                ..flip.memberships[0].clone()
+            }],
+            ..flip
+        };
+        let out = view.apply(vec![Arc::new(marker("u", &hide))]);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (EventType::MemberLeft, "u".into(), Some(0)),
+                (EventType::ChannelVacated, "u".into(), Some(0)),
+            ]
+        );
+    }
+
+    #[test]
     fn occupancy_leaves_hidden_members_out() {
         let mut view = PublicView::default();
         // h occupies the room while hidden: nothing.
