@@ -678,6 +678,7 @@ pub(crate) fn privacy_settings(registry: &Registry, user: &str) -> pb::PrivacySe
         blocked: summary.blocked as u32,
         approved: summary.approved as u32,
         pending: summary.pending as u32,
+        invisible_devices: registry.invisible_devices(user),
     }
 }
 

@@ -750,8 +750,11 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
         .await
         .unwrap();
     assert_eq!(own_page.member_count, 3);
+    let settings = within(phone.get_privacy()).await.unwrap();
+    assert_eq!(settings.invisible_devices, ["tablet"], "{settings:?}");
 
-    // A change made from the invisible device is the user's presence: shown, without its id.
+    // A change made from the invisible device is the user's presence: shown, named after a
+    // device the watcher sees (never the invisible one, never none).
     within(tablet.set_presence(pb::SetPresence {
         status: Some("busy".into()),
         availability: pb::Availability::Dnd as i32,
@@ -761,7 +764,7 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
     .unwrap();
     assert_eq!(
         until_marker(&mut w, &marker, "m3").await,
-        vec!["alice Update Online device=\"\" status=\"busy\" devices=[\"phone\"]"]
+        vec!["alice Update Online device=\"phone\" status=\"busy\" devices=[\"phone\"]"]
     );
     // Its availability alone changes nothing anyone else sees.
     within(tablet.set_presence(pb::SetPresence {
@@ -790,7 +793,7 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
         until_marker(&mut w, &marker, "m6").await,
         vec![
             "room Leave alice/tablet occupancy=2",
-            "alice Update Online device=\"\" status=\"busy\" devices=[\"phone\"]",
+            "alice Update Online device=\"tablet\" status=\"busy\" devices=[\"phone\"]",
         ]
     );
 
@@ -844,5 +847,36 @@ async fn a_device_invisible_on_its_own_is_left_out_of_everything_others_see() {
     assert_eq!(
         back,
         vec!["alice Online Online device=\"phone\" status=\"\" devices=[\"phone\"]"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_cap_eviction_beside_an_invisible_device_reads_as_a_departure_and_arrival() {
+    // One device per user: a new device closes the old one, which watchers are not told of
+    // (the new one's attach tells them). Beside invisibility that must still read right.
+    let broker = start(|c| c.limits.max_devices_per_user = 1).await;
+    let marker = connect(&broker, "marker").await;
+    let mut w = connect(&broker, "w").await;
+    within(w.subscribe(&["alice", "marker"])).await.unwrap();
+    let _phone = connect_device(&broker, "alice", "phone").await;
+    assert_eq!(
+        until_marker(&mut w, &marker, "m1").await,
+        vec!["alice Online Online device=\"phone\" status=\"\" devices=[\"phone\"]"]
+    );
+    // An invisible tablet replaces the phone: to everyone else alice went offline.
+    let mut options = options(&broker, "alice", "tablet");
+    options.invisible_device = true;
+    let _tablet = within(Client::connect(options)).await.unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m2").await,
+        vec!["alice Offline Offline device=\"phone\" status=\"\" devices=[]"]
+    );
+    assert!(is_frozen_offline(&get(&w, "alice").await));
+    // A visible laptop replaces the tablet: she comes online (not an UPDATE of an offline
+    // user, which would say a hidden device was there).
+    let _laptop = connect_device(&broker, "alice", "laptop").await;
+    assert_eq!(
+        until_marker(&mut w, &marker, "m3").await,
+        vec!["alice Online Online device=\"laptop\" status=\"\" devices=[\"laptop\"]"]
     );
 }

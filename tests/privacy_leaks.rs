@@ -46,17 +46,19 @@ fn norm(p: &pb::Presence) -> String {
 fn norm_event(frame: &pb::ServerFrame) -> Option<String> {
     match frame.body.as_ref()? {
         Body::PresenceEvent(e) => Some(format!(
-            "presence {} {:?} {:?} [{}]",
+            "presence {} {:?} {:?} device={:?} [{}]",
             e.user_id,
             kind(e),
             reason(e),
+            e.device_id,
             e.presence.as_ref().map(norm).unwrap_or_default()
         )),
         Body::ChannelEvent(e) => Some(format!(
-            "channel {} {:?} {} occupancy={} state={:?}",
+            "channel {} {:?} {}/{} occupancy={} state={:?}",
             e.channel,
             channel_kind(e),
             e.member.as_ref().map_or("", |m| m.user_id.as_str()),
+            e.member.as_ref().map_or("", |m| m.device_id.as_str()),
             e.occupancy,
             e.member
                 .as_ref()

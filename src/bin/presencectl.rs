@@ -119,8 +119,10 @@ enum Command {
         #[arg(long)]
         invisible: bool,
         /// Connect with this device invisible on its own (Connect.invisible_device): nobody
-        /// else ever sees it, while the user's other devices show as usual; it lasts for this
-        /// session only. The printed line says `"device_invisible":true`.
+        /// else sees the device, while the user's other devices show as usual; it lasts for
+        /// this session only. A status or state set with it is the user's presence: shown
+        /// while (or once) another device of theirs is visible. The printed line says
+        /// `"device_invisible":true`.
         #[arg(long)]
         invisible_device: bool,
     },

@@ -31,9 +31,9 @@ pub(super) struct Channel {
 }
 
 #[derive(Debug)]
-struct Member {
+pub(super) struct Member {
     state: BTreeMap<String, String>,
-    joined_at_ms: u64,
+    pub(super) joined_at_ms: u64,
 }
 
 impl Channel {
@@ -82,6 +82,11 @@ impl Channel {
     /// Distinct users `viewer` is shown in the channel.
     fn occupancy_for(&self, state: &State, viewer: Viewer<'_>) -> u32 {
         self.occupancy() - self.hidden_from(state, viewer).users.len() as u32
+    }
+
+    /// The member (user, device), to change in place.
+    pub(super) fn member_mut(&mut self, key: &(String, String)) -> Option<&mut Member> {
+        self.members.get_mut(key)
     }
 
     fn view(&self, key: &(String, String), with_state: bool) -> ChannelMember {

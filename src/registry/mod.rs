@@ -521,6 +521,15 @@ impl Registry {
                 .apply_to(&mut presence, self.shared.options.max_state_pairs)
                 .map_err(RegistryError::Limit)?;
         }
+        // What watchers were shown until now, when it may differ from what this attach leaves
+        // (a device invisible on its own, see `shown`): taken before an eviction, which
+        // watchers are not told of (this attach tells them).
+        let baseline = match state.users.get(&attach.user_id) {
+            Some(e) if e.told.is_some() => e.told.clone(),
+            _ => attach
+                .invisible
+                .then(|| self.snapshot_locked(&state, &attach.user_id)),
+        };
         let max_devices = self.shared.options.max_devices_per_user;
         if new_device && devices_before >= max_devices {
             match self.shared.options.device_limit_policy {
@@ -537,10 +546,6 @@ impl Registry {
                 ),
             }
         }
-        // What watchers were shown until now, should this device be invisible (see `shown`).
-        let baseline = attach
-            .invisible
-            .then(|| self.snapshot_locked(&state, &attach.user_id));
         state.devices_hidden |= attach.invisible;
         let mut entry = state
             .users
@@ -964,6 +969,9 @@ impl Registry {
             let (seen_ms, seen_version) = frozen
                 .as_ref()
                 .map_or((last_seen_ms, version), |t| (t.last_seen_ms, t.version));
+            // The backend is told the last-seen that is stored (at the truth's version, which
+            // is newer: a newest-version-wins consumer keeps this one, of the same content).
+            snapshot.last_seen_ms = seen_ms;
             if let Err(e) = self
                 .shared
                 .store

@@ -348,8 +348,30 @@ impl Registry {
                 .write_privacy(records)
                 .map_err(|e| RegistryError::Store(e.to_string()))?;
         }
+        let was_invisible: Vec<&str> = records
+            .iter()
+            .filter_map(|r| match r {
+                PrivacyRecord::Settings { user, .. } => Some(user.as_str()),
+                _ => None,
+            })
+            .filter(|u| {
+                state
+                    .privacy
+                    .get(u)
+                    .is_some_and(|p| p.settings.invisible.is_some())
+            })
+            .collect();
         for record in records {
             state.privacy.apply(record);
+        }
+        for user in was_invisible {
+            let visible_now = state
+                .privacy
+                .get(user)
+                .is_none_or(|p| p.settings.invisible.is_none());
+            if visible_now {
+                reappear_now(state, user);
+            }
         }
         for record in records {
             if let PrivacyRecord::Settings { user, .. } = record {
@@ -371,11 +393,13 @@ impl Registry {
                 (false, true) => EventKind::Online,
                 _ => continue,
             };
+            // Named like a real arrival or departure: a device the viewer sees come or go.
+            let device_id = super::shown::shown_device(&before, &after, "");
             let event = EventView {
                 kind,
                 presence: &after,
                 reason: (kind == EventKind::Offline).then_some(OfflineReason::Disconnect),
-                device_id: "",
+                device_id: &device_id,
             };
             let item = Item::event(
                 self.shared.encoder.presence_event(&event),
@@ -662,6 +686,29 @@ impl Registry {
             presence: Some(PresenceJson::from(&presence)),
             occupancy: None,
             memberships,
+        }
+    }
+}
+
+/// `user` becomes visible: their devices and memberships are shown from now on, as sessions
+/// that connect and join now (no time from while they were hidden shows).
+fn reappear_now(state: &mut State, user: &str) {
+    let now_ms = crate::now_ms();
+    let Some(entry) = state.users.get_mut(user) else {
+        return;
+    };
+    let mut memberships = Vec::new();
+    for (device, d) in entry.devices.iter_mut() {
+        d.connected_since_ms = now_ms;
+        memberships.extend(d.joined.iter().map(|c| (c.clone(), device.clone())));
+    }
+    for (channel, device) in memberships {
+        if let Some(member) = state
+            .channels
+            .get_mut(&channel)
+            .and_then(|c| c.member_mut(&(user.to_string(), device)))
+        {
+            member.joined_at_ms = now_ms;
         }
     }
 }

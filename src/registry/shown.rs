@@ -63,6 +63,34 @@ impl UserEntry {
     }
 }
 
+/// The device an event from `before` to `now` names, as a real one would: the one that
+/// arrived or left, `caused_by` when the viewer sees it, else one they see. Never a device
+/// hidden from them (an invisible device is never named), and never none when they see one.
+pub(super) fn shown_device(
+    before: &PresenceSnapshot,
+    now: &PresenceSnapshot,
+    caused_by: &str,
+) -> String {
+    let in_ = |p: &PresenceSnapshot, d: &str| p.devices.iter().any(|x| x.device_id == d);
+    if in_(before, caused_by) != in_(now, caused_by) {
+        return caused_by.to_string();
+    }
+    let arrived = now.devices.iter().find(|d| !in_(before, &d.device_id));
+    let left = before
+        .devices
+        .iter()
+        .rev()
+        .find(|d| !in_(now, &d.device_id));
+    let seen = now.devices.iter().find(|d| d.device_id == caused_by);
+    arrived
+        .or(left)
+        .or(seen)
+        .or(now.devices.first())
+        .or(before.devices.last())
+        .map(|d| d.device_id.clone())
+        .unwrap_or_default()
+}
+
 /// Equal but for the version.
 fn same_view(a: &PresenceSnapshot, b: &PresenceSnapshot) -> bool {
     a.version == b.version || {
@@ -124,17 +152,18 @@ impl Registry {
             (true, true) if same_view(&before, &now) => return Step::Nothing,
             (true, true) => EventKind::Update,
         };
-        // An invisible device is never named.
-        let device_id = match entry.devices.get(event.device_id) {
-            Some(d) if d.invisible => "",
-            _ => event.device_id,
-        };
+        let device_id = shown_device(&before, &now, event.device_id);
+        // A device leaving the view reads as a disconnect, as a real one does.
+        let left = before
+            .devices
+            .iter()
+            .any(|d| !now.devices.iter().any(|n| n.device_id == d.device_id));
         Step::Tell(Told {
             kind,
             presence: now,
-            reason: (kind == EventKind::Offline)
+            reason: (kind == EventKind::Offline || left)
                 .then(|| event.reason.unwrap_or(OfflineReason::Disconnect)),
-            device_id: device_id.to_string(),
+            device_id,
         })
     }
 
@@ -224,12 +253,31 @@ impl Registry {
         };
         let (origin, epoch, old_rev) = (device.origin.clone(), device.epoch, device.rev);
         device.invisible = on;
+        let now_ms = crate::now_ms();
+        let joined: Vec<String> = if on {
+            Vec::new()
+        } else {
+            // Shown from now on, as a device that connects and joins now: no time from
+            // while it was hidden shows.
+            device.connected_since_ms = now_ms;
+            device.joined.iter().cloned().collect()
+        };
         entry.bump_version(tick);
         let version = entry.presence.version;
         if let Some(device) = entry.devices.get_mut(device_id) {
             device.rev = version;
         }
         let truth = entry.snapshot();
+        let key = (user_id.to_string(), device_id.to_string());
+        for channel in &joined {
+            if let Some(member) = state
+                .channels
+                .get_mut(channel)
+                .and_then(|c| c.member_mut(&key))
+            {
+                member.joined_at_ms = now_ms;
+            }
+        }
         state
             .replica
             .toggle_digest(origin.as_deref(), user_id, device_id, epoch, old_rev);
