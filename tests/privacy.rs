@@ -880,3 +880,74 @@ async fn a_device_cap_eviction_beside_an_invisible_device_reads_as_a_departure_a
         vec!["alice Online Online device=\"laptop\" status=\"\" devices=[\"laptop\"]"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invisible_device_never_shows_in_a_large_room_s_intervals() {
+    // Above the announce threshold a room batches its events into INTERVAL ones, flushed
+    // after the invisible device may be gone: its join, state and departure must not be in
+    // them for anyone else.
+    let broker = start(|c| {
+        c.channels.announce_threshold = 2;
+        c.channels.interval_ms = 50;
+    })
+    .await;
+    let mut w = connect(&broker, "w").await;
+    within(w.watch_channel("hall")).await.unwrap();
+    let mut crowd = Vec::new();
+    for i in 0..3 {
+        let c = connect(&broker, &format!("p{i}")).await;
+        within(c.join("hall", &[])).await.unwrap();
+        crowd.push(c);
+    }
+    let mut options = options(&broker, "alice", "tablet");
+    options.invisible_device = true;
+    let mut tablet = Some(within(Client::connect(options)).await.unwrap());
+    let t = tablet.as_ref().unwrap();
+    within(t.join("hall", &[("seat", "1")])).await.unwrap();
+    within(t.set_channel_state("hall", &[("seat", "2")], false))
+        .await
+        .unwrap();
+    // A flushed batch after the join (p1's state is in it or in an earlier one), so the
+    // departure lands in a later batch, flushed once the device is gone.
+    within(crowd[1].set_channel_state("hall", &[("mid", "1")], false))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut marker = ("p1", "mid");
+    'wait: loop {
+        let frame = within(w.next_event()).await.expect("connection open");
+        let Some(pb::server_frame::Body::ChannelEvent(e)) = frame.body else {
+            continue;
+        };
+        let mut members: Vec<pb::ChannelMember> = e.member.into_iter().collect();
+        if let Some(batch) = e.interval {
+            members.extend(batch.joins);
+            members.extend(batch.leaves);
+            members.extend(batch.timeouts);
+            members.extend(batch.state_changes);
+        }
+        for m in members {
+            let reached = m.user_id == marker.0 && m.state.contains_key(marker.1);
+            seen.push(m.user_id);
+            if reached && marker.0 == "p0" {
+                break 'wait;
+            }
+            if reached {
+                tablet.take().unwrap().disconnect().await.unwrap();
+                within(crowd[0].set_channel_state("hall", &[("end", "1")], false))
+                    .await
+                    .unwrap();
+                marker = ("p0", "end");
+                break;
+            }
+        }
+    }
+    assert!(
+        !seen.iter().any(|u| u == "alice"),
+        "the invisible device showed in the room: {seen:?}"
+    );
+    let page = within(w.who_now("hall", pb::WhoNowMode::Ids, "", 10))
+        .await
+        .unwrap();
+    assert_eq!((page.occupancy, page.member_count), (3, 3));
+}

@@ -968,9 +968,14 @@ impl Registry {
         received_at: Instant,
     ) {
         let threshold = self.shared.options.announce_threshold;
+        // An invisible device's events are never batched: only its user's devices may see
+        // them, and a batch is flushed later, when the device may be gone and no longer
+        // known to be invisible. Delivered now, everyone else's view leaves them out.
+        let unbatched = state.devices_hidden
+            && invisible_to(state, Viewer::Public, &member.user_id, &member.device_id);
         let occupancy = match state.channels.get_mut(channel) {
             Some(ch) => {
-                if ch.members.len() > threshold || ch.pending.is_some() {
+                if !unbatched && (ch.members.len() > threshold || ch.pending.is_some()) {
                     // Coalesced per member and capped (see IntervalBatch).
                     ch.pending
                         .get_or_insert_with(IntervalBatch::default)
