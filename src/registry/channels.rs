@@ -973,9 +973,14 @@ impl Registry {
         // known to be invisible. Delivered now, everyone else's view leaves them out.
         let unbatched = state.devices_hidden
             && invisible_to(state, Viewer::Public, &member.user_id, &member.device_id);
+        // The switch to interval mode counts the members a stranger is shown, so hidden
+        // ones do not move it (blocks, between two users, still may).
+        let shown_members = state.channels.get(channel).map_or(0, |ch| {
+            ch.members.len() - ch.hidden_from(state, Viewer::Public).devices as usize
+        });
         let occupancy = match state.channels.get_mut(channel) {
             Some(ch) => {
-                if !unbatched && (ch.members.len() > threshold || ch.pending.is_some()) {
+                if !unbatched && (shown_members > threshold || ch.pending.is_some()) {
                     // Coalesced per member and capped (see IntervalBatch).
                     ch.pending
                         .get_or_insert_with(IntervalBatch::default)

@@ -521,6 +521,27 @@ impl Registry {
                 .apply_to(&mut presence, self.shared.options.max_state_pairs)
                 .map_err(RegistryError::Limit)?;
         }
+        // A new connection of an existing device that changes its invisibility: everyone else
+        // is told as for SetInvisible (its rooms, then presence), before the takeover.
+        let flips = state
+            .users
+            .get(&attach.user_id)
+            .and_then(|e| e.devices.get(&attach.device_id))
+            .is_some_and(|d| d.invisible != attach.invisible);
+        if flips {
+            self.flip_device(
+                &mut state,
+                &attach.user_id,
+                &attach.device_id,
+                attach.invisible,
+                None,
+                attach.received_at,
+            );
+            // The flip moved the version; the fields compared below did not change.
+            if let Some(e) = state.users.get(&attach.user_id) {
+                presence.version = e.presence.version;
+            }
+        }
         // What watchers were shown until now, when it may differ from what this attach leaves
         // (a device invisible on its own, see `shown`): taken before an eviction, which
         // watchers are not told of (this attach tells them).
@@ -602,10 +623,7 @@ impl Registry {
                 }
                 existing.outbound = Some(attach.outbound.clone());
                 existing.lingering = None;
-                // The new connection says whether the device is invisible; a change is told.
-                let flipped = existing.invisible != attach.invisible;
-                existing.invisible = attach.invisible;
-                (changed_fields || availability_changed || flipped).then_some(EventKind::Update)
+                (changed_fields || availability_changed).then_some(EventKind::Update)
             }
             None => {
                 // Counted before any eviction, so a device that replaced the oldest is an
@@ -1114,7 +1132,19 @@ impl Registry {
                 .and_then(|e| e.devices.get(d))
                 .is_some_and(|d| d.invisible)
         };
-        presence.devices.retain(|d| !hidden_device(&d.device_id));
+        if presence.devices.iter().any(|d| hidden_device(&d.device_id)) {
+            presence.devices.retain(|d| !hidden_device(&d.device_id));
+            if change.availability.is_none() && !presence.devices.is_empty() {
+                presence.availability = presence
+                    .devices
+                    .iter()
+                    .map(|d| d.availability)
+                    .max_by_key(|a| a.rank())
+                    .unwrap_or(Availability::Offline);
+            }
+            // The version watchers hold, not the truth's moving underneath.
+            presence.version = self.projected(&state, sender).version;
+        }
         let device_id = if hidden_device(device_id) {
             ""
         } else {

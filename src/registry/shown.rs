@@ -141,16 +141,21 @@ impl Registry {
             return Step::Truth;
         };
         let before = entry.told.take().unwrap_or_else(|| event.presence.clone());
-        entry.told = entry.any_invisible().then(|| now.clone());
         let was = before.availability != Availability::Offline;
         let is = now.availability != Availability::Offline;
         let kind = match (was, is) {
-            (false, false) => return Step::Nothing,
-            (true, false) if !self.shared.options.offline_broadcast => return Step::Nothing,
-            (true, false) => EventKind::Offline,
-            (false, true) => EventKind::Online,
-            (true, true) if same_view(&before, &now) => return Step::Nothing,
-            (true, true) => EventKind::Update,
+            (false, false) => None,
+            (true, false) if !self.shared.options.offline_broadcast => None,
+            (true, false) => Some(EventKind::Offline),
+            (false, true) => Some(EventKind::Online),
+            (true, true) if same_view(&before, &now) => None,
+            (true, true) => Some(EventKind::Update),
+        };
+        // Kept while a device is invisible, and after the last one went while nothing
+        // watchers see changed: they keep the version they were told until a change they see.
+        entry.told = (entry.any_invisible() || kind.is_none()).then(|| now.clone());
+        let Some(kind) = kind else {
+            return Step::Nothing;
         };
         let device_id = shown_device(&before, &now, event.device_id);
         // A device leaving the view reads as a disconnect, as a real one does.
