@@ -186,3 +186,126 @@ async fn a_directed_presence_beside_an_invisible_device_shows_the_visible_ones()
     assert_eq!(p.devices.len(), 1);
     assert_eq!(p.version, shown.version, "the version o holds");
 }
+
+fn availability_change(a: pb::Availability) -> pb::SetPresence {
+    pb::SetPresence {
+        availability: a as i32,
+        ..Default::default()
+    }
+}
+
+/// What a watcher is told when a visible phone sets availability OFFLINE, then disconnects,
+/// then (`tablet`) an invisible tablet leaves too; and GetPresence at the end.
+async fn offline_availability(tablet: bool) -> (Vec<Vec<String>>, bool) {
+    let broker = start(|_| {}).await;
+    let (mut w, marker) = watcher(&broker).await;
+    let phone = connect_device(&broker, "alice", "phone").await;
+    let hidden = if tablet {
+        Some(invisible_device(&broker, "alice", "tablet").await)
+    } else {
+        None
+    };
+    let mut told = vec![until_marker(&mut w, &marker, "m1").await];
+    within(phone.set_presence(availability_change(pb::Availability::Offline)))
+        .await
+        .unwrap();
+    told.push(until_marker(&mut w, &marker, "m2").await);
+    phone.disconnect().await.unwrap();
+    told.push(until_marker(&mut w, &marker, "m3").await);
+    if let Some(t) = hidden {
+        t.disconnect().await.unwrap();
+    }
+    told.push(until_marker(&mut w, &marker, "m4").await);
+    let last = within(w.get_presence(&["alice"])).await.unwrap().remove(0);
+    (told, last.last_seen_ms > 0 && last.devices.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_visible_device_set_offline_beside_an_invisible_one_reads_as_without_it() {
+    let control = offline_availability(false).await;
+    let hidden = offline_availability(true).await;
+    assert_eq!(
+        hidden, control,
+        "left: beside an invisible tablet, right: alone"
+    );
+    assert!(control.1, "offline with a last-seen time at the end");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invisible_device_s_changes_stay_hidden_after_user_level_invisibility_ends() {
+    let broker = start(|_| {}).await;
+    let (mut w, marker) = watcher(&broker).await;
+    let phone = connect_device(&broker, "alice", "phone").await;
+    let tablet = invisible_device(&broker, "alice", "tablet").await;
+    until_marker(&mut w, &marker, "m1").await;
+    within(phone.set_invisible(true)).await.unwrap();
+    within(phone.set_invisible(false)).await.unwrap();
+    until_marker(&mut w, &marker, "m2").await;
+    let shown = within(w.get_presence(&["alice"])).await.unwrap().remove(0);
+    within(tablet.set_presence(availability_change(pb::Availability::Away)))
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m3").await,
+        Vec::<String>::new()
+    );
+    let after = within(w.get_presence(&["alice"])).await.unwrap().remove(0);
+    assert_eq!(after, shown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invisible_device_s_profile_data_and_past_do_not_show() {
+    let broker = start(|_| {}).await;
+    let (mut w, marker) = watcher(&broker).await;
+    let mut phone = options(&broker, "alice", "phone");
+    phone.user_data = [("app".to_string(), "phone-app".to_string())].into();
+    let _phone = within(Client::connect(phone)).await.unwrap();
+    until_marker(&mut w, &marker, "m1").await;
+    let mut tablet = options(&broker, "alice", "tablet");
+    tablet.invisible_device = true;
+    tablet.user_data = [("app".to_string(), "tablet-app".to_string())].into();
+    let hidden = within(Client::connect(tablet)).await.unwrap();
+    within(hidden.set_presence(availability_change(pb::Availability::Dnd)))
+        .await
+        .unwrap();
+    assert_eq!(
+        until_marker(&mut w, &marker, "m2").await,
+        Vec::<String>::new()
+    );
+    let shown = within(w.get_presence(&["alice"])).await.unwrap().remove(0);
+    assert_eq!(shown.user_data["app"], "phone-app");
+    // The tablet's next connection, visible, shows as a fresh one: its own availability.
+    let mut again = options(&broker, "alice", "tablet");
+    again.initial_presence = Some(availability_change(pb::Availability::Away));
+    let _visible = within(Client::connect(again)).await.unwrap();
+    let told = until_marker(&mut w, &marker, "m3").await;
+    assert_eq!(
+        told,
+        vec!["alice Update device=tablet [\"phone\", \"tablet\"]"]
+    );
+    let shown = within(w.get_presence(&["alice"])).await.unwrap().remove(0);
+    let tablet = shown
+        .devices
+        .iter()
+        .find(|d| d.device_id == "tablet")
+        .unwrap();
+    assert_eq!(
+        tablet.availability,
+        pb::Availability::Away as i32,
+        "{shown:?}"
+    );
+    drop(hidden);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_directed_presence_after_an_invisible_device_left_keeps_the_version_held() {
+    let broker = start(|_| {}).await;
+    let mut o = connect(&broker, "o").await;
+    let phone = connect_device(&broker, "alice", "phone").await;
+    let tablet = invisible_device(&broker, "alice", "tablet").await;
+    tablet.disconnect().await.unwrap();
+    let held = within(o.get_presence(&["alice"])).await.unwrap().remove(0);
+    within(phone.direct(&["o"], status("hi"))).await.unwrap();
+    let e = within(o.next_presence_event()).await.unwrap();
+    assert_eq!(e.presence.unwrap().version, held.version);
+}

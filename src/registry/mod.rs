@@ -529,6 +529,22 @@ impl Registry {
             .and_then(|e| e.devices.get(&attach.device_id))
             .is_some_and(|d| d.invisible != attach.invisible);
         if flips {
+            if !attach.invisible {
+                // Shown from now on as a device that connects now: its availability and
+                // platform are this connection's, never what it set while hidden.
+                if let Some(device) = state
+                    .users
+                    .get_mut(&attach.user_id)
+                    .and_then(|e| e.devices.get_mut(&attach.device_id))
+                {
+                    device.availability = attach
+                        .initial
+                        .as_ref()
+                        .and_then(|c| c.availability)
+                        .unwrap_or(Availability::Online);
+                    device.platform.clone_from(&attach.platform);
+                }
+            }
             self.flip_device(
                 &mut state,
                 &attach.user_id,
@@ -581,7 +597,8 @@ impl Registry {
         }
         let changed_fields = presence != entry.presence;
         entry.presence = presence;
-        if !attach.user_data.is_empty() {
+        // An invisible device's profile data would show it: it keeps the user's.
+        if !attach.user_data.is_empty() && !attach.invisible {
             entry.presence.user_data = attach.user_data.clone();
         }
         let availability = attach
@@ -972,10 +989,7 @@ impl Registry {
         // The last device was invisible and watchers already see the user offline: they keep
         // the last-seen they were shown (it is what the store keeps, the backend included).
         let frozen = if last_device {
-            entry
-                .told
-                .take()
-                .filter(|t| t.availability == Availability::Offline)
+            entry.told.take().filter(|t| t.devices.is_empty())
         } else {
             None
         };
@@ -1132,6 +1146,15 @@ impl Registry {
                 .and_then(|e| e.devices.get(d))
                 .is_some_and(|d| d.invisible)
         };
+        let shown_version = state
+            .users
+            .get(sender)
+            .is_some_and(|e| e.told.is_some())
+            .then(|| self.projected(&state, sender).version);
+        if let Some(version) = shown_version {
+            // The version watchers hold, not the truth's moving underneath.
+            presence.version = version;
+        }
         if presence.devices.iter().any(|d| hidden_device(&d.device_id)) {
             presence.devices.retain(|d| !hidden_device(&d.device_id));
             if change.availability.is_none() && !presence.devices.is_empty() {
@@ -1142,8 +1165,6 @@ impl Registry {
                     .max_by_key(|a| a.rank())
                     .unwrap_or(Availability::Offline);
             }
-            // The version watchers hold, not the truth's moving underneath.
-            presence.version = self.projected(&state, sender).version;
         }
         let device_id = if hidden_device(device_id) {
             ""
@@ -1219,9 +1240,13 @@ impl Registry {
                 continue;
             };
             let mut reached = false;
-            for outbound in entry.devices.values().filter_map(|d| d.outbound.as_ref()) {
-                tally.offer(outbound, &key, &item);
-                reached = true;
+            for device in entry.devices.values() {
+                if let Some(outbound) = &device.outbound {
+                    tally.offer(outbound, &key, &item);
+                    // Reached, as far as the sender may tell, only through a device they
+                    // may see (an invisible one is reached all the same).
+                    reached |= !device.invisible;
+                }
             }
             if reached {
                 delivered.push(recipient.clone());

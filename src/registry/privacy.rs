@@ -386,8 +386,9 @@ impl Registry {
         self.channel_transitions(state, &sights, true, received_at, &mut tally);
         for ((viewer, target), before) in pairs.iter().zip(before) {
             let after = self.view_locked(state, Viewer::User(viewer), target);
-            let was = before.availability != Availability::Offline;
-            let is = after.availability != Availability::Offline;
+            // Online means with a device shown (whatever availability it set).
+            let was = !before.devices.is_empty();
+            let is = !after.devices.is_empty();
             let kind = match (was, is) {
                 (true, false) if self.shared.options.offline_broadcast => EventKind::Offline,
                 (false, true) => EventKind::Online,
@@ -701,6 +702,13 @@ fn reappear_now(state: &mut State, user: &str) {
     for (device, d) in entry.devices.iter_mut() {
         d.connected_since_ms = now_ms;
         memberships.extend(d.joined.iter().map(|c| (c.clone(), device.clone())));
+    }
+    // What watchers of a user with an invisible device were told moves alike, so the next
+    // change of that device alone still tells nothing.
+    if let Some(told) = entry.told.as_mut() {
+        for d in &mut told.devices {
+            d.connected_since_ms = now_ms;
+        }
     }
     for (channel, device) in memberships {
         if let Some(member) = state

@@ -37,10 +37,7 @@ impl UserEntry {
                 .is_some_and(|entry| entry.invisible)
         });
         if shown.devices.is_empty() {
-            let frozen = self
-                .told
-                .as_ref()
-                .filter(|t| t.availability == Availability::Offline);
+            let frozen = self.told.as_ref().filter(|t| t.devices.is_empty());
             // Versions are clock microseconds, so the version of the change that hid the last
             // visible device is when it happened, alike on every node of a cluster.
             shown = PresenceSnapshot::offline(
@@ -141,8 +138,10 @@ impl Registry {
             return Step::Truth;
         };
         let before = entry.told.take().unwrap_or_else(|| event.presence.clone());
-        let was = before.availability != Availability::Offline;
-        let is = now.availability != Availability::Offline;
+        // Online means with a device shown (a device may set its availability to OFFLINE and
+        // still be there: an UPDATE, as for the truth).
+        let was = !before.devices.is_empty();
+        let is = !now.devices.is_empty();
         let kind = match (was, is) {
             (false, false) => None,
             (true, false) if !self.shared.options.offline_broadcast => None,
