@@ -150,12 +150,15 @@ fn device_mut<'a>(
     device_id: &str,
     conn_id: u64,
 ) -> Result<&'a mut DeviceEntry, RegistryError> {
-    state
+    let device = state
         .users
         .get_mut(user_id)
         .and_then(|e| e.devices.get_mut(device_id))
         .filter(|d| d.conn_id == conn_id)
-        .ok_or(RegistryError::NotAttached)
+        .ok_or(RegistryError::NotAttached)?;
+    // A change here, by the holder: older ones arriving late no longer apply.
+    device.membership_epoch = device.epoch;
+    Ok(device)
 }
 
 /// True when privacy hides `user` from `viewer`: the viewer is shown a user who is offline,

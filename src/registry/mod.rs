@@ -133,6 +133,11 @@ struct DeviceEntry {
     /// everyone but the user and the backend is shown the user without this device (`shown`).
     /// Session state: it ends with the session.
     invisible: bool,
+    /// The epoch of the newest channel change applied to this session (a takeover keeps
+    /// it): a change made under an older epoch by the session's previous holder, arriving
+    /// after the takeover, still applies unless a newer one was applied (see
+    /// `replica::accepts_channel_change`).
+    membership_epoch: u64,
 }
 
 /// A user's devices, sorted by id. Users have a handful of devices, and a `BTreeMap` would
@@ -664,6 +669,7 @@ impl Registry {
                         epoch,
                         rev: 0,
                         invisible: attach.invisible,
+                        membership_epoch: epoch,
                     },
                 );
                 Some(if first {

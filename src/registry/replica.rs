@@ -238,14 +238,30 @@ fn clock_plausible(change: &ReplicaChange) -> bool {
     values.iter().all(|v| *v <= limit)
 }
 
-/// Whether `origin` holds (user, device) here under `epoch` (channel changes apply only to
-/// the session they were made in).
-fn held_by(state: &State, origin: &Origin, user_id: &str, device_id: &str, epoch: u64) -> bool {
-    state
+/// Whether a channel change `origin` made to (user, device) under `epoch` applies here (and
+/// if so, notes it): the session's holder's change, or a change its previous holder made
+/// just before a takeover that arrived after it (deltas from different nodes are not
+/// ordered), unless a newer change to the session's channels was applied since.
+fn accepts_channel_change(
+    state: &mut State,
+    origin: &Origin,
+    user_id: &str,
+    device_id: &str,
+    epoch: u64,
+) -> bool {
+    let Some(device) = state
         .users
-        .get(user_id)
-        .and_then(|e| e.devices.get(device_id))
-        .is_some_and(|d| d.origin.as_deref() == Some(origin) && d.epoch == epoch)
+        .get_mut(user_id)
+        .and_then(|e| e.devices.get_mut(device_id))
+    else {
+        return false;
+    };
+    let held = device.origin.as_deref() == Some(origin) && device.epoch == epoch;
+    let late = epoch < device.epoch && epoch >= device.membership_epoch;
+    if held || late {
+        device.membership_epoch = device.membership_epoch.max(epoch);
+    }
+    held || late
 }
 
 fn device_hash(user: &str, device: &str, epoch: u64, rev: u64) -> u64 {
@@ -424,7 +440,7 @@ impl Registry {
                 state: member_state,
                 joined_at_ms,
             } => {
-                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                if !accepts_channel_change(&mut state, origin, &user_id, &device_id, epoch) {
                     return false;
                 }
                 let already = state
@@ -461,7 +477,7 @@ impl Registry {
                 epoch,
                 channel,
             } => {
-                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                if !accepts_channel_change(&mut state, origin, &user_id, &device_id, epoch) {
                     return false;
                 }
                 self.remote_leave(&mut state, &user_id, &device_id, &channel, received_at);
@@ -474,7 +490,7 @@ impl Registry {
                 channel,
                 state: member_state,
             } => {
-                if !held_by(&state, origin, &user_id, &device_id, epoch) {
+                if !accepts_channel_change(&mut state, origin, &user_id, &device_id, epoch) {
                     return false;
                 }
                 self.remote_member_state(
@@ -720,6 +736,7 @@ impl Registry {
                         epoch: record.epoch,
                         rev: record.rev,
                         invisible: record.invisible,
+                        membership_epoch: record.epoch,
                     },
                 );
                 changed = true;
