@@ -479,6 +479,15 @@ impl IntervalBatch {
             && self.state_changes.is_empty()
     }
 
+    /// Every member the batch lists: joins, leaves, timeouts, state changes.
+    pub fn members(&self) -> impl Iterator<Item = &ChannelMember> {
+        self.joins
+            .iter()
+            .chain(&self.leaves)
+            .chain(&self.timeouts)
+            .chain(&self.state_changes)
+    }
+
     /// Adds one member event (JOIN, LEAVE, TIMEOUT or STATE_CHANGED; others are implied).
     pub fn record(&mut self, kind: ChannelEventKind, mut member: ChannelMember) {
         if self.refresh {

@@ -1065,13 +1065,7 @@ impl Registry {
         // members, the INTERVAL lists. Usually none, and then one encoding serves everyone.
         let mut subjects: BTreeSet<&str> = BTreeSet::new();
         if !book.is_empty() {
-            let batch = view.interval.into_iter().flat_map(|b| {
-                b.joins
-                    .iter()
-                    .chain(&b.leaves)
-                    .chain(&b.timeouts)
-                    .chain(&b.state_changes)
-            });
+            let batch = view.interval.into_iter().flat_map(IntervalBatch::members);
             let users = members
                 .into_iter()
                 .flat_map(|c| c.users.keys())
@@ -1082,13 +1076,7 @@ impl Registry {
         }
         if state.devices_hidden {
             // Users with an invisible device this event is about or counts.
-            let batch = view.interval.into_iter().flat_map(|b| {
-                b.joins
-                    .iter()
-                    .chain(&b.leaves)
-                    .chain(&b.timeouts)
-                    .chain(&b.state_changes)
-            });
+            let batch = view.interval.into_iter().flat_map(IntervalBatch::members);
             let keys = members
                 .into_iter()
                 .flat_map(|c| c.members.keys())
@@ -1408,14 +1396,7 @@ fn shown_channel_event<'a>(
     let interval = match view.interval {
         None => None,
         Some(batch)
-            if !any_hidden
-                && !batch
-                    .joins
-                    .iter()
-                    .chain(&batch.leaves)
-                    .chain(&batch.timeouts)
-                    .chain(&batch.state_changes)
-                    .any(|m| hidden(&m.user_id, &m.device_id)) =>
+            if !any_hidden && !batch.members().any(|m| hidden(&m.user_id, &m.device_id)) =>
         {
             Some(std::borrow::Cow::Borrowed(batch))
         }

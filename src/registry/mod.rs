@@ -1292,11 +1292,7 @@ impl Registry {
                 return;
             }
         }
-        let item = Item::event(
-            self.shared.encoder.presence_event(event),
-            received_at,
-            "presence_event",
-        );
+        let item = self.presence_item(event, received_at);
         let mut tally = FanoutTally::default();
         self.offer_own_devices(state, user_id, &item, exclude_conn, &mut tally);
         self.offer_watchers_encoded(state, event, &item, false, received_at, &mut tally);
@@ -1311,15 +1307,20 @@ impl Registry {
         exclude_conn: Option<u64>,
         received_at: Instant,
     ) {
-        let item = Item::event(
-            self.shared.encoder.presence_event(event),
-            received_at,
-            "presence_event",
-        );
+        let item = self.presence_item(event, received_at);
         let mut tally = FanoutTally::default();
         let user_id = event.presence.user_id.as_str();
         self.offer_own_devices(state, user_id, &item, exclude_conn, &mut tally);
         self.finish_fanout(tally);
+    }
+
+    /// `event` encoded once, as a queued item.
+    fn presence_item(&self, event: &EventView<'_>, received_at: Instant) -> Item {
+        Item::event(
+            self.shared.encoder.presence_event(event),
+            received_at,
+            "presence_event",
+        )
     }
 
     fn offer_own_devices(
@@ -1351,11 +1352,7 @@ impl Registry {
         restricted: bool,
         received_at: Instant,
     ) {
-        let item = Item::event(
-            self.shared.encoder.presence_event(event),
-            received_at,
-            "presence_event",
-        );
+        let item = self.presence_item(event, received_at);
         let mut tally = FanoutTally::default();
         self.offer_watchers_encoded(state, event, &item, restricted, received_at, &mut tally);
         self.finish_fanout(tally);
